@@ -1,0 +1,68 @@
+"""Shared benchmark harness: pinned threads, compile time reported apart, JSON output.
+
+Import this module before numpy/jax: it pins BLAS and XLA CPU threads to one, so that
+ratios against single-threaded peers (scipy) compare like with like.
+"""
+
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+for var in THREAD_VARS:
+    os.environ.setdefault(var, "1")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("EQX_ON_ERROR", "nan")  # what the diffrax FAQ asks for when timing
+
+import jax  # noqa: E402
+
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def timed(fn, *, repeats: int = 5) -> dict:
+    """Time `fn()` (which must return JAX arrays or plain data): the first call (trace +
+    compile + run) and the best of `repeats` warm calls, each ended by block_until_ready."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return {"first_call_s": first, "run_s": best, "compile_s": max(first - best, 0.0),
+            "output": out}
+
+
+def environment() -> dict:
+    import diffrax
+    import equinox
+    import numpy
+
+    device = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "versions": {"jax": jax.__version__, "diffrax": diffrax.__version__,
+                     "equinox": equinox.__version__, "numpy": numpy.__version__},
+        "threads": {var: os.environ.get(var) for var in THREAD_VARS} | {
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS")},
+    }
+
+
+def write(name: str, payload: dict) -> pathlib.Path:
+    """Write `payload` (plus the environment) to benchmarks/results/<name>_<backend>.json."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}_{jax.default_backend()}.json"
+    path.write_text(json.dumps({"benchmark": name, "environment": environment(), **payload},
+                               indent=2))
+    return path

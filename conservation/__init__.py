@@ -1,0 +1,57 @@
+"""conservation: conservation laws of neural-network training dynamics, simulated in JAX.
+
+Importing this package turns on JAX's float64 mode (`jax_enable_x64`): conservation work
+compares drifts with tolerances far below float32 resolution. Pass float32 arrays explicitly
+if you want single precision somewhere.
+"""
+
+import importlib.metadata
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+from ._attention import LightningAttention as LightningAttention
+from ._closed_forms import saxe_balanced_mode as saxe_balanced_mode
+from ._data import (
+    Dataset as Dataset,
+    gaussian_inputs as gaussian_inputs,
+    teacher_dataset as teacher_dataset,
+    whiten as whiten,
+)
+from ._flow import gradient_flow as gradient_flow
+from ._laws import (
+    AbstractGramLaw as AbstractGramLaw,
+    AbstractLaw as AbstractLaw,
+    AttentionKVLaw as AttentionKVLaw,
+    AttentionQKLaw as AttentionQKLaw,
+    AttentionVOLaw as AttentionVOLaw,
+    BalanceLaw as BalanceLaw,
+    FunctionLaw as FunctionLaw,
+    NeuronRescaleLaw as NeuronRescaleLaw,
+    pointwise_check as pointwise_check,
+)
+from ._linear import DeepLinear as DeepLinear
+from ._losses import (
+    MSE as MSE,
+    AbstractLoss as AbstractLoss,
+    CrossEntropy as CrossEntropy,
+    LogCosh as LogCosh,
+    Quartic as Quartic,
+)
+from ._model import (
+    AbstractModel as AbstractModel,
+    AbstractTensorizableModel as AbstractTensorizableModel,
+    Ensemble as Ensemble,
+)
+from ._monitor import STATUS_NAMES as STATUS_NAMES, Result as Result
+from ._objective import Moments as Moments, Objective as Objective, make_objective as make_objective
+from ._polynomial import ACTIVATIONS as ACTIVATIONS, PolynomialNet as PolynomialNet
+from ._train import optimizer as optimizer, train as train
+
+
+try:
+    __version__ = importlib.metadata.version("conservation")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0+unknown"

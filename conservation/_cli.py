@@ -1,0 +1,36 @@
+"""Command line: `conservation run [CONFIG]`."""
+
+import argparse
+import sys
+
+from ._config import ConfigError, load_config
+from ._runner import format_summary, run_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="conservation",
+        description="Simulate training dynamics and the drift of conservation laws.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run", help="run a TOML config (default: the embedded quickstart config)")
+    run.add_argument("config", nargs="?", help="path to a TOML config; omit for the quickstart")
+    run.add_argument("--out", help="output folder (default: the config's `output`, "
+                                   "else results/<name>)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"conservation: config error: {e}", file=sys.stderr)
+        return 2
+    log = (lambda _: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    summary = run_config(config, out_dir=args.out, progress=not args.quiet, log=log)
+    print(format_summary(summary))
+    print(f"results written to {args.out or config.output}/ (summary.json, plot.png, *.npz)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

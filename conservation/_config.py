@@ -1,0 +1,317 @@
+"""TOML run configs: parsing and validation with errors that name the offending field.
+
+A config has top-level `name`, `seed`, `output`, tables `[model]`, `[data]`, `[loss]`,
+`[ensemble]` and one or more `[[dynamics]]` tables (each a run on the same models and data).
+See `configs/quickstart.toml` for a commented example and README.md for every field.
+"""
+
+import dataclasses
+import difflib
+import importlib.resources
+import pathlib
+import tomllib
+from collections.abc import Callable
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the field and says how to fix it."""
+
+
+_REQUIRED = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    kind: str  # "int", "float", "bool", "str", "ints", "floats", "str|floats", "auto|bool"
+    default: Any = _REQUIRED
+    check: Callable[[Any], str | None] | None = None  # returns a problem description or None
+    example: str = ""
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _nonnegative(v):
+    return None if v >= 0 else "must be ≥ 0"
+
+
+def _choice(*options):
+    def check(v):
+        return None if v in options else f"must be one of {', '.join(map(repr, options))}"
+    return check
+
+
+def _at_least(n, what):
+    def check(v):
+        if len(v) < n:
+            return f"needs at least {n} entries ({what})"
+        if not all(x > 0 for x in v):
+            return "entries must be positive"
+        return None
+    return check
+
+
+def _unit_interval(v):
+    return None if 0.0 < v <= 1.0 else "must lie in (0, 1]"
+
+
+def _momentum(v):
+    return None if 0.0 <= v < 1.0 else "must lie in [0, 1)"
+
+
+_TYPE_NAMES = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+    "ints": "a list of integers", "floats": "a list of numbers",
+    "str|floats": "a preset name or a list of numbers", "auto|bool": '"auto", true or false',
+}
+
+
+def _coerce(kind, v):
+    """Return v converted to `kind`, or raise TypeError."""
+    is_num = isinstance(v, int | float) and not isinstance(v, bool)
+    if kind == "int" and isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if kind == "float" and is_num:
+        return float(v)
+    if kind == "bool" and isinstance(v, bool):
+        return v
+    if kind == "str" and isinstance(v, str):
+        return v
+    if kind == "ints" and isinstance(v, list) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return list(v)
+    if kind == "floats" and isinstance(v, list) and all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in v):
+        return [float(x) for x in v]
+    if kind == "str|floats":
+        return v if isinstance(v, str) else _coerce("floats", v)
+    if kind == "auto|bool" and (v == "auto" or isinstance(v, bool)):
+        return v
+    raise TypeError
+
+
+def _read(table: dict, path: str, spec: dict[str, _Field]) -> dict:
+    if not isinstance(table, dict):
+        raise ConfigError(f"`{path}` must be a table, e.g. [{path}].")
+    for key in table:
+        if key not in spec:
+            near = difflib.get_close_matches(key, spec, n=1)
+            hint = f" Did you mean `{path}.{near[0]}`?" if near else (
+                f" Known fields: {', '.join(sorted(spec))}.")
+            raise ConfigError(f"unknown field `{path}.{key}`.{hint}")
+    out = {}
+    for key, field in spec.items():
+        if key not in table:
+            if field.default is _REQUIRED:
+                example = f" For example: {key} = {field.example}" if field.example else ""
+                raise ConfigError(f"missing field `{path}.{key}`.{example}")
+            out[key] = field.default
+            continue
+        try:
+            value = _coerce(field.kind, table[key])
+        except TypeError:
+            raise ConfigError(
+                f"field `{path}.{key}` must be {_TYPE_NAMES[field.kind]}, got {table[key]!r}."
+            ) from None
+        problem = field.check(value) if field.check else None
+        if problem:
+            raise ConfigError(f"field `{path}.{key}` {problem}, got {value!r}.")
+        out[key] = value
+    return out
+
+
+_KIND = _Field("str")
+_INIT_SCALE = _Field("float", 1.0, _positive)
+MODEL_SPECS = {
+    "deep_linear": {
+        "kind": _KIND,
+        "widths": _Field("ints", check=_at_least(2, "input and output width"),
+                         example="[16, 32, 32, 8]"),
+        "init_scale": _INIT_SCALE,
+    },
+    "polynomial": {
+        "kind": _KIND,
+        "widths": _Field("ints", check=_at_least(3, "input, hidden and output width"),
+                         example="[3, 4, 1]"),
+        "activation": _Field("str|floats", "quadratic"),
+        "init_scale": _INIT_SCALE,
+    },
+    "lightning_attention": {
+        "kind": _KIND,
+        "dim": _Field("int", check=_positive, example="8"),
+        "key_dim": _Field("int", 1, _positive),
+        "value_dim": _Field("int", 1, _positive),
+        "heads": _Field("int", 1, _positive),
+        "out_dim": _Field("int", 0, _nonnegative),  # 0: no output projection
+        "decay": _Field("float", 1.0, _unit_interval),
+        "causal": _Field("bool", True),
+        "form": _Field("str", "parallel", _choice("parallel", "tiled", "recurrent")),
+        "block_size": _Field("int", 64, _positive),
+        "init_scale": _INIT_SCALE,
+    },
+}
+DATA_SPEC = {
+    "n": _Field("int", check=_positive, example="128"),
+    "inputs": _Field("str", "gaussian", _choice("gaussian", "whitened")),
+    "input_scale": _Field("float", 1.0, _positive),
+    "targets": _Field("str", "teacher", _choice("teacher", "random")),
+    "teacher_scale": _Field("float", 1.0, _positive),
+    "noise": _Field("float", 0.0, _nonnegative),
+    "tokens": _Field("int", 0, _nonnegative),  # sequence length, attention models only
+}
+LOSS_SPEC = {
+    "kind": _Field("str", "mse", _choice("mse", "log_cosh", "quartic", "cross_entropy")),
+    "moments": _Field("auto|bool", "auto"),
+}
+ENSEMBLE_SPEC = {"size": _Field("int", 1, _positive)}
+_COMMON_DYNAMICS = {
+    "kind": _KIND,
+    "label": _Field("str", ""),
+    "n_save": _Field("int", 101, lambda v: None if v >= 2 else "must be ≥ 2"),
+    "divergence": _Field("float", 1e8, _positive),
+}
+_OPTIMIZER = {
+    **_COMMON_DYNAMICS,
+    "lr": _Field("float", check=_positive, example="0.01"),
+    "steps": _Field("int", check=_positive, example="1000"),
+    "weight_decay": _Field("float", 0.0, _nonnegative),
+}
+DYNAMICS_SPECS = {
+    "flow": {
+        **_COMMON_DYNAMICS,
+        "t1": _Field("float", check=_positive, example="50.0"),
+        "solver": _Field("str", "tsit5", _choice("tsit5", "dopri5", "dopri8", "heun", "kvaerno5")),
+        "rtol": _Field("float", 1e-8, _positive),
+        "atol": _Field("float", 0.0, _nonnegative),  # 0: same as rtol
+        "max_steps": _Field("int", 100_000, _positive),
+    },
+    "gd": _OPTIMIZER,
+    "sgd": {**_OPTIMIZER, "batch_size": _Field("int", check=_positive, example="16")},
+    "momentum": {**_OPTIMIZER, "momentum": _Field("float", 0.9, _momentum),
+                 "batch_size": _Field("int", 0, _nonnegative)},
+    "adam": {**_OPTIMIZER, "batch_size": _Field("int", 0, _nonnegative)},
+}
+TOP_SPEC = {
+    "name": _Field("str", ""),
+    "seed": _Field("int", 0),
+    "output": _Field("str", ""),
+}
+SECTIONS = ("model", "data", "loss", "ensemble", "dynamics")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A validated run config (plain dicts of resolved fields, defaults filled in)."""
+
+    name: str
+    seed: int
+    output: str
+    model: dict
+    data: dict
+    loss: dict
+    ensemble: dict
+    dynamics: tuple[dict, ...]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"dynamics": list(self.dynamics)}
+
+
+def _kind_table(table, path, specs):
+    if not isinstance(table, dict):
+        raise ConfigError(f"`{path}` must be a table.")
+    if "kind" not in table:
+        raise ConfigError(f"missing field `{path}.kind`; choose one of {', '.join(specs)}.")
+    kind = table["kind"]
+    if kind not in specs:
+        near = difflib.get_close_matches(str(kind), specs, n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(
+            f"unknown `{path}.kind` = {kind!r}; choose one of {', '.join(specs)}.{hint}")
+    return _read(table, path, specs[kind])
+
+
+def parse_config(raw: dict, *, default_name: str = "run") -> Config:
+    """Validate a config dictionary (as parsed from TOML) and fill in defaults."""
+    top = {k: v for k, v in raw.items() if k not in SECTIONS}
+    top = _read(top, "config", TOP_SPEC)
+    for section in ("model", "data", "dynamics"):
+        if section not in raw:
+            raise ConfigError(f"missing section `[{section}]`" + (
+                " (write [[dynamics]] for each run)." if section == "dynamics" else "."))
+    model = _kind_table(raw["model"], "model", MODEL_SPECS)
+    data = _read(raw["data"], "data", DATA_SPEC)
+    loss = _read(raw.get("loss", {}), "loss", LOSS_SPEC)
+    ensemble = _read(raw.get("ensemble", {}), "ensemble", ENSEMBLE_SPEC)
+    runs = raw["dynamics"]
+    runs = [runs] if isinstance(runs, dict) else runs
+    if not isinstance(runs, list) or not runs:
+        raise ConfigError("`dynamics` must hold at least one [[dynamics]] table.")
+    dynamics = []
+    for i, table in enumerate(runs):
+        run = _kind_table(table, f"dynamics[{i}]", DYNAMICS_SPECS)
+        run["label"] = run["label"] or _default_label(run)
+        dynamics.append(run)
+    labels = [run["label"] for run in dynamics]
+    for i, label in enumerate(labels):
+        if labels.index(label) != i:
+            raise ConfigError(f"`dynamics[{i}].label` = {label!r} is used twice; labels name the "
+                              "output files, so give each run its own `label`.")
+    _check_consistency(model, data, loss, dynamics)
+    name = top["name"] or default_name
+    return Config(name=name, seed=top["seed"], output=top["output"] or f"results/{name}",
+                  model=model, data=data, loss=loss, ensemble=ensemble, dynamics=tuple(dynamics))
+
+
+def _default_label(run):
+    if run["kind"] == "flow":
+        return f"flow (rtol {run['rtol']:g})"
+    return f"{run['kind']} (lr {run['lr']:g})"
+
+
+def _check_consistency(model, data, loss, dynamics):
+    attention = model["kind"] == "lightning_attention"
+    if attention and data["tokens"] < 1:
+        raise ConfigError("`data.tokens` (sequence length) is required for attention models, "
+                          "e.g. tokens = 5.")
+    if not attention and data["tokens"]:
+        raise ConfigError("`data.tokens` only applies to attention models; remove it.")
+    if attention and data["inputs"] == "whitened":
+        raise ConfigError("`data.inputs` = 'whitened' is for vector inputs; use 'gaussian' for "
+                          "attention models.")
+    if attention and not model["causal"] and model["decay"] != 1.0:
+        raise ConfigError("`model.decay` must be 1.0 when `model.causal` = false.")
+    if model["kind"] == "polynomial" and isinstance(model["activation"], str):
+        from ._polynomial import ACTIVATIONS
+        if model["activation"] not in ACTIVATIONS:
+            raise ConfigError(f"field `model.activation` must be one of {sorted(ACTIVATIONS)} "
+                              f"or a list of coefficients, got {model['activation']!r}.")
+    if data["inputs"] == "whitened" and data["n"] < model["widths"][0]:
+        raise ConfigError(f"`data.n` = {data['n']} is below the input width "
+                          f"{model['widths'][0]}: whitened inputs need n ≥ input width.")
+    if loss["moments"] is True and loss["kind"] != "mse":
+        raise ConfigError("`loss.moments` = true needs `loss.kind` = 'mse' (the fast path is "
+                          "exact only for MSE); use \"auto\".")
+    for i, run in enumerate(dynamics):
+        if run.get("batch_size", 0) > data["n"]:
+            raise ConfigError(f"`dynamics[{i}].batch_size` = {run['batch_size']} exceeds "
+                              f"`data.n` = {data['n']}.")
+
+
+def load_config(path: str | pathlib.Path | None = None) -> Config:
+    """Read and validate a TOML config; `None` loads the embedded quickstart config."""
+    if path is None:
+        text = importlib.resources.files("conservation").joinpath(
+            "configs/quickstart.toml").read_text()
+        name = "quickstart"
+    else:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist.")
+        text, name = path.read_text(), path.stem
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path or 'quickstart'}: not valid TOML: {e}") from None
+    return parse_config(raw, default_name=name)

@@ -1,0 +1,100 @@
+"""The model contract and ensembles of models.
+
+A model is an `equinox.Module` whose inexact-array leaves are its parameters θ. Every model
+knows its forward pass and its architecture-induced conservation laws. A *tensorizable* model
+also exposes the factorisation f(θ, x) = ψ(x) Φ(θ) of the seed paper (arXiv 2606.10913, §2):
+a parameter-free feature map ψ(x) ∈ R^{rows×p} and a parameter map Φ(θ) ∈ R^{p×m}, so that the
+output (reshaped to rows×m) is the matrix product ψ(x) Φ(θ). Vector-output models have
+rows = 1; Lightning Attention has one row per token.
+"""
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from ._custom_types import Array, Float, Key
+
+
+class AbstractModel(eqx.Module):
+    """A network f(θ, x) whose array leaves are the trainable parameters θ."""
+
+    @abc.abstractmethod
+    def __call__(self, x: Array) -> Array:
+        """The output f(θ, x) for one input `x`."""
+
+    @abc.abstractmethod
+    def laws(self) -> tuple[Any, ...]:
+        """The architecture-induced conservation laws (valid for every data set and loss)."""
+
+
+class AbstractTensorizableModel(AbstractModel):
+    """A model with f(θ, x) = ψ(x) Φ(θ), ψ parameter-free (the seed paper's Ψ, Φ)."""
+
+    @abc.abstractmethod
+    def features(self, x: Array) -> Float[Array, "rows p"]:
+        """ψ(x): the parameter-free features of one input (independent of θ)."""
+
+    @abc.abstractmethod
+    def tensorize(self) -> Float[Array, "p m"]:
+        """Φ(θ): the parameters mapped into the intermediate representation."""
+
+    def tensorized_call(self, x: Array) -> Array:
+        """f(θ, x) computed as ψ(x) Φ(θ); equals `self(x)` to round-off."""
+        out = self.features(x) @ self.tensorize()
+        return out.reshape(jax.eval_shape(self, x).shape)
+
+
+class Ensemble(eqx.Module):
+    """A batch of models of one architecture, stacked along a leading axis of every parameter.
+
+    Dynamics and monitors are `vmap`ped over this axis, so a whole ensemble of initialisations
+    runs as one compiled program.
+    """
+
+    models: AbstractModel
+    size: int = eqx.field(static=True)
+
+    @classmethod
+    def init(cls, factory: Callable[[Key], AbstractModel], key: Key, size: int) -> "Ensemble":
+        """`size` models `factory(k)` built from independent keys split from `key`."""
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"`size` must be a positive int, got {size!r}.")
+        return cls(eqx.filter_vmap(factory)(jax.random.split(key, size)), size)
+
+    @classmethod
+    def stack(cls, models: Sequence[AbstractModel]) -> "Ensemble":
+        """Stack models of identical architecture into an ensemble."""
+        models = list(models)
+        if not models:
+            raise ValueError("`models` is empty: an ensemble needs at least one model.")
+        params = [eqx.filter(m, eqx.is_array) for m in models]
+        static = eqx.filter(models[0], eqx.is_array, inverse=True)
+        for i, m in enumerate(models[1:], 1):
+            if not eqx.tree_equal(eqx.filter(m, eqx.is_array, inverse=True), static):
+                raise ValueError(f"`models[{i}]` has a different architecture from `models[0]`.")
+        stacked = jtu.tree_map(lambda *xs: jnp.stack(xs), *params)
+        return cls(eqx.combine(stacked, static), len(models))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> AbstractModel:
+        params, static = eqx.partition(self.models, eqx.is_array)
+        return eqx.combine(jtu.tree_map(lambda x: x[i], params), static)
+
+
+def as_ensemble(model: AbstractModel | Ensemble) -> Ensemble:
+    """Wrap a single model as an ensemble of one; pass ensembles through."""
+    if isinstance(model, Ensemble):
+        return model
+    if isinstance(model, AbstractModel):
+        return Ensemble.stack([model])
+    raise TypeError(
+        f"expected a conservation model or `Ensemble`, got {type(model).__name__}. "
+        "Build one with e.g. `conservation.DeepLinear.random(widths, key=key)`."
+    )

@@ -1,0 +1,97 @@
+"""Monitors: law values and drifts evaluated inside a run, and the `Result` of a run."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._custom_types import Array, Float, Int
+from ._laws import AbstractLaw
+from ._model import Ensemble
+
+
+STATUS_NAMES = ("success", "max_steps", "diverged", "failed")
+SUCCESS, MAX_STEPS, DIVERGED, FAILED = range(4)
+
+
+class LawMonitor(eqx.Module):
+    """Evaluates a fixed tuple of laws on one model, and their drifts from a reference."""
+
+    laws: tuple[AbstractLaw, ...]
+
+    def values(self, model) -> dict[str, Array]:
+        return {law.name: law(model) for law in self.laws}
+
+    def reference(self, model) -> tuple[dict[str, Array], dict[str, Array]]:
+        """(Q(θ₀), scale(θ₀)) for every law: what later drifts are measured against."""
+        return self.values(model), {law.name: law.scale(model) for law in self.laws}
+
+    def drifts(self, values, reference) -> dict[str, Array]:
+        """Relative drift max_i |Q_i − Q_i(θ₀)| / scale_i of each law (works on stacked values)."""
+        ref_values, scales = reference
+        out = {}
+        for law in self.laws:
+            name = law.name
+            n_lead = values[name].ndim - ref_values[name].ndim
+            drift = law.drift
+            for _ in range(n_lead):  # saved values carry leading time axes
+                drift = jax.vmap(drift, in_axes=(0, None, None))
+            out[name] = drift(values[name], ref_values[name], scales[name])
+        return out
+
+
+class Result(eqx.Module):
+    """What a run of an ensemble returns (leading axis B = ensemble member, T = save point).
+
+    - `t`: the save times, shape (T,) (physical time; for discrete optimizers step × `step_time`).
+    - `loss`: L(θ(t)), shape (B, T).
+    - `values`: law name → Q(θ(t)), shape (B, T, *law shape).
+    - `drift`: law name → relative drift at the save times, shape (B, T).
+    - `max_drift`: law name → largest drift seen, shape (B,). Discrete runs take it over every
+      step, not just the save points.
+    - `final`: the ensemble at the end of the run.
+    - `status`: per member, 0 success, 1 max_steps, 2 diverged, 3 failed (see `status_names`).
+    - `num_steps`: solver steps (flow) or optimizer steps taken (discrete), per member.
+
+    Entries after a member stopped (diverged / max_steps) are `inf` or frozen, never silently
+    mixed into the other members' numbers.
+    """
+
+    t: Float[Array, " T"]
+    loss: Float[Array, "B T"]
+    values: dict[str, Array]
+    drift: dict[str, Float[Array, "B T"]]
+    max_drift: dict[str, Float[Array, " B"]]
+    final: Ensemble
+    status: Int[Array, " B"]
+    num_steps: Int[Array, " B"]
+
+    def status_names(self) -> list[str]:
+        """The status of each member as a word."""
+        return [STATUS_NAMES[int(s)] for s in np.asarray(self.status)]
+
+    def summary(self) -> dict:
+        """JSON-ready digest: per-law worst drift over successful members, statuses, steps."""
+        status = np.asarray(self.status)
+        ok = status == SUCCESS
+        loss = np.asarray(self.loss)
+        return {
+            "members": int(status.size),
+            "status": {name: int(np.sum(status == i)) for i, name in enumerate(STATUS_NAMES)},
+            "final_loss_median": _finite_median(loss[ok, -1]) if ok.any() else None,
+            "max_drift": {
+                name: float(np.max(np.asarray(d)[ok])) if ok.any() else None
+                for name, d in self.max_drift.items()
+            },
+            "num_steps_max": int(np.max(np.asarray(self.num_steps))),
+        }
+
+
+def _finite_median(a) -> float | None:
+    a = a[np.isfinite(a)]
+    return float(np.median(a)) if a.size else None
+
+
+def finite_max(x: Array, axis: int = -1) -> Array:
+    """max over `axis` ignoring non-finite entries (−inf if none is finite)."""
+    return jnp.max(jnp.where(jnp.isfinite(x), x, -jnp.inf), axis=axis)

@@ -1,0 +1,57 @@
+import jax
+import jax.numpy as jnp
+import pytest
+
+import conservation as cn
+
+
+def pytest_configure(config):
+    # float64 is the package default; make any silent rank promotion an error in tests.
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def getkey():
+    """Fresh PRNG keys, deterministic per test."""
+    state = {"key": jax.random.PRNGKey(1234)}
+
+    def next_key():
+        state["key"], sub = jax.random.split(state["key"])
+        return sub
+
+    return next_key
+
+
+def model_zoo(key):
+    """One instance of every model variant the library ships, with matching inputs."""
+    ks = jax.random.split(key, 16)
+    vec3 = cn.gaussian_inputs(ks[0], 7, (3,))
+    vec2 = cn.gaussian_inputs(ks[1], 7, (2,))
+    seq = cn.gaussian_inputs(ks[2], 4, (9, 4))
+    return {
+        "deep_linear": (cn.DeepLinear.random((3, 5, 4, 2), key=ks[3]), vec3),
+        "quadratic": (cn.PolynomialNet.random((3, 4, 2), key=ks[4]), vec3),
+        "cubic": (cn.PolynomialNet.random((3, 4, 1), key=ks[5], activation="cubic"), vec3),
+        "sextic_neuron": (cn.PolynomialNet.random((2, 1, 1), key=ks[6], activation="sextic"),
+                          vec2),
+        "deep_quadratic": (cn.PolynomialNet.random((3, 3, 2, 2), key=ks[7]), vec3),
+        "deep_inhomogeneous": (
+            cn.PolynomialNet.random((2, 3, 2, 1), key=ks[8], activation=(0.3, 1.0, -0.5)), vec2),
+        "attention_bare": (cn.LightningAttention.random(4, key=ks[9], causal=False), seq),
+        "attention_decay": (cn.LightningAttention.random(4, key=ks[10], decay=0.8), seq),
+        "attention_heads_out": (
+            cn.LightningAttention.random(4, key=ks[11], heads=2, key_dim=2, value_dim=3,
+                                         out_dim=2, decay=0.9, block_size=4), seq),
+        "attention_heads_concat": (
+            cn.LightningAttention.random(4, key=ks[12], heads=3, key_dim=2, value_dim=2,
+                                         block_size=3), seq),
+    }
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    return model_zoo(jax.random.PRNGKey(7))
+
+
+def relative_error(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-300))

@@ -1,0 +1,145 @@
+"""Gradient flow: laws conserved to tolerance, closed forms matched, statuses reported."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import conservation as cn
+
+
+WIDTHS = (6, 8, 8, 3)
+
+
+@pytest.fixture(scope="module")
+def linear_problem():
+    key = jax.random.PRNGKey(0)
+    k_teacher, k_x, k_models = jax.random.split(key, 3)
+    teacher = cn.DeepLinear.random(WIDTHS, key=k_teacher)
+    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(k_x, 64, (WIDTHS[0],)))
+    ensemble = cn.Ensemble.init(
+        lambda k: cn.DeepLinear.random(WIDTHS, key=k, init_scale=0.6), k_models, 4)
+    return ensemble, cn.make_objective(cn.MSE(), data, ensemble)
+
+
+def test_balance_laws_drift_within_tolerance_and_shrink_with_it(linear_problem):
+    ensemble, objective = linear_problem
+    worst = []
+    for rtol in (1e-6, 1e-7, 1e-8, 1e-9, 1e-10):
+        result = cn.gradient_flow(objective, ensemble, 50.0, rtol=rtol, n_save=51)
+        assert result.status_names() == ["success"] * 4
+        drift = max(float(jnp.max(d)) for d in result.max_drift.values())
+        assert drift <= 10 * rtol, (rtol, drift)
+        worst.append(drift)
+        assert float(jnp.max(result.loss[:, -1])) < 1e-6 * float(jnp.min(result.loss[:, 0]))
+    assert all(b < a for a, b in zip(worst, worst[1:])), worst
+
+
+def test_ensemble_members_equal_individual_runs(linear_problem):
+    ensemble, objective = linear_problem
+    together = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-9, n_save=11)
+    for i in (0, 3):
+        alone = cn.gradient_flow(objective, ensemble[i], 5.0, rtol=1e-9, n_save=11)
+        np.testing.assert_allclose(alone.loss[0], together.loss[i], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(alone.values["balance[1]"][0],
+                                   together.values["balance[1]"][i], rtol=1e-12, atol=1e-14)
+        assert int(alone.num_steps[0]) == int(together.num_steps[i])
+    # Vmapped (lockstep) batches keep per-member step control: same numbers as sequential.
+    for batch_size in (3, 4):
+        batched = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-9, n_save=11,
+                                   batch_size=batch_size)
+        np.testing.assert_allclose(batched.loss, together.loss, rtol=1e-12, atol=1e-15)
+        np.testing.assert_array_equal(batched.num_steps, together.num_steps)
+
+
+def test_saxe_closed_form_is_matched(getkey):
+    """2-layer linear net, whitened inputs, balanced decoupled init: each mode follows
+    u(t) = s e^{4st} / (e^{4st} − 1 + s/u₀) (τ = 1/2 for the un-halved MSE)."""
+    d, h, m = 5, 3, 3
+    x = cn.whiten(jax.random.normal(getkey(), (40, d)))
+    target_map = jax.random.normal(getkey(), (m, d))
+    data = cn.Dataset(x, x @ target_map.T)  # Σ_yx = target_map since xᵀx/n = I
+    u, s, vt = jnp.linalg.svd(target_map, full_matrices=False)
+    rotation, _ = jnp.linalg.qr(jax.random.normal(getkey(), (h, h)))
+    a0 = jnp.array([0.05, 0.2, 0.6])
+    model = cn.DeepLinear([rotation @ jnp.diag(a0) @ vt, u @ jnp.diag(a0) @ rotation.T])
+    objective = cn.make_objective(cn.MSE(), data, model)
+    end_to_end = cn.FunctionLaw(lambda net: net.end_to_end(), "end_to_end")
+    result = cn.gradient_flow(objective, model, 3.0, solver="dopri8", rtol=1e-12, atol=1e-12,
+                              n_save=31, laws=[end_to_end])
+    modes = cn.saxe_balanced_mode(s[None, :], a0[None, :] ** 2, result.t[:, None])
+    predicted = jnp.einsum("ma,ta,ad->tmd", u, modes, vt)
+    assert float(jnp.max(jnp.abs(result.values["end_to_end"][0] - predicted))) <= 1e-8
+    # The run covers the whole sigmoidal transition of the weakest mode.
+    assert float(modes[-1, 0]) > 0.9 * float(s[0])
+
+
+def test_polynomial_rescale_law_conserved_along_flow(getkey):
+    widths = (3, 5, 2)
+    teacher = cn.PolynomialNet.random(widths, key=getkey())
+    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(getkey(), 50, (3,)))
+    ensemble = cn.Ensemble.init(lambda k: cn.PolynomialNet.random(widths, key=k), getkey(), 3)
+    objective = cn.make_objective(cn.MSE(), data, ensemble)
+    rtol = 1e-9
+    result = cn.gradient_flow(objective, ensemble, 10.0, rtol=rtol)
+    assert result.status_names() == ["success"] * 3
+    assert float(jnp.max(result.max_drift["rescale[0]"])) <= 10 * rtol
+    # The law is not trivially constant: the weights moved by O(1).
+    moved = result.final.models.weights[0] - ensemble.models.weights[0]
+    assert float(jnp.max(jnp.abs(moved))) > 0.1
+
+
+@pytest.mark.parametrize("loss", [cn.MSE(), cn.LogCosh()])
+def test_attention_laws_conserved_along_flow(getkey, loss):
+    def make(key):
+        return cn.LightningAttention.random(4, key=key, heads=2, key_dim=2, value_dim=2,
+                                            out_dim=1, decay=0.9)
+
+    teacher = make(getkey())
+    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(getkey(), 24, (5, 4)))
+    ensemble = cn.Ensemble.init(make, getkey(), 2)
+    objective = cn.make_objective(loss, data, ensemble)
+    rtol = 1e-9
+    result = cn.gradient_flow(objective, ensemble, 4.0, rtol=rtol)
+    assert result.status_names() == ["success"] * 2
+    for name, drift in result.max_drift.items():
+        assert float(jnp.max(drift)) <= 10 * rtol, name
+    assert float(jnp.max(result.loss[:, -1] / result.loss[:, 0])) < 0.9  # it actually trained
+
+
+def test_exhausted_member_is_reported_others_keep_results(linear_problem):
+    ensemble, objective = linear_problem
+    # Member 2 starts 40× larger: its flow is stiff and needs far more steps than the others.
+    big = cn.DeepLinear([40.0 * w for w in ensemble[2].weights])
+    mixed = cn.Ensemble.stack([ensemble[0], ensemble[1], big, ensemble[3]])
+    reference = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-8, n_save=11)
+    limit = int(jnp.max(reference.num_steps)) + 20
+    result = cn.gradient_flow(objective, mixed, 5.0, rtol=1e-8, n_save=11, max_steps=limit)
+    assert result.status_names() == ["success", "success", "max_steps", "success"]
+    for i in (0, 1, 3):
+        np.testing.assert_allclose(result.loss[i], reference.loss[i], rtol=1e-12)
+    assert not np.all(np.isfinite(result.loss[2]))  # unreached save times are marked, not faked
+
+
+def test_divergence_threshold_stops_a_member(linear_problem):
+    ensemble, objective = linear_problem
+    norms = [float(jnp.sqrt(sum(jnp.sum(w**2) for w in ensemble[i].weights))) for i in range(4)]
+    threshold = 1.0001 * max(norms)  # every member grows past its initial norm while learning
+    result = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-8, divergence=threshold)
+    assert "diverged" in result.status_names()
+
+
+def test_flow_argument_errors(linear_problem):
+    ensemble, objective = linear_problem
+    with pytest.raises(ValueError, match="rtol"):
+        cn.gradient_flow(objective, ensemble, 1.0, rtol=-1e-8)
+    with pytest.raises(ValueError, match="t1"):
+        cn.gradient_flow(objective, ensemble, 0.0)
+    with pytest.raises(ValueError, match="solver"):
+        cn.gradient_flow(objective, ensemble, 1.0, solver="rk4")
+    with pytest.raises(ValueError, match="batch_size"):
+        cn.gradient_flow(objective, ensemble, 1.0, batch_size=0)
+    with pytest.raises(TypeError, match="make_objective"):
+        cn.gradient_flow(lambda m: 0.0, ensemble, 1.0)
+    with pytest.raises(TypeError, match="model"):
+        cn.gradient_flow(objective, [1.0], 1.0)

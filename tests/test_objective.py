@@ -1,0 +1,103 @@
+"""Losses, and the moment fast path against the per-sample objective."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import relative_error
+
+import conservation as cn
+
+
+def _random_targets(key, model, xs):
+    shape = jax.eval_shape(jax.vmap(model), xs).shape
+    return jax.random.normal(key, shape)
+
+
+@eqx.filter_jit
+def _both_paths(fast, model):
+    """(loss, grad) through the moments and per sample."""
+    moment = eqx.filter_value_and_grad(fast)(model)
+    sample = eqx.filter_value_and_grad(fast.sample_risk)(model)
+    return moment, sample
+
+
+@pytest.mark.parametrize("name", [
+    "deep_linear", "quadratic", "sextic_neuron", "deep_quadratic", "deep_inhomogeneous",
+    "attention_bare", "attention_decay", "attention_heads_out", "attention_heads_concat"])
+def test_moment_path_equals_per_sample(zoo, getkey, name):
+    model, xs = zoo[name]
+    data = cn.Dataset(xs, _random_targets(getkey(), model, xs))
+    fast = cn.make_objective(cn.MSE(), data, model)
+    assert fast.moments is not None
+    (l_fast, g_fast), (l_slow, g_slow) = _both_paths(fast, model)
+    assert relative_error(l_fast, l_slow) <= 1e-12
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow)):
+        assert relative_error(a, b) <= 1e-12
+
+
+def test_moments_do_not_depend_on_chunking(zoo, getkey):
+    model, _ = zoo["attention_decay"]
+    xs = jax.random.normal(getkey(), (37, 9, 4))
+    data = cn.Dataset(xs, _random_targets(getkey(), model, xs))
+    whole = cn.Moments.from_data(model, data, chunk_size=37)
+    chunked = cn.Moments.from_data(model, data, chunk_size=8)  # 5 chunks, last one padded
+    for a, b in [(whole.M, chunked.M), (whole.B, chunked.B), (whole.c, chunked.c)]:
+        assert relative_error(a, b) <= 1e-13
+    assert whole.M.shape == (64, 64) and whole.n == 37
+
+
+def test_moment_cost_is_independent_of_sample_count(zoo, getkey):
+    """Augmenting the data set (more samples) leaves the moment objective's arrays unchanged
+    in size: the risk costs O(p² m) whatever N is."""
+    model, _ = zoo["deep_linear"]
+    sizes = []
+    for n in (10, 1000):
+        xs = jax.random.normal(getkey(), (n, 3))
+        objective = cn.make_objective(cn.MSE(), cn.Dataset(xs, _random_targets(getkey(), model, xs)),
+                                      model)
+        sizes.append([a.size for a in (objective.moments.M, objective.moments.B)])
+    assert sizes[0] == sizes[1]
+
+
+def test_make_objective_chooses_and_validates_paths(zoo, getkey):
+    model, xs = zoo["quadratic"]
+    data = cn.Dataset(xs, _random_targets(getkey(), model, xs))
+    assert cn.make_objective(cn.LogCosh(), data, model).moments is None
+    assert cn.make_objective(cn.MSE(), data, model, moments=False).moments is None
+    with pytest.raises(ValueError, match="moments=True"):
+        cn.make_objective(cn.LogCosh(), data, model, moments=True)
+    with pytest.raises(TypeError, match="loss"):
+        cn.make_objective("mse", data, model)
+
+
+def test_losses_match_their_definitions(getkey):
+    z = jax.random.normal(getkey(), (6, 3)) * 3
+    y = jax.random.normal(getkey(), (6, 3))
+    np.testing.assert_allclose(cn.MSE()(z, y), np.sum((z - y) ** 2), rtol=1e-14)
+    np.testing.assert_allclose(cn.Quartic()(z, y), np.sum((z - y) ** 4), rtol=1e-14)
+    np.testing.assert_allclose(cn.LogCosh()(z, y), np.sum(np.log(np.cosh(z - y))), rtol=1e-13)
+    assert np.isfinite(cn.LogCosh()(jnp.array([800.0]), jnp.array([0.0])))  # no overflow
+    p = jax.nn.softmax(y, axis=-1)
+    np.testing.assert_allclose(cn.CrossEntropy()(z, p),
+                               -np.sum(p * jax.nn.log_softmax(z, axis=-1)), rtol=1e-13)
+    # One channel: the logistic loss −y log σ(z) − (1 − y) log(1 − σ(z)).
+    z1, y1 = z[:, :1], jax.nn.sigmoid(y[:, :1])
+    s = jax.nn.sigmoid(z1)
+    np.testing.assert_allclose(cn.CrossEntropy()(z1, y1),
+                               -np.sum(y1 * np.log(s) + (1 - y1) * np.log(1 - s)), rtol=1e-12)
+
+
+def test_dataset_validation_and_subset(getkey):
+    x, y = jnp.ones((5, 2)), jnp.arange(5.0)[:, None]
+    with pytest.raises(ValueError, match="y\\[:, None\\]"):
+        cn.Dataset(x, jnp.arange(5.0))
+    with pytest.raises(ValueError, match="samples"):
+        cn.Dataset(x, jnp.ones((4, 1)))
+    np.testing.assert_array_equal(cn.Dataset(x, y).subset(jnp.array([3, 1])).y[:, 0], [3.0, 1.0])
+
+
+def test_whiten_is_exact(getkey):
+    x = cn.whiten(jax.random.normal(getkey(), (40, 5)) @ jax.random.normal(getkey(), (5, 5)))
+    np.testing.assert_allclose(x.T @ x / 40, np.eye(5), atol=1e-13)
