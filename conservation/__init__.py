@@ -13,6 +13,7 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 from ._attention import LightningAttention as LightningAttention
+from ._augmentation import Augmentation as Augmentation
 from ._closed_forms import saxe_balanced_mode as saxe_balanced_mode
 from ._data import (
     Dataset as Dataset,
@@ -21,6 +22,17 @@ from ._data import (
     whiten as whiten,
 )
 from ._flow import gradient_flow as gradient_flow
+from ._groups import (
+    AbstractFiniteGroup as AbstractFiniteGroup,
+    AbstractGroup as AbstractGroup,
+    CyclicShift as CyclicShift,
+    Icosahedral as Icosahedral,
+    Octahedral as Octahedral,
+    OrthogonalGroup as OrthogonalGroup,
+    Permutations as Permutations,
+    PlanarRotations as PlanarRotations,
+    SignFlips as SignFlips,
+)
 from ._laws import (
     AbstractGramLaw as AbstractGramLaw,
     AbstractLaw as AbstractLaw,
@@ -47,7 +59,20 @@ from ._model import (
 )
 from ._monitor import STATUS_NAMES as STATUS_NAMES, Result as Result
 from ._objective import Moments as Moments, Objective as Objective, make_objective as make_objective
-from ._polynomial import ACTIVATIONS as ACTIVATIONS, PolynomialNet as PolynomialNet
+from ._polynomial import (
+    ACTIVATIONS as ACTIVATIONS,
+    Neuron as Neuron,
+    PolynomialNet as PolynomialNet,
+)
+from ._symmetry_laws import (
+    AbstractSubspaceLaw as AbstractSubspaceLaw,
+    AttentionRangeLaw as AttentionRangeLaw,
+    CyclicRatioLaw as CyclicRatioLaw,
+    FourierPhaseLaw as FourierPhaseLaw,
+    RowSpaceLaw as RowSpaceLaw,
+    augmentation_laws as augmentation_laws,
+    isotypic_components as isotypic_components,
+)
 from ._train import optimizer as optimizer, train as train
 
 

@@ -211,6 +211,10 @@ class LightningAttention(AbstractTensorizableModel):
             phi = jnp.einsum("hir,hjr,hkm->ijkm", self.query, self.key, vo)
         return phi.reshape(d**3, -1)
 
+    @property
+    def feature_degrees(self) -> tuple[int, ...]:
+        return (3,)  # ψ_t = x_t ⊗ Σ_s D_ts x_s ⊗ x_s
+
     def laws(self):
         laws = []
         for h in range(self.heads):

@@ -65,6 +65,8 @@ _TYPE_NAMES = {
     "int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
     "ints": "a list of integers", "floats": "a list of numbers",
     "str|floats": "a preset name or a list of numbers", "auto|bool": '"auto", true or false',
+    "matrix": "a list of numbers or a list of equal-length lists of numbers",
+    "strs": "a list of strings",
 }
 
 
@@ -89,6 +91,15 @@ def _coerce(kind, v):
         return v if isinstance(v, str) else _coerce("floats", v)
     if kind == "auto|bool" and (v == "auto" or isinstance(v, bool)):
         return v
+    if kind == "strs" and isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return list(v)
+    if kind == "matrix" and isinstance(v, list) and v:
+        rows = [_coerce("floats", r) if isinstance(r, list) else None for r in v]
+        if all(r is None for r in rows):
+            return [[x] for x in _coerce("floats", v)]  # a column
+        if any(r is None for r in rows) or len({len(r) for r in rows}) != 1 or not rows[0]:
+            raise TypeError
+        return rows
     raise TypeError
 
 
@@ -123,6 +134,8 @@ def _read(table: dict, path: str, spec: dict[str, _Field]) -> dict:
 
 
 _KIND = _Field("str")
+GROUP_NAMES = ("cyclic_shift", "permutations", "rotations", "sign_flips", "octahedral",
+               "icosahedral", "orthogonal")
 _INIT_SCALE = _Field("float", 1.0, _positive)
 MODEL_SPECS = {
     "deep_linear": {
@@ -151,12 +164,20 @@ MODEL_SPECS = {
         "block_size": _Field("int", 64, _positive),
         "init_scale": _INIT_SCALE,
     },
+    "neuron": {
+        "kind": _KIND,
+        "dim": _Field("int", check=_positive, example="2"),
+        "activation": _Field("str|floats", "sextic"),
+        "init_scale": _INIT_SCALE,
+    },
 }
 DATA_SPEC = {
     "n": _Field("int", check=_positive, example="128"),
-    "inputs": _Field("str", "gaussian", _choice("gaussian", "whitened")),
+    "inputs": _Field("str", "gaussian", _choice("gaussian", "whitened", "explicit")),
+    "x": _Field("matrix", None),  # inputs = "explicit": one row per sample
     "input_scale": _Field("float", 1.0, _positive),
-    "targets": _Field("str", "teacher", _choice("teacher", "random")),
+    "targets": _Field("str", "teacher", _choice("teacher", "random", "explicit")),
+    "y": _Field("matrix", None),  # targets = "explicit": one value or row per sample
     "teacher_scale": _Field("float", 1.0, _positive),
     "noise": _Field("float", 0.0, _nonnegative),
     "tokens": _Field("int", 0, _nonnegative),  # sequence length, attention models only
@@ -165,7 +186,18 @@ LOSS_SPEC = {
     "kind": _Field("str", "mse", _choice("mse", "log_cosh", "quartic", "cross_entropy")),
     "moments": _Field("auto|bool", "auto"),
 }
-ENSEMBLE_SPEC = {"size": _Field("int", 1, _positive)}
+ENSEMBLE_SPEC = {
+    "size": _Field("int", 1, _positive),
+    "init": _Field("matrix", None),  # explicit flat parameter vectors, one per member
+}
+AUGMENTATION_SPEC = {
+    "group": _Field("str", check=_choice(*GROUP_NAMES), example='"cyclic_shift"'),
+    "order": _Field("int", 0, _nonnegative),  # rotations: n of C_n ⊂ SO(2)
+    "samples": _Field("int", 0, _nonnegative),  # orthogonal: 0 = exact, else Monte Carlo
+    "equivariant": _Field("bool", False),
+    "compare": _Field("bool", True),  # also run every dynamics on the plain data
+    "mode": _Field("str", "auto", _choice("auto", "orbit")),  # orbit: expand the data
+}
 _COMMON_DYNAMICS = {
     "kind": _KIND,
     "label": _Field("str", ""),
@@ -198,7 +230,13 @@ TOP_SPEC = {
     "seed": _Field("int", 0),
     "output": _Field("str", ""),
 }
-SECTIONS = ("model", "data", "loss", "ensemble", "dynamics")
+LAW_NAMES = ("rowspace", "range_qkv", "ratio_c3", "phase1", "phase2", "phase3")
+LAWS_SPEC = {
+    "architecture": _Field("bool", True),  # the model's own laws
+    "augmentation": _Field("bool", True),  # laws derived from (model, augmentation group)
+    "extra": _Field("strs", []),  # candidate laws to monitor anyway (negative controls)
+}
+SECTIONS = ("model", "data", "loss", "ensemble", "augmentation", "laws", "dynamics")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +250,8 @@ class Config:
     data: dict
     loss: dict
     ensemble: dict
+    augmentation: dict | None
+    laws: dict
     dynamics: tuple[dict, ...]
 
     def to_dict(self) -> dict:
@@ -244,6 +284,13 @@ def parse_config(raw: dict, *, default_name: str = "run") -> Config:
     data = _read(raw["data"], "data", DATA_SPEC)
     loss = _read(raw.get("loss", {}), "loss", LOSS_SPEC)
     ensemble = _read(raw.get("ensemble", {}), "ensemble", ENSEMBLE_SPEC)
+    augmentation = (_read(raw["augmentation"], "augmentation", AUGMENTATION_SPEC)
+                    if "augmentation" in raw else None)
+    laws = _read(raw.get("laws", {}), "laws", LAWS_SPEC)
+    for name in laws["extra"]:
+        if name not in LAW_NAMES:
+            raise ConfigError(f"unknown law {name!r} in `laws.extra`; choose from "
+                              f"{', '.join(LAW_NAMES)}.")
     runs = raw["dynamics"]
     runs = [runs] if isinstance(runs, dict) else runs
     if not isinstance(runs, list) or not runs:
@@ -259,9 +306,13 @@ def parse_config(raw: dict, *, default_name: str = "run") -> Config:
             raise ConfigError(f"`dynamics[{i}].label` = {label!r} is used twice; labels name the "
                               "output files, so give each run its own `label`.")
     _check_consistency(model, data, loss, dynamics)
+    _check_explicit(model, data, ensemble)
+    if augmentation is not None:
+        _check_augmentation(augmentation, model, loss)
     name = top["name"] or default_name
     return Config(name=name, seed=top["seed"], output=top["output"] or f"results/{name}",
-                  model=model, data=data, loss=loss, ensemble=ensemble, dynamics=tuple(dynamics))
+                  model=model, data=data, loss=loss, ensemble=ensemble,
+                  augmentation=augmentation, laws=laws, dynamics=tuple(dynamics))
 
 
 def _default_label(run):
@@ -297,6 +348,70 @@ def _check_consistency(model, data, loss, dynamics):
         if run.get("batch_size", 0) > data["n"]:
             raise ConfigError(f"`dynamics[{i}].batch_size` = {run['batch_size']} exceeds "
                               f"`data.n` = {data['n']}.")
+
+
+def input_dim(model: dict) -> int:
+    """The size of the input axis a group acts on, for a validated `[model]` table."""
+    return model["widths"][0] if "widths" in model else model["dim"]
+
+
+def _check_explicit(model, data, ensemble):
+    if (data["inputs"] == "explicit") != (data["x"] is not None):
+        raise ConfigError("`data.x` and `data.inputs` = 'explicit' go together: give both or "
+                          "neither.")
+    if (data["targets"] == "explicit") != (data["y"] is not None):
+        raise ConfigError("`data.y` and `data.targets` = 'explicit' go together: give both or "
+                          "neither.")
+    if data["x"] is not None:
+        if model["kind"] == "lightning_attention":
+            raise ConfigError("`data.x` (explicit inputs) is for vector-input models.")
+        if len(data["x"][0]) != input_dim(model):
+            raise ConfigError(f"`data.x` rows have {len(data['x'][0])} entries but the model's "
+                              f"input dimension is {input_dim(model)}.")
+        if len(data["x"]) != data["n"]:
+            raise ConfigError(f"`data.x` has {len(data['x'])} rows but `data.n` = {data['n']}.")
+    if data["y"] is not None:
+        if data["x"] is None:
+            raise ConfigError("explicit `data.y` needs explicit `data.x`.")
+        if len(data["y"]) != data["n"]:
+            raise ConfigError(f"`data.y` has {len(data['y'])} rows but `data.n` = {data['n']}.")
+    if ensemble["init"] is not None and len(ensemble["init"]) != ensemble["size"]:
+        raise ConfigError(f"`ensemble.init` has {len(ensemble['init'])} rows but "
+                          f"`ensemble.size` = {ensemble['size']}.")
+
+
+def _check_augmentation(augmentation, model, loss):
+    group, d = augmentation["group"], input_dim(model)
+    exact_orthogonal = group == "orthogonal" and not augmentation["samples"]
+    if exact_orthogonal and loss["kind"] != "mse":
+        raise ConfigError(f"exact O(d) augmentation symmetrises MSE moments; with "
+                          f"`loss.kind` = {loss['kind']!r} set `augmentation.samples` (Monte "
+                          "Carlo) instead.")
+    if augmentation["equivariant"] and model["kind"] != "deep_linear":
+        raise ConfigError("`augmentation.equivariant` = true is supported for deep_linear models.")
+    if augmentation["equivariant"] and model["widths"][-1] != d:
+        raise ConfigError(f"`augmentation.equivariant` = true needs output width = input width "
+                          f"({d}), got {model['widths'][-1]}.")
+    if group == "rotations":
+        if d != 2:
+            raise ConfigError(f"`augmentation.group` = 'rotations' acts on R², but the model's "
+                              f"input dimension is {d}.")
+        if augmentation["order"] < 1:
+            raise ConfigError("`augmentation.order` (n of C_n) is required for 'rotations', "
+                              "e.g. order = 18.")
+    elif augmentation["order"]:
+        raise ConfigError(f"`augmentation.order` only applies to 'rotations'; {group!r} acts on "
+                          f"all {d} input coordinates.")
+    if group in ("octahedral", "icosahedral") and d != 3:
+        raise ConfigError(f"`augmentation.group` = {group!r} acts on R³, but the model's input "
+                          f"dimension is {d}.")
+    if augmentation["samples"] and group != "orthogonal":
+        raise ConfigError("`augmentation.samples` only applies to 'orthogonal'.")
+    if augmentation["samples"] % 2:
+        raise ConfigError("`augmentation.samples` must be even (each g is used with −g).")
+    if augmentation["mode"] == "orbit" and exact_orthogonal:
+        raise ConfigError("`augmentation.mode` = 'orbit' needs finitely many group elements: "
+                          "set `augmentation.samples` for 'orthogonal'.")
 
 
 def load_config(path: str | pathlib.Path | None = None) -> Config:

@@ -123,7 +123,7 @@ def _flow(params, static, objective, monitor, solver, t1, rtol, atol, divergence
     def observe(t, y, args):
         del t, args
         model = as_model(y)
-        return objective(model), monitor.values(model)
+        return objective(model), monitor.values(model), monitor.conditions(model)
 
     def diverged(t, y, args, **kwargs):
         del t, args, kwargs
@@ -142,21 +142,23 @@ def _flow(params, static, objective, monitor, solver, t1, rtol, atol, divergence
             progress_meter=progress_meter,
             throw=False,
         )
-        (loss, values), final = sol.ys
+        (loss, values, condition), final = sol.ys
         drift = monitor.drifts(values, reference)
         status = jnp.where(
             sol.result == dfx.RESULTS.successful, SUCCESS,
             jnp.where(sol.result == dfx.RESULTS.max_steps_reached, MAX_STEPS,
                       jnp.where(sol.event_mask, DIVERGED, FAILED)))
-        return loss, values, drift, unravel(final[-1]), status, sol.stats["num_steps"]
+        return loss, values, drift, condition, unravel(final[-1]), status, sol.stats["num_steps"]
 
-    loss, values, drift, final, status, num_steps = jax.lax.map(solve_one, params, batch_size=batch)
+    loss, values, drift, condition, final, status, num_steps = jax.lax.map(
+        solve_one, params, batch_size=batch)
     return Result(
         t=ts,
         loss=loss,
         values=values,
         drift=drift,
         max_drift={k: finite_max(d) for k, d in drift.items()},
+        condition=condition,
         final=Ensemble(eqx.combine(final, static), size),
         status=status,
         num_steps=num_steps,

@@ -39,6 +39,12 @@ class AbstractLaw(eqx.Module):
         """max |Q(t) − Q(0)| / scale over the components of Q."""
         return jnp.max(jnp.abs(value - reference) / scale)
 
+    def condition(self, model) -> Scalar:
+        """How well Q(θ) is resolved: the relative size of the component it measures (∞ for
+        laws that never degenerate). Below ~1e-6 the drift is dominated by round-off."""
+        del model
+        return jnp.asarray(jnp.inf)
+
 
 class AbstractGramLaw(AbstractLaw):
     """Q = AᵀA − BBᵀ for two parameter blocks A, B (balance-type laws).

@@ -78,5 +78,9 @@ class DeepLinear(AbstractTensorizableModel):
     def tensorize(self) -> Float[Array, "d m"]:
         return self.end_to_end().T
 
+    @property
+    def feature_degrees(self) -> tuple[int, ...]:
+        return (1,)
+
     def laws(self):
         return tuple(BalanceLaw(layer) for layer in range(len(self.weights) - 1))

@@ -43,6 +43,12 @@ class AbstractTensorizableModel(AbstractModel):
     def tensorize(self) -> Float[Array, "p m"]:
         """Φ(θ): the parameters mapped into the intermediate representation."""
 
+    @property
+    @abc.abstractmethod
+    def feature_degrees(self) -> tuple[int, ...]:
+        """ψ(x)'s columns are blocks x^{⊗k} (tensor powers of the last input axis, flattened)
+        for these k, in order: a rotation of that axis by g acts on block k as g^{⊗k}."""
+
     def tensorized_call(self, x: Array) -> Array:
         """f(θ, x) computed as ψ(x) Φ(θ); equals `self(x)` to round-off."""
         out = self.features(x) @ self.tensorize()

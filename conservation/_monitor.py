@@ -11,6 +11,7 @@ from ._model import Ensemble
 
 
 STATUS_NAMES = ("success", "max_steps", "diverged", "failed")
+ILL_CONDITIONED = 1e-6  # a law's `condition` below this: its drift is round-off noise
 SUCCESS, MAX_STEPS, DIVERGED, FAILED = range(4)
 
 
@@ -21,6 +22,9 @@ class LawMonitor(eqx.Module):
 
     def values(self, model) -> dict[str, Array]:
         return {law.name: law(model) for law in self.laws}
+
+    def conditions(self, model) -> dict[str, Array]:
+        return {law.name: law.condition(model) for law in self.laws}
 
     def reference(self, model) -> tuple[dict[str, Array], dict[str, Array]]:
         """(Q(θ₀), scale(θ₀)) for every law: what later drifts are measured against."""
@@ -49,6 +53,9 @@ class Result(eqx.Module):
     - `drift`: law name → relative drift at the save times, shape (B, T).
     - `max_drift`: law name → largest drift seen, shape (B,). Discrete runs take it over every
       step, not just the save points.
+    - `condition`: law name → the law's `condition` at the save times, shape (B, T); where it
+      falls below `ILL_CONDITIONED` (1e-6) the law's drift is round-off noise, and `summary`
+      counts the member as ill-conditioned for that law.
     - `final`: the ensemble at the end of the run.
     - `status`: per member, 0 success, 1 max_steps, 2 diverged, 3 failed (see `status_names`).
     - `num_steps`: solver steps (flow) or optimizer steps taken (discrete), per member.
@@ -62,6 +69,7 @@ class Result(eqx.Module):
     values: dict[str, Array]
     drift: dict[str, Float[Array, "B T"]]
     max_drift: dict[str, Float[Array, " B"]]
+    condition: dict[str, Float[Array, "B T"]]
     final: Ensemble
     status: Int[Array, " B"]
     num_steps: Int[Array, " B"]
@@ -82,6 +90,10 @@ class Result(eqx.Module):
             "max_drift": {
                 name: float(np.max(np.asarray(d)[ok])) if ok.any() else None
                 for name, d in self.max_drift.items()
+            },
+            "ill_conditioned": {
+                name: int(np.sum(np.min(np.asarray(c), axis=1) < ILL_CONDITIONED))
+                for name, c in self.condition.items()
             },
             "num_steps_max": int(np.max(np.asarray(self.num_steps))),
         }

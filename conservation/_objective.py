@@ -12,6 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ._augmentation import Augmentation, _check_dims, as_augmentation
 from ._custom_types import Array, Float, Scalar
 from ._data import Dataset
 from ._losses import MSE, AbstractLoss
@@ -83,6 +84,7 @@ class Objective(eqx.Module):
     loss: AbstractLoss
     data: Dataset
     moments: Moments | None = None
+    augmentation: Augmentation | None = None
 
     def __call__(self, model: AbstractModel) -> Scalar:
         if self.moments is not None:
@@ -90,13 +92,16 @@ class Objective(eqx.Module):
         return self.sample_risk(model)
 
     def sample_risk(self, model: AbstractModel) -> Scalar:
-        """The per-sample evaluation mean_i ℓ(f(θ, x_i), y_i) (never uses the moments)."""
-        predictions = jax.vmap(model)(self.data.x)
-        return jnp.mean(jax.vmap(self.loss)(predictions, self.data.y))
+        """The per-sample evaluation mean_i ℓ(f(θ, x_i), y_i) over the (augmented) data,
+        never using the moments."""
+        data = self.data if self.augmentation is None else self.augmentation.apply(self.data)
+        predictions = jax.vmap(model)(data.x)
+        return jnp.mean(jax.vmap(self.loss)(predictions, data.y))
 
     def on(self, index: Array) -> "Objective":
-        """The per-sample objective on the samples at `index` (a minibatch)."""
-        return Objective(self.loss, self.data.subset(index))
+        """The per-sample objective on the base samples at `index` (a minibatch), each with
+        its whole orbit when the data are augmented."""
+        return Objective(self.loss, self.data.subset(index), augmentation=self.augmentation)
 
 
 def make_objective(
@@ -105,6 +110,7 @@ def make_objective(
     model: AbstractModel | Ensemble | None = None,
     *,
     moments: bool | str = "auto",
+    augment=None,
 ) -> Objective:
     """Build the objective of `loss` on `data` for models like `model`.
 
@@ -116,6 +122,9 @@ def make_objective(
       moment fast path.
     - `moments`: `"auto"` uses the moment fast path whenever it is exact (MSE on a tensorizable
       model); `True` demands it; `False` always evaluates per sample.
+    - `augment`: a group (or `conservation.Augmentation`) to augment `data` by. On the moment
+      path the moments of `data` are symmetrised exactly (cost independent of the orbit size;
+      exact O(d) allowed); otherwise every evaluation averages over the orbits.
 
     **Returns:** an `Objective`, callable as `objective(model) -> L(θ)`.
     """
@@ -133,6 +142,13 @@ def make_objective(
             f"PolynomialNet, LightningAttention); got loss {loss.name!r} and model "
             f"{type(member).__name__}. Use `moments='auto'`."
         )
+    augmentation = as_augmentation(augment)
     if possible and moments is not False:
-        return Objective(loss, data, Moments.from_data(member, data))
-    return Objective(loss, data)
+        base = Moments.from_data(member, data)
+        if augmentation is not None:
+            _check_dims(augmentation, data)
+            base = augmentation.symmetrize(base, member)
+        return Objective(loss, data, base, augmentation)
+    if augmentation is not None:
+        augmentation.apply(data.subset(jnp.arange(1)))  # fail now, not inside a run
+    return Objective(loss, data, augmentation=augmentation)

@@ -70,3 +70,53 @@ def _draw(ax, t, curves, colour, label):
         median = np.nanmedian(curves, axis=0) if np.isfinite(curves).any() else None
     if median is not None:
         ax.plot(t, median, color=colour, lw=2.0, label=label)
+
+
+def plot_landscapes(objectives, ensemble, results, file, *, title: str = "",
+                    grid: int = 161) -> None:
+    """Loss landscapes of a two-parameter model, one panel per objective (e.g. plain and
+    augmented: augmentation by a design group makes the landscape rotationally symmetric),
+    with every member's start (o) and end (x) of each run drawn on its objective's panel."""
+    import equinox as eqx
+    import jax
+    import jax.flatten_util as jfu
+    import jax.numpy as jnp
+
+    params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
+    starts = jax.vmap(lambda p: jfu.ravel_pytree(p)[0])(params)
+    _, unravel = jfu.ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], params))
+    ends = {label: jax.vmap(lambda p: jfu.ravel_pytree(p)[0])(
+        eqx.partition(result.final.models, eqx.is_inexact_array)[0])
+        for label, result in results}
+    points = np.concatenate([np.asarray(starts)] + [np.asarray(e) for e in ends.values()])
+    finite = points[np.all(np.isfinite(points), axis=1)]
+    radius = 1.2 * float(np.max(np.abs(finite))) if finite.size else 2.0
+    axis = np.linspace(-radius, radius, grid)
+    mesh = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
+    fig, axes = plt.subplots(1, len(objectives), figsize=(5.0 * len(objectives), 4.4),
+                             squeeze=False)
+    surfaces = {}
+    for name, objective in objectives.items():
+        surface = jax.jit(jax.vmap(lambda v: objective(eqx.combine(unravel(v), static))))(
+            jnp.asarray(mesh))
+        surfaces[name] = np.asarray(surface).reshape(grid, grid)
+    top = np.percentile(np.concatenate([s.ravel() for s in surfaces.values()]), 92)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (name, surface) in zip(axes[0], surfaces.items()):
+        image = ax.contourf(axis, axis, np.minimum(surface, top), levels=30, cmap="viridis")
+        ax.scatter(*np.asarray(starts).T, marker="o", facecolors="none", edgecolors="w", s=30)
+        for i, (label, end) in enumerate(ends.items()):
+            if label.endswith(name) or not name:
+                ax.scatter(*np.asarray(end).T, marker="x", color=colours[i % len(colours)],
+                           s=30, label=label)
+        ax.set_title(f"loss landscape: {name or 'data'}")
+        ax.set_xlabel("θ₁")
+        ax.set_ylabel("θ₂")
+        ax.set_aspect("equal")
+        ax.legend(fontsize=7, loc="lower left")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(file, format="png", dpi=110)
+    plt.close(fig)

@@ -45,6 +45,14 @@ def _tensor_power(x: Float[Array, " d"], p: int) -> Float[Array, " d**p"]:
     return out
 
 
+def _horner(coefficients: tuple[float, ...], z: Array) -> Array:
+    """Σ_k s_k z^k by Horner's rule."""
+    out = jnp.zeros_like(z)
+    for s in reversed(coefficients):
+        out = out * z + s
+    return out
+
+
 def _derivatives(f, x, order: int) -> tuple[Array, ...]:
     """(f(x), Df(x), …, D^order f(x)) by forward mode; each level differentiates the last."""
 
@@ -97,11 +105,8 @@ class PolynomialNet(AbstractTensorizableModel):
         return (self.weights[0].shape[-1],) + tuple(w.shape[-2] for w in self.weights)
 
     def activation(self, z: Array) -> Array:
-        """σ(z) by Horner's rule."""
-        out = jnp.zeros_like(z)
-        for s in reversed(self.coefficients):
-            out = out * z + s
-        return out
+        """σ(z), elementwise."""
+        return _horner(self.coefficients, z)
 
     def __call__(self, x: Float[Array, " d"]) -> Float[Array, " m"]:
         for w in self.weights[:-1]:
@@ -140,6 +145,10 @@ class PolynomialNet(AbstractTensorizableModel):
             blocks = [derivatives[p].reshape(-1, d**p) / math.factorial(p) for p in self.degrees]
         return jnp.concatenate([b.T for b in blocks])
 
+    @property
+    def feature_degrees(self) -> tuple[int, ...]:
+        return self.degrees
+
     def laws(self):
         nonzero = [k for k, s in enumerate(self.coefficients) if s != 0.0]
         if len(nonzero) != 1 or nonzero[0] == 0:
@@ -148,3 +157,44 @@ class PolynomialNet(AbstractTensorizableModel):
         if k == 1:
             return tuple(BalanceLaw(layer) for layer in range(len(self.weights) - 1))
         return tuple(NeuronRescaleLaw(layer, k) for layer in range(len(self.weights) - 1))
+
+
+class Neuron(AbstractTensorizableModel):
+    """One polynomial neuron f(x) = σ(w·x) with no output weight (the seed paper's Fig. 1
+    model σ(p·x)). Tensorization: ψ(x) = (s_k x^{⊗k})_k, Φ = (w^{⊗k})_k. No architecture laws
+    unless σ is homogeneous — and even then the only symmetry would change f."""
+
+    weight: Float[Array, " d"]
+    coefficients: tuple[float, ...] = eqx.field(static=True)
+
+    def __init__(self, weight: Array, activation="sextic"):
+        """**Arguments:** `weight` w ∈ R^d; `activation` as for `PolynomialNet`."""
+        weight = jnp.asarray(weight)
+        if weight.ndim != 1:
+            raise ValueError(f"`weight` must be a vector, got shape {weight.shape}.")
+        self.weight = weight
+        self.coefficients = _resolve_activation(activation)
+
+    @classmethod
+    def random(cls, d: int, *, key: Key, activation="sextic", init_scale: float = 1.0
+               ) -> "Neuron":
+        """w ~ N(0, init_scale²/d)."""
+        return cls(init_scale * jax.random.normal(key, (d,)) / math.sqrt(d), activation)
+
+    def __call__(self, x: Float[Array, " d"]) -> Float[Array, " 1"]:
+        return _horner(self.coefficients, self.weight @ x)[None]
+
+    @property
+    def feature_degrees(self) -> tuple[int, ...]:
+        return tuple(k for k, s in enumerate(self.coefficients) if s != 0.0)
+
+    def features(self, x: Float[Array, " d"]) -> Float[Array, "1 p"]:
+        return jnp.concatenate([self.coefficients[k] * _tensor_power(x, k)
+                                for k in self.feature_degrees])[None, :]
+
+    def tensorize(self) -> Float[Array, "p 1"]:
+        return jnp.concatenate([_tensor_power(self.weight, k)
+                                for k in self.feature_degrees])[:, None]
+
+    def laws(self):
+        return ()

@@ -13,33 +13,46 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
+import jax.flatten_util as jfu
 import jax.numpy as jnp
 import numpy as np
 
 from ._attention import LightningAttention
-from ._config import Config
+from ._augmentation import Augmentation
+from ._config import Config, ConfigError, input_dim
 from ._data import Dataset, gaussian_inputs, teacher_dataset, whiten
 from ._flow import gradient_flow
+from ._groups import GROUPS, AbstractGroup, OrthogonalGroup, PlanarRotations
 from ._linear import DeepLinear
 from ._losses import LOSSES
 from ._model import Ensemble
 from ._monitor import Result
 from ._objective import Objective, make_objective
-from ._plot import plot_results
+from ._plot import plot_landscapes, plot_results
+from ._polynomial import Neuron, PolynomialNet
+from ._symmetry_laws import (
+    AttentionRangeLaw,
+    CyclicRatioLaw,
+    FourierPhaseLaw,
+    RowSpaceLaw,
+    augmentation_laws,
+)
 from ._train import optimizer, train
 
 
 def model_factory(spec: dict) -> Callable:
-    """`key -> model` for a validated `[model]` table (with `init_scale` as a keyword)."""
+    """`(key, init_scale) -> model` for a validated `[model]` table."""
     kind = spec["kind"]
     if kind == "deep_linear":
         return lambda key, scale: DeepLinear.random(spec["widths"], key=key, init_scale=scale)
     if kind == "polynomial":
-        from ._polynomial import PolynomialNet
-
         return lambda key, scale: PolynomialNet.random(
             spec["widths"], key=key, activation=spec["activation"], init_scale=scale)
+    if kind == "neuron":
+        return lambda key, scale: Neuron.random(
+            spec["dim"], key=key, activation=spec["activation"], init_scale=scale)
     return lambda key, scale: LightningAttention.random(
         spec["dim"], key=key, key_dim=spec["key_dim"], value_dim=spec["value_dim"],
         heads=spec["heads"], out_dim=spec["out_dim"] or None, init_scale=scale,
@@ -47,26 +60,72 @@ def model_factory(spec: dict) -> Callable:
         block_size=spec["block_size"])
 
 
-def build(config: Config) -> tuple[Ensemble, Objective]:
-    """The ensemble of initial models and the objective described by `config`."""
+_CANDIDATE_LAWS = {  # `[laws] extra` names → laws (config.LAW_NAMES)
+    "rowspace": RowSpaceLaw(None),
+    "range_qkv": AttentionRangeLaw(),
+    "ratio_c3": CyclicRatioLaw(),
+    "phase1": FourierPhaseLaw(1),
+    "phase2": FourierPhaseLaw(2),
+    "phase3": FourierPhaseLaw(3),
+}
+
+
+def group_from_spec(spec: dict, dim: int) -> AbstractGroup:
+    """The group of a validated `[augmentation]` table acting on R^`dim`."""
+    name = spec["group"]
+    if name == "rotations":
+        return PlanarRotations(spec["order"])
+    if name in ("octahedral", "icosahedral"):
+        return GROUPS[name]()
+    if name == "orthogonal":
+        return OrthogonalGroup(dim, samples=spec["samples"] or None)
+    return GROUPS[name](dim)
+
+
+def augmentation_from_config(config: Config) -> Augmentation:
+    spec = config.augmentation
+    return Augmentation(group_from_spec(spec, input_dim(config.model)), spec["equivariant"])
+
+
+def _initial_ensemble(config: Config, make, key) -> Ensemble:
+    ensemble = Ensemble.init(lambda k: make(k, config.model["init_scale"]), key,
+                             config.ensemble["size"])
+    if config.ensemble["init"] is None:
+        return ensemble
+    params, static = eqx.partition(ensemble[0], eqx.is_inexact_array)
+    flat, unravel = jfu.ravel_pytree(params)
+    rows = config.ensemble["init"]
+    if len(rows[0]) != flat.size:
+        raise ConfigError(f"`ensemble.init` rows have {len(rows[0])} entries but the model has "
+                          f"{flat.size} parameters.")
+    return Ensemble.stack([eqx.combine(unravel(jnp.asarray(r, flat.dtype)), static)
+                           for r in rows])
+
+
+def build(config: Config) -> tuple[Ensemble, dict[str, Objective], tuple]:
+    """The initial ensemble, the objectives (`{"": plain}` or `{"plain": …, "augmented": …}`)
+    and the laws to monitor (architecture + augmentation-induced) described by `config`."""
     k_model, k_teacher, k_x, k_y = jax.random.split(jax.random.PRNGKey(config.seed), 4)
     make = model_factory(config.model)
-    ensemble = Ensemble.init(lambda k: make(k, config.model["init_scale"]), k_model,
-                             config.ensemble["size"])
+    ensemble = _initial_ensemble(config, make, k_model)
     data_spec = config.data
     if config.model["kind"] == "lightning_attention":
         shape = (data_spec["tokens"], config.model["dim"])
     else:
-        shape = (config.model["widths"][0],)
-    x = gaussian_inputs(k_x, data_spec["n"], shape)
-    if data_spec["inputs"] == "whitened":
-        x = whiten(x)
+        shape = (input_dim(config.model),)
+    if data_spec["inputs"] == "explicit":
+        x = jnp.asarray(data_spec["x"])
+    else:
+        x = gaussian_inputs(k_x, data_spec["n"], shape)
+        if data_spec["inputs"] == "whitened":
+            x = whiten(x)
     x = data_spec["input_scale"] * x
     teacher = make(k_teacher, data_spec["teacher_scale"])
     classify = config.loss["kind"] == "cross_entropy"
-    if data_spec["targets"] == "teacher":
-        data = teacher_dataset(teacher, x, noise=data_spec["noise"], key=k_y)
-        y = data.y
+    if data_spec["targets"] == "explicit":
+        y = jnp.asarray(data_spec["y"])
+    elif data_spec["targets"] == "teacher":
+        y = teacher_dataset(teacher, x, noise=data_spec["noise"], key=k_y).y
         if classify:  # class probabilities of the teacher's logits
             y = jax.nn.sigmoid(y) if y.shape[-1] == 1 else jax.nn.softmax(y, axis=-1)
     else:
@@ -77,23 +136,43 @@ def build(config: Config) -> tuple[Ensemble, Objective]:
                  jax.nn.one_hot(jnp.argmax(y, -1), out_shape[-1]))
     data = Dataset(x, y)
     loss = LOSSES[config.loss["kind"]]()
-    return ensemble, make_objective(loss, data, ensemble, moments=config.loss["moments"])
+    plain = make_objective(loss, data, ensemble, moments=config.loss["moments"])
+    laws = (ensemble[0].laws() if config.laws["architecture"] else ()) + tuple(
+        _CANDIDATE_LAWS[name] for name in config.laws["extra"])
+    spec = config.augmentation
+    if spec is None:
+        return ensemble, {"": plain}, laws
+    augmentation = augmentation_from_config(config)
+    if spec["mode"] == "orbit":
+        augmented = make_objective(loss, augmentation.apply(data), ensemble,
+                                   moments=config.loss["moments"])
+    else:
+        augmented = make_objective(loss, data, ensemble, moments=config.loss["moments"],
+                                   augment=augmentation)
+    if config.laws["augmentation"]:
+        names = {law.name for law in laws}
+        laws += tuple(law for law in augmentation_laws(ensemble[0], augmentation)
+                      if law.name not in names)
+    objectives = {"augmented": augmented}
+    if spec["compare"]:
+        objectives = {"plain": plain} | objectives
+    return ensemble, objectives, laws
 
 
-def execute(run: dict, objective: Objective, ensemble: Ensemble, *, key, progress: bool
-            ) -> Result:
+def execute(run: dict, objective: Objective, ensemble: Ensemble, *, key, progress: bool,
+            laws=None) -> Result:
     """One validated `[[dynamics]]` entry."""
     if run["kind"] == "flow":
         return gradient_flow(
             objective, ensemble, run["t1"], n_save=run["n_save"], solver=run["solver"],
             rtol=run["rtol"], atol=run["atol"] or run["rtol"], max_steps=run["max_steps"],
-            progress=progress, divergence=run["divergence"])
+            laws=laws, progress=progress, divergence=run["divergence"])
     kind = "gd" if run["kind"] == "sgd" else run["kind"]
     optim = optimizer(kind, lr=run["lr"], momentum=run.get("momentum", 0.0),
                       weight_decay=run["weight_decay"])
     return train(
         objective, ensemble, optim, run["steps"], batch_size=run.get("batch_size") or None,
-        key=key, n_save=run["n_save"], step_time=run["lr"], progress=progress,
+        key=key, laws=laws, n_save=run["n_save"], step_time=run["lr"], progress=progress,
         divergence=run["divergence"])
 
 
@@ -113,6 +192,7 @@ def result_arrays(result: Result) -> dict[str, np.ndarray]:
     arrays = {"t": result.t, "loss": result.loss, "status": result.status,
               "num_steps": result.num_steps}
     for name in result.drift:
+        arrays[f"condition/{name}"] = result.condition[name]
         arrays[f"drift/{name}"] = result.drift[name]
         arrays[f"max_drift/{name}"] = result.max_drift[name]
         arrays[f"values/{name}"] = result.values[name]
@@ -135,33 +215,50 @@ def run_config(config: Config, *, out_dir: str | os.PathLike | None = None,
     out = pathlib.Path(out_dir or config.output)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    ensemble, objective = build(config)
+    ensemble, objectives, laws = build(config)
     summary = {
         "name": config.name,
         "config": config.to_dict(),
         "backend": jax.default_backend(),
-        "moment_fast_path": objective.moments is not None,
+        "moment_fast_path": all(o.moments is not None for o in objectives.values()),
+        "laws": [law.name for law in laws],
         "build_seconds": time.perf_counter() - start,
         "runs": [],
     }
+    if config.augmentation is not None:
+        augmentation = augmentation_from_config(config)
+        summary["symmetry_defect"] = {
+            name or "plain": float(augmentation.defect(o.moments, ensemble[0]))
+            for name, o in objectives.items() if o.moments is not None}
     finished = []
     batch_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-    for i, run in enumerate(config.dynamics):
-        log(f"[{i + 1}/{len(config.dynamics)}] {run['label']}")
+    jobs = [(run, variant, objective) for run in config.dynamics
+            for variant, objective in objectives.items()]
+    for i, (run, variant, objective) in enumerate(jobs):
+        label = f"{run['label']} · {variant}" if variant else run["label"]
+        log(f"[{i + 1}/{len(jobs)}] {label}")
         start = time.perf_counter()
-        result = jax.block_until_ready(
-            execute(run, objective, ensemble, key=batch_key, progress=progress))
+        result = jax.block_until_ready(execute(run, objective, ensemble, key=batch_key,
+                                               progress=progress, laws=laws))
         seconds = time.perf_counter() - start
-        filename = f"{i}-{_slug(run['label'])}.npz"
+        filename = f"{i}-{_slug(label)}.npz"
         _atomic_write(out / filename, lambda f: np.savez_compressed(f, **result_arrays(result)))
-        finished.append((run["label"], result))
-        summary["runs"].append({"label": run["label"], "kind": run["kind"], "file": filename,
-                                "seconds": seconds, **result.summary()})
+        finished.append((label, result))
+        summary["runs"].append({"label": label, "kind": run["kind"], "data": variant or "plain",
+                                "file": filename, "seconds": seconds, **result.summary()})
         _atomic_write(out / "summary.json",
                       lambda f: f.write(json.dumps(summary, indent=2).encode()))
         _atomic_write(out / "plot.png",
                       lambda f: plot_results(finished, f, title=config.name))
+    if _has_two_parameters(ensemble) and config.augmentation is not None:
+        _atomic_write(out / "landscape.png", lambda f: plot_landscapes(
+            objectives, ensemble, finished, f, title=config.name))
     return summary
+
+
+def _has_two_parameters(ensemble) -> bool:
+    params, _ = eqx.partition(ensemble[0], eqx.is_inexact_array)
+    return jfu.ravel_pytree(params)[0].size == 2
 
 
 def format_summary(summary: dict) -> str:

@@ -120,10 +120,11 @@ def train(
     loss = jnp.stack([h[0] for h in history], axis=1)
     values = {k: jnp.stack([h[1][k] for h in history], axis=1) for k in history[0][1]}
     drift = {k: jnp.stack([h[2][k] for h in history], axis=1) for k in history[0][2]}
+    condition = {k: jnp.stack([h[3][k] for h in history], axis=1) for k in history[0][3]}
     t = jnp.minimum(jnp.arange(n_chunks + 1) * chunk, steps) * step_time
     return Result(
         t=t.astype(float), loss=loss, values=values, drift=drift, max_drift=max_drift,
-        final=Ensemble(eqx.combine(params, static), ensemble.size),
+        condition=condition, final=Ensemble(eqx.combine(params, static), ensemble.size),
         status=status, num_steps=count,
     )
 
@@ -135,7 +136,7 @@ def _start(params, static, objective, monitor, optim, keys):
         reference = monitor.reference(model)
         zeros = {name: jnp.zeros(()) for name in reference[0]}
         carry = (p, optim.init(p), key, jnp.asarray(SUCCESS), jnp.asarray(0), zeros, reference)
-        return carry, (objective(model), reference[0], zeros)
+        return carry, (objective(model), reference[0], zeros, monitor.conditions(model))
 
     return jax.vmap(one)(params, keys)
 
@@ -168,6 +169,7 @@ def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, step
         carry, _ = jax.lax.scan(step, carry, None, length=chunk)
         model = eqx.combine(carry[0], static)
         values = monitor.values(model)
-        return carry, (objective(model), values, monitor.drifts(values, carry[-1]))
+        return carry, (objective(model), values, monitor.drifts(values, carry[-1]),
+                       monitor.conditions(model))
 
     return jax.vmap(one)(carry)

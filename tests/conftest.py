@@ -35,6 +35,7 @@ def model_zoo(key):
         "sextic_neuron": (cn.PolynomialNet.random((2, 1, 1), key=ks[6], activation="sextic"),
                           vec2),
         "deep_quadratic": (cn.PolynomialNet.random((3, 3, 2, 2), key=ks[7]), vec3),
+        "neuron": (cn.Neuron.random(2, key=ks[13], init_scale=2.0), vec2),
         "deep_inhomogeneous": (
             cn.PolynomialNet.random((2, 3, 2, 1), key=ks[8], activation=(0.3, 1.0, -0.5)), vec2),
         "attention_bare": (cn.LightningAttention.random(4, key=ks[9], causal=False), seq),

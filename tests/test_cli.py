@@ -110,3 +110,23 @@ def test_quickstart_main_job(tmp_path):
     assert min(momentum["max_drift"].values()) > 1e3 * rtol
     assert flow["final_loss_median"] < 1e-6
     assert _png_size(out / "plot.png")[0] > 600
+
+
+def test_fig1_config_end_to_end_with_landscapes(tmp_path):
+    """Seed paper Fig. 1 from the CLI: C₁₈ conserves the direction of p, plain data do not;
+    the run writes both loss landscapes."""
+    out = tmp_path / "fig1"
+    assert main(["run", str(ROOT / "configs" / "fig1_sextic_c18.toml"), "--out", str(out),
+                 "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["laws"] == ["rowspace[W1]"]
+    assert summary["symmetry_defect"]["augmented"] < 1e-14 < 0.1 < summary["symmetry_defect"]["plain"]
+    drift = {r["label"]: r["max_drift"]["rowspace[W1]"] for r in summary["runs"]}
+    flow_rtol = summary["config"]["dynamics"][0]["rtol"]
+    assert drift["flow (rtol 1e-10) · augmented"] <= 10 * flow_rtol
+    assert drift["gd (lr 0.01) · augmented"] <= 1e-12  # GD keeps Grassmannian laws exactly
+    assert min(drift["flow (rtol 1e-10) · plain"], drift["gd (lr 0.01) · plain"]) > 0.1
+    arrays = np.load(out / summary["runs"][1]["file"])
+    assert arrays["condition/rowspace[W1]"].shape == (6, 101)
+    width, height = _png_size(out / "landscape.png")
+    assert width > 800 and height > 300

@@ -109,3 +109,54 @@ def test_embedded_quickstart_equals_the_shipped_file():
 def test_every_shipped_config_is_valid(path):
     config = parse_config(tomllib.loads(path.read_text()), default_name=path.stem)
     assert config.dynamics
+
+
+AUGMENTED = copy.deepcopy(VALID) | {"augmentation": {"group": "cyclic_shift"},
+                                    "dynamics": [{"kind": "flow", "t1": 1.0}]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"augmentation": {"group": "cyclic"}}, "field `augmentation.group` must be one of"),
+    ({"augmentation": {}}, "missing field `augmentation.group`"),
+    ({"augmentation": {"group": "rotations"}}, "acts on R², but the model's input dimension is 3"),
+    ({"augmentation": {"group": "icosahedral"}, "model": {"kind": "deep_linear",
+                                                           "widths": [2, 2]}},
+     "acts on R³, but the model's input dimension is 2"),
+    ({"augmentation": {"group": "rotations"}, "model": {"kind": "neuron", "dim": 2}},
+     "`augmentation.order` (n of C_n) is required"),
+    ({"augmentation": {"group": "cyclic_shift", "order": 4}}, "only applies to 'rotations'"),
+    ({"augmentation": {"group": "orthogonal"}, "loss": {"kind": "log_cosh"}},
+     "set `augmentation.samples`"),
+    ({"augmentation": {"group": "orthogonal", "samples": 7}}, "must be even"),
+    ({"augmentation": {"group": "orthogonal", "mode": "orbit"}}, "needs finitely many"),
+    ({"augmentation": {"group": "permutations", "equivariant": True}},
+     "needs output width = input width (3), got 2"),
+    ({"laws": {"extra": ["rowspaces"]}}, "unknown law 'rowspaces' in `laws.extra`"),
+    ({"data": {"n": 2, "inputs": "explicit", "x": [[1.0, 2.0], [3.0, 4.0]]}},
+     "`data.x` rows have 2 entries but the model's input dimension is 3"),
+    ({"data": {"n": 3, "inputs": "explicit", "x": [[1.0, 2.0, 3.0]]}},
+     "`data.x` has 1 rows but `data.n` = 3"),
+    ({"data": {"n": 2, "inputs": "explicit", "x": [[1, 2, 3], [4, 5]]}},
+     "field `data.x` must be a list of numbers or a list of equal-length lists"),
+    ({"data": {"n": 2, "x": [[1, 2, 3], [4, 5, 6]]}}, "`data.x` and `data.inputs` = 'explicit'"),
+    ({"ensemble": {"size": 2, "init": [[1.0] * 14]}}, "`ensemble.init` has 1 rows"),
+])
+def test_augmentation_and_explicit_data_errors_name_the_field(change, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(copy.deepcopy(AUGMENTED) | change)
+    assert message in str(error.value)
+
+
+def test_wrong_length_explicit_init_is_reported_when_building():
+    from conservation._runner import build
+
+    config = parse_config(copy.deepcopy(VALID) | {"ensemble": {"size": 1, "init": [[1.0] * 5]}})
+    with pytest.raises(ConfigError, match="rows have 5 entries but the model has 20 parameters"):
+        build(config)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.toml")),
+                         ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_shipped_config_is_valid(path):
+    config = load_config(path)
+    assert config.name and config.dynamics

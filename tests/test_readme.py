@@ -42,3 +42,11 @@ def test_readme_library_example_runs_and_its_comments_hold():
     flow_drift, gd_drift, pointwise = map(float, out[1:4])
     assert flow_drift < 1e-8 < 1e-4 < gd_drift
     assert pointwise < 1e-12
+
+
+def test_readme_augmentation_example_runs_and_its_comments_hold():
+    example = re.findall(r"```python\n(.*?)```", README, re.S)[1]
+    out = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout.splitlines()
+    assert float(out[0].strip("[]")) < 1e-13
+    assert out[1].startswith("{'ratio[I(W)]': 0,") and "'rowspace[W1·U]': 0" in out[1]

@@ -1,0 +1,127 @@
+"""Data augmentation by a group: orbit expansion, and exact symmetrisation of MSE moments.
+
+Augmenting a data set by G replaces the risk by its average over the orbits,
+L_G(θ) = avg_g L_{gD}(θ). For MSE on a tensorizable model, ψ(g·x) = ψ(x) τ(g)ᵀ with
+τ(g) = ⊕_k g^{⊗k} over the feature blocks, so augmentation maps the moments to
+
+    M ↦ avg_g τ(g) M τ(g)ᵀ,    B ↦ avg_g τ(g) B ρ(g)ᵀ,    c ↦ c
+
+(ρ(g) = g on equivariant targets, identity on invariant ones): the projection onto the
+commutant / fixed space of G (seed paper §2.4). Its cost is that of averaging the p×p moment
+matrix over G — independent of the number of samples, hence of the orbit size.
+"""
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from ._custom_types import Array
+from ._data import Dataset
+from ._groups import AbstractFiniteGroup, AbstractGroup
+from ._model import AbstractTensorizableModel, Ensemble
+
+
+class Augmentation(eqx.Module):
+    """Augmentation of a data set by `group` (acting on the last input axis).
+
+    - `group`: an `AbstractGroup` of dimension = the inputs' last axis.
+    - `equivariant`: targets transform too, y ↦ g y (needs output dimension = group dim);
+      default: invariant targets, y unchanged.
+    """
+
+    group: AbstractGroup
+    equivariant: bool = eqx.field(static=True, default=False)
+
+    def __check_init__(self):
+        if not isinstance(self.group, AbstractGroup):
+            raise TypeError(f"`group` must be a conservation group, got {self.group!r}.")
+
+    @property
+    def name(self) -> str:
+        return self.group.name + (" (equivariant)" if self.equivariant else "")
+
+    def apply(self, data: Dataset) -> Dataset:
+        """The orbit-expanded data set {(g·x_i, ρ(g) y_i)}: |G| · N samples (g-major)."""
+        if not isinstance(self.group, AbstractFiniteGroup) or (
+                getattr(self.group, "samples", 0) is None):
+            raise ValueError(f"{self.group.name} has no finite orbits to expand; use the exact "
+                             "moment symmetrisation (MSE on a tensorizable model) or `samples=`.")
+        _check_dims(self, data)
+        g = self.group.matrices()
+        x = jnp.einsum("gij,n...j->gn...i", g, data.x).reshape(-1, *data.x.shape[1:])
+        if self.equivariant:
+            y = jnp.einsum("gij,n...j->gn...i", g, data.y).reshape(-1, *data.y.shape[1:])
+        else:
+            y = jnp.broadcast_to(data.y, (g.shape[0], *data.y.shape)).reshape(-1,
+                                                                                *data.y.shape[1:])
+        return Dataset(x, y)
+
+    def symmetrize(self, moments, model: AbstractTensorizableModel):
+        """Moments of the augmented data from those of the base data (exact; see module doc)."""
+        from ._objective import Moments
+
+        model = _tensorizable(model)
+        d = self.group.dim
+        degrees = model.feature_degrees
+        sizes = [d**k for k in degrees]
+        if sum(sizes) != moments.M.shape[0]:
+            raise ValueError(f"{type(model).__name__}'s features have {moments.M.shape[0]} "
+                             f"columns, not Σ_k {d}^k over degrees {degrees}: the group "
+                             f"dimension {d} does not match the model's input.")
+        m = moments.B.shape[1]
+        if self.equivariant and m != d:
+            raise ValueError(f"equivariant targets need output dimension {d} (the group's), "
+                             f"got {m}.")
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        M_blocks, B_blocks = [], []
+        for k1, o1, s1 in zip(degrees, offsets, sizes):
+            row = []
+            for k2, o2, s2 in zip(degrees, offsets, sizes):
+                block = moments.M[o1:o1 + s1, o2:o2 + s2].reshape((d,) * (k1 + k2))
+                row.append(self.group.average(block, k1 + k2).reshape(s1, s2))
+            M_blocks.append(row)
+            block = moments.B[o1:o1 + s1].reshape((d,) * k1 + (m,))
+            if self.equivariant:  # the output axis rotates too: average it along with the rest
+                block = jnp.moveaxis(self.group.average(jnp.moveaxis(block, -1, 0), k1 + 1),
+                                     0, -1)
+            else:
+                block = self.group.average(block, k1)
+            B_blocks.append(block.reshape(s1, m))
+        M = jnp.block(M_blocks)
+        return Moments(0.5 * (M + M.T), jnp.concatenate(B_blocks), moments.c, moments.n)
+
+    def defect(self, moments, model) -> Array:
+        """Symmetry defect of `moments`: ‖(M, B) − P(M, B)‖ / ‖(M, B)‖ with P the exact
+        projection for this group (for sampled O(d), the exact O(d) one). ~1e-16 after exact
+        symmetrisation, O(S^{-1/2}) after Monte-Carlo augmentation with S samples."""
+        exact = Augmentation(self.group.exact(), self.equivariant).symmetrize(moments, model)
+        num = jnp.sqrt(jnp.sum((moments.M - exact.M) ** 2) + jnp.sum((moments.B - exact.B) ** 2))
+        den = jnp.sqrt(jnp.sum(moments.M**2) + jnp.sum(moments.B**2))
+        return num / den
+
+
+def _tensorizable(model):
+    model = model[0] if isinstance(model, Ensemble) else model
+    if not isinstance(model, AbstractTensorizableModel):
+        raise TypeError(f"{type(model).__name__} is not tensorizable: moments cannot be "
+                        "symmetrised; augment the data by orbit expansion instead.")
+    return model
+
+
+def _check_dims(augmentation, data):
+    d = augmentation.group.dim
+    if data.x.shape[-1] != d:
+        raise ValueError(f"{augmentation.group.name} acts on R^{d} but the inputs' last axis "
+                         f"has size {data.x.shape[-1]}.")
+    if augmentation.equivariant and data.y.shape[-1] != d:
+        raise ValueError(f"equivariant targets need y's last axis of size {d}, got "
+                         f"{data.y.shape[-1]}.")
+
+
+def as_augmentation(augment) -> Augmentation | None:
+    """None, a group, or an `Augmentation` → `Augmentation | None`."""
+    if augment is None or isinstance(augment, Augmentation):
+        return augment
+    if isinstance(augment, AbstractGroup):
+        return Augmentation(augment)
+    raise TypeError(f"`augment` must be a group or an `Augmentation`, got {augment!r}.")
+

@@ -1,0 +1,339 @@
+"""Groups acting orthogonally on data, and their averages over tensor representations.
+
+A group G ⊂ O(d) acts on an input by rotating its last axis (a vector x ↦ g x; a token matrix
+X ↦ X gᵀ, i.e. every token's feature vector by g). Tensorizable models have features built from
+tensor powers x^{⊗k}, on which g acts as g^{⊗k}; `average` computes the group average
+avg_g g^{⊗n} · T of a tensor with n such axes, which is what data augmentation does to the MSE
+moments (seed paper, §2.4). Finite groups average over their elements; `OrthogonalGroup`
+averages either over Haar samples (Monte Carlo, as in the paper's Fig. 3) or exactly, by
+orthogonal projection onto the span of the Brauer (pairing) tensors.
+"""
+
+import abc
+import functools
+import itertools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._custom_types import Array, Float
+
+
+class AbstractGroup(eqx.Module):
+    """A compact group acting orthogonally on R^`dim`."""
+
+    dim: eqx.AbstractVar[int]
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """A short label, e.g. `C3` or `O(8)`."""
+
+    @abc.abstractmethod
+    def average(self, tensor: Array, n_axes: int) -> Array:
+        """avg_g (g ⊗ … ⊗ g) applied to the first `n_axes` axes of `tensor` (each of size
+        `dim`); trailing axes are left alone."""
+
+    def exact(self) -> "AbstractGroup":
+        """The group whose average `average` approximates (itself, unless sampled)."""
+        return self
+
+
+class AbstractFiniteGroup(AbstractGroup):
+    """A finite group, given by the list of its orthogonal matrices."""
+
+    @abc.abstractmethod
+    def matrices(self) -> Float[Array, "order d d"]:
+        """All group elements (or, for a sampled group, the samples)."""
+
+    @property
+    def order(self) -> int:
+        return self.matrices().shape[0]
+
+    def average(self, tensor: Array, n_axes: int) -> Array:
+        return _average_over(self.matrices(), jnp.asarray(tensor), n_axes)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _average_over(matrices, tensor, n_axes):
+    def act(g):
+        out = tensor
+        for axis in range(n_axes):
+            # g acts on one axis: T_{..i..} ↦ Σ_j g_ij T_{..j..}
+            out = jnp.moveaxis(jnp.tensordot(g, out, axes=([1], [axis])), 0, axis)
+        return out
+
+    def step(total, g):
+        return total + act(g), None
+
+    total, _ = jax.lax.scan(step, jnp.zeros_like(tensor), matrices)
+    return total / matrices.shape[0]
+
+
+def _permutation_matrices(perms) -> np.ndarray:
+    perms = np.asarray(perms)
+    n = perms.shape[1]
+    eye = np.eye(n)
+    return np.stack([eye[p] for p in perms])  # (g x)_i = x_{p(i)}
+
+
+class CyclicShift(AbstractFiniteGroup):
+    """C_n acting on R^n by cyclic coordinate shifts x ↦ (x_2, …, x_n, x_1)^k."""
+
+    dim: int = eqx.field(static=True)
+
+    def __init__(self, n: int):
+        self.dim = _check_int("n", n, 2)
+
+    @property
+    def name(self) -> str:
+        return f"C{self.dim}-shift"
+
+    def matrices(self):
+        return jnp.asarray(_permutation_matrices(
+            [np.roll(np.arange(self.dim), -k) for k in range(self.dim)]))
+
+
+class Permutations(AbstractFiniteGroup):
+    """The symmetric group S_n permuting the coordinates of R^n (n! elements; n ≤ 8)."""
+
+    dim: int = eqx.field(static=True)
+
+    def __init__(self, n: int):
+        self.dim = _check_int("n", n, 2)
+        if n > 8:
+            raise ValueError(f"`n` = {n}: S_n has n! elements; use n ≤ 8.")
+
+    @property
+    def name(self) -> str:
+        return f"S{self.dim}"
+
+    def matrices(self):
+        return jnp.asarray(_permutation_matrices(list(itertools.permutations(range(self.dim)))))
+
+
+class PlanarRotations(AbstractFiniteGroup):
+    """C_n ⊂ SO(2): rotations of the plane by multiples of 2π/n."""
+
+    n: int = eqx.field(static=True)
+    dim: int = eqx.field(static=True, default=2)
+
+    def __init__(self, n: int):
+        self.n = _check_int("n", n, 1)
+        self.dim = 2
+
+    @property
+    def name(self) -> str:
+        return f"C{self.n}"
+
+    def matrices(self):
+        angle = 2.0 * np.pi * np.arange(self.n) / self.n
+        c, s = np.cos(angle), np.sin(angle)
+        return jnp.asarray(np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2))
+
+
+class SignFlips(AbstractFiniteGroup):
+    """(Z₂)^d: every combination of coordinate sign flips (2^d elements; d ≤ 12)."""
+
+    dim: int = eqx.field(static=True)
+
+    def __init__(self, d: int):
+        self.dim = _check_int("d", d, 1)
+        if d > 12:
+            raise ValueError(f"`d` = {d}: (Z₂)^d has 2^d elements; use d ≤ 12.")
+
+    @property
+    def name(self) -> str:
+        return f"Z2^{self.dim}"
+
+    def matrices(self):
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=self.dim)))
+        return jnp.asarray(np.einsum("gi,ij->gij", signs, np.eye(self.dim)))
+
+
+def _closure(generators: np.ndarray) -> np.ndarray:
+    """All products of the generators (a finite matrix group), deduplicated to 1e-8."""
+    elements = [np.eye(generators.shape[-1])]
+    keys = {tuple(np.round(elements[0], 8).ravel())}
+    frontier = list(elements)
+    while frontier:
+        new = []
+        for a in frontier:
+            for g in generators:
+                b = g @ a
+                key = tuple(np.round(b, 8).ravel() + 0.0)
+                if key not in keys:
+                    keys.add(key)
+                    new.append(b)
+        elements += new
+        frontier = new
+    return np.stack(elements)
+
+
+class Octahedral(AbstractFiniteGroup):
+    """The rotation group of the cube, order 24, acting on R³ (not a 4-design of SO(3))."""
+
+    dim: int = eqx.field(static=True, default=3)
+
+    @property
+    def name(self) -> str:
+        return "O24"
+
+    def matrices(self):
+        quarter_turn = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])
+        cycle = np.array([[0.0, 0, 1], [1, 0, 0], [0, 1, 0]])
+        return jnp.asarray(_closure(np.stack([quarter_turn, cycle])))
+
+
+class Icosahedral(AbstractFiniteGroup):
+    """The rotation group of the icosahedron, order 60, acting on R³ (reproduces SO(3)
+    averages of all polynomials of degree ≤ 5)."""
+
+    dim: int = eqx.field(static=True, default=3)
+
+    @property
+    def name(self) -> str:
+        return "I60"
+
+    def matrices(self):
+        phi = (1.0 + np.sqrt(5.0)) / 2.0
+        cycle = np.array([[0.0, 0, 1], [1, 0, 0], [0, 1, 0]])
+        # Rotation by π about the axis (1, φ, 1/φ)/2 maps the icosahedron to itself.
+        axis = np.array([1.0, phi, 1.0 / phi]) / 2.0
+        half_turn = 2.0 * np.outer(axis, axis) - np.eye(3)
+        flip = np.diag([1.0, -1.0, -1.0])
+        return jnp.asarray(_closure(np.stack([cycle, half_turn, flip])))
+
+
+class OrthogonalGroup(AbstractFiniteGroup):
+    """O(d), averaged exactly (`samples=None`) or over Haar-random samples.
+
+    Exact mode projects a tensor onto the O(d)-invariant tensors, spanned by the Brauer
+    pairing tensors δ_{i_a i_b}⋯ (Frobenius-orthogonal projection = Haar average; exact to
+    round-off, cost independent of any orbit size). Sampled mode draws `samples // 2` Haar
+    matrices g (QR of a Gaussian with sign fix) and uses each with −g, as the seed paper's
+    Fig. 3 does; its symmetry defect decays like samples^{-1/2}.
+    """
+
+    dim: int = eqx.field(static=True)
+    samples: int | None = eqx.field(static=True, default=None)
+    seed: int = eqx.field(static=True, default=0)
+
+    def __init__(self, d: int, samples: int | None = None, seed: int = 0):
+        self.dim = _check_int("d", d, 1)
+        if samples is not None and (not isinstance(samples, int) or samples < 2
+                                    or samples % 2):
+            raise ValueError(f"`samples` must be None (exact) or an even int ≥ 2, got {samples!r}.")
+        self.samples = samples
+        self.seed = seed
+
+    @property
+    def name(self) -> str:
+        return f"O({self.dim})" + ("" if self.samples is None else f"~{self.samples}")
+
+    def exact(self) -> "OrthogonalGroup":
+        return OrthogonalGroup(self.dim)
+
+    def matrices(self):
+        if self.samples is None:
+            raise ValueError("exact O(d) has no finite list of elements (no finite orbits); "
+                             "pass `samples=` for Monte-Carlo augmentation, or use the exact "
+                             "moment symmetrisation (MSE).")
+        z = jax.random.normal(jax.random.PRNGKey(self.seed), (self.samples // 2, self.dim,
+                                                                self.dim))
+        q, r = jnp.linalg.qr(z)
+        q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]  # Haar, not just O(d)
+        return jnp.concatenate([q, -q])
+
+    def average(self, tensor, n_axes):
+        if self.samples is not None:
+            return super().average(tensor, n_axes)
+        return _brauer_projection(jnp.asarray(tensor), n_axes, self.dim)
+
+
+_MAX_PAIRINGS = 105  # 8 axes; the Gram matrix of more pairings is slow to build
+
+
+def _pairings(items: tuple[int, ...]) -> list[tuple[tuple[int, int], ...]]:
+    if not items:
+        return [()]
+    first, rest = items[0], items[1:]
+    out = []
+    for i, partner in enumerate(rest):
+        for tail in _pairings(rest[:i] + rest[i + 1:]):
+            out.append(((first, partner),) + tail)
+    return out
+
+
+def _cycles(a, b, n) -> int:
+    """Number of loops in the union of two perfect matchings of n points."""
+    neighbours = [[] for _ in range(n)]
+    for i, j in a + b:
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    seen, loops = set(), 0
+    for start in range(n):
+        if start in seen:
+            continue
+        loops += 1
+        stack = [start]
+        while stack:
+            v = stack.pop()
+            if v not in seen:
+                seen.add(v)
+                stack.extend(neighbours[v])
+    return loops
+
+
+_MAX_BASIS_ENTRIES = 2**25  # 256 MiB of float64 for the dense pairing tensors
+
+
+@functools.lru_cache(maxsize=16)
+def _brauer_basis(n_axes: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairing tensors as rows of a (P, d^n) matrix, and the pseudo-inverse of their
+    Gram matrix (entries d^{#loops}; singular when d < n/2, hence the pseudo-inverse)."""
+    pairings = _pairings(tuple(range(n_axes)))
+    if len(pairings) > _MAX_PAIRINGS or len(pairings) * d**n_axes > _MAX_BASIS_ENTRIES:
+        raise ValueError(f"exact O({d}) averaging of a tensor with {n_axes} axes needs "
+                         f"{len(pairings)} Brauer tensors of size {d}^{n_axes}; use "
+                         "`OrthogonalGroup(d, samples=...)` (Monte Carlo) instead.")
+    eye = np.eye(d)
+    rows = []
+    for pairing in pairings:
+        basis = functools.reduce(np.multiply.outer, [eye] * len(pairing))
+        built = [axis for pair in pairing for axis in pair]  # axis order of `basis`
+        rows.append(np.transpose(basis, np.argsort(built)).ravel())
+    gram = np.array([[float(d) ** _cycles(a, b, n_axes) for b in pairings] for a in pairings])
+    return np.stack(rows), np.linalg.pinv(gram)
+
+
+def _brauer_projection(tensor, n_axes, d):
+    if n_axes % 2:
+        return jnp.zeros_like(tensor)  # −I ∈ O(d) kills odd tensors
+    if n_axes == 0:
+        return tensor
+    basis, gram_inverse = _brauer_basis(n_axes, d)
+    basis = jnp.asarray(basis, tensor.dtype)
+    flat = tensor.reshape(d**n_axes, -1)
+    # Frobenius-orthogonal projection onto span{T_π}: T (G⁺ (T · tensor)).
+    coefficients = jnp.asarray(gram_inverse, tensor.dtype) @ (basis @ flat)
+    return (basis.T @ coefficients).reshape(tensor.shape)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"`{name}` must be an int ≥ {minimum}, got {value!r}.")
+    return value
+
+
+GROUPS = {
+    "cyclic_shift": CyclicShift,
+    "permutations": Permutations,
+    "rotations": PlanarRotations,
+    "sign_flips": SignFlips,
+    "octahedral": Octahedral,
+    "icosahedral": Icosahedral,
+    "orthogonal": OrthogonalGroup,
+}

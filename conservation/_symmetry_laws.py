@@ -1,0 +1,277 @@
+"""Conservation laws induced by data augmentation (seed paper §3.2, §5), and their generator.
+
+With MSE, augmentation by G projects the data moments onto the commutant / fixed space of G,
+which gives the loss a hidden continuous symmetry. When that symmetry rotates one parameter
+block P (P ↦ gP), ∇_P L = P·Sym and the subspace range(P) is conserved — under gradient flow
+and even under gradient descent. These laws compare subspaces as orthogonal projectors and
+angles mod π (a line has no sign), and report their `condition`: the relative size of the
+component they measure. Once it decays to round-off, their drift is noise (seed paper §6.4).
+"""
+
+import abc
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from ._augmentation import Augmentation, as_augmentation
+from ._custom_types import Array, Float, Scalar
+from ._groups import AbstractFiniteGroup, CyclicShift, OrthogonalGroup, PlanarRotations
+from ._laws import AbstractLaw
+
+
+def _first_layer(model) -> Float[Array, "h d"]:
+    if hasattr(model, "weights"):
+        return model.weights[0]
+    if hasattr(model, "weight"):
+        return model.weight[None, :]
+    raise TypeError(f"{type(model).__name__} has no first weight layer.")
+
+
+class AbstractSubspaceLaw(AbstractLaw):
+    """The column space of a parameter block P(θ) ∈ R^{p×k} (rank k < p), a point of
+    Gr(k, p): value = the orthogonal projector P(PᵀP)⁻¹Pᵀ, drift = ‖Π(t) − Π(0)‖_F."""
+
+    @abc.abstractmethod
+    def block(self, model) -> Float[Array, "p k"]:
+        """P(θ), whose column space is the conserved subspace."""
+
+    @abc.abstractmethod
+    def source_norm(self, model) -> Scalar:
+        """Norm of the parameters P is cut from (what round-off is relative to)."""
+
+    def __call__(self, model) -> Float[Array, "p p"]:
+        p = self.block(model)
+        return p @ jnp.linalg.solve(p.T @ p, p.T)
+
+    def drift(self, value, reference, scale) -> Scalar:
+        del scale
+        return jnp.linalg.norm(value - reference)
+
+    def condition(self, model) -> Scalar:
+        singular = jnp.linalg.svd(self.block(model), compute_uv=False)
+        return singular[-1] / self.source_norm(model)
+
+
+class RowSpaceLaw(AbstractSubspaceLaw):
+    """rowspace(W₁ U) for the first layer W₁ (rows: hidden neurons) restricted to the
+    subspace with orthonormal basis U (d × d_λ): e.g. an isotypic component of the input
+    representation (linear nets), or all of R^d (U = None; polynomial nets under an O(d)-design
+    augmentation). For a one-row W₁ this is the direction of W₁U, mod sign."""
+
+    basis: Float[Array, "d q"] | None
+    label: str = eqx.field(static=True, default="")
+
+    @property
+    def name(self) -> str:
+        return f"rowspace[W1{'·' + self.label if self.label else ''}]"
+
+    def block(self, model):
+        w = _first_layer(model)
+        return (w if self.basis is None else w @ self.basis).T
+
+    def source_norm(self, model):
+        return jnp.linalg.norm(_first_layer(model))
+
+
+class AttentionRangeLaw(AbstractSubspaceLaw):
+    """range([Q_1 … Q_H K_1 … K_H V_1 … V_H]) ⊂ R^d of Lightning Attention: conserved under
+    O(d)-augmentation, which lifts to (Q, K, V) ↦ (gQ, gK, gV) (seed paper Fig. 3)."""
+
+    @property
+    def name(self) -> str:
+        return "range[QKV]"
+
+    def block(self, model):
+        blocks = [model.query, model.key, model.value]  # each (H, d, ·)
+        return jnp.concatenate([b[h] for b in blocks for h in range(b.shape[0])], axis=1)
+
+    def source_norm(self, model):
+        return jnp.linalg.norm(self.block(model))
+
+
+class FourierPhaseLaw(AbstractLaw):
+    """arg Ŵ_j, Ŵ_j = Σ_k w_k e^{−2πijk/n}, of a one-row linear layer w ∈ R^n under C_n shifts
+    (1 ≤ j < n/2). Compared mod π: gradient descent may flip the sign of the component."""
+
+    frequency: int = eqx.field(static=True)
+
+    @property
+    def name(self) -> str:
+        return f"phase[{self.frequency}]"
+
+    def _coefficient(self, model):
+        w = _first_layer(model)[0]
+        n = w.shape[0]
+        angle = -2.0 * jnp.pi * self.frequency * jnp.arange(n) / n
+        return jnp.sum(w * jnp.cos(angle)), jnp.sum(w * jnp.sin(angle))
+
+    def __call__(self, model) -> Scalar:
+        re, im = self._coefficient(model)
+        return jnp.arctan2(im, re)
+
+    def drift(self, value, reference, scale) -> Scalar:
+        del scale
+        delta = jnp.mod(value - reference, jnp.pi)
+        return jnp.minimum(delta, jnp.pi - delta)
+
+    def condition(self, model) -> Scalar:
+        re, im = self._coefficient(model)
+        return jnp.hypot(re, im) / jnp.linalg.norm(_first_layer(model))
+
+
+class CyclicRatioLaw(AbstractLaw):
+    """I(W) = (W₁ − W₂)/(W₁ + W₂ − 2W₃) of a one-row linear layer on R³ under C₃ shifts: the
+    quantity the seed paper's Fig. 2 plots (absolute drift |I(W_t) − I(W_0)|)."""
+
+    @property
+    def name(self) -> str:
+        return "ratio[I(W)]"
+
+    def __call__(self, model) -> Scalar:
+        w = _first_layer(model)[0]
+        return (w[0] - w[1]) / (w[0] + w[1] - 2.0 * w[2])
+
+    def condition(self, model) -> Scalar:
+        w = _first_layer(model)[0]
+        return jnp.abs(w[0] + w[1] - 2.0 * w[2]) / jnp.linalg.norm(w)
+
+
+def isotypic_components(group, *, seed: int = 0) -> list[tuple[np.ndarray, bool]]:
+    """The non-trivial isotypic components of a finite group's representation on R^d.
+
+    **Returns:** `(U, multiplicity_one)` per component: U (d × d_λ) an orthonormal basis, and
+    whether every symmetric matrix commuting with G is a multiple of the identity on it (true
+    for an irreducible of multiplicity one — the case with a Grassmannian law).
+    """
+    if isinstance(group, OrthogonalGroup):
+        return [(np.eye(group.dim), True)] if group.dim > 1 else []
+    g = np.asarray(group.matrices())
+    d = group.dim
+    rng = np.random.default_rng(seed)
+
+    def commutant_sample():
+        a = rng.standard_normal((d, d))
+        a = a + a.T
+        return np.einsum("gij,jk,glk->il", g, a, g) / len(g)
+
+    fixed = np.mean(g, axis=0)
+    evals, evecs = np.linalg.eigh(0.5 * (fixed + fixed.T))
+    complement = evecs[:, evals < 0.5]  # the projector's 0-eigenspace
+    if complement.shape[1] == 0:
+        return []
+    first, second = commutant_sample(), commutant_sample()
+    values, vectors = np.linalg.eigh(complement.T @ first @ complement)
+    tol = 1e-8 * max(1.0, np.max(np.abs(values)))
+    clusters, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] - values[i - 1] > tol:
+            clusters.append(complement @ vectors[:, start:i])
+            start = i
+    # Clusters the second sample couples belong to one component of multiplicity > 1.
+    parent = list(range(len(clusters)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(len(clusters)):
+        for j in range(i + 1, len(clusters)):
+            if np.linalg.norm(clusters[i].T @ second @ clusters[j]) > tol:
+                parent[root(j)] = root(i)
+    out = []
+    for r in sorted({root(i) for i in range(len(clusters))}):
+        members = [clusters[i] for i in range(len(clusters)) if root(i) == r]
+        u = np.concatenate(members, axis=1)
+        block = u.T @ second @ u
+        scalar = len(members) == 1 and np.allclose(block, block[0, 0] * np.eye(len(block)),
+                                                   atol=tol)
+        out.append((u, bool(scalar)))
+    return out
+
+
+def _reproduces_orthogonal_average(model, augmentation: Augmentation, key_seed: int = 0) -> bool:
+    """Whether augmenting by the group gives the same MSE moments as augmenting by all of
+    O(d), for random data (then the augmented loss is invariant under every rotation)."""
+    import jax
+
+    from ._objective import Moments
+    from ._data import Dataset
+
+    group = augmentation.group
+    if isinstance(group, OrthogonalGroup):
+        return True
+    d = group.dim
+    degrees = model.feature_degrees
+    max_axes = 2 * max(degrees) + (1 if augmentation.equivariant else 0)
+    if max_axes <= 8:
+        reference = OrthogonalGroup(d)
+    elif d == 2:
+        # SO(2) and O(2) agree on the (symmetric) moment tensors of vector inputs; C_N with
+        # N > max_axes averages trigonometric polynomials of degree < N exactly.
+        reference = PlanarRotations(max_axes + 1)
+    else:
+        return False
+    key = jax.random.PRNGKey(key_seed)
+    x_shape = (3, d) if hasattr(model, "query") else (d,)
+    x = jax.random.normal(key, (8, *x_shape))
+    y = jax.vmap(model)(x)
+    y = y + jax.random.normal(jax.random.fold_in(key, 1), y.shape)
+    base = Moments.from_data(model, Dataset(x, y))
+    mine = augmentation.symmetrize(base, model)
+    exact = Augmentation(reference, augmentation.equivariant).symmetrize(base, model)
+    scale = float(jnp.linalg.norm(exact.M)) + float(jnp.linalg.norm(exact.B))
+    error = float(jnp.linalg.norm(mine.M - exact.M)) + float(jnp.linalg.norm(mine.B - exact.B))
+    return error <= 1e-10 * scale
+
+
+def augmentation_laws(model, augment) -> tuple[AbstractLaw, ...]:
+    """The conservation laws that MSE + augmentation by `augment` adds to `model`'s own.
+
+    - Linear nets (invariant targets): rowspace(W₁U_λ) for every non-trivial isotypic component
+      of multiplicity one with d_λ > h (h = rows of W₁), h(d_λ − h) laws each; for one scalar
+      output and C₃ shifts also the paper's ratio I(W).
+    - Polynomial nets / neurons: rowspace(W₁) when the group reproduces the O(d) average of
+      the moments (e.g. C₁₈ for Fig. 1's sextic neuron, icosahedral for quadratic nets) and
+      h < d.
+    - Lightning Attention: range([Q K V]) under O(d) (or an exact design of it), k < d.
+
+    Returns `()` when no law is derived (e.g. non-design groups, equivariant targets of linear
+    nets); use the law counter for a definite answer there. Monte-Carlo O(d) gives the laws
+    of exact O(d), which then hold only to the Monte-Carlo defect.
+    """
+    from ._attention import LightningAttention
+    from ._linear import DeepLinear
+    from ._polynomial import Neuron, PolynomialNet
+
+    augmentation = as_augmentation(augment)
+    if augmentation is None:
+        return ()
+    model = model[0] if hasattr(model, "models") else model
+    group = augmentation.group.exact()
+    if isinstance(model, DeepLinear):
+        if augmentation.equivariant:
+            return ()
+        h = model.weights[0].shape[0]
+        if not isinstance(group, AbstractFiniteGroup | OrthogonalGroup):
+            return ()
+        laws = []
+        components = [u for u, single in isotypic_components(group) if single and u.shape[1] > h]
+        for i, u in enumerate(components):
+            laws.append(RowSpaceLaw(jnp.asarray(u), label=f"U{i}" if len(components) > 1 else "U"))
+        single_row = h == 1 and len(model.weights) == 1
+        if single_row and isinstance(group, CyclicShift) and group.dim == 3:
+            laws.append(CyclicRatioLaw())
+        return tuple(laws)
+    if isinstance(model, PolynomialNet | Neuron):
+        h = _first_layer(model).shape[0]
+        if h < group.dim and _reproduces_orthogonal_average(model, Augmentation(group, augmentation.equivariant)):
+            return (RowSpaceLaw(None),)
+        return ()
+    if isinstance(model, LightningAttention):
+        k = AttentionRangeLaw().block(model).shape[1]
+        if k < group.dim and _reproduces_orthogonal_average(model, Augmentation(group, augmentation.equivariant)):
+            return (AttentionRangeLaw(),)
+        return ()
+    return ()
