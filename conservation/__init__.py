@@ -21,7 +21,12 @@ from ._data import (
     teacher_dataset as teacher_dataset,
     whiten as whiten,
 )
-from ._flow import gradient_flow as gradient_flow
+from ._flow import (
+    AbstractVectorField as AbstractVectorField,
+    GradientField as GradientField,
+    ModifiedGradientField as ModifiedGradientField,
+    gradient_flow as gradient_flow,
+)
 from ._groups import (
     AbstractFiniteGroup as AbstractFiniteGroup,
     AbstractGroup as AbstractGroup,
@@ -51,6 +56,15 @@ from ._losses import (
     CrossEntropy as CrossEntropy,
     LogCosh as LogCosh,
     Quartic as Quartic,
+)
+from ._mechanics import MechanicsResult as MechanicsResult, track_mechanics as track_mechanics
+from ._mlp import (
+    MLP as MLP,
+    AbstractMechanicsLaw as AbstractMechanicsLaw,
+    RescaleLaw as RescaleLaw,
+    ScaleLaw as ScaleLaw,
+    TranslationLaw as TranslationLaw,
+    mechanics_laws as mechanics_laws,
 )
 from ._model import (
     AbstractModel as AbstractModel,

@@ -164,6 +164,14 @@ MODEL_SPECS = {
         "block_size": _Field("int", 64, _positive),
         "init_scale": _INIT_SCALE,
     },
+    "mlp": {
+        "kind": _KIND,
+        "widths": _Field("ints", check=_at_least(3, "input, hidden and output width"),
+                         example="[4, 16, 16, 3]"),
+        "activation": _Field("str", "relu", _choice("relu", "leaky_relu", "linear")),
+        "normalize": _Field("bool", False),  # RMS-normalise layer 1: scale symmetry
+        "init_scale": _INIT_SCALE,
+    },
     "neuron": {
         "kind": _KIND,
         "dim": _Field("int", check=_positive, example="2"),
@@ -210,15 +218,20 @@ _OPTIMIZER = {
     "steps": _Field("int", check=_positive, example="1000"),
     "weight_decay": _Field("float", 0.0, _nonnegative),
 }
+_FLOW = {
+    **_COMMON_DYNAMICS,
+    "t1": _Field("float", check=_positive, example="50.0"),
+    "solver": _Field("str", "tsit5", _choice("tsit5", "dopri5", "dopri8", "heun", "kvaerno5")),
+    "rtol": _Field("float", 1e-8, _positive),
+    "atol": _Field("float", 0.0, _nonnegative),  # 0: same as rtol
+    "max_steps": _Field("int", 100_000, _positive),
+    "weight_decay": _Field("float", 0.0, _nonnegative),
+}
 DYNAMICS_SPECS = {
-    "flow": {
-        **_COMMON_DYNAMICS,
-        "t1": _Field("float", check=_positive, example="50.0"),
-        "solver": _Field("str", "tsit5", _choice("tsit5", "dopri5", "dopri8", "heun", "kvaerno5")),
-        "rtol": _Field("float", 1e-8, _positive),
-        "atol": _Field("float", 0.0, _nonnegative),  # 0: same as rtol
-        "max_steps": _Field("int", 100_000, _positive),
-    },
+    "flow": _FLOW,
+    # The modified equation of GD / heavy ball at learning rate `lr` (time t = lr · step).
+    "modified_flow": {**_FLOW, "lr": _Field("float", check=_positive, example="0.05"),
+                      "momentum": _Field("float", 0.0, _momentum)},
     "gd": _OPTIMIZER,
     "sgd": {**_OPTIMIZER, "batch_size": _Field("int", check=_positive, example="16")},
     "momentum": {**_OPTIMIZER, "momentum": _Field("float", 0.9, _momentum),
@@ -318,6 +331,8 @@ def parse_config(raw: dict, *, default_name: str = "run") -> Config:
 def _default_label(run):
     if run["kind"] == "flow":
         return f"flow (rtol {run['rtol']:g})"
+    if run["kind"] == "modified_flow":
+        return f"modified flow (lr {run['lr']:g})"
     return f"{run['kind']} (lr {run['lr']:g})"
 
 
@@ -333,14 +348,14 @@ def _check_consistency(model, data, loss, dynamics):
                           "attention models.")
     if attention and not model["causal"] and model["decay"] != 1.0:
         raise ConfigError("`model.decay` must be 1.0 when `model.causal` = false.")
-    if model["kind"] == "polynomial" and isinstance(model["activation"], str):
+    if model["kind"] in ("polynomial", "neuron") and isinstance(model["activation"], str):
         from ._polynomial import ACTIVATIONS
         if model["activation"] not in ACTIVATIONS:
             raise ConfigError(f"field `model.activation` must be one of {sorted(ACTIVATIONS)} "
                               f"or a list of coefficients, got {model['activation']!r}.")
-    if data["inputs"] == "whitened" and data["n"] < model["widths"][0]:
+    if data["inputs"] == "whitened" and data["n"] < input_dim(model):
         raise ConfigError(f"`data.n` = {data['n']} is below the input width "
-                          f"{model['widths'][0]}: whitened inputs need n ≥ input width.")
+                          f"{input_dim(model)}: whitened inputs need n ≥ input width.")
     if loss["moments"] is True and loss["kind"] != "mse":
         raise ConfigError("`loss.moments` = true needs `loss.kind` = 'mse' (the fast path is "
                           "exact only for MSE); use \"auto\".")

@@ -120,3 +120,37 @@ def plot_landscapes(objectives, ensemble, results, file, *, title: str = "",
     fig.tight_layout()
     fig.savefig(file, format="png", dpi=110)
     plt.close(fig)
+
+
+def plot_mechanics(entries, file, *, title: str = "", components: int = 3) -> None:
+    """Kunin-style figure: per run (row) and law (column), the simulated law of the first
+    member (colour, a few components) against the continuous-time theory (black dashed) and
+    the exact discrete identity (dots, sparse)."""
+    names = list(entries[0][1].simulated)
+    fig, axes = plt.subplots(len(entries), len(names),
+                             figsize=(4.4 * len(names), 3.0 * len(entries)), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (label, mechanics) in zip(axes, entries):
+        t = np.asarray(mechanics.t)
+        every = max(1, len(t) // 25)
+        for ax, name in zip(row, names):
+            sim = np.asarray(mechanics.simulated[name][0])
+            cont = np.asarray(mechanics.continuous[name][0])
+            disc = np.asarray(mechanics.discrete[name][0])
+            for c in range(min(components, sim.shape[1])):
+                colour = colours[c % len(colours)]
+                ax.plot(t, sim[:, c], color=colour, lw=1.6)
+                ax.plot(t, cont[:, c], "k--", lw=1.0)
+                ax.plot(t[::every], disc[::every, c], ".", color=colour, ms=3)
+            ax.set_title(f"{name} — {label}", fontsize=8)
+            ax.set_xlabel("t = η·step")
+            ax.grid(alpha=0.3)
+    axes[0][0].plot([], [], "k--", label="continuous theory")
+    axes[0][0].plot([], [], "k.", label="exact discrete identity")
+    axes[0][0].plot([], [], "k-", label="simulated")
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(file, format="png", dpi=100)
+    plt.close(fig)

@@ -23,14 +23,16 @@ from ._attention import LightningAttention
 from ._augmentation import Augmentation
 from ._config import Config, ConfigError, input_dim
 from ._data import Dataset, gaussian_inputs, teacher_dataset, whiten
-from ._flow import gradient_flow
+from ._flow import GradientField, ModifiedGradientField, gradient_flow
 from ._groups import GROUPS, AbstractGroup, OrthogonalGroup, PlanarRotations
 from ._linear import DeepLinear
+from ._mechanics import track_mechanics
+from ._mlp import MLP, AbstractMechanicsLaw, mechanics_laws
 from ._losses import LOSSES
 from ._model import Ensemble
 from ._monitor import Result
 from ._objective import Objective, make_objective
-from ._plot import plot_landscapes, plot_results
+from ._plot import plot_landscapes, plot_mechanics, plot_results
 from ._polynomial import Neuron, PolynomialNet
 from ._symmetry_laws import (
     AttentionRangeLaw,
@@ -50,6 +52,10 @@ def model_factory(spec: dict) -> Callable:
     if kind == "polynomial":
         return lambda key, scale: PolynomialNet.random(
             spec["widths"], key=key, activation=spec["activation"], init_scale=scale)
+    if kind == "mlp":
+        return lambda key, scale: MLP.random(
+            spec["widths"], key=key, activation=spec["activation"],
+            normalize=spec["normalize"], init_scale=scale)
     if kind == "neuron":
         return lambda key, scale: Neuron.random(
             spec["dim"], key=key, activation=spec["activation"], init_scale=scale)
@@ -137,7 +143,9 @@ def build(config: Config) -> tuple[Ensemble, dict[str, Objective], tuple]:
     data = Dataset(x, y)
     loss = LOSSES[config.loss["kind"]]()
     plain = make_objective(loss, data, ensemble, moments=config.loss["moments"])
-    laws = (ensemble[0].laws() if config.laws["architecture"] else ()) + tuple(
+    own = (mechanics_laws(ensemble[0], loss) if isinstance(ensemble[0], MLP)
+           else ensemble[0].laws())
+    laws = (own if config.laws["architecture"] else ()) + tuple(
         _CANDIDATE_LAWS[name] for name in config.laws["extra"])
     spec = config.augmentation
     if spec is None:
@@ -162,11 +170,13 @@ def build(config: Config) -> tuple[Ensemble, dict[str, Objective], tuple]:
 def execute(run: dict, objective: Objective, ensemble: Ensemble, *, key, progress: bool,
             laws=None) -> Result:
     """One validated `[[dynamics]]` entry."""
-    if run["kind"] == "flow":
+    if run["kind"] in ("flow", "modified_flow"):
+        field = (GradientField(run["weight_decay"]) if run["kind"] == "flow" else
+                 ModifiedGradientField(run["lr"], run["momentum"], run["weight_decay"]))
         return gradient_flow(
             objective, ensemble, run["t1"], n_save=run["n_save"], solver=run["solver"],
             rtol=run["rtol"], atol=run["atol"] or run["rtol"], max_steps=run["max_steps"],
-            laws=laws, progress=progress, divergence=run["divergence"])
+            laws=laws, progress=progress, divergence=run["divergence"], field=field)
     kind = "gd" if run["kind"] == "sgd" else run["kind"]
     optim = optimizer(kind, lr=run["lr"], momentum=run.get("momentum", 0.0),
                       weight_decay=run["weight_decay"])
@@ -230,7 +240,7 @@ def run_config(config: Config, *, out_dir: str | os.PathLike | None = None,
         summary["symmetry_defect"] = {
             name or "plain": float(augmentation.defect(o.moments, ensemble[0]))
             for name, o in objectives.items() if o.moments is not None}
-    finished = []
+    finished, theory = [], []
     batch_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     jobs = [(run, variant, objective) for run in config.dynamics
             for variant, objective in objectives.items()]
@@ -244,8 +254,20 @@ def run_config(config: Config, *, out_dir: str | os.PathLike | None = None,
         filename = f"{i}-{_slug(label)}.npz"
         _atomic_write(out / filename, lambda f: np.savez_compressed(f, **result_arrays(result)))
         finished.append((label, result))
-        summary["runs"].append({"label": label, "kind": run["kind"], "data": variant or "plain",
-                                "file": filename, "seconds": seconds, **result.summary()})
+        entry = {"label": label, "kind": run["kind"], "data": variant or "plain",
+                 "file": filename, "seconds": seconds, **result.summary()}
+        if run["kind"] in ("gd", "sgd", "momentum") and laws and all(
+                isinstance(law, AbstractMechanicsLaw) for law in laws):
+            mechanics = track_mechanics(
+                objective, ensemble, laws, lr=run["lr"], steps=run["steps"],
+                weight_decay=run["weight_decay"], momentum=run.get("momentum", 0.0),
+                batch_size=run.get("batch_size") or None, key=batch_key)
+            theory.append((label, mechanics))
+            entry["mechanics"] = {"discrete_identity_error": mechanics.discrete_error(),
+                                  "continuous_theory_error": mechanics.continuous_error()}
+            _atomic_write(out / "mechanics.png",
+                          lambda f: plot_mechanics(theory, f, title=config.name))
+        summary["runs"].append(entry)
         _atomic_write(out / "summary.json",
                       lambda f: f.write(json.dumps(summary, indent=2).encode()))
         _atomic_write(out / "plot.png",

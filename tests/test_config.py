@@ -44,7 +44,7 @@ def test_valid_config_fills_defaults():
 
 
 @pytest.mark.parametrize("path, value, message", [
-    (("model", "kind"), "mlp", "unknown `model.kind` = 'mlp'"),
+    (("model", "kind"), "transformer", "unknown `model.kind` = 'transformer'"),
     (("model", "kind"), "deep_linaer", "Did you mean 'deep_linear'"),
     (("model", "widths"), [4], "field `model.widths` needs at least 2 entries"),
     (("model", "widths"), [4, 0, 2], "field `model.widths` entries must be positive"),
@@ -160,3 +160,21 @@ def test_wrong_length_explicit_init_is_reported_when_building():
 def test_every_shipped_config_is_valid(path):
     config = load_config(path)
     assert config.name and config.dynamics
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": {"kind": "mlp", "widths": [3, 2]}}, "field `model.widths` needs at least 3"),
+    ({"model": {"kind": "mlp", "widths": [3, 4, 2], "activation": "tanh"}},
+     "field `model.activation` must be one of 'relu', 'leaky_relu', 'linear'"),
+    ({"dynamics": [{"kind": "modified_flow", "t1": 1.0}]}, "missing field `dynamics[0].lr`"),
+    ({"dynamics": [{"kind": "modified_flow", "t1": 1.0, "lr": 0.1, "momentum": 1.0}]},
+     "field `dynamics[0].momentum` must lie in [0, 1)"),
+    ({"dynamics": [{"kind": "flow", "t1": 1.0, "weight_decay": -1.0}]},
+     "field `dynamics[0].weight_decay` must be ≥ 0"),
+    ({"model": {"kind": "neuron", "dim": 2, "activation": "sextc"}},
+     "field `model.activation` must be one of"),
+])
+def test_mechanics_config_errors_name_the_field(change, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(copy.deepcopy(VALID) | change)
+    assert message in str(error.value)

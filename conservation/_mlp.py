@@ -1,0 +1,193 @@
+"""Multilayer perceptrons with the symmetries of "Neural Mechanics" (Kunin et al., 2021).
+
+- **rescale**: a homogeneous activation (ReLU, leaky ReLU, linear) lets every hidden neuron
+  trade scale between its incoming weights + bias and its outgoing weights;
+- **scale**: normalising a layer's pre-activations makes the loss invariant under scaling that
+  layer's weights + bias;
+- **translation**: a softmax over the logits (the cross-entropy loss) is invariant under adding
+  the same number to every logit, i.e. to a column of the last layer's [W b].
+
+Each symmetry's law is linear (translation) or a signed sum of squares (scale, rescale) of
+parameter entries; `mask` exposes those coefficients, which the exact discrete identities of
+`conservation.track_mechanics` need.
+"""
+
+import abc
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
+
+from ._custom_types import Array, Float, Key
+from ._laws import AbstractLaw
+from ._linear import _check_widths
+from ._model import AbstractModel
+
+
+ACTIVATIONS_MLP = {
+    "relu": jax.nn.relu,
+    "leaky_relu": lambda z: jax.nn.leaky_relu(z, 0.1),
+    "linear": lambda z: z,
+}
+
+
+class MLP(AbstractModel):
+    """x ↦ W_L φ(⋯ φ(N(W_1 x + b_1)) ⋯) + b_L with a homogeneous activation φ.
+
+    `normalize=True` divides the first layer's pre-activations by their root mean square
+    (an RMS/layer norm without gain): the loss becomes invariant under scaling (W_1, b_1).
+    Outputs are logits; with `CrossEntropy` the last layer has the translation symmetry.
+    """
+
+    weights: tuple[Float[Array, "out in"], ...]
+    biases: tuple[Float[Array, " out"], ...]
+    activation: str = eqx.field(static=True, default="relu")
+    normalize: bool = eqx.field(static=True, default=False)
+
+    def __check_init__(self):
+        if self.activation not in ACTIVATIONS_MLP:
+            raise ValueError(f"unknown `activation` {self.activation!r}; choose one of "
+                             f"{sorted(ACTIVATIONS_MLP)} (homogeneous activations).")
+        if len(self.weights) < 2 or len(self.weights) != len(self.biases):
+            raise ValueError("`weights` and `biases` need the same number (≥ 2) of layers.")
+
+    @classmethod
+    def random(cls, widths: Sequence[int], *, key: Key, activation: str = "relu",
+               normalize: bool = False, init_scale: float = 1.0) -> "MLP":
+        """He-style Gaussian weights (std `init_scale`·√(2/fan_in)) and small biases."""
+        widths = _check_widths(widths, minimum_layers=2)
+        keys = jax.random.split(key, 2 * (len(widths) - 1))
+        weights, biases = [], []
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+            std = init_scale * jnp.sqrt(2.0 / fan_in)
+            weights.append(std * jax.random.normal(keys[2 * i], (fan_out, fan_in)))
+            biases.append(0.1 * init_scale * jax.random.normal(keys[2 * i + 1], (fan_out,)))
+        return cls(tuple(weights), tuple(biases), activation, normalize)
+
+    def __call__(self, x: Float[Array, " d"]) -> Float[Array, " m"]:
+        phi = ACTIVATIONS_MLP[self.activation]
+        h = x
+        for layer, (w, b) in enumerate(zip(self.weights[:-1], self.biases[:-1])):
+            z = w @ h + b
+            if layer == 0 and self.normalize:
+                z = z / jnp.sqrt(jnp.mean(z**2))
+            h = phi(z)
+        return self.weights[-1] @ h + self.biases[-1]
+
+    def laws(self):
+        """Rescale laws of every hidden layer whose neurons are individually rescalable, and
+        the scale law of the normalised first layer. (Translation depends on the loss: add
+        `TranslationLaw()` for cross-entropy, or use `mechanics_laws`.)"""
+        first = 1 if self.normalize else 0
+        laws = [RescaleLaw(layer) for layer in range(first, len(self.weights) - 1)]
+        if self.normalize:
+            laws.insert(0, ScaleLaw(0))
+        return tuple(laws)
+
+
+class AbstractMechanicsLaw(AbstractLaw):
+    """A law that is linear (Q_c = ⟨m_c, θ⟩) or a signed sum of squares (Q_c = Σ m_c θ²)
+    in the parameters, with coefficient masks m_c given by `mask`."""
+
+    quadratic: eqx.AbstractClassVar[bool]
+
+    @abc.abstractmethod
+    def mask(self, model) -> Float[Array, "c D"]:
+        """Coefficients m_c over the flattened trainable parameters (ravel_pytree order)."""
+
+    def __call__(self, model) -> Float[Array, " c"]:
+        flat = _flat(model)
+        return self.mask(model) @ (flat**2 if self.quadratic else flat)
+
+    def scale(self, model) -> Array:
+        flat = _flat(model)
+        # Natural size: Σ |m| θ² for quadratic laws, the norm of the involved entries else.
+        if self.quadratic:
+            return jnp.abs(self.mask(model)) @ flat**2
+        return jnp.sqrt(jnp.abs(self.mask(model)) @ flat**2)
+
+
+def _flat(model):
+    return jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))[0]
+
+
+def _zeros(model):
+    """Zeros shaped like the trainable parameters (a mask to fill in)."""
+    return jax.tree_util.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+
+
+class TranslationLaw(AbstractMechanicsLaw):
+    """Column sums Σ_c [W_L b_L]_{c, j} of the last layer (one per input unit and the bias):
+    conserved by gradient flow of a softmax (cross-entropy) loss."""
+
+    quadratic = False
+
+    @property
+    def name(self) -> str:
+        return "translation"
+
+    def mask(self, model):
+        w, b = model.weights[-1], model.biases[-1]
+
+        def one(j):  # column j of [W b]: every class's weight from input j (j = in: bias)
+            column = jnp.zeros(w.shape[1] + 1).at[j].set(1.0)
+            mask = eqx.tree_at(lambda m: (m.weights[-1], m.biases[-1]), _zeros(model),
+                               (jnp.broadcast_to(column[:-1], w.shape),
+                                jnp.full_like(b, column[-1])))
+            return jfu.ravel_pytree(mask)[0]
+
+        return jnp.stack([one(j) for j in range(w.shape[1] + 1)])
+
+
+class ScaleLaw(AbstractMechanicsLaw):
+    """‖W_l‖² + ‖b_l‖² of a layer whose pre-activations are normalised."""
+
+    layer: int = eqx.field(static=True)
+    quadratic = True
+
+    @property
+    def name(self) -> str:
+        return f"scale[{self.layer}]"
+
+    def mask(self, model):
+        ones = eqx.tree_at(lambda m: (m.weights[self.layer], m.biases[self.layer]), _zeros(model),
+                           (jnp.ones_like(model.weights[self.layer]),
+                            jnp.ones_like(model.biases[self.layer])))
+        return jfu.ravel_pytree(ones)[0][None, :]
+
+
+class RescaleLaw(AbstractMechanicsLaw):
+    """Per hidden neuron i of layer `layer`: ‖W_l[i,:]‖² + b_l[i]² − ‖W_{l+1}[:, i]‖²."""
+
+    layer: int = eqx.field(static=True)
+    quadratic = True
+
+    @property
+    def name(self) -> str:
+        return f"rescale[{self.layer}]"
+
+    def mask(self, model):
+        l = self.layer
+        w_in, b_in, w_out = model.weights[l], model.biases[l], model.weights[l + 1]
+
+        def one(i):
+            signs = eqx.tree_at(
+                lambda m: (m.weights[l], m.biases[l], m.weights[l + 1]), _zeros(model),
+                (jnp.zeros_like(w_in).at[i].set(1.0), jnp.zeros_like(b_in).at[i].set(1.0),
+                 jnp.zeros_like(w_out).at[:, i].set(-1.0)))
+            return jfu.ravel_pytree(signs)[0]
+
+        return jnp.stack([one(i) for i in range(w_in.shape[0])])
+
+
+def mechanics_laws(model, loss=None) -> tuple[AbstractMechanicsLaw, ...]:
+    """`model.laws()` plus the translation law when `loss` is a softmax cross-entropy over
+    ≥ 2 classes."""
+    from ._losses import CrossEntropy
+
+    laws = tuple(model.laws())
+    if isinstance(loss, CrossEntropy) and model.weights[-1].shape[0] >= 2:
+        laws += (TranslationLaw(),)
+    return laws

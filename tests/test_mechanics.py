@@ -1,0 +1,157 @@
+"""Neural mechanics: translation / scale / rescale laws, their exact breaking under SGD, weight
+decay and momentum, the continuous-time theory, and the modified gradient flow."""
+
+import json
+import pathlib
+
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
+import pytest
+
+import conservation as cn
+from conservation._cli import main
+
+
+WIDTHS = (5, 8, 6, 3)
+
+
+def _problem(key, *, normalize=True, activation="relu", loss=cn.CrossEntropy(), size=2):
+    k_model, k_x, k_y, k_teacher = jax.random.split(key, 4)
+    ensemble = cn.Ensemble.init(lambda k: cn.MLP.random(
+        WIDTHS, key=k, activation=activation, normalize=normalize), k_model, size)
+    x = cn.gaussian_inputs(k_x, 48, (WIDTHS[0],))
+    teacher = cn.MLP.random(WIDTHS, key=k_teacher, activation=activation)
+    y = jax.nn.softmax(2.0 * jax.vmap(teacher)(x), axis=-1)
+    objective = cn.make_objective(loss, cn.Dataset(x, y), ensemble)
+    return ensemble, objective, cn.mechanics_laws(ensemble[0], loss)
+
+
+@eqx.filter_jit
+def _cosines(laws, objective, model):
+    return jnp.stack([cn.pointwise_check(law, objective, model) for law in laws])
+
+
+def test_laws_hold_pointwise_and_translation_needs_a_softmax(getkey):
+    ensemble, objective, laws = _problem(getkey())
+    assert [law.name for law in laws] == ["scale[0]", "rescale[1]", "translation"]
+    assert float(jnp.max(_cosines(laws, objective, ensemble[0]))) <= 1e-12
+    mse = cn.make_objective(cn.MSE(), objective.data, ensemble)
+    assert cn.mechanics_laws(ensemble[0], cn.MSE()) == laws[:2]
+    assert float(jnp.max(_cosines(laws[:2], mse, ensemble[0]))) <= 1e-12
+    assert float(_cosines(laws[2:], mse, ensemble[0])[0]) >= 1e-3  # negative control
+    unnormalised = cn.MLP.random(WIDTHS, key=getkey(), activation="leaky_relu")
+    assert [law.name for law in unnormalised.laws()] == ["rescale[0]", "rescale[1]"]
+    assert float(_cosines((cn.ScaleLaw(0),), mse, unnormalised)[0]) >= 1e-3
+
+
+@pytest.mark.parametrize("weight_decay, momentum, batch_size", [
+    (0.0, 0.0, None), (0.02, 0.0, 8), (0.0, 0.9, 8), (0.02, 0.8, 16)])
+def test_exact_discrete_identities_hold_to_round_off(getkey, weight_decay, momentum,
+                                                      batch_size):
+    ensemble, objective, laws = _problem(getkey())
+    result = cn.track_mechanics(objective, ensemble, laws, lr=0.05, steps=300,
+                                weight_decay=weight_decay, momentum=momentum,
+                                batch_size=batch_size, key=getkey())
+    errors = result.discrete_error()
+    assert max(errors.values()) <= 1e-12, errors
+    moved = {n: float(jnp.max(jnp.abs(v - v[:, :1]) / result.scale[n][:, None]))
+             for n, v in result.simulated.items()}
+    assert moved["scale[0]"] > 1e-6  # the laws really are broken: the identity is not trivial
+    if weight_decay:
+        assert min(moved.values()) > 1e-2
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_continuous_theory_is_first_order_in_the_learning_rate(getkey, momentum):
+    ensemble, objective, laws = _problem(getkey(), size=1)
+    errors = []
+    for lr in (0.02, 0.01):
+        result = cn.track_mechanics(objective, ensemble, laws, lr=lr, steps=round(2.0 / lr),
+                                    weight_decay=0.05, momentum=momentum)
+        errors.append(max(result.continuous_error().values()))
+    assert errors[0] < 1e-2
+    assert 1.5 < errors[0] / errors[1] < 3.0, errors  # O(η): halving η halves the error
+
+
+def test_gradient_flow_keeps_the_laws(getkey):
+    ensemble, objective, laws = _problem(getkey(), activation="linear")
+    rtol = 1e-9
+    result = cn.gradient_flow(objective, ensemble, 5.0, rtol=rtol, laws=laws)
+    assert result.status_names() == ["success"] * 2
+    assert max(float(jnp.max(d)) for d in result.max_drift.values()) <= 10 * rtol
+    decayed = cn.gradient_flow(objective, ensemble, 5.0, rtol=rtol, laws=laws,
+                               field=cn.GradientField(weight_decay=0.1))
+    # With weight decay the translation law decays exactly like e^{−λt}.
+    values = decayed.values["translation"]
+    expected = values[:, :1] * jnp.exp(-0.1 * decayed.t)[None, :, None]
+    assert float(jnp.max(jnp.abs(values - expected))) <= 1e-7 * float(jnp.max(jnp.abs(values)))
+
+
+def _flat(model):
+    return jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))[0]
+
+
+@pytest.mark.parametrize("momentum, min_ratio", [(0.0, 4.0), (0.5, 2.0)])
+def test_modified_flow_tracks_gradient_descent_better_than_plain_flow(getkey, momentum,
+                                                                      min_ratio):
+    teacher = cn.DeepLinear.random([4, 5, 3], key=getkey())
+    model = cn.DeepLinear.random([4, 5, 3], key=getkey(), init_scale=0.8)
+    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(getkey(), 32, (4,)))
+    objective = cn.make_objective(cn.MSE(), data, model)
+    lr, weight_decay, steps = 0.02, 0.01, 50
+    kind = "momentum" if momentum else "gd"
+    gd = cn.train(objective, model, cn.optimizer(kind, lr=lr, momentum=momentum,
+                                                 weight_decay=weight_decay), steps, n_save=2)
+    error = {}
+    for name, step_lr in (("plain", 0.0), ("modified", lr)):
+        field = cn.ModifiedGradientField(step_lr, momentum, weight_decay)
+        flow = cn.gradient_flow(objective, model, lr * steps, rtol=1e-11, field=field)
+        error[name] = float(jnp.linalg.norm(_flat(flow.final[0]) - _flat(gd.final[0])))
+    assert error["plain"] / error["modified"] >= min_ratio, error
+
+
+TINY_MLP = """
+name = "tiny_mlp"
+[model]
+kind = "mlp"
+widths = [4, 6, 5, 3]
+normalize = true
+[data]
+n = 32
+[loss]
+kind = "cross_entropy"
+[ensemble]
+size = 2
+[[dynamics]]
+kind = "sgd"
+lr = 0.05
+weight_decay = 0.01
+batch_size = 8
+steps = 100
+[[dynamics]]
+kind = "momentum"
+lr = 0.02
+momentum = 0.9
+steps = 100
+[[dynamics]]
+kind = "modified_flow"
+lr = 0.05
+t1 = 0.5
+rtol = 1e-6
+"""
+
+
+def test_cli_writes_theory_vs_simulation(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_MLP)
+    assert main(["run", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["laws"] == ["scale[0]", "rescale[1]", "translation"]
+    sgd, momentum, modified = summary["runs"]
+    for run in (sgd, momentum):
+        assert max(run["mechanics"]["discrete_identity_error"].values()) <= 1e-12
+        assert max(run["mechanics"]["continuous_theory_error"].values()) < 0.05
+    assert "mechanics" not in modified and modified["status"]["success"] == 2
+    assert pathlib.Path(tmp_path / "out" / "mechanics.png").stat().st_size > 10_000
