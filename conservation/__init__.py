@@ -15,6 +15,12 @@ jax.config.update("jax_enable_x64", True)
 from ._attention import LightningAttention as LightningAttention
 from ._augmentation import Augmentation as Augmentation
 from ._closed_forms import saxe_balanced_mode as saxe_balanced_mode
+from ._counting import (
+    LawCount as LawCount,
+    PolynomialLaws as PolynomialLaws,
+    count_laws as count_laws,
+    find_polynomial_laws as find_polynomial_laws,
+)
 from ._data import (
     Dataset as Dataset,
     gaussian_inputs as gaussian_inputs,
@@ -82,6 +88,8 @@ from ._symmetry_laws import (
     AbstractSubspaceLaw as AbstractSubspaceLaw,
     AttentionRangeLaw as AttentionRangeLaw,
     CyclicRatioLaw as CyclicRatioLaw,
+    EquivariantResidualLaw as EquivariantResidualLaw,
+    EquivariantRowSumLaw as EquivariantRowSumLaw,
     FourierPhaseLaw as FourierPhaseLaw,
     RowSpaceLaw as RowSpaceLaw,
     augmentation_laws as augmentation_laws,

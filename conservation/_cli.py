@@ -1,10 +1,10 @@
-"""Command line: `conservation run [CONFIG]`."""
+"""Command line: `conservation run [CONFIG]` and `conservation count [CONFIG]`."""
 
 import argparse
 import sys
 
 from ._config import ConfigError, load_config
-from ._runner import format_summary, run_config
+from ._runner import count_table, format_summary, run_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", help="output folder (default: the config's `output`, "
                                    "else results/<name>)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    count = commands.add_parser(
+        "count", help="count the independent conservation laws of a config's model: all data "
+                      "vs the config's augmented data class (Lie-algebra rank)")
+    count.add_argument("config", nargs="?", help="path to a TOML config; omit for the quickstart")
+    count.add_argument("--depth", type=int, default=4, help="deepest Lie bracket (default 4)")
     args = parser.parse_args(argv)
 
     try:
@@ -25,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"conservation: config error: {e}", file=sys.stderr)
         return 2
+    if args.command == "count":
+        print(count_table(config, max_depth=args.depth))
+        return 0
     log = (lambda _: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     summary = run_config(config, out_dir=args.out, progress=not args.quiet, log=log)
     print(format_summary(summary))

@@ -22,6 +22,7 @@ import numpy as np
 from ._attention import LightningAttention
 from ._augmentation import Augmentation
 from ._config import Config, ConfigError, input_dim
+from ._counting import count_laws
 from ._data import Dataset, gaussian_inputs, teacher_dataset, whiten
 from ._flow import GradientField, ModifiedGradientField, gradient_flow
 from ._groups import GROUPS, AbstractGroup, OrthogonalGroup, PlanarRotations
@@ -276,6 +277,31 @@ def run_config(config: Config, *, out_dir: str | os.PathLike | None = None,
         _atomic_write(out / "landscape.png", lambda f: plot_landscapes(
             objectives, ensemble, finished, f, title=config.name))
     return summary
+
+
+def count_table(config: Config, *, max_depth: int = 4) -> str:
+    """`conservation count`: independent laws of the config's model (at its first
+    initialisation) for all data, and for the config's augmented data class if any."""
+    ensemble, objectives, laws = build(config)
+    model = ensemble[0]
+    loss = next(iter(objectives.values())).loss
+    shape = tuple(next(iter(objectives.values())).data.x.shape[1:])
+    rows = [("data class", "loss", "parameters", "laws", "extra", "rank by depth", "gap")]
+    plain = count_laws(model, loss, input_shape=shape, max_depth=max_depth)
+    classes = [("all data", plain)]
+    if config.augmentation is not None:
+        augmentation = augmentation_from_config(config)
+        classes.append((f"augmented by {augmentation.name}",
+                        count_laws(model, loss, augment=augmentation, input_shape=shape,
+                                   max_depth=max_depth)))
+    for name, c in classes:
+        rows.append((name, loss.name, str(c.parameters), str(c.laws),
+                     str(c.laws - plain.laws), ",".join(map(str, c.rank_by_depth)),
+                     f"{c.gap:.1e}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    shipped = ", ".join(law.name for law in laws) or "none"
+    return f"{table}\nmonitored laws of this config: {shipped}"
 
 
 def _has_two_parameters(ensemble) -> bool:

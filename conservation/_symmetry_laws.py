@@ -16,7 +16,13 @@ import numpy as np
 
 from ._augmentation import Augmentation, as_augmentation
 from ._custom_types import Array, Float, Scalar
-from ._groups import AbstractFiniteGroup, CyclicShift, OrthogonalGroup, PlanarRotations
+from ._groups import (
+    AbstractFiniteGroup,
+    CyclicShift,
+    OrthogonalGroup,
+    Permutations,
+    PlanarRotations,
+)
 from ._laws import AbstractLaw
 
 
@@ -88,6 +94,47 @@ class AttentionRangeLaw(AbstractSubspaceLaw):
 
     def source_norm(self, model):
         return jnp.linalg.norm(self.block(model))
+
+
+def _equivariant_parts(model):
+    """For one square layer W ∈ R^{n×n}: R = WΠ⊥ − sΠ⊥ (s = tr(WΠ⊥)/(n−1)) and r = Π⊥W𝟙,
+    Π⊥ the projector onto 𝟙^⊥."""
+    w = _first_layer(model)
+    n = w.shape[0]
+    perp = jnp.eye(n) - jnp.full((n, n), 1.0 / n)
+    s = jnp.trace(w @ perp) / (n - 1)
+    return w @ perp - s * perp, perp @ w @ jnp.ones(n)
+
+
+class EquivariantResidualLaw(AbstractSubspaceLaw):
+    """Direction (mod sign) of R = WΠ⊥ − sΠ⊥ for one S_n-equivariant linear layer
+    W ∈ R^{n×n} (inputs and targets permuted together): with MSE the augmented loss only
+    rescales R (seed paper §5.1). With `EquivariantRowSumLaw`: n² − 4 laws."""
+
+    @property
+    def name(self) -> str:
+        return "equivariant[R]"
+
+    def block(self, model):
+        return _equivariant_parts(model)[0].reshape(-1, 1)
+
+    def source_norm(self, model):
+        return jnp.linalg.norm(_first_layer(model))
+
+
+class EquivariantRowSumLaw(AbstractSubspaceLaw):
+    """Direction (mod sign) of r = Π⊥W𝟙 for one S_n-equivariant linear layer (see
+    `EquivariantResidualLaw`)."""
+
+    @property
+    def name(self) -> str:
+        return "equivariant[r]"
+
+    def block(self, model):
+        return _equivariant_parts(model)[1][:, None]
+
+    def source_norm(self, model):
+        return jnp.linalg.norm(_first_layer(model))
 
 
 class FourierPhaseLaw(AbstractLaw):
@@ -229,6 +276,8 @@ def _reproduces_orthogonal_average(model, augmentation: Augmentation, key_seed: 
 def augmentation_laws(model, augment) -> tuple[AbstractLaw, ...]:
     """The conservation laws that MSE + augmentation by `augment` adds to `model`'s own.
 
+    - One square linear layer with S_n acting on inputs and targets (`equivariant=True`): the
+      directions of R = WΠ⊥ − sΠ⊥ and r = Π⊥W𝟙 (n² − 4 laws).
     - Linear nets (invariant targets): rowspace(W₁U_λ) for every non-trivial isotypic component
       of multiplicity one with d_λ > h (h = rows of W₁), h(d_λ − h) laws each; for one scalar
       output and C₃ shifts also the paper's ratio I(W).
@@ -252,6 +301,9 @@ def augmentation_laws(model, augment) -> tuple[AbstractLaw, ...]:
     group = augmentation.group.exact()
     if isinstance(model, DeepLinear):
         if augmentation.equivariant:
+            square = len(model.weights) == 1 and model.weights[0].shape[0] == group.dim
+            if square and isinstance(group, Permutations) and group.dim >= 3:
+                return (EquivariantResidualLaw(), EquivariantRowSumLaw())
             return ()
         h = model.weights[0].shape[0]
         if not isinstance(group, AbstractFiniteGroup | OrthogonalGroup):

@@ -112,6 +112,7 @@ def test_quickstart_main_job(tmp_path):
     assert _png_size(out / "plot.png")[0] > 600
 
 
+@pytest.mark.slow  # the Fig. 1 physics is tested fast in test_symmetry_laws / test_counting
 def test_fig1_config_end_to_end_with_landscapes(tmp_path):
     """Seed paper Fig. 1 from the CLI: C₁₈ conserves the direction of p, plain data do not;
     the run writes both loss landscapes."""

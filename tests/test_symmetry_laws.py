@@ -22,6 +22,10 @@ def _setting(name, key):
     if name == "linear_S4_hidden2":
         return (cn.DeepLinear.random((4, 2, 2), key=k1), cn.gaussian_inputs(k2, 6, (4,)),
                 cn.Permutations(4), {"rowspace[W1·U]"})
+    if name == "linear_S3_equivariant":  # inputs and targets permuted together: n² − 4 laws
+        return (cn.DeepLinear.random((3, 3), key=k1), cn.gaussian_inputs(k2, 5, (3,)),
+                cn.Augmentation(cn.Permutations(3), equivariant=True),
+                {"equivariant[R]", "equivariant[r]"})
     if name == "neuron_C18":  # Fig. 1
         return (cn.Neuron.random(2, key=k1, init_scale=2.0), cn.gaussian_inputs(k2, 4, (2,)),
                 cn.PlanarRotations(18), {"rowspace[W1]"})
@@ -38,7 +42,8 @@ def _setting(name, key):
     raise KeyError(name)
 
 
-SETTINGS = ["linear_C3", "linear_C5_two_layer", "linear_S4_hidden2", "neuron_C18",
+SETTINGS = ["linear_C3", "linear_C5_two_layer", "linear_S4_hidden2", "linear_S3_equivariant",
+            "neuron_C18",
             "quadratic_icosahedral", "attention_O5_exact", "attention_decay_heads_O5_exact"]
 
 
