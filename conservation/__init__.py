@@ -84,6 +84,7 @@ from ._polynomial import (
     Neuron as Neuron,
     PolynomialNet as PolynomialNet,
 )
+from ._sweep import run_sweep as run_sweep, shard_ensemble as shard_ensemble
 from ._symmetry_laws import (
     AbstractSubspaceLaw as AbstractSubspaceLaw,
     AttentionRangeLaw as AttentionRangeLaw,

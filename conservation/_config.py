@@ -249,7 +249,47 @@ LAWS_SPEC = {
     "augmentation": _Field("bool", True),  # laws derived from (model, augmentation group)
     "extra": _Field("strs", []),  # candidate laws to monitor anyway (negative controls)
 }
-SECTIONS = ("model", "data", "loss", "ensemble", "augmentation", "laws", "dynamics")
+SECTIONS = ("model", "data", "loss", "ensemble", "augmentation", "laws", "sweep", "dynamics")
+SWEEP_AXES = {"seed": "int", "init_scale": "float", "lr": "float", "weight_decay": "float",
+              "momentum": "float", "widths": "ints"}
+
+
+def _read_sweep(table, dynamics, model) -> dict:
+    if not isinstance(table, dict):
+        raise ConfigError("`sweep` must be a table, e.g. [sweep].")
+    axes, options = {}, {"chunk": 0, "devices": 0}
+    for key, values in table.items():
+        if key in options:
+            if not isinstance(values, int) or isinstance(values, bool) or values < 0:
+                raise ConfigError(f"field `sweep.{key}` must be an integer ≥ 0, got {values!r}.")
+            options[key] = values
+            continue
+        if key not in SWEEP_AXES:
+            near = difflib.get_close_matches(key, list(SWEEP_AXES) + list(options), n=1)
+            hint = f" Did you mean `sweep.{near[0]}`?" if near else (
+                f" Axes: {', '.join(SWEEP_AXES)}; options: chunk, devices.")
+            raise ConfigError(f"unknown field `sweep.{key}`.{hint}")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"axis `sweep.{key}` must be a non-empty list of values.")
+        try:
+            axes[key] = [_coerce(SWEEP_AXES[key], v) for v in values]
+        except TypeError:
+            raise ConfigError(f"axis `sweep.{key}` must list {_TYPE_NAMES[SWEEP_AXES[key]]} "
+                              "values.") from None
+    if not axes:
+        raise ConfigError("`sweep` needs at least one axis, e.g. lr = [0.01, 0.02].")
+    if len(dynamics) != 1 or dynamics[0]["kind"] not in ("gd", "sgd", "momentum"):
+        raise ConfigError("a sweep runs exactly one [[dynamics]] entry of kind 'gd', 'sgd' or "
+                          "'momentum'.")
+    if "momentum" in axes and dynamics[0]["kind"] != "momentum":
+        raise ConfigError("axis `sweep.momentum` needs `dynamics[0].kind` = 'momentum'.")
+    if "widths" in axes and "widths" not in model:
+        raise ConfigError(f"axis `sweep.widths` does not apply to {model['kind']!r} models.")
+    for w in axes.get("widths", []):
+        if len(w) != len(model["widths"]) or w[0] != model["widths"][0]:
+            raise ConfigError(f"axis `sweep.widths` entry {w} must keep the depth and input "
+                              f"width of `model.widths` = {model['widths']}.")
+    return {"axes": axes, **options}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +305,7 @@ class Config:
     ensemble: dict
     augmentation: dict | None
     laws: dict
+    sweep: dict | None
     dynamics: tuple[dict, ...]
 
     def to_dict(self) -> dict:
@@ -319,13 +360,15 @@ def parse_config(raw: dict, *, default_name: str = "run") -> Config:
             raise ConfigError(f"`dynamics[{i}].label` = {label!r} is used twice; labels name the "
                               "output files, so give each run its own `label`.")
     _check_consistency(model, data, loss, dynamics)
+    sweep = _read_sweep(raw["sweep"], dynamics, model) if "sweep" in raw else None
     _check_explicit(model, data, ensemble)
     if augmentation is not None:
         _check_augmentation(augmentation, model, loss)
     name = top["name"] or default_name
     return Config(name=name, seed=top["seed"], output=top["output"] or f"results/{name}",
                   model=model, data=data, loss=loss, ensemble=ensemble,
-                  augmentation=augmentation, laws=laws, dynamics=tuple(dynamics))
+                  augmentation=augmentation, laws=laws, sweep=sweep,
+                  dynamics=tuple(dynamics))
 
 
 def _default_label(run):

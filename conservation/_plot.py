@@ -154,3 +154,28 @@ def plot_mechanics(entries, file, *, title: str = "", components: int = 3) -> No
     fig.tight_layout()
     fig.savefig(file, format="png", dpi=100)
     plt.close(fig)
+
+
+def plot_sweep(rows, manifest, file) -> None:
+    """Final loss and each law's worst drift against every numeric sweep axis (one dot per
+    finished point; log scales)."""
+    axes_names = [k for k in manifest["config"]["sweep"]["axes"] if k != "widths"] or ["point"]
+    done = [r for r in rows if r["status"] != "missing"]
+    metrics = ["final_loss"] + [k for k in done[0] if k.startswith("max_drift[")]
+    fig, axes = plt.subplots(len(metrics), len(axes_names),
+                             figsize=(4.2 * len(axes_names), 3.0 * len(metrics)), squeeze=False)
+    for row_axes, metric in zip(axes, metrics):
+        for ax, name in zip(row_axes, axes_names):
+            x = np.array([r[name] for r in done], float)
+            y = np.array([r.get(metric, np.nan) for r in done], float)
+            ok = np.isfinite(y) & (y > 0)
+            ax.scatter(x[ok], y[ok], s=12)
+            ax.set_yscale("log")
+            if name in ("lr", "weight_decay", "init_scale") and np.all(x > 0):
+                ax.set_xscale("log")
+            ax.set_xlabel(name)
+            ax.set_ylabel(metric, fontsize=8)
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(file, format="png", dpi=100)
+    plt.close(fig)

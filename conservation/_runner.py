@@ -5,6 +5,7 @@ Each run's arrays are written (atomically) as soon as it finishes, and `summary.
 progress.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -185,6 +186,26 @@ def execute(run: dict, objective: Objective, ensemble: Ensemble, *, key, progres
         objective, ensemble, optim, run["steps"], batch_size=run.get("batch_size") or None,
         key=key, laws=laws, n_save=run["n_save"], step_time=run["lr"], progress=progress,
         divergence=run["divergence"])
+
+
+@functools.lru_cache(maxsize=8)
+def _sweep_optimizer(kind: str):
+    # One object per kind: every sweep chunk then reuses the same compiled program, with the
+    # actual values supplied per member through `hyperparams`.
+    return optimizer(kind, lr=1.0, momentum=0.0, weight_decay=0.0)
+
+
+def execute_with(run: dict, objective: Objective, ensemble: Ensemble, *, laws, hyperparams,
+                 key) -> Result:
+    """A discrete `[[dynamics]]` entry with per-member hyperparameters (sweeps)."""
+    kind = "gd" if run["kind"] == "sgd" else run["kind"]
+    size = len(ensemble)
+    defaults = {"learning_rate": run["lr"], "weight_decay": run["weight_decay"],
+                "momentum": run.get("momentum", 0.0)}
+    full = {k: hyperparams.get(k, jnp.full((size,), v)) for k, v in defaults.items()}
+    return train(objective, ensemble, _sweep_optimizer(kind), run["steps"],
+                 batch_size=run.get("batch_size") or None, key=key, laws=laws,
+                 n_save=run["n_save"], divergence=run["divergence"], hyperparams=full)
 
 
 def _atomic_write(path: pathlib.Path, write: Callable) -> None:

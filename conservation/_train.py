@@ -7,7 +7,7 @@ import jax.tree_util as jtu
 import optax
 from tqdm.auto import tqdm
 
-from ._custom_types import Key, ScalarLike
+from ._custom_types import Array, Key, ScalarLike
 from ._laws import check_unique_names
 from ._model import AbstractModel, Ensemble, as_ensemble
 from ._monitor import DIVERGED, SUCCESS, LawMonitor, Result
@@ -61,6 +61,7 @@ def train(
     step_time: float = 1.0,
     progress: bool = False,
     divergence: ScalarLike = 1e8,
+    hyperparams: dict[str, Array] | None = None,
 ) -> Result:
     """Run `steps` optimizer steps on every member of `model`, monitoring the laws every step.
 
@@ -82,6 +83,10 @@ def train(
     - `progress`: show a progress bar.
     - `divergence`: a member whose parameter norm exceeds this or whose loss is non-finite is
       frozen at its last good step and reported as `diverged`.
+    - `hyperparams`: per-member values of `optim`'s injected hyperparameters, e.g.
+      `{"learning_rate": lrs}` with `lrs` of shape (B,): a whole learning-rate sweep runs as
+      one compiled program (`conservation.optimizer` injects `learning_rate`, `momentum`,
+      `weight_decay`).
 
     **Returns:** a `conservation.Result` with `t` = steps × `step_time` at the save points.
     """
@@ -105,8 +110,10 @@ def train(
 
     chunk = -(-steps // (n_save - 1))
     n_chunks = -(-steps // chunk)
+    overrides = {k: jnp.broadcast_to(jnp.asarray(v, float), (ensemble.size,))
+                 for k, v in (hyperparams or {}).items()}
     carry, observed = _start(params, static, objective, monitor, optim,
-                             jax.random.split(key, ensemble.size))
+                             jax.random.split(key, ensemble.size), overrides)
     history = [observed]
     bar = tqdm(total=steps, desc="train", disable=not progress, unit="step")
     for _ in range(n_chunks):
@@ -129,20 +136,33 @@ def train(
     )
 
 
+TRACES = 0  # number of times the training step program was traced (see `_run_chunk`)
+
+
 @eqx.filter_jit
-def _start(params, static, objective, monitor, optim, keys):
-    def one(p, key):
+def _start(params, static, objective, monitor, optim, keys, overrides):
+    def one(p, key, override):
         model = eqx.combine(p, static)
         reference = monitor.reference(model)
         zeros = {name: jnp.zeros(()) for name in reference[0]}
-        carry = (p, optim.init(p), key, jnp.asarray(SUCCESS), jnp.asarray(0), zeros, reference)
+        state = optim.init(p)
+        if override:
+            if not hasattr(state, "hyperparams") or set(override) - set(state.hyperparams):
+                raise ValueError(f"`hyperparams` {sorted(override)} are not injected "
+                                 "hyperparameters of `optim` (use optax.inject_hyperparams).")
+            state = state._replace(hyperparams={
+                k: override.get(k, v).astype(jnp.asarray(v).dtype)
+                for k, v in state.hyperparams.items()})
+        carry = (p, state, key, jnp.asarray(SUCCESS), jnp.asarray(0), zeros, reference)
         return carry, (objective(model), reference[0], zeros, monitor.conditions(model))
 
-    return jax.vmap(one)(params, keys)
+    return jax.vmap(one)(params, keys, overrides)
 
 
 @eqx.filter_jit
 def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, steps, divergence):
+    global TRACES
+    TRACES += 1  # runs once per trace: counts compilations of the training program
     def one(carry):
         def step(carry, _):
             p, state, key, status, count, max_drift, reference = carry

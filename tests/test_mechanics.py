@@ -143,6 +143,7 @@ rtol = 1e-6
 """
 
 
+@pytest.mark.slow  # ~20 s of compiles; the identities themselves are tested above
 def test_cli_writes_theory_vs_simulation(tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY_MLP)

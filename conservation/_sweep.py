@@ -1,0 +1,172 @@
+"""Config sweeps: many points, few compiled programs, a resumable results store.
+
+A `[sweep]` table lists axes. Axes that keep every array shape (`seed`, `init_scale`, `lr`,
+`weight_decay`, `momentum`) are batched: the points become members of one ensemble whose
+optimizer hyperparameters are per-member arrays, so a whole group runs as ONE compiled
+program. The shape axis `widths` groups the points; each group compiles once. Chunks of a
+group share the compiled program (the last chunk is padded to the same size).
+
+Store (one folder per sweep): `sweep.json` (resolved config, axes, points), `points/<i>.npz`
+written atomically as each chunk finishes, `summary.json` / `summary.csv` (one row per point).
+Re-running the same sweep skips finished points and never rewrites them. The ensemble axis can
+be sharded over a device mesh (`devices`); see `shard_ensemble`.
+"""
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ._config import Config, ConfigError
+from ._model import Ensemble
+
+
+BATCHED_AXES = {"seed": "int", "init_scale": "float", "lr": "float", "weight_decay": "float",
+                "momentum": "float"}
+SHAPE_AXES = {"widths": "ints"}
+_HYPERPARAMS = {"lr": "learning_rate", "weight_decay": "weight_decay", "momentum": "momentum"}
+
+
+def sweep_points(config: Config) -> list[dict]:
+    """Every point of the sweep (cartesian product of the axes, in a fixed order)."""
+    axes = config.sweep["axes"]
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
+
+
+def shard_ensemble(tree, devices: int):
+    """Place every array of `tree` (leading axis = ensemble member) on a 1-D device mesh,
+    split along that axis. jit then runs each device's members there (GSPMD); results are
+    the same numbers as unsharded. Works for CPU devices forced with
+    XLA_FLAGS=--xla_force_host_platform_device_count=N, GPUs and TPUs alike; multi-host runs
+    call `jax.distributed.initialize()` first and pass the global device count."""
+    available = len(jax.devices())
+    if devices > available:
+        raise ValueError(f"`devices` = {devices} but JAX sees {available}; on CPU set "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}.")
+    mesh = jax.make_mesh((devices,), ("ensemble",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("ensemble"))
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(x, sharding) if isinstance(x, jax.Array) and x.ndim else x,
+        tree)
+
+
+@dataclasses.dataclass
+class _Group:
+    widths: tuple | None
+    indices: list[int]
+
+
+def _groups(points) -> list[_Group]:
+    groups: dict = {}
+    for i, point in enumerate(points):
+        key = tuple(point["widths"]) if "widths" in point else None
+        groups.setdefault(key, []).append(i)
+    return [_Group(k, v) for k, v in groups.items()]
+
+
+def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print) -> dict:
+    """Run (or resume) the sweep of `config`; returns the summary (also written to disk)."""
+    from ._runner import _atomic_write, build, execute_with, model_factory, result_arrays
+
+    if config.sweep is None:
+        raise ConfigError("this config has no [sweep] table; use `conservation run`.")
+    out = pathlib.Path(out_dir or config.output)
+    (out / "points").mkdir(parents=True, exist_ok=True)
+    points = sweep_points(config)
+    manifest = {"config": config.to_dict(), "points": points}
+    manifest_path = out / "sweep.json"
+    if manifest_path.exists():
+        if json.loads(manifest_path.read_text()) != json.loads(json.dumps(manifest)):
+            raise ConfigError(f"{out} holds a different sweep; choose another `--out` folder.")
+    else:
+        _atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    run = config.dynamics[0]
+    chunk = config.sweep["chunk"]
+    devices = config.sweep["devices"]
+    done = {i for i in range(len(points)) if (out / "points" / f"{i}.npz").exists()}
+    bar = tqdm(total=len(points), initial=len(done), desc="sweep", unit="point",
+               disable=not progress)
+    for group in _groups(points):
+        pending = [i for i in group.indices if i not in done]
+        if not pending:
+            continue
+        group_config = config
+        if group.widths is not None:
+            group_config = dataclasses.replace(
+                config, model=config.model | {"widths": list(group.widths)})
+        _, objectives, laws = build(group_config)
+        objective = objectives.get("augmented", objectives.get(""))
+        make = model_factory(group_config.model)
+        size = chunk or len(group.indices)
+        if devices:
+            size = -(-size // devices) * devices  # whole members per device
+        for start in range(0, len(pending), size):
+            batch = pending[start:start + size]
+            padded = batch + [batch[-1]] * (size - len(batch))  # same shape: no recompile
+            members = [make(jax.random.PRNGKey(points[i].get("seed", config.seed)),
+                            points[i].get("init_scale", config.model["init_scale"]))
+                       for i in padded]
+            ensemble = Ensemble.stack(members)
+            hyperparams = {_HYPERPARAMS[name]: jnp.asarray([points[i][name] for i in padded])
+                           for name in _HYPERPARAMS if name in config.sweep["axes"]}
+            if devices:
+                ensemble, hyperparams = shard_ensemble((ensemble, hyperparams), devices)
+            result = jax.block_until_ready(execute_with(
+                run, objective, ensemble, laws=laws, hyperparams=hyperparams,
+                key=jax.random.PRNGKey(config.seed)))
+            arrays = result_arrays(result)
+            for j, i in enumerate(batch):
+                member = {k: (v if k == "t" else v[j]) for k, v in arrays.items()}
+                _atomic_write(out / "points" / f"{i}.npz",
+                              lambda f: np.savez_compressed(f, **member))
+                bar.update(1)
+    bar.close()
+    return write_report(out)
+
+
+def write_report(out) -> dict:
+    """Summary table of a sweep folder (json + csv) and `report.png`, from the stored points."""
+    from ._plot import plot_sweep
+    from ._runner import _atomic_write
+
+    out = pathlib.Path(out)
+    manifest = json.loads((out / "sweep.json").read_text())
+    rows = []
+    for i, point in enumerate(manifest["points"]):
+        path = out / "points" / f"{i}.npz"
+        if not path.exists():
+            rows.append({"point": i, **_flat(point), "status": "missing"})
+            continue
+        arrays = np.load(path)
+        drifts = {k.split("/", 1)[1]: float(arrays[k]) for k in arrays.files
+                  if k.startswith("max_drift/")}
+        rows.append({"point": i, **_flat(point),
+                     "status": ["success", "max_steps", "diverged", "failed"][
+                         int(arrays["status"])],
+                     "final_loss": float(arrays["loss"][-1]),
+                     **{f"max_drift[{k}]": v for k, v in drifts.items()}})
+    summary = {"points": len(rows),
+               "finished": sum(r["status"] != "missing" for r in rows), "rows": rows}
+    _atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(out / "summary.csv", lambda f: f.write(text.getvalue().encode()))
+    if summary["finished"]:
+        _atomic_write(out / "report.png", lambda f: plot_sweep(rows, manifest, f))
+    return summary
+
+
+def _flat(point):
+    return {k: ("-".join(map(str, v)) if isinstance(v, list) else v) for k, v in point.items()}
