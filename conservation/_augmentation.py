@@ -41,12 +41,11 @@ class Augmentation(eqx.Module):
 
     def apply(self, data: Dataset) -> Dataset:
         """The orbit-expanded data set {(g·x_i, ρ(g) y_i)}: |G| · N samples (g-major)."""
-        if not isinstance(self.group, AbstractFiniteGroup) or (
-                getattr(self.group, "samples", 0) is None):
+        if not isinstance(self.group, AbstractFiniteGroup):
             raise ValueError(f"{self.group.name} has no finite orbits to expand; use the exact "
                              "moment symmetrisation (MSE on a tensorizable model) or `samples=`.")
+        g = self.group.matrices()  # exact O(d) raises here: it has no finite orbits
         _check_dims(self, data)
-        g = self.group.matrices()
         x = jnp.einsum("gij,n...j->gn...i", g, data.x).reshape(-1, *data.x.shape[1:])
         if self.equivariant:
             y = jnp.einsum("gij,n...j->gn...i", g, data.y).reshape(-1, *data.y.shape[1:])

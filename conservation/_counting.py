@@ -23,7 +23,7 @@ from ._augmentation import as_augmentation
 from ._data import Dataset
 from ._laws import FunctionLaw
 from ._losses import CrossEntropy, AbstractLoss
-from ._model import Ensemble
+from ._model import Ensemble, flat_parameters
 from ._objective import make_objective
 
 
@@ -299,20 +299,19 @@ def find_polynomial_laws(
     null = vt[np.sum(s > tol):]
     coefficients = _rref(null) if null.size else np.zeros((0, len(monomials)))
     names = _parameter_names(params)
-    laws = tuple(_polynomial_law(row, exponents, static, i) for i, row in enumerate(coefficients))
+    laws = tuple(_polynomial_law(row, exponents, i) for i, row in enumerate(coefficients))
     return PolynomialLaws(coefficients, monomials, names, laws)
 
 
-def _polynomial_law(row, exponents, static, i) -> FunctionLaw:
+def _polynomial_law(row, exponents, i) -> FunctionLaw:
     coefficients = jnp.asarray(row)
 
     def value(model):
-        y = jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))[0]
+        y = flat_parameters(model)
         return coefficients @ jnp.prod(y[None, :] ** exponents, axis=1)
 
     def scale(model):
-        y = jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))[0]
+        y = flat_parameters(model)
         return jnp.abs(coefficients) @ jnp.prod(jnp.abs(y)[None, :] ** exponents, axis=1)
 
-    del static
     return FunctionLaw(value, f"polynomial[{i}]", scale)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from ._custom_types import Array, Float, Key
 from ._laws import AbstractLaw
 from ._linear import _check_widths
-from ._model import AbstractModel
+from ._model import AbstractModel, flat_parameters
 
 
 ACTIVATIONS_MLP = {
@@ -98,19 +98,15 @@ class AbstractMechanicsLaw(AbstractLaw):
         """Coefficients m_c over the flattened trainable parameters (ravel_pytree order)."""
 
     def __call__(self, model) -> Float[Array, " c"]:
-        flat = _flat(model)
+        flat = flat_parameters(model)
         return self.mask(model) @ (flat**2 if self.quadratic else flat)
 
     def scale(self, model) -> Array:
-        flat = _flat(model)
+        flat = flat_parameters(model)
         # Natural size: Σ |m| θ² for quadratic laws, the norm of the involved entries else.
         if self.quadratic:
             return jnp.abs(self.mask(model)) @ flat**2
         return jnp.sqrt(jnp.abs(self.mask(model)) @ flat**2)
-
-
-def _flat(model):
-    return jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))[0]
 
 
 def _zeros(model):

@@ -14,6 +14,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
@@ -53,6 +54,11 @@ class AbstractTensorizableModel(AbstractModel):
         """f(θ, x) computed as ψ(x) Φ(θ); equals `self(x)` to round-off."""
         out = self.features(x) @ self.tensorize()
         return out.reshape(jax.eval_shape(self, x).shape)
+
+
+def flat_parameters(model) -> Float[Array, " D"]:
+    """The trainable parameters of `model` as one vector (ravel_pytree order)."""
+    return jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))[0]
 
 
 class Ensemble(eqx.Module):

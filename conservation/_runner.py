@@ -31,7 +31,7 @@ from ._linear import DeepLinear
 from ._mechanics import track_mechanics
 from ._mlp import MLP, AbstractMechanicsLaw, mechanics_laws
 from ._losses import LOSSES
-from ._model import Ensemble
+from ._model import Ensemble, flat_parameters
 from ._monitor import Result
 from ._objective import Objective, make_objective
 from ._plot import plot_landscapes, plot_mechanics, plot_results
@@ -319,15 +319,13 @@ def count_table(config: Config, *, max_depth: int = 4) -> str:
         rows.append((name, loss.name, str(c.parameters), str(c.laws),
                      str(c.laws - plain.laws), ",".join(map(str, c.rank_by_depth)),
                      f"{c.gap:.1e}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    table = _text_table(rows)
     shipped = ", ".join(law.name for law in laws) or "none"
     return f"{table}\nmonitored laws of this config: {shipped}"
 
 
 def _has_two_parameters(ensemble) -> bool:
-    params, _ = eqx.partition(ensemble[0], eqx.is_inexact_array)
-    return jfu.ravel_pytree(params)[0].size == 2
+    return flat_parameters(ensemble[0]).size == 2
 
 
 def format_summary(summary: dict) -> str:
@@ -343,5 +341,10 @@ def format_summary(summary: dict) -> str:
             "-" if worst is None else f"{worst:.2e}",
             str(run["num_steps_max"]), f"{run['seconds']:.2f}",
         ))
+    return _text_table(rows)
+
+
+def _text_table(rows) -> str:
+    """Left-aligned columns, two spaces apart."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

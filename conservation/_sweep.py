@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ._config import Config, ConfigError
 from ._model import Ensemble
+from ._monitor import STATUS_NAMES
 
 
 BATCHED_AXES = {"seed": "int", "init_scale": "float", "lr": "float", "weight_decay": "float",
@@ -150,8 +151,7 @@ def write_report(out) -> dict:
         drifts = {k.split("/", 1)[1]: float(arrays[k]) for k in arrays.files
                   if k.startswith("max_drift/")}
         rows.append({"point": i, **_flat(point),
-                     "status": ["success", "max_steps", "diverged", "failed"][
-                         int(arrays["status"])],
+                     "status": STATUS_NAMES[int(arrays["status"])],
                      "final_loss": float(arrays["loss"][-1]),
                      **{f"max_drift[{k}]": v for k, v in drifts.items()}})
     summary = {"points": len(rows),

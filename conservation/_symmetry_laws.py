@@ -306,7 +306,7 @@ def augmentation_laws(model, augment) -> tuple[AbstractLaw, ...]:
                 return (EquivariantResidualLaw(), EquivariantRowSumLaw())
             return ()
         h = model.weights[0].shape[0]
-        if not isinstance(group, AbstractFiniteGroup | OrthogonalGroup):
+        if not isinstance(group, AbstractFiniteGroup):  # includes (exact) OrthogonalGroup
             return ()
         laws = []
         components = [u for u, single in isotypic_components(group) if single and u.shape[1] > h]
