@@ -12,11 +12,12 @@ matrix over G — independent of the number of samples, hence of the orbit size.
 """
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 
 from ._custom_types import Array
 from ._data import Dataset
-from ._groups import AbstractFiniteGroup, AbstractGroup
+from ._groups import AbstractFiniteGroup, AbstractGroup, OrthogonalGroup
 from ._model import AbstractTensorizableModel, Ensemble
 
 
@@ -86,7 +87,20 @@ class Augmentation(eqx.Module):
                 block = self.group.average(block, k1)
             B_blocks.append(block.reshape(s1, m))
         M = jnp.block(M_blocks)
-        return Moments(0.5 * (M + M.T), jnp.concatenate(B_blocks), moments.c, moments.n)
+        B = jnp.concatenate(B_blocks)
+        C = moments.C
+        if self.equivariant:  # Y ↦ Y gᵀ: C ↦ avg_g g C gᵀ
+            C = self.group.average(C, 2)
+        design = _factor_design(self.group, max(degrees), m, self.equivariant,
+                                moments.R.shape[0])
+        if design is None:
+            return Moments.from_gram(M, B, C, moments.n)
+        # The augmented data's QR factor from the base one: [Ψ Y] ↦ [Ψ τ(g)ᵀ, Y ρ(g)ᵀ] for
+        # every g of a finite group (or of an exact finite design of O(2)), stacked and
+        # re-factored — backward stable, so the loss keeps its digits near a perfect fit.
+        R = _stacked_factor(moments.R, design, degrees, d, self.equivariant)
+        M = 0.5 * (M + M.T)
+        return Moments(M, B, 0.5 * (C + C.T), R, moments.n)
 
     def defect(self, moments, model) -> Array:
         """Symmetry defect of `moments`: ‖(M, B) − P(M, B)‖ / ‖(M, B)‖ with P the exact
@@ -96,6 +110,53 @@ class Augmentation(eqx.Module):
         num = jnp.sqrt(jnp.sum((moments.M - exact.M) ** 2) + jnp.sum((moments.B - exact.B) ** 2))
         den = jnp.sqrt(jnp.sum(moments.M**2) + jnp.sum(moments.B**2))
         return num / den
+
+
+_MAX_STACKED_ENTRIES = 2**24  # 128 MiB of float64 for the stacked factors
+
+
+def _factor_design(group, max_degree, m, equivariant, k):
+    """Orthogonal matrices whose average reproduces `group`'s on the Gram matrix of [Ψ Y],
+    when few enough to stack k × (p + m) factors; else None (eigen-factor the moments)."""
+    import numpy as np
+
+    if isinstance(group, AbstractFiniteGroup) and not (
+            isinstance(group, OrthogonalGroup) and group.samples is None):
+        matrices = group.matrices()
+    elif isinstance(group, OrthogonalGroup) and group.dim == 2:
+        # The Gram entries are trigonometric polynomials of degree ≤ 2·max_degree (+1, +2
+        # for equivariant targets): the dihedral group D_N with N above that is exact.
+        n = 2 * max_degree + 3
+        angle = 2.0 * np.pi * np.arange(n) / n
+        cos, sin = np.cos(angle), np.sin(angle)
+        rotations = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+        matrices = jnp.asarray(np.concatenate([rotations, rotations @ np.diag([1.0, -1.0])]))
+    else:
+        return None
+    q = sum(group.dim**deg for deg in range(max_degree + 1)) + m  # ≥ p + m
+    if matrices.shape[0] * k * q > _MAX_STACKED_ENTRIES:
+        return None
+    return matrices
+
+
+def _stacked_factor(r, matrices, degrees, d, equivariant):
+    sizes = [d**deg for deg in degrees]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    k = r.shape[0]
+
+    def act(g):
+        blocks = []
+        for deg, o, s in zip(degrees, offsets, sizes):
+            block = r[:, o:o + s].reshape((k,) + (d,) * deg)
+            for axis in range(1, deg + 1):  # ψ(gx) = ψ(x) τ(g)ᵀ: g on every feature axis
+                block = jnp.moveaxis(jnp.tensordot(g, block, axes=([1], [axis])), 0, axis)
+            blocks.append(block.reshape(k, s))
+        targets = r[:, sum(sizes):]
+        blocks.append(targets @ g.T if equivariant else targets)
+        return jnp.concatenate(blocks, axis=1)
+
+    stacked = jax.vmap(act)(matrices).reshape(-1, r.shape[1]) / jnp.sqrt(matrices.shape[0])
+    return jnp.linalg.qr(stacked, mode="r")
 
 
 def _tensorizable(model):
