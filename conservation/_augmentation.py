@@ -57,8 +57,6 @@ class Augmentation(eqx.Module):
 
     def symmetrize(self, moments, model: AbstractTensorizableModel):
         """Moments of the augmented data from those of the base data (exact; see module doc)."""
-        from ._objective import Moments
-
         model = _tensorizable(model)
         d = self.group.dim
         degrees = model.feature_degrees
@@ -71,36 +69,9 @@ class Augmentation(eqx.Module):
         if self.equivariant and m != d:
             raise ValueError(f"equivariant targets need output dimension {d} (the group's), "
                              f"got {m}.")
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        M_blocks, B_blocks = [], []
-        for k1, o1, s1 in zip(degrees, offsets, sizes):
-            row = []
-            for k2, o2, s2 in zip(degrees, offsets, sizes):
-                block = moments.M[o1:o1 + s1, o2:o2 + s2].reshape((d,) * (k1 + k2))
-                row.append(self.group.average(block, k1 + k2).reshape(s1, s2))
-            M_blocks.append(row)
-            block = moments.B[o1:o1 + s1].reshape((d,) * k1 + (m,))
-            if self.equivariant:  # the output axis rotates too: average it along with the rest
-                block = jnp.moveaxis(self.group.average(jnp.moveaxis(block, -1, 0), k1 + 1),
-                                     0, -1)
-            else:
-                block = self.group.average(block, k1)
-            B_blocks.append(block.reshape(s1, m))
-        M = jnp.block(M_blocks)
-        B = jnp.concatenate(B_blocks)
-        C = moments.C
-        if self.equivariant:  # Y ↦ Y gᵀ: C ↦ avg_g g C gᵀ
-            C = self.group.average(C, 2)
         design = _factor_design(self.group, max(degrees), m, self.equivariant,
                                 moments.R.shape[0])
-        if design is None:
-            return Moments.from_gram(M, B, C, moments.n)
-        # The augmented data's QR factor from the base one: [Ψ Y] ↦ [Ψ τ(g)ᵀ, Y ρ(g)ᵀ] for
-        # every g of a finite group (or of an exact finite design of O(2)), stacked and
-        # re-factored — backward stable, so the loss keeps its digits near a perfect fit.
-        R = _stacked_factor(moments.R, design, degrees, d, self.equivariant)
-        M = 0.5 * (M + M.T)
-        return Moments(M, B, 0.5 * (C + C.T), R, moments.n)
+        return _symmetrize(self, moments, tuple(degrees), design)
 
     def defect(self, moments, model) -> Array:
         """Symmetry defect of `moments`: ‖(M, B) − P(M, B)‖ / ‖(M, B)‖ with P the exact
@@ -110,6 +81,45 @@ class Augmentation(eqx.Module):
         num = jnp.sqrt(jnp.sum((moments.M - exact.M) ** 2) + jnp.sum((moments.B - exact.B) ** 2))
         den = jnp.sqrt(jnp.sum(moments.M**2) + jnp.sum(moments.B**2))
         return num / den
+
+
+@eqx.filter_jit
+def _symmetrize(augmentation, moments, degrees, design):
+    # One compiled program (the blocks' averages, the factor): eagerly it is ~100 small
+    # dispatches, each compiled on first use.
+    from ._objective import Moments
+
+    d = augmentation.group.dim
+    m = moments.B.shape[1]
+    sizes = [d**k for k in degrees]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    M_blocks, B_blocks = [], []
+    for k1, o1, s1 in zip(degrees, offsets, sizes):
+        row = []
+        for k2, o2, s2 in zip(degrees, offsets, sizes):
+            block = moments.M[o1:o1 + s1, o2:o2 + s2].reshape((d,) * (k1 + k2))
+            row.append(augmentation.group.average(block, k1 + k2).reshape(s1, s2))
+        M_blocks.append(row)
+        block = moments.B[o1:o1 + s1].reshape((d,) * k1 + (m,))
+        if augmentation.equivariant:  # the output axis rotates too: average it along with the rest
+            block = jnp.moveaxis(augmentation.group.average(jnp.moveaxis(block, -1, 0), k1 + 1),
+                                 0, -1)
+        else:
+            block = augmentation.group.average(block, k1)
+        B_blocks.append(block.reshape(s1, m))
+    M = jnp.block(M_blocks)
+    B = jnp.concatenate(B_blocks)
+    C = moments.C
+    if augmentation.equivariant:  # Y ↦ Y gᵀ: C ↦ avg_g g C gᵀ
+        C = augmentation.group.average(C, 2)
+    if design is None:
+        return Moments.from_gram(M, B, C, moments.n)
+    # The augmented data's QR factor from the base one: [Ψ Y] ↦ [Ψ τ(g)ᵀ, Y ρ(g)ᵀ] for
+    # every g of a finite group (or of an exact finite design of O(2)), stacked and
+    # re-factored — backward stable, so the loss keeps its digits near a perfect fit.
+    R = _stacked_factor(moments.R, design, degrees, d, augmentation.equivariant)
+    M = 0.5 * (M + M.T)
+    return Moments(M, B, 0.5 * (C + C.T), R, moments.n)
 
 
 _MAX_STACKED_ENTRIES = 2**24  # 128 MiB of float64 for the stacked factors
