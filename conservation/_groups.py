@@ -285,7 +285,7 @@ def _partitions(n: int, largest: int | None = None):
             yield (first,) + rest
 
 
-def invariant_dimension(n_axes: int, d: int) -> int:
+def _invariant_dimension(n_axes: int, d: int) -> int:
     """dim of the O(d)-invariant tensors with `n_axes` axes: Σ f^{2μ} over partitions μ of
     n/2 with at most d parts (f^λ = number of standard Young tableaux, hook length formula);
     (n − 1)!! when d ≥ n/2, where the Brauer pairing tensors are independent."""
@@ -344,7 +344,7 @@ def _brauer_supported(n_axes: int, d: int) -> bool:
     if n_axes % 2 or n_axes == 0 or d == 1:
         return True
     if d == 2:
-        return invariant_dimension(n_axes, 2) * 2**n_axes <= _MAX_BASIS_ENTRIES
+        return _invariant_dimension(n_axes, 2) * 2**n_axes <= _MAX_BASIS_ENTRIES
     return _double_factorial(n_axes - 1) * d**n_axes <= _MAX_BASIS_ENTRIES
 
 
@@ -356,12 +356,12 @@ def _brauer_basis(n_axes: int, d: int, order: tuple[int, ...] | None = None
 
     d = 2: the closed form of `_planar_basis` (integer entries, s = 2^{1−n}). Otherwise: the
     pairing tensors T mapped through the eigenvectors of their exact integer Gram matrix for
-    its r = dim (known in closed form, `invariant_dimension`) largest eigenvalues, then
+    its r = dim (known in closed form, `_invariant_dimension`) largest eigenvalues, then
     re-orthonormalised; the pairings are dependent when d < n/2, and an eigenvalue gap at r
     is required. `order` permutes the pairings
     (tests: the result must not depend on it).
     """
-    rank = invariant_dimension(n_axes, d)
+    rank = _invariant_dimension(n_axes, d)
     size = d**n_axes
     if d == 2:
         if not _brauer_supported(n_axes, d):

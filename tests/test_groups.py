@@ -153,12 +153,12 @@ def test_exact_orthogonal_basis_does_not_depend_on_the_pairing_order(d, n_axes):
 
 
 def test_invariant_dimensions_match_known_counts():
-    from conservation._groups import invariant_dimension
+    from conservation._groups import _invariant_dimension
 
     # O(2): half the balanced ± strings, C(n, n/2)/2; d ≥ n/2: (n − 1)!! pairings.
-    assert [invariant_dimension(n, 2) for n in (2, 4, 6, 8, 12)] == [1, 3, 10, 35, 462]
-    assert [invariant_dimension(n, 8) for n in (2, 4, 6, 8)] == [1, 3, 15, 105]
-    assert invariant_dimension(8, 3) == 91 and invariant_dimension(5, 3) == 0
+    assert [_invariant_dimension(n, 2) for n in (2, 4, 6, 8, 12)] == [1, 3, 10, 35, 462]
+    assert [_invariant_dimension(n, 8) for n in (2, 4, 6, 8)] == [1, 3, 15, 105]
+    assert _invariant_dimension(8, 3) == 91 and _invariant_dimension(5, 3) == 0
 
 
 def test_monte_carlo_defect_decays_like_inverse_square_root_of_samples():
