@@ -6,7 +6,8 @@ tokens, 10 base sequences, O(8) augmentation).
 Compares, with compile time reported apart: building the augmented MSE moments from the
 orbit-expanded data (10 × samples sequences) vs symmetrising the base moments over the same
 group samples (cost ∝ samples, independent of the number of base sequences) vs the exact
-O(8) projection onto the Brauer invariants (independent of both); and one loss + gradient
+O(8) projection onto the Brauer invariants (independent of both), and the exact O(2) one of
+the sextic neuron's 12-axis moments (Fig. 1); and one loss + gradient
 evaluation on the moment path vs per sample over the 40 960 augmented sequences.
 Writes benchmarks/results/augmentation_<backend>.json.
 """
@@ -58,6 +59,13 @@ def main():
     exact = record("moments_exact_O8_projection",
                    lambda: cn.Augmentation(cn.OrthogonalGroup(D)).symmetrize(
                        cn.Moments.from_data(model, data), model))
+    # Exact O(2) on the seed paper's Fig. 1 sextic neuron: moment blocks with up to 12 axes.
+    k_neuron, k_x = jax.random.split(jax.random.PRNGKey(1))
+    neuron = cn.Neuron.random(2, key=k_neuron, init_scale=2.0)
+    neuron_data = cn.teacher_dataset(neuron, cn.gaussian_inputs(k_x, 10, (2,)))
+    record("moments_exact_O2_sextic_projection",
+           lambda: cn.Augmentation(cn.OrthogonalGroup(2)).symmetrize(
+               cn.Moments.from_data(neuron, neuron_data), neuron).R)
     report["agreement"] = {
         "orbit_vs_symmetrised_relative": float(jnp.linalg.norm(orbit.M - sym.M)
                                                / jnp.linalg.norm(orbit.M)),

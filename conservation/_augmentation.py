@@ -12,11 +12,12 @@ matrix over G — independent of the number of samples, hence of the orbit size.
 """
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 
 from ._custom_types import Array
 from ._data import Dataset
-from ._groups import AbstractFiniteGroup, AbstractGroup
+from ._groups import AbstractFiniteGroup, AbstractGroup, OrthogonalGroup
 from ._model import AbstractTensorizableModel, Ensemble
 
 
@@ -56,8 +57,6 @@ class Augmentation(eqx.Module):
 
     def symmetrize(self, moments, model: AbstractTensorizableModel):
         """Moments of the augmented data from those of the base data (exact; see module doc)."""
-        from ._objective import Moments
-
         model = _tensorizable(model)
         d = self.group.dim
         degrees = model.feature_degrees
@@ -70,23 +69,9 @@ class Augmentation(eqx.Module):
         if self.equivariant and m != d:
             raise ValueError(f"equivariant targets need output dimension {d} (the group's), "
                              f"got {m}.")
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        M_blocks, B_blocks = [], []
-        for k1, o1, s1 in zip(degrees, offsets, sizes):
-            row = []
-            for k2, o2, s2 in zip(degrees, offsets, sizes):
-                block = moments.M[o1:o1 + s1, o2:o2 + s2].reshape((d,) * (k1 + k2))
-                row.append(self.group.average(block, k1 + k2).reshape(s1, s2))
-            M_blocks.append(row)
-            block = moments.B[o1:o1 + s1].reshape((d,) * k1 + (m,))
-            if self.equivariant:  # the output axis rotates too: average it along with the rest
-                block = jnp.moveaxis(self.group.average(jnp.moveaxis(block, -1, 0), k1 + 1),
-                                     0, -1)
-            else:
-                block = self.group.average(block, k1)
-            B_blocks.append(block.reshape(s1, m))
-        M = jnp.block(M_blocks)
-        return Moments(0.5 * (M + M.T), jnp.concatenate(B_blocks), moments.c, moments.n)
+        design = _factor_design(self.group, max(degrees), m, self.equivariant,
+                                moments.R.shape[0])
+        return _symmetrize(self, moments, tuple(degrees), design)
 
     def defect(self, moments, model) -> Array:
         """Symmetry defect of `moments`: ‖(M, B) − P(M, B)‖ / ‖(M, B)‖ with P the exact
@@ -96,6 +81,92 @@ class Augmentation(eqx.Module):
         num = jnp.sqrt(jnp.sum((moments.M - exact.M) ** 2) + jnp.sum((moments.B - exact.B) ** 2))
         den = jnp.sqrt(jnp.sum(moments.M**2) + jnp.sum(moments.B**2))
         return num / den
+
+
+@eqx.filter_jit
+def _symmetrize(augmentation, moments, degrees, design):
+    # One compiled program (the blocks' averages, the factor): eagerly it is ~100 small
+    # dispatches, each compiled on first use.
+    from ._objective import Moments
+
+    d = augmentation.group.dim
+    m = moments.B.shape[1]
+    sizes = [d**k for k in degrees]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    M_blocks, B_blocks = [], []
+    for k1, o1, s1 in zip(degrees, offsets, sizes):
+        row = []
+        for k2, o2, s2 in zip(degrees, offsets, sizes):
+            block = moments.M[o1:o1 + s1, o2:o2 + s2].reshape((d,) * (k1 + k2))
+            row.append(augmentation.group.average(block, k1 + k2).reshape(s1, s2))
+        M_blocks.append(row)
+        block = moments.B[o1:o1 + s1].reshape((d,) * k1 + (m,))
+        if augmentation.equivariant:  # the output axis rotates too: average it along with the rest
+            block = jnp.moveaxis(augmentation.group.average(jnp.moveaxis(block, -1, 0), k1 + 1),
+                                 0, -1)
+        else:
+            block = augmentation.group.average(block, k1)
+        B_blocks.append(block.reshape(s1, m))
+    M = jnp.block(M_blocks)
+    B = jnp.concatenate(B_blocks)
+    C = moments.C
+    if augmentation.equivariant:  # Y ↦ Y gᵀ: C ↦ avg_g g C gᵀ
+        C = augmentation.group.average(C, 2)
+    if design is None:
+        return Moments.from_gram(M, B, C, moments.n)
+    # The augmented data's QR factor from the base one: [Ψ Y] ↦ [Ψ τ(g)ᵀ, Y ρ(g)ᵀ] for
+    # every g of a finite group (or of an exact finite design of O(2)), stacked and
+    # re-factored — backward stable, so the loss keeps its digits near a perfect fit.
+    R = _stacked_factor(moments.R, design, degrees, d, augmentation.equivariant)
+    M = 0.5 * (M + M.T)
+    return Moments(M, B, 0.5 * (C + C.T), R, moments.n)
+
+
+_MAX_STACKED_ENTRIES = 2**24  # 128 MiB of float64 for the stacked factors
+
+
+def _factor_design(group, max_degree, m, equivariant, k):
+    """Orthogonal matrices whose average reproduces `group`'s on the Gram matrix of [Ψ Y],
+    when few enough to stack k × (p + m) factors; else None (eigen-factor the moments)."""
+    import numpy as np
+
+    if isinstance(group, AbstractFiniteGroup) and not (
+            isinstance(group, OrthogonalGroup) and group.samples is None):
+        matrices = group.matrices()
+    elif isinstance(group, OrthogonalGroup) and group.dim == 2:
+        # The Gram entries are trigonometric polynomials of degree ≤ 2·max_degree (+1, +2
+        # for equivariant targets): the dihedral group D_N with N above that is exact.
+        n = 2 * max_degree + 3
+        angle = 2.0 * np.pi * np.arange(n) / n
+        cos, sin = np.cos(angle), np.sin(angle)
+        rotations = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+        matrices = jnp.asarray(np.concatenate([rotations, rotations @ np.diag([1.0, -1.0])]))
+    else:
+        return None
+    q = sum(group.dim**deg for deg in range(max_degree + 1)) + m  # ≥ p + m
+    if matrices.shape[0] * k * q > _MAX_STACKED_ENTRIES:
+        return None
+    return matrices
+
+
+def _stacked_factor(r, matrices, degrees, d, equivariant):
+    sizes = [d**deg for deg in degrees]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    k = r.shape[0]
+
+    def act(g):
+        blocks = []
+        for deg, o, s in zip(degrees, offsets, sizes):
+            block = r[:, o:o + s].reshape((k,) + (d,) * deg)
+            for axis in range(1, deg + 1):  # ψ(gx) = ψ(x) τ(g)ᵀ: g on every feature axis
+                block = jnp.moveaxis(jnp.tensordot(g, block, axes=([1], [axis])), 0, axis)
+            blocks.append(block.reshape(k, s))
+        targets = r[:, sum(sizes):]
+        blocks.append(targets @ g.T if equivariant else targets)
+        return jnp.concatenate(blocks, axis=1)
+
+    stacked = jax.vmap(act)(matrices).reshape(-1, r.shape[1]) / jnp.sqrt(matrices.shape[0])
+    return jnp.linalg.qr(stacked, mode="r")
 
 
 def _tensorizable(model):

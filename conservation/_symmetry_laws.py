@@ -22,6 +22,7 @@ from ._groups import (
     OrthogonalGroup,
     Permutations,
     PlanarRotations,
+    _brauer_supported,
 )
 from ._laws import AbstractLaw
 
@@ -252,10 +253,11 @@ def _reproduces_orthogonal_average(model, augmentation: Augmentation, key_seed: 
     d = group.dim
     degrees = model.feature_degrees
     max_axes = 2 * max(degrees) + (1 if augmentation.equivariant else 0)
-    if max_axes <= 8:
-        reference = OrthogonalGroup(d)
-    elif d == 2:
-        # SO(2) and O(2) agree on the (symmetric) moment tensors of vector inputs; C_N with
+    if _brauer_supported(max_axes, d):
+        reference = OrthogonalGroup(d)  # exact, orthonormal basis of the invariants
+    elif d == 2 and not augmentation.equivariant:
+        # Beyond the exact projection's memory limit: SO(2) and O(2) agree on the (fully
+        # symmetric) moment tensors of vector inputs with invariant targets, and C_N with
         # N > max_axes averages trigonometric polynomials of degree < N exactly.
         reference = PlanarRotations(max_axes + 1)
     else:

@@ -80,3 +80,24 @@ def test_augmentation_errors(zoo, getkey):
                           augment=cn.Augmentation(cn.CyclicShift(3), equivariant=True))
     with pytest.raises(TypeError, match="group"):
         cn.make_objective(cn.MSE(), data, model, augment="C3")
+
+
+def test_exact_o2_symmetrisation_of_the_sextic_neuron(zoo, getkey):
+    """The sextic neuron's moments have up to 12 axes in d = 2 (exact O(2), formerly
+    refused): equal to expanding the data by the dihedral group D₁₃ (built here in numpy),
+    an exact O(2) design for trigonometric polynomials of degree ≤ 12."""
+    model, xs = zoo["neuron"]
+    assert 2 * max(model.feature_degrees) == 12
+    y = jax.random.normal(getkey(), (len(xs), 1))
+    fast = cn.make_objective(cn.MSE(), cn.Dataset(xs, y), model, augment=cn.OrthogonalGroup(2))
+    angle = 2.0 * np.pi * np.arange(13) / 13
+    c, s = np.cos(angle), np.sin(angle)
+    rotations = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+    dihedral = np.concatenate([rotations, rotations @ np.diag([1.0, -1.0])])
+    x_orbit = np.einsum("gij,nj->gni", dihedral, np.asarray(xs)).reshape(-1, 2)
+    y_orbit = np.broadcast_to(np.asarray(y), (26, *y.shape)).reshape(-1, 1)
+    reference = cn.make_objective(cn.MSE(), cn.Dataset(jnp.asarray(x_orbit), jnp.asarray(y_orbit)),
+                                  model, moments=False)
+    np.testing.assert_allclose(fast(model), reference(model), rtol=1e-12)
+    g, g_ref = _gradient(fast, model), _gradient(reference, model)
+    assert float(jnp.linalg.norm(g - g_ref) / jnp.linalg.norm(g_ref)) <= 1e-12

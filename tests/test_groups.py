@@ -72,6 +72,95 @@ def test_exact_orthogonal_average_is_an_invariant_projection(getkey):
     assert float(jnp.max(jnp.abs(group.average(tensor[..., 0], 3)))) == 0.0  # odd: −I kills
 
 
+def _numpy_act(g, tensor, n_axes):
+    for axis in range(n_axes):
+        tensor = np.moveaxis(np.tensordot(g, tensor, axes=([1], [axis])), 0, axis)
+    return tensor
+
+
+def _dihedral(n):
+    """D_n ⊂ O(2), 2n elements: an exact O(2) design for tensors with < n axes (their
+    components are trigonometric polynomials of degree < n)."""
+    angle = 2.0 * np.pi * np.arange(n) / n
+    c, s = np.cos(angle), np.sin(angle)
+    rotations = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+    return np.concatenate([rotations, rotations @ np.diag([1.0, -1.0])])
+
+
+def _reference_projection(tensor, n_axes, d):
+    """Least-squares projection onto the span of independently built pairing tensors
+    (SVD-based `lstsq`; never forms their singular Gram matrix)."""
+    def pairings(items):
+        if not items:
+            yield ()
+            return
+        for i in range(1, len(items)):
+            for tail in pairings(items[1:i] + items[i + 1:]):
+                yield ((items[0], items[i]),) + tail
+
+    columns = []
+    for pairing in pairings(tuple(range(n_axes))):
+        index = np.indices((d,) * n_axes).reshape(n_axes, -1)
+        columns.append(np.all([index[a] == index[b] for a, b in pairing], axis=0) * 1.0)
+    basis = np.stack(columns, axis=1)
+    flat = np.asarray(tensor).reshape(d**n_axes, -1)
+    coefficients = np.linalg.lstsq(basis, flat, rcond=1e-10)[0]
+    return (basis @ coefficients).reshape(tensor.shape)
+
+
+EXACT_CASES = [(2, 4), (2, 6), (2, 8), (2, 12), (3, 4), (3, 6), (3, 8), (8, 4)]
+
+
+@pytest.mark.parametrize("d, n_axes", EXACT_CASES)
+def test_exact_orthogonal_average_equals_independent_references(d, n_axes):
+    rng = np.random.default_rng(d * 100 + n_axes)
+    tensor = rng.standard_normal((d,) * n_axes)  # general, not symmetric: O(d) ≠ SO(d) here
+    exact = np.asarray(cn.OrthogonalGroup(d).average(jnp.asarray(tensor), n_axes))
+    scale = np.linalg.norm(tensor)
+    references = []
+    if d == 2:  # a finite design, averaged in numpy
+        g = _dihedral(n_axes + 1)
+        references.append(np.mean([_numpy_act(a, tensor, n_axes) for a in g], axis=0))
+    if d == 3 and n_axes == 4:  # icosahedral rotations are a 5-design of SO(3); even n: O(3)
+        g = np.asarray(cn.Icosahedral().matrices())
+        references.append(np.mean([_numpy_act(a, tensor, n_axes) for a in g], axis=0))
+    if n_axes <= 8:
+        references.append(_reference_projection(tensor, n_axes, d))
+    for reference in references:
+        assert np.max(np.abs(exact - reference)) <= 1e-12 * scale
+    # Summation order: permuting the axes (every sum runs in another order) commutes with
+    # the O(d) average, so it must give the same numbers to round-off.
+    perm = rng.permutation(n_axes)
+    permuted = np.asarray(cn.OrthogonalGroup(d).average(jnp.asarray(tensor.transpose(perm)),
+                                                        n_axes))
+    assert np.max(np.abs(permuted - exact.transpose(perm))) <= 1e-12 * scale
+
+
+@pytest.mark.parametrize("d, n_axes", [(3, 6), (3, 8)])
+def test_exact_orthogonal_basis_does_not_depend_on_the_pairing_order(d, n_axes):
+    from conservation._groups import _brauer_basis
+
+    rng = np.random.default_rng(0)
+    count = len(_brauer_basis(n_axes, d)[0])
+    n_pairings = int(np.prod(np.arange(n_axes - 1, 0, -2)))
+    permuted_basis, _ = _brauer_basis(n_axes, d, tuple(rng.permutation(n_pairings).tolist()))
+    basis, _ = _brauer_basis(n_axes, d)
+    assert count == len(permuted_basis)  # the dependent pairings (d < n/2) ruled out alike
+    tensor = rng.standard_normal(d**n_axes)
+    reference = _reference_projection(tensor, n_axes, d)
+    for b in (basis, permuted_basis):
+        np.testing.assert_allclose(b.T @ (b @ tensor), reference, atol=1e-12 * np.linalg.norm(tensor))
+
+
+def test_invariant_dimensions_match_known_counts():
+    from conservation._groups import _invariant_dimension
+
+    # O(2): half the balanced ± strings, C(n, n/2)/2; d ≥ n/2: (n − 1)!! pairings.
+    assert [_invariant_dimension(n, 2) for n in (2, 4, 6, 8, 12)] == [1, 3, 10, 35, 462]
+    assert [_invariant_dimension(n, 8) for n in (2, 4, 6, 8)] == [1, 3, 15, 105]
+    assert _invariant_dimension(8, 3) == 91 and _invariant_dimension(5, 3) == 0
+
+
 def test_monte_carlo_defect_decays_like_inverse_square_root_of_samples():
     tensor = _random_symmetric_tensor(4, 4, seed=3)
     exact = cn.OrthogonalGroup(4).average(tensor, 4)
@@ -93,3 +182,7 @@ def test_group_argument_errors():
         cn.OrthogonalGroup(3).matrices()
     with pytest.raises(ValueError, match="n ≤ 8"):
         cn.Permutations(9)
+    with pytest.raises(ValueError, match="samples="):
+        cn.OrthogonalGroup(2).average(jnp.zeros((2,) * 16), 16)
+    with pytest.raises(ValueError, match="samples="):
+        cn.OrthogonalGroup(5).average(jnp.zeros((5,) * 8), 8)
