@@ -37,9 +37,11 @@ def test_balance_laws_drift_within_tolerance_and_shrink_with_it(linear_problem):
 
 def test_ensemble_members_equal_individual_runs(linear_problem):
     ensemble, objective = linear_problem
-    together = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-9, n_save=11)
+    together = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-9, n_save=11,
+                                values=("balance[1]",))
     for i in (0, 3):
-        alone = cn.gradient_flow(objective, ensemble[i], 5.0, rtol=1e-9, n_save=11)
+        alone = cn.gradient_flow(objective, ensemble[i], 5.0, rtol=1e-9, n_save=11,
+                                 values=("balance[1]",))
         np.testing.assert_allclose(alone.loss[0], together.loss[i], rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(alone.values["balance[1]"][0],
                                    together.values["balance[1]"][i], rtol=1e-12, atol=1e-14)
@@ -66,7 +68,7 @@ def test_saxe_closed_form_is_matched(getkey):
     objective = cn.make_objective(cn.MSE(), data, model)
     end_to_end = cn.FunctionLaw(lambda net: net.end_to_end(), "end_to_end")
     result = cn.gradient_flow(objective, model, 3.0, solver="dopri8", rtol=1e-12, atol=1e-12,
-                              n_save=31, laws=[end_to_end])
+                              n_save=31, laws=[end_to_end], values="all")
     modes = cn.saxe_balanced_mode(s[None, :], a0[None, :] ** 2, result.t[:, None])
     predicted = jnp.einsum("ma,ta,ad->tmd", u, modes, vt)
     assert float(jnp.max(jnp.abs(result.values["end_to_end"][0] - predicted))) <= 1e-8

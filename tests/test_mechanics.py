@@ -82,7 +82,7 @@ def test_gradient_flow_keeps_the_laws(getkey):
     assert result.status_names() == ["success"] * 2
     assert max(float(jnp.max(d)) for d in result.max_drift.values()) <= 10 * rtol
     decayed = cn.gradient_flow(objective, ensemble, 5.0, rtol=rtol, laws=laws,
-                               field=cn.GradientField(weight_decay=0.1))
+                               field=cn.GradientField(weight_decay=0.1), values="all")
     # With weight decay the translation law decays exactly like e^{−λt}.
     values = decayed.values["translation"]
     expected = values[:, :1] * jnp.exp(-0.1 * decayed.t)[None, :, None]
