@@ -112,7 +112,7 @@ def _resolve_solver(solver) -> dfx.AbstractSolver:
 
 
 def _check_positive(name, value):
-    if not jnp.all(jnp.asarray(value) > 0):
+    if not np.all(np.asarray(value) > 0):  # numpy: checkable under jax.eval_shape too
         raise ValueError(f"`{name}` must be > 0, got {value}.")
 
 
