@@ -201,3 +201,16 @@ def test_values_modes_keep_the_same_drifts(linear_problem):
                                rtol=1e-13, atol=1e-14)
     with pytest.raises(ValueError, match="values"):
         cn.gradient_flow(objective, ensemble, 1.0, values=("nope",))
+
+
+@pytest.mark.slow  # compiles the progress variant of the solve (~10 s)
+def test_one_progress_bar_per_ensemble_flow(linear_problem, capsys):
+    ensemble, objective = linear_problem
+    cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-8, n_save=11)  # not a TTY: no bar
+    assert capsys.readouterr().err == ""
+    result = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-8, n_save=11, progress=True,
+                              batch_size=3)
+    err = capsys.readouterr().err
+    assert result.status_names() == ["success"] * 4
+    assert err.count("\n") == 1, err  # one bar, closed once (not one per member)
+    assert err.rstrip().endswith("]") and "flow: t=5/5, members 4/4" in err, err
