@@ -74,7 +74,8 @@ class ModifiedGradientField(AbstractVectorField):
     the iterates once β^k ≲ η (k ≳ log η / log β, the initial layer), and O(η) inside the layer,
     where the iterates still lag by β^k δ; adding −β^k δ makes it O(η²) at every step.
     Without the effective start the modified flow is only O(η) off along the run for β > 0
-    (a time lag of ηβ/(1 − β)). Law drifts are still measured from Q(θ₀).
+    (a time lag of ηβ/(1 − β)). The saved loss and `final` are the flow's (at t = 0 the
+    loss is L(θ₀ + δ)); law drifts are still measured from Q(θ₀).
 
     Measured (deep linear net 4-5-3, inputs ×0.3 so ‖H‖ ≈ 0.9, λ = 0.01; max over every step
     k ≤ 5/η of |θ_k − θ(ηk)|, order fitted over η = 0.04, 0.02, 0.01, 0.005; asserted in
@@ -137,8 +138,8 @@ def gradient_flow(
     """Integrate the gradient flow of `objective` from `model` (or every member of an ensemble).
 
     Law drifts are evaluated inside the solve at the `n_save` save times (the full trajectory
-    is never stored, nor, by default, the laws' values: see `values`). Tolerances, `t1` and `divergence` are traced, so sweeping them
-    reuses one compiled program. Work in float64 (conservation enables it on import): drifts
+    is never stored, nor, by default, the laws' values: see `values`). Tolerances, `t1` and
+    `divergence` are traced, so sweeping them reuses one compiled program. Work in float64 (conservation enables it on import): drifts
     are compared with tolerances far below float32 resolution.
 
     **Arguments:**
@@ -166,7 +167,8 @@ def gradient_flow(
       in lockstep until the slowest finishes, so on CPU one at a time (the default there) is
       fastest; on GPU/TPU the default is the whole ensemble, which fills the device.
     - `field`: the right-hand side: `GradientField(weight_decay=λ)` (default λ = 0) or
-      `ModifiedGradientField(lr, momentum, weight_decay)` to follow a discrete optimizer.
+      `ModifiedGradientField(lr, momentum, weight_decay)` to follow a discrete optimizer
+      (with momentum it starts from the effective initial condition θ₀ + δ, see there).
 
     **Memory:** the stored monitors are O(B·T·n_laws) scalars (loss, drift, condition at T =
     `n_save` saves for B members) plus B × (parameters + law sizes) for `final` /

@@ -104,6 +104,10 @@ def train(
       one compiled program (`conservation.optimizer` injects `learning_rate`, `momentum`,
       `weight_decay`).
 
+    **Memory:** B·T scalars per law (loss, drift, condition at T ≈ `n_save` saves) plus the
+    final parameters and `final_values` (B × law size); B·T·law size only for laws kept with
+    `values`.
+
     **Returns:** a `conservation.Result` with `t` = steps × `step_time` at the save points.
     """
     ensemble = as_ensemble(model)
@@ -129,13 +133,16 @@ def train(
     n_chunks = -(-steps // chunk)
     overrides = {k: jnp.broadcast_to(jnp.asarray(v, float), (ensemble.size,))
                  for k, v in (hyperparams or {}).items()}
-    carry, observed = _start(params, static, objective, monitor, optim,
-                             jax.random.split(key, ensemble.size), overrides, keep)
+    carry, (*observed, last) = _start(params, static, objective, monitor, optim,
+                                      jax.random.split(key, ensemble.size), overrides, keep)
     history = [observed]
     bar = tqdm(total=steps, desc="train", disable=not show_progress(progress), unit="step")
     for _ in range(n_chunks):
-        carry, observed = _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size,
-                                     jnp.asarray(steps), jnp.asarray(divergence, float), keep)
+        # Every chunk returns all law values, but only the last chunk's (the final model's) are
+        # kept: law-sized memory is B × law size, not B × saves × law size.
+        carry, (*observed, last) = _run_chunk(
+            carry, static, objective, monitor, optim, chunk, batch_size, jnp.asarray(steps),
+            jnp.asarray(divergence, float), keep)
         history.append(observed)
         bar.update(min(chunk, steps - bar.n))
     bar.close()
@@ -146,17 +153,13 @@ def train(
     drift = {k: jnp.stack([h[2][k] for h in history], axis=1) for k in history[0][2]}
     condition = {k: jnp.stack([h[3][k] for h in history], axis=1) for k in history[0][3]}
     t = jnp.minimum(jnp.arange(n_chunks + 1) * chunk, steps) * step_time
-    last = _final_values(params, static, monitor) if final_values else {}
+    last = last if final_values else {}
     return Result(
         t=t.astype(float), loss=loss, values=values, drift=drift, max_drift=max_drift,
         condition=condition, final=Ensemble(eqx.combine(params, static), ensemble.size),
         status=status, num_steps=count, final_values=last,
     )
 
-
-@eqx.filter_jit
-def _final_values(params, static, monitor):
-    return jax.vmap(lambda p: monitor.values(eqx.combine(p, static)))(params)
 
 
 TRACES = 0  # number of times the training step program was traced (see `_run_chunk`)
@@ -178,7 +181,7 @@ def _start(params, static, objective, monitor, optim, keys, overrides, keep):
                 for k, v in state.hyperparams.items()})
         carry = (p, state, key, jnp.asarray(SUCCESS), jnp.asarray(0), zeros, reference)
         kept = {k: reference[0][k] for k in keep}
-        return carry, (objective(model), kept, zeros, monitor.conditions(model))
+        return carry, (objective(model), kept, zeros, monitor.conditions(model), reference[0])
 
     return jax.vmap(one)(params, keys, overrides)
 
@@ -213,6 +216,6 @@ def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, step
         model = eqx.combine(carry[0], static)
         values = monitor.values(model)
         return carry, (objective(model), {k: values[k] for k in keep},
-                       monitor.drifts(values, carry[-1]), monitor.conditions(model))
+                       monitor.drifts(values, carry[-1]), monitor.conditions(model), values)
 
     return jax.vmap(one)(carry)
