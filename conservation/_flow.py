@@ -139,8 +139,9 @@ def gradient_flow(
 
     Law drifts are evaluated inside the solve at the `n_save` save times (the full trajectory
     is never stored, nor, by default, the laws' values: see `values`). Tolerances, `t1` and
-    `divergence` are traced, so sweeping them reuses one compiled program. Work in float64 (conservation enables it on import): drifts
-    are compared with tolerances far below float32 resolution.
+    `divergence` are traced, so sweeping them reuses one compiled program. Work in float64
+    (conservation enables it on import): drifts are compared with tolerances far below float32
+    resolution.
 
     **Arguments:**
 
