@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(count_table(config, max_depth=args.depth))
         return 0
     log = (lambda _: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    summary = run_config(config, out_dir=args.out, progress=not args.quiet, log=log)
+    # progress None: bars only on a terminal (not in logs or CI).
+    summary = run_config(config, out_dir=args.out, progress=False if args.quiet else None,
+                         log=log)
     print(format_summary(summary))
     print(f"results written to {args.out or config.output}/ (summary.json, plot.png, *.npz)")
     return 0

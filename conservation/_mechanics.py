@@ -26,9 +26,9 @@ import optax
 from ._custom_types import Array
 from ._laws import check_unique_names
 from ._mlp import AbstractMechanicsLaw
-from ._model import as_ensemble
+from ._model import Ensemble, as_ensemble
 from ._objective import Objective
-from ._train import optimizer
+from ._train import minibatch, optimizer
 
 
 class MechanicsResult(eqx.Module):
@@ -38,6 +38,7 @@ class MechanicsResult(eqx.Module):
     - `simulated`, `discrete`, `continuous`: law name → values, shape (B, K+1, c):
       what the optimizer did, the exact discrete identity, the continuous-time theory.
     - `scale`: law name → natural size of each component (max over the run), shape (B, c).
+    - `final`: the ensemble after the last step (the same as `train`'s for the same key).
     """
 
     t: Array
@@ -45,6 +46,7 @@ class MechanicsResult(eqx.Module):
     discrete: dict[str, Array]
     continuous: dict[str, Array]
     scale: dict[str, Array]
+    final: Ensemble
 
     def discrete_error(self) -> dict[str, float]:
         """max |simulated − discrete identity| / scale per law (round-off: ~1e-15)."""
@@ -77,7 +79,8 @@ def track_mechanics(
 
     **Arguments:** `objective`, `model` (or `Ensemble`), `laws` (`AbstractMechanicsLaw`s:
     translation, scale, rescale), `lr`, `steps`, `weight_decay` λ, `momentum` β, optional
-    minibatch `batch_size` with PRNG `key`.
+    minibatch `batch_size` with PRNG `key` (the same sample path as `train` with the same
+    key and batch size: bit-identical parameters).
 
     **Returns:** a `MechanicsResult`.
     """
@@ -94,14 +97,15 @@ def track_mechanics(
     kind = "momentum" if momentum else "gd"
     optim = optimizer(kind, lr=lr, momentum=momentum, weight_decay=weight_decay)
     keys = jax.random.split(jax.random.PRNGKey(0) if key is None else key, ensemble.size)
-    sim, disc, drive, scale = _run(ensemble.models, objective, laws, optim, lr, weight_decay,
+    sim, disc, drive, scale, final = _run(ensemble.models, objective, laws, optim, lr, weight_decay,
                                    momentum, steps, batch_size, keys)
     t = lr * np.arange(steps + 1)
     continuous = {law.name: jnp.asarray(_continuous(law.quadratic, np.asarray(sim[law.name]),
                                                      np.asarray(drive[law.name]), t, lr,
                                                      weight_decay, momentum))
                   for law in laws}
-    return MechanicsResult(jnp.asarray(t), sim, disc, continuous, scale)
+    return MechanicsResult(jnp.asarray(t), sim, disc, continuous, scale,
+                           Ensemble(final, ensemble.size))
 
 
 @eqx.filter_jit
@@ -116,13 +120,9 @@ def _run(models, objective, laws, optim, lr, lam, beta, steps, batch_size, keys)
         def values(p):
             return {law.name: law(eqx.combine(p, static)) for law in laws}
 
-        def step(carry, key_k):
+        def step(carry, k):
             p, state, predicted, r, v_prev = carry
-            objective_k = objective
-            if batch_size is not None:
-                index = jax.random.choice(key_k, len(objective.data), (batch_size,),
-                                          replace=False)
-                objective_k = objective.on(index)
+            objective_k = minibatch(objective, key, k, batch_size)  # the batches `train` draws
             grad = jax.grad(lambda q: objective_k(eqx.combine(q, static)))(p)
             updates, state = optim.update(grad, state, p)
             new_p = optax.apply_updates(p, updates)
@@ -154,14 +154,15 @@ def _run(models, objective, laws, optim, lr, lam, beta, steps, batch_size, keys)
         start = values(params)
         zeros = {n: jnp.zeros_like(x) for n, x in start.items()}
         carry = (params, optim.init(params), start, zeros, jnp.zeros_like(flat(params)))
-        _, (sim, disc, drive, scale) = jax.lax.scan(step, carry, jax.random.split(key, steps))
+        last, (sim, disc, drive, scale) = jax.lax.scan(step, carry, jnp.arange(steps))
 
         def prepend(first, rest):
             return {n: jnp.concatenate([first[n][None], rest[n]]) for n in rest}
 
         scale0 = {law.name: law.scale(model) for law in laws}
         scale = {n: jnp.maximum(jnp.max(scale[n], axis=0), scale0[n]) for n in scale}
-        return prepend(start, sim), prepend(start, disc), drive, scale
+        return (prepend(start, sim), prepend(start, disc), drive, scale,
+                eqx.combine(last[0], static))
 
     return jax.vmap(one)(models, keys)
 

@@ -1,5 +1,7 @@
 """Monitors: law values and drifts evaluated inside a run, and the `Result` of a run."""
 
+import sys
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -49,7 +51,8 @@ class Result(eqx.Module):
 
     - `t`: the save times, shape (T,) (physical time; for discrete optimizers step × `step_time`).
     - `loss`: L(θ(t)), shape (B, T).
-    - `values`: law name → Q(θ(t)), shape (B, T, *law shape).
+    - `values`: law name → Q(θ(t)), shape (B, T, *law shape), only for the laws asked for with
+      `values="all"` or by name (empty by default: that is B·T·law size of memory).
     - `drift`: law name → relative drift at the save times, shape (B, T).
     - `max_drift`: law name → largest drift seen, shape (B,). Discrete runs take it over every
       step, not just the save points.
@@ -57,6 +60,8 @@ class Result(eqx.Module):
       falls below `ILL_CONDITIONED` (1e-6) the law's drift is round-off noise, and `summary`
       counts the member as ill-conditioned for that law.
     - `final`: the ensemble at the end of the run.
+    - `final_values`: law name → Q(`final`), shape (B, *law shape) (empty with
+      `values="none"`).
     - `status`: per member, 0 success, 1 max_steps, 2 diverged, 3 failed (see `status_names`).
     - `num_steps`: solver steps (flow) or optimizer steps taken (discrete), per member.
 
@@ -73,6 +78,7 @@ class Result(eqx.Module):
     final: Ensemble
     status: Int[Array, " B"]
     num_steps: Int[Array, " B"]
+    final_values: dict[str, Array] = eqx.field(default_factory=dict)
 
     def status_names(self) -> list[str]:
         """The status of each member as a word."""
@@ -97,6 +103,30 @@ class Result(eqx.Module):
             },
             "num_steps_max": int(np.max(np.asarray(self.num_steps))),
         }
+
+
+def values_to_keep(values, laws) -> tuple[tuple[str, ...], bool]:
+    """Parse a run's `values` argument: (law names kept at every save, keep final values)."""
+    names = tuple(law.name for law in laws)
+    if isinstance(values, str):
+        modes = {"none": ((), False), "final": ((), True), "all": (names, True)}
+        if values not in modes:
+            raise ValueError(f"`values` must be 'none', 'final', 'all' or a sequence of law "
+                             f"names, got {values!r}.")
+        return modes[values]
+    values = tuple(values)
+    unknown = [v for v in values if v not in names]
+    if unknown:
+        raise ValueError(f"`values` names {unknown} that are not monitored laws; choose from "
+                         f"{list(names)}.")
+    return tuple(n for n in names if n in values), True
+
+
+def show_progress(progress: bool | None) -> bool:
+    """`progress=None` means: only when stderr is a terminal."""
+    if progress is None:
+        return sys.stderr.isatty()
+    return bool(progress)
 
 
 def _finite_median(a) -> float | None:

@@ -227,7 +227,10 @@ def result_arrays(result: Result) -> dict[str, np.ndarray]:
         arrays[f"condition/{name}"] = result.condition[name]
         arrays[f"drift/{name}"] = result.drift[name]
         arrays[f"max_drift/{name}"] = result.max_drift[name]
-        arrays[f"values/{name}"] = result.values[name]
+        if name in result.values:  # kept at every save only on request (`values="all"`)
+            arrays[f"values/{name}"] = result.values[name]
+        if name in result.final_values:
+            arrays[f"final_values/{name}"] = result.final_values[name]
     return {k: np.asarray(v) for k, v in arrays.items()}
 
 

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ._custom_types import Array, Key, ScalarLike
 from ._laws import check_unique_names
 from ._model import AbstractModel, Ensemble, as_ensemble
-from ._monitor import DIVERGED, SUCCESS, LawMonitor, Result
+from ._monitor import DIVERGED, SUCCESS, LawMonitor, Result, show_progress, values_to_keep
 from ._objective import Objective
 
 
@@ -48,6 +48,17 @@ def optimizer(
     raise ValueError(f"unknown optimizer `kind` {kind!r}; choose 'gd', 'sgd', 'momentum' or 'adam'.")
 
 
+def minibatch(objective: Objective, key: Key, step, batch_size: int | None) -> Objective:
+    """The objective of optimizer step `step` for one member with PRNG `key`: a fresh batch of
+    `batch_size` examples without replacement, drawn with `jax.random.fold_in(key, step)`
+    (`train` and `track_mechanics` share it, so the same key gives the same SGD path)."""
+    if batch_size is None:
+        return objective
+    index = jax.random.choice(jax.random.fold_in(key, step), len(objective.data),
+                              (batch_size,), replace=False)
+    return objective.on(index)
+
+
 def train(
     objective: Objective,
     model: AbstractModel | Ensemble,
@@ -57,9 +68,10 @@ def train(
     batch_size: int | None = None,
     key: Key | None = None,
     laws=None,
+    values="final",
     n_save: int = 101,
     step_time: float = 1.0,
-    progress: bool = False,
+    progress: bool | None = None,
     divergence: ScalarLike = 1e8,
     hyperparams: dict[str, Array] | None = None,
 ) -> Result:
@@ -74,19 +86,27 @@ def train(
     - `steps`: number of optimizer steps.
     - `batch_size`: minibatch size for SGD (fresh random batch per step and member, without
       replacement); `None` uses the full objective (moment fast path if available).
-    - `key`: PRNG key for the minibatches (required with `batch_size`).
+    - `key`: PRNG key for the minibatches (required with `batch_size`): member i uses
+      `jax.random.split(key, B)[i]`, and step k draws its batch with
+      `jax.random.fold_in(member_key, k)` (see `minibatch`).
     - `laws`: laws to monitor (default: the model's architecture laws). Their drift is checked
       after every step; `max_drift` is the worst over all steps.
+    - `values`: law values to keep, as in `gradient_flow`: `"final"` (default,
+      `Result.final_values`), `"none"`, `"all"` or law names (`Result.values` at every save).
     - `n_save`: about this many save points (the first at step 0, the last at `steps`).
     - `step_time`: the time one step represents on `Result.t` (e.g. the learning rate η, to
       overlay with gradient flow at t = ηk).
-    - `progress`: show a progress bar.
+    - `progress`: show one progress bar; `None` (default): only when stderr is a terminal.
     - `divergence`: a member whose parameter norm exceeds this or whose loss is non-finite is
       frozen at its last good step and reported as `diverged`.
     - `hyperparams`: per-member values of `optim`'s injected hyperparameters, e.g.
       `{"learning_rate": lrs}` with `lrs` of shape (B,): a whole learning-rate sweep runs as
       one compiled program (`conservation.optimizer` injects `learning_rate`, `momentum`,
       `weight_decay`).
+
+    **Memory:** B·T scalars per law (loss, drift, condition at T ≈ `n_save` saves) plus the
+    final parameters and `final_values` (B × law size); B·T·law size only for laws kept with
+    `values`.
 
     **Returns:** a `conservation.Result` with `t` = steps × `step_time` at the save points.
     """
@@ -105,6 +125,7 @@ def train(
             raise ValueError("`batch_size` needs a `key` to draw minibatches.")
     key = jax.random.PRNGKey(0) if key is None else key
     laws = check_unique_names(ensemble[0].laws() if laws is None else laws)
+    keep, final_values = values_to_keep(values, laws)
     monitor = LawMonitor(laws)
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
 
@@ -112,13 +133,16 @@ def train(
     n_chunks = -(-steps // chunk)
     overrides = {k: jnp.broadcast_to(jnp.asarray(v, float), (ensemble.size,))
                  for k, v in (hyperparams or {}).items()}
-    carry, observed = _start(params, static, objective, monitor, optim,
-                             jax.random.split(key, ensemble.size), overrides)
+    carry, (*observed, last) = _start(params, static, objective, monitor, optim,
+                                      jax.random.split(key, ensemble.size), overrides, keep)
     history = [observed]
-    bar = tqdm(total=steps, desc="train", disable=not progress, unit="step")
+    bar = tqdm(total=steps, desc="train", disable=not show_progress(progress), unit="step")
     for _ in range(n_chunks):
-        carry, observed = _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size,
-                                     jnp.asarray(steps), jnp.asarray(divergence, float))
+        # Every chunk returns all law values, but only the last chunk's (the final model's) are
+        # kept: law-sized memory is B × law size, not B × saves × law size.
+        carry, (*observed, last) = _run_chunk(
+            carry, static, objective, monitor, optim, chunk, batch_size, jnp.asarray(steps),
+            jnp.asarray(divergence, float), keep)
         history.append(observed)
         bar.update(min(chunk, steps - bar.n))
     bar.close()
@@ -129,18 +153,20 @@ def train(
     drift = {k: jnp.stack([h[2][k] for h in history], axis=1) for k in history[0][2]}
     condition = {k: jnp.stack([h[3][k] for h in history], axis=1) for k in history[0][3]}
     t = jnp.minimum(jnp.arange(n_chunks + 1) * chunk, steps) * step_time
+    last = last if final_values else {}
     return Result(
         t=t.astype(float), loss=loss, values=values, drift=drift, max_drift=max_drift,
         condition=condition, final=Ensemble(eqx.combine(params, static), ensemble.size),
-        status=status, num_steps=count,
+        status=status, num_steps=count, final_values=last,
     )
+
 
 
 TRACES = 0  # number of times the training step program was traced (see `_run_chunk`)
 
 
 @eqx.filter_jit
-def _start(params, static, objective, monitor, optim, keys, overrides):
+def _start(params, static, objective, monitor, optim, keys, overrides, keep):
     def one(p, key, override):
         model = eqx.combine(p, static)
         reference = monitor.reference(model)
@@ -154,23 +180,23 @@ def _start(params, static, objective, monitor, optim, keys, overrides):
                 k: override.get(k, v).astype(jnp.asarray(v).dtype)
                 for k, v in state.hyperparams.items()})
         carry = (p, state, key, jnp.asarray(SUCCESS), jnp.asarray(0), zeros, reference)
-        return carry, (objective(model), reference[0], zeros, monitor.conditions(model))
+        kept = {k: reference[0][k] for k in keep}
+        return carry, (objective(model), kept, zeros, monitor.conditions(model), reference[0])
 
     return jax.vmap(one)(params, keys, overrides)
 
 
 @eqx.filter_jit
-def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, steps, divergence):
+def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, steps, divergence,
+               keep):
     global TRACES
     TRACES += 1  # runs once per trace: counts compilations of the training program
     def one(carry):
         def step(carry, _):
             p, state, key, status, count, max_drift, reference = carry
-            key, sub = jax.random.split(key)
-            objective_k = objective
-            if batch_size is not None:
-                index = jax.random.choice(sub, len(objective.data), (batch_size,), replace=False)
-                objective_k = objective.on(index)
+            # `count` is the step index of every member still running (a stopped member's
+            # batches no longer matter): the same (key, step) → batch map as track_mechanics.
+            objective_k = minibatch(objective, key, count, batch_size)
             loss, grad = jax.value_and_grad(lambda q: objective_k(eqx.combine(q, static)))(p)
             updates, new_state = optim.update(grad, state, p)
             new_p = optax.apply_updates(p, updates)
@@ -189,7 +215,7 @@ def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, step
         carry, _ = jax.lax.scan(step, carry, None, length=chunk)
         model = eqx.combine(carry[0], static)
         values = monitor.values(model)
-        return carry, (objective(model), values, monitor.drifts(values, carry[-1]),
-                       monitor.conditions(model))
+        return carry, (objective(model), {k: values[k] for k in keep},
+                       monitor.drifts(values, carry[-1]), monitor.conditions(model), values)
 
     return jax.vmap(one)(carry)

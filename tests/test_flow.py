@@ -1,5 +1,6 @@
 """Gradient flow: laws conserved to tolerance, closed forms matched, statuses reported."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,9 +38,11 @@ def test_balance_laws_drift_within_tolerance_and_shrink_with_it(linear_problem):
 
 def test_ensemble_members_equal_individual_runs(linear_problem):
     ensemble, objective = linear_problem
-    together = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-9, n_save=11)
+    together = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-9, n_save=11,
+                                values=("balance[1]",))
     for i in (0, 3):
-        alone = cn.gradient_flow(objective, ensemble[i], 5.0, rtol=1e-9, n_save=11)
+        alone = cn.gradient_flow(objective, ensemble[i], 5.0, rtol=1e-9, n_save=11,
+                                 values=("balance[1]",))
         np.testing.assert_allclose(alone.loss[0], together.loss[i], rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(alone.values["balance[1]"][0],
                                    together.values["balance[1]"][i], rtol=1e-12, atol=1e-14)
@@ -66,7 +69,7 @@ def test_saxe_closed_form_is_matched(getkey):
     objective = cn.make_objective(cn.MSE(), data, model)
     end_to_end = cn.FunctionLaw(lambda net: net.end_to_end(), "end_to_end")
     result = cn.gradient_flow(objective, model, 3.0, solver="dopri8", rtol=1e-12, atol=1e-12,
-                              n_save=31, laws=[end_to_end])
+                              n_save=31, laws=[end_to_end], values="all")
     modes = cn.saxe_balanced_mode(s[None, :], a0[None, :] ** 2, result.t[:, None])
     predicted = jnp.einsum("ma,ta,ad->tmd", u, modes, vt)
     assert float(jnp.max(jnp.abs(result.values["end_to_end"][0] - predicted))) <= 1e-8
@@ -143,3 +146,71 @@ def test_flow_argument_errors(linear_problem):
         cn.gradient_flow(lambda m: 0.0, ensemble, 1.0)
     with pytest.raises(TypeError, match="model"):
         cn.gradient_flow(objective, [1.0], 1.0)
+
+
+def test_monitor_memory_scales_with_members_saves_laws_not_law_size():
+    """The issue's H100 case (DLN 128-256-256-32, P = 106 k, n = 4096, 256 members): stored
+    monitors are B·T scalars per law by default; only `values="all"` holds B·T·256² per law.
+    `eval_shape` traces the whole run without allocating it."""
+    widths, size, n_save = (128, 256, 256, 32), 256, 101
+    k_teacher, k_x, k_model = jax.random.split(jax.random.PRNGKey(0), 3)
+    teacher = cn.DeepLinear.random(widths, key=k_teacher)
+    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(k_x, 4096, (widths[0],)))
+    objective = cn.make_objective(cn.MSE(), data, teacher)
+    ensemble = eqx.filter_eval_shape(
+        cn.Ensemble.init, lambda k: cn.DeepLinear.random(widths, key=k), k_model, size)
+    parameters = sum(a * b for a, b in zip(widths, widths[1:]))
+    assert parameters == 106_496
+
+    def stored(values):
+        return eqx.filter_eval_shape(lambda e: cn.gradient_flow(
+            objective, e, 1.0, n_save=n_save, batch_size=size, values=values), ensemble)
+
+    result = stored("final")
+    laws = ("balance[0]", "balance[1]")
+    assert tuple(result.drift) == laws and result.values == {}
+    for name in laws:
+        for monitor in (result.drift, result.condition):
+            assert monitor[name].shape == (size, n_save)
+        assert result.max_drift[name].shape == (size,)
+        assert result.final_values[name].shape == (size, 256, 256)
+    per_save = sum(x.size for x in jax.tree_util.tree_leaves(
+        (result.t, result.loss, result.drift, result.condition)))
+    assert per_save == n_save + size * n_save * (1 + 2 * len(laws))
+    everything = sum(x.size for x in jax.tree_util.tree_leaves(result))
+    # per-save scalars + final parameters + final law values (+ per-member scalars)
+    assert everything == (per_save + size * parameters + size * len(laws) * 256**2
+                          + size * (2 + len(laws)))
+
+
+def test_values_modes_keep_the_same_drifts(linear_problem):
+    # Same programs as test_ensemble_members_equal_individual_runs / test_exhausted_member_...
+    ensemble, objective = linear_problem
+    kept = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-9, n_save=11,
+                            values=("balance[1]",))
+    lean = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-9, n_save=11)
+    assert set(kept.values) == {"balance[1]"} and lean.values == {}
+    w = kept.final.models.weights
+    for name, drift in kept.drift.items():
+        np.testing.assert_array_equal(lean.drift[name], drift)
+        layer = int(name[-2])
+        gram = (jnp.einsum("bji,bjk->bik", w[layer + 1], w[layer + 1])
+                - jnp.einsum("bij,bkj->bik", w[layer], w[layer]))
+        np.testing.assert_allclose(lean.final_values[name], gram, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(kept.values["balance[1]"][:, -1], lean.final_values["balance[1]"],
+                               rtol=1e-13, atol=1e-14)
+    with pytest.raises(ValueError, match="values"):
+        cn.gradient_flow(objective, ensemble, 1.0, values=("nope",))
+
+
+@pytest.mark.slow  # compiles the progress variant of the solve (~10 s)
+def test_one_progress_bar_per_ensemble_flow(linear_problem, capsys):
+    ensemble, objective = linear_problem
+    cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-8, n_save=11)  # not a TTY: no bar
+    assert capsys.readouterr().err == ""
+    result = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-8, n_save=11, progress=True,
+                              batch_size=3)
+    err = capsys.readouterr().err
+    assert result.status_names() == ["success"] * 4
+    assert err.count("\n") == 1, err  # one bar, closed once (not one per member)
+    assert err.rstrip().endswith("]") and "flow: t=5/5, members 4/4" in err, err

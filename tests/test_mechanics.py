@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import conservation as cn
@@ -63,6 +64,23 @@ def test_exact_discrete_identities_hold_to_round_off(getkey, weight_decay, momen
         assert min(moved.values()) > 1e-2
 
 
+def test_track_mechanics_follows_the_sample_path_of_train(getkey):
+    # Same shapes and steps as the (0.02, 0.8, 16) identity case above: its program is reused.
+    ensemble, objective, laws = _problem(getkey())
+    key = getkey()
+    mechanics = cn.track_mechanics(objective, ensemble, laws, lr=0.05, steps=300,
+                                   weight_decay=0.02, momentum=0.8, batch_size=16, key=key)
+    trained = cn.train(objective, ensemble, cn.optimizer("momentum", lr=0.05, momentum=0.8,
+                                                         weight_decay=0.02),
+                       300, batch_size=16, key=key, laws=laws, n_save=2)
+    ours = jax.tree_util.tree_leaves(eqx.filter(mechanics.final.models, eqx.is_inexact_array))
+    theirs = jax.tree_util.tree_leaves(eqx.filter(trained.final.models, eqx.is_inexact_array))
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(a, b)  # bit-identical: same minibatches, same arithmetic
+    assert float(jnp.max(jnp.abs(mechanics.final.models.weights[0]
+                                 - ensemble.models.weights[0]))) > 1e-3  # it trained
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_continuous_theory_is_first_order_in_the_learning_rate(getkey, momentum):
     ensemble, objective, laws = _problem(getkey(), size=1)
@@ -82,7 +100,7 @@ def test_gradient_flow_keeps_the_laws(getkey):
     assert result.status_names() == ["success"] * 2
     assert max(float(jnp.max(d)) for d in result.max_drift.values()) <= 10 * rtol
     decayed = cn.gradient_flow(objective, ensemble, 5.0, rtol=rtol, laws=laws,
-                               field=cn.GradientField(weight_decay=0.1))
+                               field=cn.GradientField(weight_decay=0.1), values="all")
     # With weight decay the translation law decays exactly like e^{−λt}.
     values = decayed.values["translation"]
     expected = values[:, :1] * jnp.exp(-0.1 * decayed.t)[None, :, None]
@@ -156,3 +174,61 @@ def test_cli_writes_theory_vs_simulation(tmp_path):
         assert max(run["mechanics"]["continuous_theory_error"].values()) < 0.05
     assert "mechanics" not in modified and modified["status"]["success"] == 2
     assert pathlib.Path(tmp_path / "out" / "mechanics.png").stat().st_size > 10_000
+
+
+THETA = cn.FunctionLaw(lambda model: _flat(model), "theta")
+
+
+@pytest.fixture(scope="module")
+def small_linear_problem():
+    # Inputs scaled by 0.3: ‖H‖ ≈ 0.9, so η‖H‖ ≪ (1 − β)² for every η below (the asymptotic
+    # regime of the modified equation; at ‖H‖ ≈ 10 the heavy ball with β = 0.5 oscillates).
+    key = jax.random.PRNGKey(1234)
+    k_teacher, k_model, k_x = jax.random.split(key, 3)
+    teacher = cn.DeepLinear.random([4, 5, 3], key=k_teacher)
+    model = cn.DeepLinear.random([4, 5, 3], key=k_model, init_scale=0.8)
+    data = cn.teacher_dataset(teacher, 0.3 * cn.gaussian_inputs(k_x, 32, (4,)))
+    return model, cn.make_objective(cn.MSE(), data, model)
+
+
+def _order(lrs, errors):
+    return float(np.polyfit(np.log(lrs), np.log(errors), 1)[0])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_modified_flow_is_second_order_along_the_whole_window(small_linear_problem, momentum):
+    """max_k |θ_k − θ(ηk)| over t ∈ [0, 5] at η = 0.04 … 0.005 against heavy-ball iterates
+    written out here (v ← βv + g + λθ, θ ← θ − ηv, v₀ = 0). Plain flow is O(η); the modified
+    flow started from θ₀ + δ, δ = ηβ/(1−β)² (∇L + λθ₀), and corrected by −β^k δ inside the
+    initial layer, is O(η²) at every step."""
+    model, objective = small_linear_problem
+    weight_decay, window, lrs = 0.01, 5.0, (0.04, 0.02, 0.01, 0.005)
+    theta0 = np.asarray(_flat(model))
+    _, unravel = jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))
+    static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
+    grad = jax.jit(lambda y: jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y)
+                   + weight_decay * y)
+    errors = {"plain": [], "modified": []}
+    for lr in lrs:
+        steps = round(window / lr)
+        theta, v, iterates = theta0.copy(), np.zeros_like(theta0), [theta0]
+        for _ in range(steps):
+            v = momentum * v + np.asarray(grad(theta))
+            theta = theta - lr * v
+            iterates.append(theta)
+        iterates = np.array(iterates)
+        delta = lr * momentum / (1 - momentum) ** 2 * np.asarray(grad(theta0))
+        layer = momentum ** np.arange(steps + 1)[:, None] * delta
+        stride = 1000 // steps  # saves every 0.005: every iterate at η = 0.005
+        for name, step_lr in (("plain", 0.0), ("modified", lr)):
+            field = cn.ModifiedGradientField(step_lr, momentum, weight_decay)
+            flow = cn.gradient_flow(objective, model, window, n_save=1001, rtol=1e-11,
+                                    laws=[THETA], values="all", field=field)
+            at_steps = np.asarray(flow.values["theta"][0, ::stride])
+            if name == "modified":
+                at_steps = at_steps - layer
+            errors[name].append(float(np.max(np.linalg.norm(at_steps - iterates, axis=1))))
+    plain, modified = _order(lrs, errors["plain"]), _order(lrs, errors["modified"])
+    assert 0.85 <= plain <= 1.15, errors
+    assert modified >= 1.8, errors
+    assert errors["modified"][-1] < 0.05 * errors["plain"][-1], errors
