@@ -76,7 +76,8 @@ def plot_results(results, file, *, title: str = "", max_laws: int = 4,
                 ax.text(0.5, 0.5, "not monitored", ha="center", va="center",
                         transform=ax.transAxes, fontsize=8, color="0.5")
             else:
-                _panel(ax, xs, np.maximum(curves, _FLOOR), status, stops, colour)
+                # From the first save after the start: the drift at t = 0 is 0 by definition.
+                _panel(ax, xs[1:], np.maximum(curves[:, 1:], _FLOOR), status, stops, colour)
             ax.set_ylabel(ylabel, fontsize=8)
             if row == 0:
                 ax.set_title(name if name != "other laws" else

@@ -326,10 +326,11 @@ _OUR_FILES = (MANIFEST, "summary.json", "plot.png", "landscape.png", "mechanics.
 _ENTRY_FILE = re.compile(r"^\d+-[a-z0-9.-]*\.npz$")
 
 
-def _claim_folder(out: pathlib.Path, manifest: dict, *, force: bool,
-                  log: Callable[[str], None]) -> None:
-    """Make `out` hold the run of `manifest`: keep it if it holds the same config (resume),
-    refuse a different one unless `force` (which deletes our files, never foreign ones)."""
+def _claim_folder(out: pathlib.Path, config_json: dict, *, force: bool,
+                  log: Callable[[str], None]) -> bool:
+    """Check, before any compute, that `out` may hold the run of `config_json`: a folder with
+    the same config resumes (returns True), a different one is refused unless `force` (which
+    deletes our files there, never foreign ones); a new folder returns False."""
     if (out / "sweep.json").exists():
         raise UserError(f"{out} holds a sweep (sweep.json); choose another `--out` folder.")
     previous = None
@@ -337,20 +338,16 @@ def _claim_folder(out: pathlib.Path, manifest: dict, *, force: bool,
         previous = read_json(out / MANIFEST).get("config")
     elif (out / "summary.json").exists():  # a folder written before run.json existed
         previous = read_json(out / "summary.json").get("config")
-    if previous is not None and previous != manifest["config"]:
-        if not force:
-            raise UserError(f"{out} holds results of a different config; choose another "
-                            "`--out` folder, or pass `--force` to replace them.")
-        log(f"--force: replacing the results in {out}")
-        for path in out.iterdir():
-            if path.name in _OUR_FILES or _ENTRY_FILE.match(path.name):
-                path.unlink()
-    files = {job["file"] for job in manifest["jobs"]}
-    for path in out.iterdir() if previous is not None else ():
-        if _ENTRY_FILE.match(path.name) and path.name not in files:  # ours, but stale
+    if previous is None or previous == config_json:
+        return previous is not None
+    if not force:
+        raise UserError(f"{out} holds results of a different config; choose another `--out` "
+                        "folder, or pass `--force` to replace them.")
+    log(f"--force: replacing the results in {out}")
+    for path in out.iterdir():
+        if path.name in _OUR_FILES or _ENTRY_FILE.match(path.name):
             path.unlink()
-    if previous != manifest["config"] or not (out / MANIFEST).exists():
-        write_json(out / MANIFEST, manifest)
+    return False
 
 
 def _load_finished(path: pathlib.Path, template: Ensemble, log) -> dict | None:
@@ -390,22 +387,29 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
     for orphan in remove_orphans(out):
         log(f"removed {orphan.name}, left by an interrupted write")
     start = time.perf_counter()
+    config_json = config_dict(config)
+    ours = _claim_folder(out, config_json, force=force, log=log)
+    previous_runs = {}
+    if ours and (out / "summary.json").exists():
+        with contextlib.suppress(UserError, AttributeError, TypeError, KeyError):
+            previous_runs = {r["label"]: r for r in read_json(out / "summary.json")["runs"]}
     ensemble, objectives, laws = build(config)
     jobs = []
     for run in config.dynamics:
         for variant, objective in objectives.items():
             label = f"{_get(run, 'label')} · {variant}" if variant else _get(run, "label")
             jobs.append((run, variant, objective, label, f"{len(jobs)}-{_slug(label)}.npz"))
-    manifest = {"config": config_dict(config),
+    manifest = {"config": config_json,
                 "jobs": [{"label": job[3], "file": job[4]} for job in jobs]}
-    previous_runs = {}
-    if (out / "summary.json").exists():
-        with contextlib.suppress(UserError, AttributeError, TypeError):
-            previous_runs = {r["label"]: r for r in read_json(out / "summary.json")["runs"]}
-    _claim_folder(out, manifest, force=force, log=log)
+    files = {job[4] for job in jobs}
+    for path in out.iterdir() if ours else ():
+        if _ENTRY_FILE.match(path.name) and path.name not in files:  # ours, but stale
+            path.unlink()
+    if not ours or not (out / MANIFEST).exists():
+        write_json(out / MANIFEST, manifest)
     summary = {
         "name": config.name,
-        "config": manifest["config"],
+        "config": config_json,
         "backend": jax.default_backend(),
         "moment_fast_path": all(o.moments is not None for o in objectives.values()),
         "laws": [law.name for law in laws],
