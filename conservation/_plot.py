@@ -259,6 +259,8 @@ def plot_sweep(rows, manifest, file, *, relative: dict[str, bool] | None = None)
             if name in ("lr", "weight_decay", "init_scale") and np.all(x > 0):
                 ax.set_xscale("log")
                 _value_ticks(ax, np.unique(x))
+            elif all(float(v).is_integer() for v in x):  # seeds: integer ticks only
+                ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
             ax.set_xlabel(name)
             if metric == "final_loss":
                 ax.set_ylabel("final loss", fontsize=8)
@@ -268,7 +270,7 @@ def plot_sweep(rows, manifest, file, *, relative: dict[str, bool] | None = None)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
             if failed.any() or values.size > 1:
-                ax.legend(fontsize=6, loc="lower right")
+                ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(file, format="png", dpi=100)
     plt.close(fig)

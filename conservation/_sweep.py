@@ -248,15 +248,15 @@ def format_sweep_summary(summary: dict) -> str:
             return f"{law} {'rel' if relative.get(law, True) else 'abs'}"
         return key.replace("_", " ")
 
-    def cell(value):
+    def cell(key, value):
         if value is None:
             return "-"
-        if isinstance(value, float):
-            return f"{value:.3e}"
+        if isinstance(value, float):  # results in scientific notation, axis values as given
+            return f"{value:.3e}" if key == "final_loss" or "[" in key else f"{value:g}"
         return str(value)
 
     table = [tuple(header(c) for c in columns)]
-    table += [tuple(cell(r.get(c)) for c in columns) for r in rows]
+    table += [tuple(cell(c, r.get(c)) for c in columns) for r in rows]
     return _text_table(table)
 
 
