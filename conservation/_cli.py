@@ -12,7 +12,7 @@ import sys
 import traceback
 
 from ._config import ConfigError, load_config
-from ._store import UserError, read_config_text, read_json
+from ._store import UserError, interrupt_guard, read_config_text, read_json
 
 
 def _version() -> str:
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     where: dict = {}
     try:
-        return _dispatch(args, where)
+        with interrupt_guard():
+            return _dispatch(args, where)
     except KeyboardInterrupt:
         if args.debug:
             traceback.print_exc()

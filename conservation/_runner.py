@@ -47,6 +47,7 @@ from ._store import (
     CorruptFile,
     UserError,
     atomic_write,
+    check_interrupted,
     folder_lock,
     load_npz,
     prepare_output,
@@ -430,6 +431,7 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
         discrete = kind in ("gd", "sgd", "momentum", "adam")
         if discrete:
             step_times[label] = _get(run, "lr")
+        check_interrupted()
         stored = _load_finished(out / filename, ensemble, log)
         if stored is not None:
             log(f"[{i + 1}/{len(jobs)}] {label}: finished earlier, skipped")
@@ -453,6 +455,7 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
             if mechanics is not None:
                 arrays |= _mechanics_arrays(mechanics)
             save_npz(out / filename, arrays)
+            check_interrupted()  # a Ctrl-C swallowed during the run: stop now it is saved
         finished.append((label, result))
         entry = {"label": label, "kind": kind, "data": variant or "plain",
                  "file": filename, "seconds": seconds, **result.summary()}

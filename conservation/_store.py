@@ -227,3 +227,36 @@ def read_config_text(path) -> str:
     except UnicodeDecodeError as e:
         raise UserError(f"config {path} is not UTF-8 text (byte {e.start}); save it as "
                         "UTF-8.") from None
+
+
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum, frame):
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupt_guard() -> Iterator[None]:
+    """Make Ctrl-C stick: Python drops a KeyboardInterrupt raised inside a garbage-collector
+    callback or `__del__` (JAX runs some), so the handler also records it, and
+    `check_interrupted` (called between entries and batches) raises it again."""
+    import signal
+
+    _INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED.clear()
+
+
+def check_interrupted() -> None:
+    """Raise `KeyboardInterrupt` if Ctrl-C was pressed (see `interrupt_guard`)."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt

@@ -31,6 +31,7 @@ from ._store import (
     CorruptFile,
     UserError,
     atomic_write,
+    check_interrupted,
     folder_lock,
     is_readable_npz,
     jsonable,
@@ -170,6 +171,7 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                         save_npz(out / "points" / f"{i}.npz", member)
                     computed += len(batch)
                     bar.update(len(batch))
+                    check_interrupted()  # a Ctrl-C swallowed during the batch
         finally:
             bar.close()
         summary = _report(out)
