@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import tempfile
 import threading
 import zipfile
@@ -249,10 +250,18 @@ def interrupt_guard() -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGINT, _on_sigint)
+    hook = sys.unraisablehook
+
+    def quiet_interrupts(unraisable):  # recorded above: no "Exception ignored" traceback
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet_interrupts
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
         _INTERRUPTED.clear()
 
 

@@ -120,3 +120,20 @@ def test_config_file_checks(tmp_path):
     latin.write_bytes("name = 'caf\xe9'\n".encode("latin-1"))
     with pytest.raises(UserError, match="not UTF-8"):
         read_config_text(latin)
+
+
+def test_a_ctrl_c_swallowed_by_a_finaliser_is_raised_at_the_next_check(capsys):
+    import signal
+
+    from conservation._store import check_interrupted, interrupt_guard
+
+    class Finaliser:  # like JAX's gc callback: Python ignores exceptions raised in __del__
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with interrupt_guard():
+        Finaliser()
+        with pytest.raises(KeyboardInterrupt):
+            check_interrupted()
+    check_interrupted()  # cleared on exit
+    assert "Exception ignored" not in capsys.readouterr().err
