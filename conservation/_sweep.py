@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -189,7 +190,7 @@ def write_report(out) -> dict:
     if not (out / "sweep.json").is_file():
         raise UserError(f"{out} holds no sweep (no sweep.json); run `conservation sweep "
                         f"CONFIG --out {out}` first.")
-    with folder_lock(out):
+    with folder_lock(out, log=lambda message: print(message, file=sys.stderr)):
         return _report(out)
 
 
