@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conservation",
         description="Simulate training dynamics and the drift of conservation laws.")
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error")
     parser.add_argument("--version", action="version", version=f"conservation {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(

@@ -22,7 +22,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 from ._config import Config, ConfigError
@@ -158,8 +157,9 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                                     points[i].get("init_scale", config.model["init_scale"]))
                                for i in padded]
                     ensemble = Ensemble.stack(members)
-                    hyperparams = {_HYPERPARAMS[name]: jnp.asarray([points[i][name] for i in padded])
-                                   for name in _HYPERPARAMS if name in config.sweep["axes"]}
+                    hyperparams = {
+                        _HYPERPARAMS[name]: jnp.asarray([points[i][name] for i in padded])
+                        for name in _HYPERPARAMS if name in config.sweep["axes"]}
                     if devices:
                         ensemble, hyperparams = shard_ensemble((ensemble, hyperparams), devices)
                     result = jax.block_until_ready(execute_with(
