@@ -1,68 +1,154 @@
-"""Command line: `conservation run [CONFIG]` and `conservation count [CONFIG]`."""
+"""Command line: `conservation run|count|sweep|report`.
+
+Anything a user can cause (a bad config, an unusable `--out`, a folder holding other results, a
+corrupted file) ends with ONE line `conservation: error: …` and exit status 2; Ctrl-C with one
+line and status 130 (finished entries are kept; the same command resumes); an unexpected
+failure with one line and status 1. `--debug` adds the Python traceback.
+"""
 
 import argparse
+import pathlib
 import sys
+import traceback
 
 from ._config import ConfigError, load_config
-from ._runner import count_table, format_summary, run_config
-from ._sweep import run_sweep, write_report
+from ._store import UserError, interrupt_guard, read_config_text, read_json
 
 
-def main(argv: list[str] | None = None) -> int:
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: keeps `conservation --debug run`
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the Python traceback of an error")
+    bars = argparse.ArgumentParser(add_help=False)
+    bars.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    bars.add_argument("--progress", action="store_true",
+                      help="progress bars even when stderr is not a terminal")
     parser = argparse.ArgumentParser(
         prog="conservation",
         description="Simulate training dynamics and the drift of conservation laws.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error")
+    parser.add_argument("--version", action="version", version=f"conservation {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
-        "run", help="run a TOML config (default: the embedded quickstart config)")
+        "run", parents=[common, bars],
+        help="run a TOML config (default: the embedded quickstart config); rerunning the same "
+             "command resumes, skipping finished [[dynamics]] entries")
     run.add_argument("config", nargs="?", help="path to a TOML config; omit for the quickstart")
     run.add_argument("--out", help="output folder (default: the config's `output`, "
                                    "else results/<name>)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    run.add_argument("--force", action="store_true",
+                     help="replace the results of a different config in the output folder")
     count = commands.add_parser(
-        "count", help="count the independent conservation laws of a config's model: all data "
-                      "vs the config's augmented data class (Lie-algebra rank)")
+        "count", parents=[common],
+        help="count the independent conservation laws of a config's model: all data "
+             "vs the config's augmented data class (Lie-algebra rank)")
     count.add_argument("config", nargs="?", help="path to a TOML config; omit for the quickstart")
     count.add_argument("--depth", type=int, default=4, help="deepest Lie bracket (default 4)")
     sweep = commands.add_parser(
-        "sweep", help="run or resume a config with a [sweep] table (one compiled program per "
-                      "shape group; finished points are never recomputed)")
+        "sweep", parents=[common, bars],
+        help="run or resume a config with a [sweep] table (one compiled program per "
+             "shape group; finished points are never recomputed)")
     sweep.add_argument("config", help="path to a TOML config with a [sweep] table")
     sweep.add_argument("--out", help="sweep folder (default: the config's output)")
-    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
-    report = commands.add_parser("report", help="summary table and plot of a sweep folder")
-    report.add_argument("folder", help="a folder written by `conservation sweep`")
-    args = parser.parse_args(argv)
+    report = commands.add_parser(
+        "report", parents=[common],
+        help="print the summary table of a sweep (or run) folder and rewrite its summary "
+             "files and report.png")
+    report.add_argument("folder", help="a folder written by `conservation sweep` or `run`")
+    return parser
 
-    if args.command == "report":
-        summary = write_report(args.folder)
-        print(f"{summary['finished']}/{summary['points']} points; wrote summary.json, "
-              f"summary.csv, report.png to {args.folder}/")
-        return 0
 
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    where: dict = {}
     try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"conservation: config error: {e}", file=sys.stderr)
+        with interrupt_guard():
+            return _dispatch(args, where)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        saved = f"; finished results are saved in {where['out']}/" if "out" in where else ""
+        print(f"conservation: interrupted{saved}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (ConfigError, UserError) as e:
+        if args.debug:
+            traceback.print_exc()
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"conservation: {kind}: {_one_line(e)}", file=sys.stderr)
         return 2
-    if args.command == "sweep":
-        try:
-            summary = run_sweep(config, out_dir=args.out, progress=not args.quiet)
-        except ConfigError as e:
-            print(f"conservation: config error: {e}", file=sys.stderr)
-            return 2
-        print(f"{summary['finished']}/{summary['points']} points written to "
-              f"{args.out or config.output}/ (sweep.json, points/, summary.csv, report.png)")
-        return 0
+    except Exception as e:  # noqa: BLE001 — the last resort: one line, not a traceback
+        if args.debug:
+            traceback.print_exc()
+            hint = ""
+        else:
+            hint = " (rerun with --debug for the traceback)"
+        print(f"conservation: internal error: {type(e).__name__}: {_one_line(e)}{hint}",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _load(path):
+    if path is not None:
+        read_config_text(path)  # a folder, missing, not UTF-8 or with a BOM: named here
+    return load_config(path)
+
+
+def _dispatch(args, where) -> int:
+    if args.command == "report":
+        return _report(pathlib.Path(args.folder))
+    config = _load(args.config)
     if args.command == "count":
+        from ._runner import count_table
+
         print(count_table(config, max_depth=args.depth))
         return 0
+    progress = args.progress or (not args.quiet and sys.stderr.isatty())
     log = (lambda _: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    # progress None: bars only on a terminal (not in logs or CI).
-    summary = run_config(config, out_dir=args.out, progress=False if args.quiet else None,
-                         log=log)
+    out = pathlib.Path(args.out or config.output)
+    where["out"] = out
+    if args.command == "sweep":
+        from ._sweep import run_sweep
+
+        summary = run_sweep(config, out_dir=out, progress=progress, log=log)
+        print(f"{summary['finished']}/{summary['points']} points in {out}/ "
+              f"({summary['computed']} computed now; sweep.json, points/, summary.csv, "
+              "report.png)")
+        return 0
+    from ._runner import format_summary, run_config
+
+    summary = run_config(config, out_dir=out, progress=progress, log=log, force=args.force)
     print(format_summary(summary))
-    print(f"results written to {args.out or config.output}/ (summary.json, plot.png, *.npz)")
+    print(f"results written to {out}/ (run.json, summary.json, plot.png, *.npz)")
+    return 0
+
+
+def _report(folder: pathlib.Path) -> int:
+    from ._runner import format_summary
+    from ._sweep import format_sweep_summary, write_report
+
+    if folder.is_dir() and not (folder / "sweep.json").exists() and (
+            (folder / "run.json").exists() and (folder / "summary.json").exists()):
+        print(format_summary(read_json(folder / "summary.json")))
+        return 0
+    summary = write_report(folder)
+    print(format_sweep_summary(summary))
+    print(f"{summary['finished']}/{summary['points']} points; wrote summary.json, "
+          f"summary.csv, report.png to {folder}/")
+    if summary["corrupted"]:
+        print(f"conservation: {len(summary['corrupted'])} corrupted point file(s), e.g. "
+              f"{summary['corrupted'][0]}; rerun the sweep to recompute them", file=sys.stderr)
     return 0
 
 

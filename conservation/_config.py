@@ -209,7 +209,7 @@ AUGMENTATION_SPEC = {
 _COMMON_DYNAMICS = {
     "kind": _KIND,
     "label": _Field("str", ""),
-    "n_save": _Field("int", 101, lambda v: None if v >= 2 else "must be ≥ 2"),
+    "n_save": _Field("int", None, lambda v: None if v >= 2 else "must be ≥ 2"),  # None: runner default
     "divergence": _Field("float", 1e8, _positive),
 }
 _OPTIMIZER = {

@@ -21,6 +21,10 @@ from ._custom_types import Array, Float, Scalar
 class AbstractLaw(eqx.Module):
     """A candidate conserved quantity Q(θ) of a model."""
 
+    # Whether `drift` is relative to `scale` (plots and tables label it "relative drift");
+    # False for laws whose drift is absolute (subspace distances, angles, ratios).
+    relative = True
+
     @property
     @abc.abstractmethod
     def name(self) -> str:

@@ -46,7 +46,7 @@ class MechanicsResult(eqx.Module):
     discrete: dict[str, Array]
     continuous: dict[str, Array]
     scale: dict[str, Array]
-    final: Ensemble
+    final: Ensemble | None = None  # None when rebuilt from stored arrays
 
     def discrete_error(self) -> dict[str, float]:
         """max |simulated − discrete identity| / scale per law (round-off: ~1e-15)."""

@@ -5,12 +5,12 @@ Each run's arrays are written (atomically) as soon as it finishes, and `summary.
 progress.
 """
 
+import contextlib
 import functools
 import json
 import os
 import pathlib
 import re
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -28,7 +28,7 @@ from ._data import Dataset, gaussian_inputs, teacher_dataset, whiten
 from ._flow import GradientField, ModifiedGradientField, gradient_flow
 from ._groups import GROUPS, AbstractGroup, OrthogonalGroup, PlanarRotations
 from ._linear import DeepLinear
-from ._mechanics import track_mechanics
+from ._mechanics import MechanicsResult, track_mechanics
 from ._mlp import MLP, AbstractMechanicsLaw, mechanics_laws
 from ._losses import LOSSES
 from ._model import Ensemble, flat_parameters
@@ -42,6 +42,20 @@ from ._symmetry_laws import (
     FourierPhaseLaw,
     RowSpaceLaw,
     augmentation_laws,
+)
+from ._store import (
+    CorruptFile,
+    UserError,
+    atomic_write,
+    check_interrupted,
+    folder_lock,
+    load_npz,
+    prepare_output,
+    read_json,
+    remove_orphans,
+    save_npz,
+    strict_json,
+    write_json,
 )
 from ._train import optimizer, train
 
@@ -176,7 +190,7 @@ def execute(run: dict, objective: Objective, ensemble: Ensemble, *, key, progres
         field = (GradientField(run["weight_decay"]) if run["kind"] == "flow" else
                  ModifiedGradientField(run["lr"], run["momentum"], run["weight_decay"]))
         return gradient_flow(
-            objective, ensemble, run["t1"], n_save=run["n_save"], solver=run["solver"],
+            objective, ensemble, run["t1"], n_save=default_n_save(run), solver=run["solver"],
             rtol=run["rtol"], atol=run["atol"] or run["rtol"], max_steps=run["max_steps"],
             laws=laws, progress=progress, divergence=run["divergence"], field=field)
     kind = "gd" if run["kind"] == "sgd" else run["kind"]
@@ -184,7 +198,7 @@ def execute(run: dict, objective: Objective, ensemble: Ensemble, *, key, progres
                       weight_decay=run["weight_decay"])
     return train(
         objective, ensemble, optim, run["steps"], batch_size=run.get("batch_size") or None,
-        key=key, laws=laws, n_save=run["n_save"], step_time=run["lr"], progress=progress,
+        key=key, laws=laws, n_save=default_n_save(run), step_time=run["lr"], progress=progress,
         divergence=run["divergence"])
 
 
@@ -205,24 +219,43 @@ def execute_with(run: dict, objective: Objective, ensemble: Ensemble, *, laws, h
     full = {k: hyperparams.get(k, jnp.full((size,), v)) for k, v in defaults.items()}
     return train(objective, ensemble, _sweep_optimizer(kind), run["steps"],
                  batch_size=run.get("batch_size") or None, key=key, laws=laws,
-                 n_save=run["n_save"], divergence=run["divergence"], hyperparams=full)
+                 n_save=default_n_save(run), divergence=run["divergence"], hyperparams=full)
 
 
-def _atomic_write(path: pathlib.Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+_atomic_write = atomic_write  # the name `_sweep` and older code import
 
 
-def result_arrays(result: Result) -> dict[str, np.ndarray]:
-    """Flat name → numpy array view of a result, as stored in the npz files."""
+def default_n_save(run) -> int:
+    """`n_save` of a `[[dynamics]]` entry: the config's value if given, else every step for
+    discrete runs of ≤ 1000 steps (so step 1 is never skipped) and 101 otherwise."""
+    n_save = _get(run, "n_save")
+    if n_save is not None:
+        return n_save
+    steps = _get(run, "steps")
+    return steps + 1 if steps is not None and steps <= 1000 else 101
+
+
+def _get(obj, name, default=None):
+    """A field of a config entry, whether a dict or a typed object."""
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def config_dict(config) -> dict:
+    """The resolved config as strict-JSON-ready Python (what `run.json`/`sweep.json` hold)."""
+    raw = config.to_dict() if hasattr(config, "to_dict") else config.model_dump(mode="json")
+    return json.loads(strict_json(raw))
+
+
+def result_arrays(result: Result, laws=None, *, final: bool = True) -> dict[str, np.ndarray]:
+    """Flat name → numpy array view of a result, as stored in the npz files: `t`, `loss`,
+    `status`, `num_steps`; per law `condition/`, `drift/`, `max_drift/`, `values/` and
+    `relative/` (whether the drift is relative to the law's scale); with `final`, the final
+    parameters as `final/<path>` (leading axis: member; see `final_ensemble`)."""
     arrays = {"t": result.t, "loss": result.loss, "status": result.status,
               "num_steps": result.num_steps}
+    relative = {law.name: getattr(law, "relative", True) for law in laws or ()}
     for name in result.drift:
         arrays[f"condition/{name}"] = result.condition[name]
         arrays[f"drift/{name}"] = result.drift[name]
@@ -231,32 +264,160 @@ def result_arrays(result: Result) -> dict[str, np.ndarray]:
             arrays[f"values/{name}"] = result.values[name]
         if name in result.final_values:
             arrays[f"final_values/{name}"] = result.final_values[name]
+        if name in relative:
+            arrays[f"relative/{name}"] = np.asarray(relative[name])
+    if final and result.final is not None:
+        params = eqx.filter(result.final.models, eqx.is_inexact_array)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            arrays[f"final{jax.tree_util.keystr(path)}"] = leaf
     return {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def final_ensemble(arrays: dict[str, np.ndarray], template: Ensemble) -> Ensemble:
+    """The ensemble at the end of a stored run: `template` (same architecture and size, e.g.
+    from `build(config)`) with the stored `final/<path>` parameters in place, so a run can be
+    continued or analysed without rerunning."""
+    params, static = eqx.partition(template.models, eqx.is_inexact_array)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    stored = []
+    for path, leaf in leaves:
+        key = f"final{jax.tree_util.keystr(path)}"
+        if key not in arrays or arrays[key].shape != leaf.shape:
+            raise ValueError(f"`arrays` has no final parameter {key!r} of shape {leaf.shape}; "
+                             "the file comes from another model.")
+        stored.append(jnp.asarray(arrays[key]))
+    return Ensemble(eqx.combine(jax.tree_util.tree_unflatten(treedef, stored), static),
+                    template.size)
+
+
+def result_from_arrays(arrays: dict[str, np.ndarray], template: Ensemble | None = None) -> Result:
+    """The `Result` stored by `result_arrays` (its `final` needs `template`, else None)."""
+    def group(prefix):
+        return {k[len(prefix):]: arrays[k] for k in arrays if k.startswith(prefix)}
+
+    final = None
+    if template is not None and any(k.startswith("final") for k in arrays):
+        final = final_ensemble(arrays, template)
+    return Result(t=arrays["t"], loss=arrays["loss"], values=group("values/"),
+                  drift=group("drift/"), max_drift=group("max_drift/"),
+                  condition=group("condition/"), final=final, status=arrays["status"],
+                  num_steps=arrays["num_steps"], final_values=group("final_values/"))
+
+
+def _mechanics_arrays(mechanics: MechanicsResult) -> dict[str, np.ndarray]:
+    arrays = {"mechanics/t": np.asarray(mechanics.t)}
+    for part in ("simulated", "discrete", "continuous", "scale"):
+        for name, value in getattr(mechanics, part).items():
+            arrays[f"mechanics/{part}/{name}"] = np.asarray(value)
+    return arrays
+
+
+def _mechanics_from_arrays(arrays) -> MechanicsResult | None:
+    if "mechanics/t" not in arrays:
+        return None
+    parts = {part: {k.split("/", 2)[2]: arrays[k] for k in arrays
+                    if k.startswith(f"mechanics/{part}/")}
+             for part in ("simulated", "discrete", "continuous", "scale")}
+    return MechanicsResult(t=arrays["mechanics/t"], **parts)
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
 
 
-def run_config(config: Config, *, out_dir: str | os.PathLike | None = None,
-               progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run every `[[dynamics]]` entry of `config` and write results to `out_dir`.
+MANIFEST = "run.json"
+_OUR_FILES = (MANIFEST, "summary.json", "plot.png", "landscape.png", "mechanics.png")
+_ENTRY_FILE = re.compile(r"^\d+-[a-z0-9.-]*\.npz$")
 
-    Writes `<i>-<label>.npz` per run (arrays of `result_arrays`), `summary.json` (resolved
-    config, per-run statuses, worst drifts, timings) and `plot.png`.
+
+def _claim_folder(out: pathlib.Path, config_json: dict, *, force: bool,
+                  log: Callable[[str], None]) -> bool:
+    """Check, before any compute, that `out` may hold the run of `config_json`: a folder with
+    the same config resumes (returns True), a different one is refused unless `force` (which
+    deletes our files there, never foreign ones); a new folder returns False."""
+    if (out / "sweep.json").exists():
+        raise UserError(f"{out} holds a sweep (sweep.json); choose another `--out` folder.")
+    previous = None
+    if (out / MANIFEST).exists():
+        previous = read_json(out / MANIFEST).get("config")
+    elif (out / "summary.json").exists():  # a folder written before run.json existed
+        previous = read_json(out / "summary.json").get("config")
+    if previous is None or previous == config_json:
+        return previous is not None
+    if not force:
+        raise UserError(f"{out} holds results of a different config; choose another `--out` "
+                        "folder, or pass `--force` to replace them.")
+    log(f"--force: replacing the results in {out}")
+    for path in out.iterdir():
+        if path.name in _OUR_FILES or _ENTRY_FILE.match(path.name):
+            path.unlink()
+    return False
+
+
+def _load_finished(path: pathlib.Path, template: Ensemble, log) -> dict | None:
+    """The arrays of a finished entry, or None if absent or corrupted (then recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        arrays = load_npz(path)
+        result_from_arrays(arrays, template)
+    except (CorruptFile, KeyError, ValueError) as e:
+        log(f"{path} cannot be read back ({e}); recomputing it")
+        path.unlink(missing_ok=True)
+        return None
+    return arrays
+
+
+def run_config(config: Config, *, out_dir: str | os.PathLike | None = None,
+               progress: bool = True, log: Callable[[str], None] = print,
+               force: bool = False) -> dict:
+    """Run (or resume) every `[[dynamics]]` entry of `config`, writing results to `out_dir`.
+
+    Writes `run.json` (the resolved config: a later run with the same config resumes, a
+    different one is refused unless `force`), `<i>-<label>.npz` per entry (`result_arrays`,
+    final parameters included), `summary.json` (strict JSON: per-entry statuses, per-law worst
+    drifts, timings) and `plot.png`. Entries whose file exists and reads back are not
+    recomputed; their summary and plots come from the stored arrays. The folder is locked for
+    the whole call: a second process on it waits.
 
     **Returns:** the summary dictionary.
     """
-    out = pathlib.Path(out_dir or config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(out_dir or config.output)
+    with folder_lock(out, log=log):
+        return _run_locked(config, out, progress=progress, log=log, force=force)
+
+
+def _run_locked(config, out, *, progress, log, force) -> dict:
+    for orphan in remove_orphans(out):
+        log(f"removed {orphan.name}, left by an interrupted write")
     start = time.perf_counter()
+    config_json = config_dict(config)
+    ours = _claim_folder(out, config_json, force=force, log=log)
+    previous_runs = {}
+    if ours and (out / "summary.json").exists():
+        with contextlib.suppress(UserError, AttributeError, TypeError, KeyError):
+            previous_runs = {r["label"]: r for r in read_json(out / "summary.json")["runs"]}
     ensemble, objectives, laws = build(config)
+    jobs = []
+    for run in config.dynamics:
+        for variant, objective in objectives.items():
+            label = f"{_get(run, 'label')} · {variant}" if variant else _get(run, "label")
+            jobs.append((run, variant, objective, label, f"{len(jobs)}-{_slug(label)}.npz"))
+    manifest = {"config": config_json,
+                "jobs": [{"label": job[3], "file": job[4]} for job in jobs]}
+    files = {job[4] for job in jobs}
+    for path in out.iterdir() if ours else ():
+        if _ENTRY_FILE.match(path.name) and path.name not in files:  # ours, but stale
+            path.unlink()
+    if not ours or not (out / MANIFEST).exists():
+        write_json(out / MANIFEST, manifest)
     summary = {
         "name": config.name,
-        "config": config.to_dict(),
+        "config": config_json,
         "backend": jax.default_backend(),
         "moment_fast_path": all(o.moments is not None for o in objectives.values()),
         "laws": [law.name for law in laws],
+        "relative_drift": {law.name: getattr(law, "relative", True) for law in laws},
         "build_seconds": time.perf_counter() - start,
         "runs": [],
     }
@@ -265,40 +426,54 @@ def run_config(config: Config, *, out_dir: str | os.PathLike | None = None,
         summary["symmetry_defect"] = {
             name or "plain": float(augmentation.defect(o.moments, ensemble[0]))
             for name, o in objectives.items() if o.moments is not None}
-    finished, theory = [], []
+    finished, theory, step_times = [], [], {}
     batch_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-    jobs = [(run, variant, objective) for run in config.dynamics
-            for variant, objective in objectives.items()]
-    for i, (run, variant, objective) in enumerate(jobs):
-        label = f"{run['label']} · {variant}" if variant else run["label"]
-        log(f"[{i + 1}/{len(jobs)}] {label}")
-        start = time.perf_counter()
-        result = jax.block_until_ready(execute(run, objective, ensemble, key=batch_key,
-                                               progress=progress, laws=laws))
-        seconds = time.perf_counter() - start
-        filename = f"{i}-{_slug(label)}.npz"
-        _atomic_write(out / filename, lambda f: np.savez_compressed(f, **result_arrays(result)))
+    relative = summary["relative_drift"]
+    for i, (run, variant, objective, label, filename) in enumerate(jobs):
+        kind = _get(run, "kind")
+        discrete = kind in ("gd", "sgd", "momentum", "adam")
+        if discrete:
+            step_times[label] = _get(run, "lr")
+        check_interrupted()
+        stored = _load_finished(out / filename, ensemble, log)
+        if stored is not None:
+            log(f"[{i + 1}/{len(jobs)}] {label}: finished earlier, skipped")
+            result = result_from_arrays(stored, ensemble)
+            mechanics = _mechanics_from_arrays(stored)
+            seconds = previous_runs.get(label, {}).get("seconds")
+        else:
+            log(f"[{i + 1}/{len(jobs)}] {label}")
+            t0 = time.perf_counter()
+            result = jax.block_until_ready(execute(run, objective, ensemble, key=batch_key,
+                                                   progress=progress, laws=laws))
+            mechanics = None
+            if discrete and kind != "adam" and laws and all(
+                    isinstance(law, AbstractMechanicsLaw) for law in laws):
+                mechanics = track_mechanics(
+                    objective, ensemble, laws, lr=_get(run, "lr"), steps=_get(run, "steps"),
+                    weight_decay=_get(run, "weight_decay"), momentum=_get(run, "momentum", 0.0),
+                    batch_size=_get(run, "batch_size") or None, key=batch_key)
+            seconds = time.perf_counter() - t0
+            arrays = result_arrays(result, laws)
+            if mechanics is not None:
+                arrays |= _mechanics_arrays(mechanics)
+            save_npz(out / filename, arrays)
+            check_interrupted()  # a Ctrl-C swallowed during the run: stop now it is saved
         finished.append((label, result))
-        entry = {"label": label, "kind": run["kind"], "data": variant or "plain",
+        entry = {"label": label, "kind": kind, "data": variant or "plain",
                  "file": filename, "seconds": seconds, **result.summary()}
-        if run["kind"] in ("gd", "sgd", "momentum") and laws and all(
-                isinstance(law, AbstractMechanicsLaw) for law in laws):
-            mechanics = track_mechanics(
-                objective, ensemble, laws, lr=run["lr"], steps=run["steps"],
-                weight_decay=run["weight_decay"], momentum=run.get("momentum", 0.0),
-                batch_size=run.get("batch_size") or None, key=batch_key)
+        if mechanics is not None:
             theory.append((label, mechanics))
             entry["mechanics"] = {"discrete_identity_error": mechanics.discrete_error(),
                                   "continuous_theory_error": mechanics.continuous_error()}
-            _atomic_write(out / "mechanics.png",
-                          lambda f: plot_mechanics(theory, f, title=config.name))
+            atomic_write(out / "mechanics.png",
+                         lambda f: plot_mechanics(theory, f, title=config.name))
         summary["runs"].append(entry)
-        _atomic_write(out / "summary.json",
-                      lambda f: f.write(json.dumps(summary, indent=2).encode()))
-        _atomic_write(out / "plot.png",
-                      lambda f: plot_results(finished, f, title=config.name))
+        write_json(out / "summary.json", summary)
+        atomic_write(out / "plot.png", lambda f: plot_results(
+            finished, f, title=config.name, relative=relative, step_times=step_times))
     if _has_two_parameters(ensemble) and config.augmentation is not None:
-        _atomic_write(out / "landscape.png", lambda f: plot_landscapes(
+        atomic_write(out / "landscape.png", lambda f: plot_landscapes(
             objectives, ensemble, finished, f, title=config.name))
     return summary
 
@@ -331,19 +506,39 @@ def _has_two_parameters(ensemble) -> bool:
     return flat_parameters(ensemble[0]).size == 2
 
 
-def format_summary(summary: dict) -> str:
-    """A plain-text table of a run summary (one row per run)."""
-    rows = [("run", "status", "final loss", "worst drift", "steps", "time [s]")]
-    for run in summary["runs"]:
+def format_summary(summary: dict, *, max_columns: int = 4) -> str:
+    """A plain-text table of a run summary: per run its statuses, median final loss, steps,
+    time and the worst drift of EACH law over its successful members (one column per law; with
+    more than `max_columns` laws, one row per run and law). Drifts marked "abs" are absolute
+    (subspace, phase and ratio laws), the others relative to the law's scale."""
+    relative = summary.get("relative_drift", {})
+    laws = list(dict.fromkeys(n for run in summary["runs"] for n in run["max_drift"]))
+
+    def header(name):
+        return f"{name} {'rel' if relative.get(name, True) else 'abs'}"
+
+    def drift(run, name):
+        value = run["max_drift"].get(name)
+        return "-" if value is None else f"{value:.2e}"
+
+    def common(run):
         status = ", ".join(f"{n} {k}" for k, n in run["status"].items() if n)
-        drifts = [d for d in run["max_drift"].values() if d is not None]
-        worst = max(drifts) if drifts else None
-        rows.append((
-            run["label"], status,
-            "-" if run["final_loss_median"] is None else f"{run['final_loss_median']:.3e}",
-            "-" if worst is None else f"{worst:.2e}",
-            str(run["num_steps_max"]), f"{run['seconds']:.2f}",
-        ))
+        loss = run["final_loss_median"]
+        seconds = run.get("seconds")
+        return (run["label"], status, "-" if loss is None else f"{loss:.3e}",
+                str(run["num_steps_max"]), "-" if seconds is None else f"{seconds:.2f}")
+
+    head = ("run", "status", "final loss", "steps", "time [s]")
+    if len(laws) <= max_columns:
+        rows = [head + tuple(f"max drift {header(n)}" for n in laws)]
+        rows += [common(run) + tuple(drift(run, n) for n in laws) for run in summary["runs"]]
+    else:
+        rows = [head + ("law", "max drift")]
+        for run in summary["runs"]:
+            first = common(run)
+            for j, name in enumerate(n for n in laws if n in run["max_drift"]):
+                rows.append((first if j == 0 else ("",) * len(first))
+                            + (header(name), drift(run, name)))
     return _text_table(rows)
 
 

@@ -18,15 +18,31 @@ import io
 import itertools
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 from ._config import Config, ConfigError
 from ._model import Ensemble
 from ._monitor import STATUS_NAMES
+from ._store import (
+    CorruptFile,
+    UserError,
+    atomic_write,
+    check_interrupted,
+    folder_lock,
+    is_readable_npz,
+    jsonable,
+    load_npz,
+    prepare_output,
+    read_json,
+    remove_orphans,
+    save_npz,
+    strict_json,
+    write_json,
+)
 
 
 BATCHED_AXES = {"seed": "int", "init_scale": "float", "lr": "float", "weight_decay": "float",
@@ -75,97 +91,176 @@ def _groups(points) -> list[_Group]:
 
 
 def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print) -> dict:
-    """Run (or resume) the sweep of `config`; returns the summary (also written to disk)."""
-    from ._runner import _atomic_write, build, execute_with, model_factory, result_arrays
+    """Run (or resume) the sweep of `config`; returns the summary (also written to disk).
+
+    The folder is locked for the whole call (a second process on it waits, then finds the
+    points done); points whose file is missing or cannot be read back are (re)computed.
+    `summary["computed"]` counts the points this call computed."""
+    from ._runner import build, config_dict, execute_with, model_factory, result_arrays
 
     if config.sweep is None:
         raise ConfigError("this config has no [sweep] table; use `conservation run`.")
-    out = pathlib.Path(out_dir or config.output)
-    (out / "points").mkdir(parents=True, exist_ok=True)
-    points = sweep_points(config)
-    manifest = {"config": config.to_dict(), "points": points}
-    manifest_path = out / "sweep.json"
-    if manifest_path.exists():
-        if json.loads(manifest_path.read_text()) != json.loads(json.dumps(manifest)):
-            raise ConfigError(f"{out} holds a different sweep; choose another `--out` folder.")
-    else:
-        _atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-    run = config.dynamics[0]
-    chunk = config.sweep["chunk"]
-    devices = config.sweep["devices"]
-    done = {i for i in range(len(points)) if (out / "points" / f"{i}.npz").exists()}
-    bar = tqdm(total=len(points), initial=len(done), desc="sweep", unit="point",
-               disable=not progress)
-    for group in _groups(points):
-        pending = [i for i in group.indices if i not in done]
-        if not pending:
-            continue
-        group_config = config
-        if group.widths is not None:
-            group_config = dataclasses.replace(
-                config, model=config.model | {"widths": list(group.widths)})
-        _, objectives, laws = build(group_config)
-        objective = objectives.get("augmented", objectives.get(""))
-        make = model_factory(group_config.model)
-        size = chunk or len(group.indices)
-        if devices:
-            size = -(-size // devices) * devices  # whole members per device
-        for start in range(0, len(pending), size):
-            batch = pending[start:start + size]
-            padded = batch + [batch[-1]] * (size - len(batch))  # same shape: no recompile
-            members = [make(jax.random.PRNGKey(points[i].get("seed", config.seed)),
-                            points[i].get("init_scale", config.model["init_scale"]))
-                       for i in padded]
-            ensemble = Ensemble.stack(members)
-            hyperparams = {_HYPERPARAMS[name]: jnp.asarray([points[i][name] for i in padded])
-                           for name in _HYPERPARAMS if name in config.sweep["axes"]}
-            if devices:
-                ensemble, hyperparams = shard_ensemble((ensemble, hyperparams), devices)
-            result = jax.block_until_ready(execute_with(
-                run, objective, ensemble, laws=laws, hyperparams=hyperparams,
-                key=jax.random.PRNGKey(config.seed)))
-            arrays = result_arrays(result)
-            for j, i in enumerate(batch):
-                member = {k: (v if k == "t" else v[j]) for k, v in arrays.items()}
-                _atomic_write(out / "points" / f"{i}.npz",
-                              lambda f: np.savez_compressed(f, **member))
-                bar.update(1)
-    bar.close()
-    return write_report(out)
+    out = prepare_output(out_dir or config.output)
+    with folder_lock(out, log=log):
+        for orphan in remove_orphans(out):
+            log(f"removed {orphan.name}, left by an interrupted write")
+        (out / "points").mkdir(exist_ok=True)
+        points = sweep_points(config)
+        manifest = {"config": config_dict(config), "points": points}
+        manifest = json.loads(strict_json(manifest))
+        manifest_path = out / "sweep.json"
+        if manifest_path.exists():
+            if read_json(manifest_path) != manifest:
+                raise UserError(f"{out} holds a different sweep; choose another `--out` "
+                                "folder.")
+        else:
+            if (out / "run.json").exists():
+                raise UserError(f"{out} holds the results of `conservation run`; choose "
+                                "another `--out` folder.")
+            write_json(manifest_path, manifest)
+        run = config.dynamics[0]
+        chunk = config.sweep["chunk"]
+        devices = config.sweep["devices"]
+        done = set()
+        for i in range(len(points)):
+            path = out / "points" / f"{i}.npz"
+            if path.exists():
+                if is_readable_npz(path):
+                    done.add(i)
+                else:
+                    log(f"{path} is corrupted; recomputing it")
+                    path.unlink()
+        # One update per finished chunk, ETA from the average rate since start (smoothing=0):
+        # an exponential average over chunky updates would swing.
+        bar = tqdm(total=len(points), initial=len(done), desc="sweep", unit="point",
+                   disable=not progress, smoothing=0.0, dynamic_ncols=True)
+        computed = 0
+        try:
+            for group in _groups(points):
+                pending = [i for i in group.indices if i not in done]
+                if not pending:
+                    continue
+                group_config = config
+                if group.widths is not None:
+                    group_config = dataclasses.replace(
+                        config, model=config.model | {"widths": list(group.widths)})
+                _, objectives, laws = build(group_config)
+                objective = objectives.get("augmented", objectives.get(""))
+                make = model_factory(group_config.model)
+                size = chunk or len(group.indices)
+                if devices:
+                    size = -(-size // devices) * devices  # whole members per device
+                for start in range(0, len(pending), size):
+                    batch = pending[start:start + size]
+                    padded = batch + [batch[-1]] * (size - len(batch))  # same shape: no recompile
+                    members = [make(jax.random.PRNGKey(points[i].get("seed", config.seed)),
+                                    points[i].get("init_scale", config.model["init_scale"]))
+                               for i in padded]
+                    ensemble = Ensemble.stack(members)
+                    hyperparams = {
+                        _HYPERPARAMS[name]: jnp.asarray([points[i][name] for i in padded])
+                        for name in _HYPERPARAMS if name in config.sweep["axes"]}
+                    if devices:
+                        ensemble, hyperparams = shard_ensemble((ensemble, hyperparams), devices)
+                    result = jax.block_until_ready(execute_with(
+                        run, objective, ensemble, laws=laws, hyperparams=hyperparams,
+                        key=jax.random.PRNGKey(config.seed)))
+                    arrays = result_arrays(result, laws)
+                    for j, i in enumerate(batch):
+                        member = {k: (v if k == "t" or k.startswith("relative/") else v[j])
+                                  for k, v in arrays.items()}
+                        save_npz(out / "points" / f"{i}.npz", member)
+                    computed += len(batch)
+                    bar.update(len(batch))
+                    check_interrupted()  # a Ctrl-C swallowed during the batch
+        finally:
+            bar.close()
+        summary = _report(out)
+    return summary | {"computed": computed}
 
 
 def write_report(out) -> dict:
-    """Summary table of a sweep folder (json + csv) and `report.png`, from the stored points."""
-    from ._plot import plot_sweep
-    from ._runner import _atomic_write
-
+    """Summary table of a sweep folder (json + csv) and `report.png`, from the stored points
+    (waits for a sweep running in the folder). **Raises:** `UserError` if `out` holds no
+    sweep."""
     out = pathlib.Path(out)
-    manifest = json.loads((out / "sweep.json").read_text())
-    rows = []
+    if not out.is_dir():
+        raise UserError(f"{out} is not a folder; give a folder written by `conservation "
+                        "sweep`.")
+    if not (out / "sweep.json").is_file():
+        raise UserError(f"{out} holds no sweep (no sweep.json); run `conservation sweep "
+                        f"CONFIG --out {out}` first.")
+    with folder_lock(out, log=lambda message: print(message, file=sys.stderr)):
+        return _report(out)
+
+
+def _report(out: pathlib.Path) -> dict:
+    from ._plot import plot_sweep
+
+    manifest = read_json(out / "sweep.json")
+    rows, relative, corrupted = [], {}, []
     for i, point in enumerate(manifest["points"]):
         path = out / "points" / f"{i}.npz"
         if not path.exists():
             rows.append({"point": i, **_flat(point), "status": "missing"})
             continue
-        arrays = np.load(path)
-        drifts = {k.split("/", 1)[1]: float(arrays[k]) for k in arrays.files
+        try:
+            arrays = load_npz(path)
+        except CorruptFile:
+            corrupted.append(path)
+            rows.append({"point": i, **_flat(point), "status": "corrupted"})
+            continue
+        drifts = {k.split("/", 1)[1]: float(arrays[k]) for k in arrays
                   if k.startswith("max_drift/")}
+        relative |= {k.split("/", 1)[1]: bool(arrays[k]) for k in arrays
+                     if k.startswith("relative/")}
         rows.append({"point": i, **_flat(point),
                      "status": STATUS_NAMES[int(arrays["status"])],
                      "final_loss": float(arrays["loss"][-1]),
                      **{f"max_drift[{k}]": v for k, v in drifts.items()}})
-    summary = {"points": len(rows),
-               "finished": sum(r["status"] != "missing" for r in rows), "rows": rows}
-    _atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    finished = sum(r["status"] not in ("missing", "corrupted") for r in rows)
+    summary = {"points": len(rows), "finished": finished,
+               "corrupted": [str(p) for p in corrupted], "relative_drift": relative,
+               "rows": jsonable(rows)}
+    write_json(out / "summary.json", summary)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(out / "summary.csv", lambda f: f.write(text.getvalue().encode()))
-    if summary["finished"]:
-        _atomic_write(out / "report.png", lambda f: plot_sweep(rows, manifest, f))
+    data = text.getvalue().encode()
+    atomic_write(out / "summary.csv", lambda f: f.write(data))
+    if finished:
+        atomic_write(out / "report.png",
+                     lambda f: plot_sweep(rows, manifest, f, relative=relative))
     return summary
+
+
+def format_sweep_summary(summary: dict) -> str:
+    """The summary table of a sweep (one row per point: axes, status, final loss and each
+    law's worst drift, "rel"ative or "abs"olute)."""
+    from ._runner import _text_table
+
+    rows = summary["rows"]
+    relative = summary.get("relative_drift", {})
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def header(key):
+        if key.startswith("max_drift["):
+            law = key[len("max_drift["):-1]
+            return f"{law} {'rel' if relative.get(law, True) else 'abs'}"
+        return key.replace("_", " ")
+
+    def cell(key, value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):  # results in scientific notation, axis values as given
+            return f"{value:.3e}" if key == "final_loss" or "[" in key else f"{value:g}"
+        return str(value)
+
+    table = [tuple(header(c) for c in columns)]
+    table += [tuple(cell(c, r.get(c)) for c in columns) for r in rows]
+    return _text_table(table)
 
 
 def _flat(point):

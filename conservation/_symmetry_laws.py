@@ -39,6 +39,8 @@ class AbstractSubspaceLaw(AbstractLaw):
     """The column space of a parameter block P(θ) ∈ R^{p×k} (rank k < p), a point of
     Gr(k, p): value = the orthogonal projector P(PᵀP)⁻¹Pᵀ, drift = ‖Π(t) − Π(0)‖_F."""
 
+    relative = False  # an absolute drift
+
     @abc.abstractmethod
     def block(self, model) -> Float[Array, "p k"]:
         """P(θ), whose column space is the conserved subspace."""
@@ -142,6 +144,8 @@ class FourierPhaseLaw(AbstractLaw):
     """arg Ŵ_j, Ŵ_j = Σ_k w_k e^{−2πijk/n}, of a one-row linear layer w ∈ R^n under C_n shifts
     (1 ≤ j < n/2). Compared mod π: gradient descent may flip the sign of the component."""
 
+    relative = False  # an absolute drift
+
     frequency: int = eqx.field(static=True)
 
     @property
@@ -171,6 +175,8 @@ class FourierPhaseLaw(AbstractLaw):
 class CyclicRatioLaw(AbstractLaw):
     """I(W) = (W₁ − W₂)/(W₁ + W₂ − 2W₃) of a one-row linear layer on R³ under C₃ shifts: the
     quantity the seed paper's Fig. 2 plots (absolute drift |I(W_t) − I(W_0)|)."""
+
+    relative = False  # an absolute drift
 
     @property
     def name(self) -> str:

@@ -1,0 +1,271 @@
+"""Result files: atomic writes that honour the umask, strict JSON, a per-folder lock, checked
+npz loading, and the user-facing checks run before any compute.
+
+Every file is written to a hidden temporary sibling (`.<name>.<random>.tmp`) and renamed over
+the target, so a reader never sees half a file. `tempfile.mkstemp` creates 0600 files; we
+chmod them to `0o666 & ~umask`, the permissions `open()` would have given. A process that
+holds `FolderLock` on a folder owns it: it removes orphaned temporaries (a killed writer's),
+and a second process on the same folder waits for it instead of computing the same results
+again.
+"""
+
+import contextlib
+import errno
+import fcntl
+import io
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+
+class UserError(Exception):
+    """A problem the user can fix (a path, a folder's contents): one line, exit status 2."""
+
+
+class CorruptFile(UserError):
+    """A result file that cannot be read back (truncated or damaged)."""
+
+    def __init__(self, path, reason: str):
+        self.path = pathlib.Path(path)
+        super().__init__(f"{self.path} is corrupted ({reason}); delete it or rerun the same "
+                         "command to recompute it.")
+
+
+LOCK_NAME = ".conservation.lock"
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # os.umask can only be read by setting it: restore at once
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write `path` by calling `write(binary_file)` on a temporary sibling, then renaming it
+    over `path` (readers never see a partial file). The file gets `0o666 & ~umask`."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def jsonable(obj):
+    """`obj` with numpy scalars/arrays made Python and non-finite floats replaced by `None`
+    (strict JSON has no NaN or Infinity; the statuses next to such values say why)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def strict_json(obj) -> str:
+    """Strict JSON text of `obj` (see `jsonable`)."""
+    return json.dumps(jsonable(obj), indent=2, allow_nan=False)
+
+
+def write_json(path, obj) -> None:
+    text = strict_json(obj).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+def read_json(path) -> dict:
+    """A JSON file we wrote; a damaged one is reported by name."""
+    path = pathlib.Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFile(path, f"not valid JSON: {e}") from None
+
+
+def save_npz(path, arrays: dict[str, np.ndarray]) -> None:
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    """Every array of an npz file, read eagerly (so the zip CRCs are checked).
+
+    **Raises:** `CorruptFile` naming `path` if it is truncated or damaged."""
+    path = pathlib.Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile,
+            zipfile.LargeZipFile) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CorruptFile(path, f"{type(e).__name__}: {e}") from None
+
+
+def is_readable_npz(path) -> bool:
+    try:
+        load_npz(path)
+    except (CorruptFile, FileNotFoundError):
+        return False
+    return True
+
+
+def remove_orphans(folder) -> list[pathlib.Path]:
+    """Delete temporaries (`.*.tmp`) left in `folder` (and its subfolders one level down)
+    by a killed write. Call only while holding the folder's `FolderLock`."""
+    folder = pathlib.Path(folder)
+    removed = []
+    for pattern in (".*.tmp", "*/.*.tmp"):
+        for path in folder.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder, *, wait: bool = True,
+                log: Callable[[str], None] = lambda _: None) -> Iterator[None]:
+    """Hold an advisory lock (`fcntl.flock`) on `folder` for the block: a second process on
+    the same folder waits (`wait=True`, with one message) or gets a `UserError`. The lock dies
+    with its process, so a killed run never leaves the folder locked."""
+    folder = pathlib.Path(folder)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            if not wait:
+                raise UserError(f"{folder} is in use by another conservation process "
+                                f"(pid {owner}); wait for it or choose another `--out`.") from None
+            log(f"waiting for another conservation process (pid {owner}) using {folder} ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def prepare_output(path, *, option: str = "--out") -> pathlib.Path:
+    """Check, before any compute, that results can be written to folder `path`, and create
+    it. **Raises:** `UserError` naming the path if it is a file, lies under a file, or is not
+    writable."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"`{option}` {path} is a file, not a folder; choose a folder.")
+    ancestor = path
+    while not ancestor.exists():
+        if ancestor.parent == ancestor:
+            break
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise UserError(f"`{option}` {path} lies under the file {ancestor}; choose a folder "
+                        "whose parents are folders.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"`{option}` {path} is not writable ({ancestor} does not permit it); "
+                        "choose another folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # A probe write: access() is not the whole story (read-only mounts, ACLs).
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"`{option}` {path} is not writable ({e.strerror}); choose another "
+                        "folder.") from None
+    return path
+
+
+def read_config_text(path) -> str:
+    """The text of a config file, checked: a file (not a folder), UTF-8, no byte-order mark.
+
+    **Raises:** `UserError` naming the path."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise UserError(f"config {path} is a folder; give the path of a .toml file.")
+    if not path.exists():
+        raise UserError(f"config file {path} does not exist.")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"config {path} cannot be read ({e.strerror}).") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise UserError(f"config {path} starts with a UTF-8 byte-order mark, which TOML does "
+                        "not allow; save it as UTF-8 without BOM.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config {path} is not UTF-8 text (byte {e.start}); save it as "
+                        "UTF-8.") from None
+
+
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum, frame):
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupt_guard() -> Iterator[None]:
+    """Make Ctrl-C stick: Python drops a KeyboardInterrupt raised inside a garbage-collector
+    callback or `__del__` (JAX runs some), so the handler also records it, and
+    `check_interrupted` (called between entries and batches) raises it again."""
+    import signal
+
+    _INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    hook = sys.unraisablehook
+
+    def quiet_interrupts(unraisable):  # recorded above: no "Exception ignored" traceback
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet_interrupts
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
+        _INTERRUPTED.clear()
+
+
+def check_interrupted() -> None:
+    """Raise `KeyboardInterrupt` if Ctrl-C was pressed (see `interrupt_guard`)."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
