@@ -12,7 +12,7 @@ import jax.tree_util as jtu
 
 from ._custom_types import Array, ScalarLike
 from ._laws import check_unique_names
-from ._model import AbstractModel, Ensemble, as_ensemble
+from ._model import AbstractModel, Ensemble, as_ensemble, default_laws
 from ._monitor import DIVERGED, FAILED, MAX_STEPS, SUCCESS, LawMonitor, Result, finite_max
 from ._objective import Objective
 
@@ -142,7 +142,7 @@ def gradient_flow(
     if not isinstance(field, AbstractVectorField):
         raise TypeError(f"`field` must be a `GradientField` or `ModifiedGradientField`, "
                         f"got {field!r}.")
-    laws = check_unique_names(ensemble[0].laws() if laws is None else laws)
+    laws = check_unique_names(default_laws(ensemble[0]) if laws is None else laws)
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
     progress_meter = dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter()
     return _flow(
