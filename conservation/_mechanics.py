@@ -163,7 +163,7 @@ def _run(models, objective, laws, optim, lr, lam, beta, steps, batch_size, keys)
         scale = {n: jnp.maximum(jnp.max(scale[n], axis=0), scale0[n]) for n in scale}
         return prepend(start, sim), prepend(start, disc), drive, scale
 
-    return jax.vmap(one)(models, keys)
+    return eqx.filter_vmap(one)(models, keys)  # foreign modules carry non-array leaves
 
 
 def _continuous(quadratic, sim, drive, t, lr, lam, beta):
