@@ -293,6 +293,7 @@ def find_symmetries(
     *,
     key: Key | None = None,
     points: int = 4,
+    max_points: int = 16,
     batch_size: int = 64,
     tol: float = 1e-10,
     count: bool | None = None,
@@ -307,8 +308,11 @@ def find_symmetries(
     - `loss`: e.g. `conservation.CrossEntropy()` (a softmax head adds translation symmetry).
     - `data`: a `conservation.Dataset` or an `(x, y)` pair; random batches of it are used.
     - `key`: PRNG key for the parameter points and batches.
-    - `points`: parameter points probed: the model's own and `points − 1` random ones
-      (each leaf perturbed by Gaussian noise of the leaf's RMS), each on its own batch.
+    - `points`: parameter points probed per round: the model's own and `points − 1` random
+      ones (each leaf perturbed by Gaussian noise of the leaf's RMS), each on its own batch.
+    - `max_points`: further rounds of random points are drawn, up to this many points in
+      all, while some candidate's gradient vanished at all but one point (dead ReLU units);
+      a candidate never tested at 2 points is rejected as degenerate.
     - `batch_size`: samples per batch.
     - `tol`: accept a candidate when its relative residual is ≤ `tol` at every point.
     - `count`: cross-check with `count_laws` (Lie-algebra rank); None: when the model has at
@@ -336,19 +340,7 @@ def find_symmetries(
     params, static = eqx.partition(model, eqx.is_inexact_array)
     theta0, unravel = jfu.ravel_pytree(params)
     dim = theta0.size
-    k_points, k_batches, k_count = jax.random.split(key, 3)
-
-    # Random points: each leaf perturbed by noise of its own RMS (generic, same scales).
-    rms = jtu.tree_map(lambda a: jnp.full(a.shape, jnp.sqrt(jnp.mean(a**2)) + 1e-3), params)
-    rms = jfu.ravel_pytree(rms)[0]
-    noise = jax.random.normal(k_points, (points - 1, dim))
-    thetas = jnp.concatenate([theta0[None], theta0[None] + rms[None] * noise])
-    n = len(data)
-    size = min(batch_size, n)
-    index = jnp.stack([jax.random.choice(k, n, (size,), replace=False)
-                       for k in jax.random.split(k_batches, points)])
-    grads = np.asarray(_gradients(static, unravel, loss, thetas, data.x[index], data.y[index]))
-    thetas = np.asarray(thetas)
+    k_points, k_count = jax.random.split(key)
 
     raw = _candidates(params)
     ids = np.concatenate([np.full(len(a) + len(m), c) for c, (*_, a, m) in enumerate(raw)])
@@ -357,17 +349,42 @@ def find_symmetries(
                            for *_, a, m in raw])
     linear = np.array([f == "translation" for f, *_ in raw])
     n_cand = len(raw)
-    residual = np.full((points, n_cand), np.nan)
-    for p in range(points):
-        g, th = grads[p], thetas[p]
-        gn = np.sqrt(np.bincount(ids, g[flat] ** 2, n_cand))
-        tn = np.sqrt(np.bincount(ids, th[flat] ** 2, n_cand))
-        size_a = np.bincount(ids, None, n_cand)
-        informative = (gn > 1e-9 * np.linalg.norm(g)) & (linear | (tn > 0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            lin = np.abs(np.bincount(ids, g[flat], n_cand)) / (gn * np.sqrt(size_a))
-            quad = np.abs(np.bincount(ids, sign * g[flat] * th[flat], n_cand)) / (gn * tn)
-            residual[p] = np.where(informative, np.where(linear, lin, quad), np.nan)
+    size_a = np.bincount(ids, None, n_cand)
+
+    # Random points: each leaf perturbed by noise of its own RMS (generic, same scales), each
+    # on its own random batch. Where a set's gradient vanished (a ReLU unit dead on the batch)
+    # the identity says nothing, so more rounds of points are drawn (up to `max_points`)
+    # until every candidate was tested at ≥ 2 points.
+    rms = jtu.tree_map(lambda a: jnp.full(a.shape, jnp.sqrt(jnp.mean(a**2)) + 1e-3), params)
+    rms = jfu.ravel_pytree(rms)[0]
+    n = len(data)
+    size = min(batch_size, n)
+    gradients = _gradients(static, unravel, loss)  # one compiled program for every round
+    residual = np.zeros((0, n_cand))
+    for round_ in range(-(-max(max_points, points) // points)):
+        k_noise, k_batch = jax.random.split(jax.random.fold_in(k_points, round_))
+        noise = jax.random.normal(k_noise, (points, dim)).at[0].multiply(round_ > 0)
+        thetas = theta0[None] + rms[None] * noise  # the model's own point first
+        index = jnp.stack([jax.random.choice(k, n, (size,), replace=False)
+                           for k in jax.random.split(k_batch, points)])
+        grads = np.asarray(gradients(thetas, data.x[index], data.y[index]))
+        thetas = np.asarray(thetas)
+        block = np.full((points, n_cand), np.nan)
+        for p in range(points):
+            g, th = grads[p], thetas[p]
+            gn = np.sqrt(np.bincount(ids, g[flat] ** 2, n_cand))
+            tn = np.sqrt(np.bincount(ids, th[flat] ** 2, n_cand))
+            informative = (gn > 1e-9 * np.linalg.norm(g)) & (linear | (tn > 0))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                lin = np.abs(np.bincount(ids, g[flat], n_cand)) / (gn * np.sqrt(size_a))
+                quad = np.abs(np.bincount(ids, sign * g[flat] * th[flat], n_cand)) / (gn * tn)
+                block[p] = np.where(informative, np.where(linear, lin, quad), np.nan)
+        residual = np.concatenate([residual, block])
+        tested = np.sum(np.isfinite(residual), axis=0)
+        failed = np.nanmax(np.where(np.isfinite(residual), residual, -np.inf), axis=0) > tol
+        if np.all((tested >= 2) | failed):
+            break
+    probed = residual.shape[0]
 
     candidates = []
     for c, (family, layer, unit, a, m) in enumerate(raw):
@@ -390,15 +407,16 @@ def find_symmetries(
         from ._counting import count_laws
 
         counted = count_laws(model, loss, input_shape=tuple(data.x.shape[1:]), key=k_count)
-    return SymmetrySearch(laws, tuple(candidates), independent, dim, counted, points, tol)
+    return SymmetrySearch(laws, tuple(candidates), independent, dim, counted, probed, tol)
 
 
-def _gradients(static, unravel, loss, thetas, xs, ys):
+def _gradients(static, unravel, loss):
+    """(θ_p, batch_p)_p ↦ ∇L_p(θ_p), vmapped and compiled."""
     def one(theta, x, y):
         objective = Objective(loss, Dataset(x, y))
         return jax.grad(lambda t: objective(eqx.combine(unravel(t), static)))(theta)
 
-    return jax.jit(jax.vmap(one))(thetas, xs, ys)
+    return jax.jit(jax.vmap(one))
 
 
 def _prune(candidates):
