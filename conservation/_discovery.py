@@ -406,7 +406,10 @@ def find_symmetries(
     if count or (count is None and dim <= count_max_parameters):
         from ._counting import count_laws
 
-        counted = count_laws(model, loss, input_shape=tuple(data.x.shape[1:]), key=k_count)
+        # Rank D − independent proves the found laws complete (the count cannot be lower
+        # than the number of true laws found), so the bracket search may stop there.
+        counted = count_laws(model, loss, input_shape=tuple(data.x.shape[1:]), key=k_count,
+                             target_rank=dim - independent)
     return SymmetrySearch(laws, tuple(candidates), independent, dim, counted, probed, tol)
 
 

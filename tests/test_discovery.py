@@ -42,7 +42,7 @@ def test_relu_mlp_gives_exactly_the_per_neuron_rescale_laws(relu_mlp):
     w1 = np.asarray(model.layers[1].weight)
     expected = np.sum(w0**2, axis=1) + b0**2 - np.sum(w1**2, axis=0)
     np.testing.assert_allclose(found.laws[0](model), expected, rtol=1e-14)
-    assert found.count.laws == 3 and found.complete  # Lie-algebra count agrees
+    assert found.count.laws == 3 and found.complete and found.count.proved  # Lie algebra agrees
     rejected = {(c.family, c.unit) for c in found.rejected}
     assert ("scale", "all") in rejected and ("translation", "bias") in rejected
     assert all(c.residual > 1e-3 for c in found.rejected if np.isfinite(c.residual))
