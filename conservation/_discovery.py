@@ -31,15 +31,13 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._custom_types import Float, Array, Key
+from ._custom_types import Array, Float, Key
 from ._data import Dataset
 from ._losses import AbstractLoss
 from ._mlp import AbstractMechanicsLaw
 from ._model import Ensemble, flat_parameters
 from ._objective import Objective
 
-
-FAMILIES = ("translation", "scale", "rescale")
 
 
 class AbstractMaskLaw(AbstractMechanicsLaw):

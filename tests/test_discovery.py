@@ -1,9 +1,9 @@
 """find_symmetries: translation / scale / rescale laws found numerically for foreign modules,
 checked against the symmetries' definitions (loss invariance) and numpy-built masks."""
 
-import tomllib
 import importlib
 import pathlib
+import tomllib
 
 import equinox as eqx
 import jax
