@@ -27,6 +27,14 @@ from ._data import (
     teacher_dataset as teacher_dataset,
     whiten as whiten,
 )
+from ._discovery import (
+    AbstractMaskLaw as AbstractMaskLaw,
+    Candidate as Candidate,
+    LinearMaskLaw as LinearMaskLaw,
+    QuadraticMaskLaw as QuadraticMaskLaw,
+    SymmetrySearch as SymmetrySearch,
+    find_symmetries as find_symmetries,
+)
 from ._flow import (
     AbstractVectorField as AbstractVectorField,
     GradientField as GradientField,
@@ -76,6 +84,8 @@ from ._model import (
     AbstractModel as AbstractModel,
     AbstractTensorizableModel as AbstractTensorizableModel,
     Ensemble as Ensemble,
+    as_ensemble as as_ensemble,
+    default_laws as default_laws,
 )
 from ._monitor import STATUS_NAMES as STATUS_NAMES, Result as Result
 from ._objective import Moments as Moments, Objective as Objective, make_objective as make_objective
@@ -97,6 +107,7 @@ from ._symmetry_laws import (
     isotypic_components as isotypic_components,
 )
 from ._train import optimizer as optimizer, train as train
+from ._wrap import FunctionModel as FunctionModel
 
 
 try:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ._custom_types import Array, ScalarLike
 from ._laws import check_unique_names
-from ._model import AbstractModel, Ensemble, as_ensemble
+from ._model import AbstractModel, Ensemble, as_ensemble, default_laws
 from ._monitor import (DIVERGED, FAILED, MAX_STEPS, SUCCESS, LawMonitor, Result, finite_max,
                        show_progress, values_to_keep)
 from ._objective import Objective
@@ -198,7 +198,7 @@ def gradient_flow(
     if not isinstance(field, AbstractVectorField):
         raise TypeError(f"`field` must be a `GradientField` or `ModifiedGradientField`, "
                         f"got {field!r}.")
-    laws = check_unique_names(ensemble[0].laws() if laws is None else laws)
+    laws = check_unique_names(default_laws(ensemble[0]) if laws is None else laws)
     keep, final_values = values_to_keep(values, laws)
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
     show = show_progress(progress)

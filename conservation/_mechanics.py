@@ -164,7 +164,7 @@ def _run(models, objective, laws, optim, lr, lam, beta, steps, batch_size, keys)
         return (prepend(start, sim), prepend(start, disc), drive, scale,
                 eqx.combine(last[0], static))
 
-    return jax.vmap(one)(models, keys)
+    return eqx.filter_vmap(one)(models, keys)  # foreign modules carry non-array leaves
 
 
 def _continuous(quadratic, sim, drive, t, lr, lam, beta):

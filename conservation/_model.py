@@ -68,18 +68,19 @@ class Ensemble(eqx.Module):
     runs as one compiled program.
     """
 
-    models: AbstractModel
+    models: eqx.Module
     size: int = eqx.field(static=True)
 
     @classmethod
-    def init(cls, factory: Callable[[Key], AbstractModel], key: Key, size: int) -> "Ensemble":
-        """`size` models `factory(k)` built from independent keys split from `key`."""
+    def init(cls, factory: Callable[[Key], eqx.Module], key: Key, size: int) -> "Ensemble":
+        """`size` models `factory(k)` built from independent keys split from `key` (any
+        `equinox.Module` factory, e.g. `lambda k: eqx.nn.MLP(2, 1, 8, 1, key=k)`)."""
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"`size` must be a positive int, got {size!r}.")
         return cls(eqx.filter_vmap(factory)(jax.random.split(key, size)), size)
 
     @classmethod
-    def stack(cls, models: Sequence[AbstractModel]) -> "Ensemble":
+    def stack(cls, models: Sequence[eqx.Module]) -> "Ensemble":
         """Stack models of identical architecture into an ensemble."""
         models = list(models)
         if not models:
@@ -95,18 +96,38 @@ class Ensemble(eqx.Module):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i: int) -> AbstractModel:
+    def __getitem__(self, i: int) -> eqx.Module:
         params, static = eqx.partition(self.models, eqx.is_array)
         return eqx.combine(jtu.tree_map(lambda x: x[i], params), static)
 
 
-def as_ensemble(model: AbstractModel | Ensemble) -> Ensemble:
-    """Wrap a single model as an ensemble of one; pass ensembles through."""
+def as_ensemble(model: eqx.Module | Ensemble) -> Ensemble:
+    """Wrap a single model as an ensemble of one; pass ensembles through.
+
+    Any `equinox.Module` is a model (its inexact-array leaves are the parameters), e.g.
+    `equinox.nn.MLP`; wrap a pure function `f(params, x)` as `conservation.FunctionModel`.
+    """
     if isinstance(model, Ensemble):
         return model
-    if isinstance(model, AbstractModel):
+    if isinstance(model, eqx.Module):
+        if not jtu.tree_leaves(eqx.filter(model, eqx.is_inexact_array)):
+            raise ValueError(f"`model` ({type(model).__name__}) has no floating-point array "
+                             "leaves: there are no parameters to train.")
         return Ensemble.stack([model])
+    if callable(model):
+        raise TypeError(
+            "`model` is a plain function; wrap it with its parameters as "
+            "`conservation.FunctionModel(fn, params)` (fn(params, x) -> output)."
+        )
     raise TypeError(
-        f"expected a conservation model or `Ensemble`, got {type(model).__name__}. "
+        f"`model` must be an `equinox.Module` or `Ensemble`, got {type(model).__name__}. "
         "Build one with e.g. `conservation.DeepLinear.random(widths, key=key)`."
     )
+
+
+def default_laws(model) -> tuple[Any, ...]:
+    """The laws monitored when none are given: `model.laws()` for conservation models, none
+    for foreign modules (find them with `conservation.find_symmetries`)."""
+    if isinstance(model, Ensemble):
+        model = model[0]
+    return tuple(model.laws()) if isinstance(model, AbstractModel) else ()

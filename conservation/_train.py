@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ._custom_types import Array, Key, ScalarLike
 from ._laws import check_unique_names
-from ._model import AbstractModel, Ensemble, as_ensemble
+from ._model import AbstractModel, Ensemble, as_ensemble, default_laws
 from ._monitor import DIVERGED, SUCCESS, LawMonitor, Result, show_progress, values_to_keep
 from ._objective import Objective
 
@@ -124,7 +124,7 @@ def train(
         if key is None:
             raise ValueError("`batch_size` needs a `key` to draw minibatches.")
     key = jax.random.PRNGKey(0) if key is None else key
-    laws = check_unique_names(ensemble[0].laws() if laws is None else laws)
+    laws = check_unique_names(default_laws(ensemble[0]) if laws is None else laws)
     keep, final_values = values_to_keep(values, laws)
     monitor = LawMonitor(laws)
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)

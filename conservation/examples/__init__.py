@@ -1,0 +1,1 @@
+"""Worked examples that bring their own networks and data (see `conservation.examples.digits`)."""
