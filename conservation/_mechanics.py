@@ -28,7 +28,7 @@ from ._laws import check_unique_names
 from ._mlp import AbstractMechanicsLaw
 from ._model import Ensemble, as_ensemble
 from ._objective import Objective
-from ._train import minibatch, optimizer
+from ._train import _minibatch, optimizer
 
 
 class MechanicsResult(eqx.Module):
@@ -122,7 +122,7 @@ def _run(models, objective, laws, optim, lr, lam, beta, steps, batch_size, keys)
 
         def step(carry, k):
             p, state, predicted, r, v_prev = carry
-            objective_k = minibatch(objective, key, k, batch_size)  # the batches `train` draws
+            objective_k = _minibatch(objective, key, k, batch_size)  # the batches `train` draws
             grad = jax.grad(lambda q: objective_k(eqx.combine(q, static)))(p)
             updates, state = optim.update(grad, state, p)
             new_p = optax.apply_updates(p, updates)

@@ -48,7 +48,7 @@ def optimizer(
     raise ValueError(f"unknown optimizer `kind` {kind!r}; choose 'gd', 'sgd', 'momentum' or 'adam'.")
 
 
-def minibatch(objective: Objective, key: Key, step, batch_size: int | None) -> Objective:
+def _minibatch(objective: Objective, key: Key, step, batch_size: int | None) -> Objective:
     """The objective of optimizer step `step` for one member with PRNG `key`: a fresh batch of
     `batch_size` examples without replacement, drawn with `jax.random.fold_in(key, step)`
     (`train` and `track_mechanics` share it, so the same key gives the same SGD path)."""
@@ -88,7 +88,7 @@ def train(
       replacement); `None` uses the full objective (moment fast path if available).
     - `key`: PRNG key for the minibatches (required with `batch_size`): member i uses
       `jax.random.split(key, B)[i]`, and step k draws its batch with
-      `jax.random.fold_in(member_key, k)` (see `minibatch`).
+      `jax.random.fold_in(member_key, k)` (see `_minibatch`).
     - `laws`: laws to monitor (default: the model's architecture laws). Their drift is checked
       after every step; `max_drift` is the worst over all steps.
     - `values`: law values to keep, as in `gradient_flow`: `"final"` (default,
@@ -196,7 +196,7 @@ def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, step
             p, state, key, status, count, max_drift, reference = carry
             # `count` is the step index of every member still running (a stopped member's
             # batches no longer matter): the same (key, step) → batch map as track_mechanics.
-            objective_k = minibatch(objective, key, count, batch_size)
+            objective_k = _minibatch(objective, key, count, batch_size)
             loss, grad = jax.value_and_grad(lambda q: objective_k(eqx.combine(q, static)))(p)
             updates, new_state = optim.update(grad, state, p)
             new_p = optax.apply_updates(p, updates)
