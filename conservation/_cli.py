@@ -54,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{summary['finished']}/{summary['points']} points written to "
               f"{args.out or config.output}/ (sweep.json, points/, summary.csv, report.png)")
         return 0
-    if args.command == "count":
-        print(count_table(config, max_depth=args.depth))
-        return 0
-    log = (lambda _: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    summary = run_config(config, out_dir=args.out, progress=not args.quiet, log=log)
+    try:
+        if args.command == "count":
+            print(count_table(config, max_depth=args.depth))
+            return 0
+        log = (lambda _: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+        summary = run_config(config, out_dir=args.out, progress=not args.quiet, log=log)
+    except ConfigError as e:  # found while building: shapes, laws, memory
+        print(f"conservation: config error: {e}", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     print(f"results written to {args.out or config.output}/ (summary.json, plot.png, *.npz)")
     return 0
