@@ -465,12 +465,11 @@ def _message(error, table: dict, path: str, cls) -> str:
     if kind == "missing":
         example = f" For example: {name} = {rule.example}" if rule.example else ""
         return f"missing field `{full}`.{example}"
-    if kind == "finite_number" or (
-            kind == "value_error" and "finite" in str(error.get("ctx", {}).get("error", ""))):
+    if kind == "finite_number":
         return f"field `{full}` {rule.finite}, got {value!r}."
     if kind == "value_error":
         return f"field `{full}` {error['ctx']['error']}, got {value!r}."
-    if kind == "literal_error" and len(loc) == 1:
+    if kind == "literal_error" and not (len(loc) > 1 and isinstance(loc[1], int)):
         return f"field `{full}` must be one of {error['ctx']['expected'].replace(' or ', ', ')}" \
                f", got {value!r}."
     if kind == "literal_error":  # an entry of a list
@@ -597,8 +596,8 @@ def _read_sweep(table, dynamics, model, augmentation) -> SweepSpec:
     if not axes:
         raise ConfigError("`sweep` needs at least one axis, e.g. lr = [0.01, 0.02].")
     if len(dynamics) != 1:
-        raise ConfigError("a sweep runs exactly one [[dynamics]] entry; found "
-                          f"{len(dynamics)}.")
+        raise ConfigError(f"`dynamics` holds {len(dynamics)} entries; a sweep runs exactly one "
+                          "[[dynamics]] entry (write one config per dynamics).")
     run = dynamics[0]
     for key in axes:
         where = AXES[key][0]

@@ -68,6 +68,20 @@ def feature_count(model, tokens: int) -> int:
     return 0
 
 
+def law_entries(model) -> tuple[int, int]:
+    """(numbers in all architecture-law values, number of laws) of one member."""
+    kind = model.kind
+    if kind == "deep_linear":  # balance matrices, one per hidden layer
+        hidden = model.widths[1:-1]
+        return sum(w * w for w in hidden), len(hidden)
+    if kind in ("polynomial", "mlp"):  # one number per hidden neuron and layer
+        hidden = model.widths[1:-1]
+        return sum(hidden) + 2, len(hidden) + 2
+    if kind == "lightning_attention":
+        return model.heads * (model.key_dim ** 2 + model.value_dim ** 2), 2 * model.heads
+    return 4, 4  # neuron / python models: a few scalar laws
+
+
 def _orbit_size(augmentation, d: int) -> int:
     if augmentation is None:
         return 1
@@ -92,7 +106,7 @@ def estimate(config, *, members: int | None = None, parameters: int | None = Non
     orbit = _orbit_size(config.augmentation, d)
     orbit_mode = config.augmentation is not None and config.augmentation.mode == "orbit"
     samples = n * (orbit if orbit_mode else 1)
-    laws_width = max(1, P)  # law values are at most a few numbers per parameter
+    entries, count = law_entries(config.model)
     n_save = max((run.n_save for run in config.dynamics), default=2)
     flows = any(run.kind in ("flow", "modified_flow") for run in config.dynamics)
     p = feature_count(config.model, tokens)
@@ -103,7 +117,8 @@ def estimate(config, *, members: int | None = None, parameters: int | None = Non
         "data": samples * (d * tokens + out) * _BYTES,
         "moments": (p * p + p * out) * _BYTES * (2 if config.augmentation else 1)
         if moments else 0,
-        "saved values": B * n_save * (1 + 3 * laws_width) * _BYTES,
+        # loss, every law's value, drift and condition at each save time of each member
+        "saved values": B * n_save * (1 + entries + 2 * count) * _BYTES,
     }
     return MemoryEstimate(parts)
 
@@ -138,13 +153,14 @@ def check_memory(config, *, members: int | None = None, parameters: int | None =
         available, where = available_memory()
     if est.total > available:
         biggest = max(est.parts, key=est.parts.get)
-        fixes = {"parameters": "reduce `model.widths` / `ensemble.size` (or `sweep.chunk`)",
+        fixes = {"parameters": "reduce `model.widths` or `ensemble.size` (sweeps: `sweep.chunk`)",
                  "teacher": "reduce `model.widths`",
                  "data": "reduce `data.n`" + (" or use `augmentation.mode` = 'auto'"
                                               if config.augmentation is not None else ""),
                  "moments": "reduce the input size (`model.widths[0]` / `model.dim`) or set "
                             "`loss.moments` = false",
-                 "saved values": "reduce `n_save` / `ensemble.size`"}
+                 "saved values": "reduce `model.widths` (law values such as balance matrices "
+                                 "grow with them), `n_save` or `ensemble.size`"}
         raise ConfigError(
             f"this run needs ~{_gb(est.total)} ({biggest}: {_gb(est.parts[biggest])}), "
             f"{where} has {_gb(available)}: {fixes[biggest]}.")

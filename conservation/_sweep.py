@@ -111,6 +111,11 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
 
     if config.sweep is None:
         raise ConfigError("this config has no [sweep] table; use `conservation run`.")
+    devices = config.sweep.devices
+    if devices > len(jax.devices()):
+        raise ConfigError(f"field `sweep.devices` = {devices} but JAX sees "
+                          f"{len(jax.devices())} device(s); on CPU set XLA_FLAGS="
+                          f"--xla_force_host_platform_device_count={devices}, or set devices = 0.")
     out = pathlib.Path(out_dir or config.output)
     (out / "points").mkdir(parents=True, exist_ok=True)
     points = sweep_points(config)
@@ -124,10 +129,6 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
     run = config.dynamics[0]
     chunk = config.sweep.chunk
     devices = config.sweep.devices
-    if devices > len(jax.devices()):
-        raise ConfigError(f"field `sweep.devices` = {devices} but JAX sees "
-                          f"{len(jax.devices())} device(s); on CPU set XLA_FLAGS="
-                          f"--xla_force_host_platform_device_count={devices}, or set devices = 0.")
     for note in config.ignored("sweep"):
         log(f"note: {note}")
     done = {i for i in range(len(points)) if (out / "points" / f"{i}.npz").exists()}
