@@ -159,7 +159,9 @@ def plot_mechanics(entries, file, *, title: str = "", components: int = 3) -> No
 def plot_sweep(rows, manifest, file) -> None:
     """Final loss and each law's worst drift against every numeric sweep axis (one dot per
     finished point; log scales)."""
-    axes_names = [k for k in manifest["config"]["sweep"]["axes"] if k != "widths"] or ["point"]
+    numeric = {k: v for k, v in manifest["config"]["sweep"]["axes"].items()
+               if all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)}
+    axes_names = list(numeric) or ["point"]  # categorical axes (loss, group, solver) skipped
     done = [r for r in rows if r["status"] != "missing"]
     metrics = ["final_loss"] + [k for k in done[0] if k.startswith("max_drift[")]
     fig, axes = plt.subplots(len(metrics), len(axes_names),
@@ -171,7 +173,7 @@ def plot_sweep(rows, manifest, file) -> None:
             ok = np.isfinite(y) & (y > 0)
             ax.scatter(x[ok], y[ok], s=12)
             ax.set_yscale("log")
-            if name in ("lr", "weight_decay", "init_scale") and np.all(x > 0):
+            if name in ("lr", "weight_decay", "init_scale", "rtol", "atol") and np.all(x > 0):
                 ax.set_xscale("log")
             ax.set_xlabel(name)
             ax.set_ylabel(metric, fontsize=8)
