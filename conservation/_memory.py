@@ -78,7 +78,9 @@ def law_entries(model) -> tuple[int, int]:
         hidden = model.widths[1:-1]
         return sum(hidden) + 2, len(hidden) + 2
     if kind == "lightning_attention":
-        return model.heads * (model.key_dim ** 2 + model.value_dim ** 2), 2 * model.heads
+        # per head: qk (key_dim²), kv (a number), vo (value_dim², with an output projection)
+        vo = model.value_dim ** 2 if model.out_dim else 0
+        return model.heads * (model.key_dim ** 2 + 1 + vo), model.heads * (2 + bool(vo))
     return 4, 4  # neuron / python models: a few scalar laws
 
 
