@@ -469,10 +469,11 @@ def _message(error, table: dict, path: str, cls) -> str:
         return f"field `{full}` {rule.finite}, got {value!r}."
     if kind == "value_error":
         return f"field `{full}` {error['ctx']['error']}, got {value!r}."
-    if kind == "literal_error" and not (len(loc) > 1 and isinstance(loc[1], int)):
+    if kind == "literal_error" and not rule.type_name and not (
+            len(loc) > 1 and isinstance(loc[1], int)):
         return f"field `{full}` must be one of {error['ctx']['expected'].replace(' or ', ', ')}" \
                f", got {value!r}."
-    if kind == "literal_error":  # an entry of a list
+    if kind == "literal_error" and len(loc) > 1 and isinstance(loc[1], int):  # a list entry
         noun = "law" if full == "laws.extra" else "value"
         return (f"unknown {noun} {error['input']!r} in `{full}`; choose from "
                 f"{error['ctx']['expected'].replace(' or ', ', ')}.")

@@ -408,7 +408,10 @@ _VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 10 ** 6), st.floats(allow_nan=True,
                                                                  allow_infinity=True),
     st.text(max_size=8), st.sampled_from(["auto", "mse", "relu", "orthogonal", "flow", "gd",
-                                          "explicit", "file", "python", "x.npz", "math:sqrt"]),
+                                          "explicit", "file", "python", "x.npz", "math:sqrt",
+                                          "log_cosh", "sign_flips", "tsit5", "orbit"]),
+    st.floats(1e-3, 1.0), st.integers(1, 4), st.lists(st.floats(1e-3, 1.0), min_size=1,
+                                                      max_size=3, unique=True),
     st.lists(st.one_of(st.integers(-2, 6), st.floats(-2, 6)), max_size=4),
     st.lists(st.lists(st.floats(-2, 2), min_size=1, max_size=3), max_size=3),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
@@ -434,7 +437,7 @@ _FIELDS = [(s, f) for s, fields in _SECTIONS.items() for f in fields]
                                                             "steps": 2, "batch_size": 2}]),
                   st.sampled_from([None, {"group": "cyclic_shift"}]))
 def test_random_values_in_every_field_give_a_config_or_a_config_error(changes, run, augment):
-    raw = _config(dynamics=[run])
+    raw = _config(dynamics=[dict(run)])
     if augment:
         raw["augmentation"] = dict(augment)
     for (section, field), value in changes:
