@@ -21,6 +21,13 @@ from ._counting import (
     count_laws as count_laws,
     find_polynomial_laws as find_polynomial_laws,
 )
+from ._config import (
+    Config as Config,
+    ConfigError as ConfigError,
+    config_schema as config_schema,
+    load_config as load_config,
+    parse_config as parse_config,
+)
 from ._data import (
     Dataset as Dataset,
     gaussian_inputs as gaussian_inputs,
