@@ -871,14 +871,15 @@ def config_schema() -> dict:
     sweep = {"type": "object", "additionalProperties": False, "properties": {
         "chunk": {"type": "integer", "minimum": 0}, "devices": {"type": "integer", "minimum": 0},
         **{k: {"type": "array", "minItems": 1} for k in AXES}}}
+    models = Annotated[DeepLinearSpec | PolynomialSpec | MLPSpec | NeuronSpec | AttentionSpec
+                       | PythonModelSpec, Field(discriminator="kind")]
+    runs = Annotated[FlowSpec | ModifiedFlowSpec | GDSpec | SGDSpec | MomentumSpec | AdamSpec,
+                     Field(discriminator="kind")]
     top = create_model(
-        "ConservationConfig", __base__=_Top,
-        model=(DeepLinearSpec | PolynomialSpec | MLPSpec | NeuronSpec | AttentionSpec
-               | PythonModelSpec, ...),
-        data=(DataSpec, ...), loss=(LossSpec, None), ensemble=(EnsembleSpec, None),
+        "ConservationConfig", __base__=_Top, model=(models, ...), data=(DataSpec, ...),
+        loss=(LossSpec, None), ensemble=(EnsembleSpec, None),
         augmentation=(AugmentationSpec, None), laws=(LawsSpec, None),
-        dynamics=(list[FlowSpec | ModifiedFlowSpec | GDSpec | SGDSpec | MomentumSpec
-                       | AdamSpec], ...))
+        dynamics=(list[runs], ...))
     schema = top.model_json_schema()
     schema["properties"]["sweep"] = sweep
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

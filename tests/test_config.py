@@ -453,3 +453,15 @@ def test_random_values_in_every_field_give_a_config_or_a_config_error(changes, r
         assert str(e) and "\n" not in str(e)
         return
     json.dumps(config.to_dict(), allow_nan=False)  # anything accepted is finite, plain JSON
+
+
+def test_shipped_configs_validate_against_the_json_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(
+        json.loads((ROOT / "configs" / "schema.json").read_text()))
+    for path in sorted((ROOT / "configs").rglob("*.toml")):
+        assert not list(validator.iter_errors(tomllib.loads(path.read_text()))), path
+    # an editor sees the same mistakes: a negative tolerance, a typo'd field
+    bad = _config(dynamics=[_FLOW | {"rtol": -1.0}])
+    assert list(validator.iter_errors(bad))
+    assert list(validator.iter_errors(_config(model={"kind": "deep_linear", "widht": [3]})))
