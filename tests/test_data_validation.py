@@ -1,7 +1,6 @@
 """Library inputs (issue 13 item 6): dtypes converted at `Dataset`, bad data named with shapes;
 data sources of the CLI (.npy/.npz files, python factories, attention token matrices)."""
 
-import pathlib
 
 import jax
 import jax.numpy as jnp

@@ -235,3 +235,27 @@ def test_loss_and_group_sweep_compiles_once_per_static_group(tmp_path):
     losses = {(r["loss"], r["group"]): r["final_loss"] for r in summary["rows"]
               if r["seed"] == 0}
     assert len(set(losses.values())) == 4  # four different objectives
+
+
+def test_data_axes_group_points_and_each_point_is_its_own_config():
+    from conservation._sweep import _groups, axis_role, sweep_points
+
+    raw = tomllib.loads(SWEEP.split("[sweep]")[0] + "[sweep]\nn = [8, 16]\nnoise = [0.0, 0.1]\n"
+                        "lr = [0.01, 0.02]\nseed = [0, 1]")
+    config = parse_config(raw)
+    run = config.dynamics[0]
+    assert [axis_role(a, run) for a in config.sweep.axes] == ["static", "static", "member",
+                                                              "member"]
+    groups = _groups(sweep_points(config), run)
+    assert [g.static for g in groups] == [{"n": 8, "noise": 0.0}, {"n": 8, "noise": 0.1},
+                                          {"n": 16, "noise": 0.0}, {"n": 16, "noise": 0.1}]
+    assert all(len(g.batches) == 1 and len(g.indices) == 4 for g in groups)
+    point = config.at(groups[3].static)
+    assert point.data.n == 16 and point.data.noise == 0.1 and point.dynamics[0].lr == 0.05
+    # flows: lr-like axes become per-call scalars, one batch per value
+    flow = parse_config(tomllib.loads(FLOW_SWEEP.replace("rtol = [1e-3, 1e-6, 1e-9]",
+                                                         "t1 = [1.0, 2.0]\nsolver = "
+                                                         "[\"tsit5\", \"heun\"]")))
+    groups = _groups(sweep_points(flow), flow.dynamics[0])
+    assert [g.static for g in groups] == [{"solver": "tsit5"}, {"solver": "heun"}]
+    assert [[len(b) for b in g.batches] for g in groups] == [[2, 2], [2, 2]]
