@@ -415,33 +415,23 @@ def _rule(cls, name) -> _Rule:
     return _Rule()
 
 
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false",
-               "str": "a string", "list[int]": "a list of integers",
-               "list[float]": "a list of numbers", "list[str]": "a list of strings",
-               "dict[str, Any]": "a table"}
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "boolean": "true or false",
+               "string": "a string", "object": "a table"}
+_LIST_NAMES = {"integer": "a list of integers", "number": "a list of numbers",
+               "string": "a list of strings"}
 
 
 def _type_name(cls, name) -> str:
+    """How to describe the type of field `name` of table `cls` in an error ("an integer")."""
     rule = _rule(cls, name)
     if rule.type_name:
         return rule.type_name
-    annotation = cls.model_fields[name].annotation
-    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
-    if getattr(annotation, "__origin__", None) is not None and len(args) == 1 and str(
-            annotation).startswith("typing.Optional"):
-        annotation = args[0]
-    key = getattr(annotation, "__name__", None) if not hasattr(annotation, "__origin__") \
-        else str(annotation).replace("typing.", "")
-    if key is None:
-        key = str(annotation).replace("typing.", "")
-    for k, v in _TYPE_NAMES.items():
-        if key.startswith(k) or key.replace("Optional[", "").startswith(k):
-            return v
-    if "int" in key and "float" not in key:
-        return "an integer"
-    if "float" in key:
-        return "a number"
-    return "a value of the documented type"
+    schema = cls.model_json_schema()["properties"][name]
+    options = [o for o in schema.get("anyOf", [schema]) if o.get("type") != "null"]
+    option = options[0] if options else {}
+    if option.get("type") == "array":
+        return _LIST_NAMES.get(option.get("items", {}).get("type"), "a list")
+    return _TYPE_NAMES.get(option.get("type"), "a value of the documented type")
 
 
 def _first(errors):
