@@ -429,7 +429,7 @@ _SECTIONS = {
 _FIELDS = [(s, f) for s, fields in _SECTIONS.items() for f in fields]
 
 
-@hypothesis.settings(max_examples=400, deadline=None, derandomize=True,
+@hypothesis.settings(max_examples=250, deadline=None, derandomize=True,
                      suppress_health_check=list(hypothesis.HealthCheck))
 @hypothesis.given(st.lists(st.tuples(st.sampled_from(_FIELDS), _VALUES), min_size=1,
                            max_size=3),
