@@ -11,6 +11,7 @@ nan) are refused everywhere. pydantic's errors are rewritten into one line that 
 (`dynamics[0].rtol`), says what is wrong and how to fix it.
 """
 
+import copy
 import difflib
 import importlib
 import importlib.resources
@@ -581,7 +582,7 @@ def _read_sweep(table, dynamics, model, augmentation) -> SweepSpec:
                                      for v in values):
             raise ConfigError("axis `sweep.seed` must list an integer values, e.g. "
                               "seed = [0, 1, 2].")
-        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+        if len({json.dumps(v, sort_keys=True, default=repr) for v in values}) != len(values):
             raise ConfigError(f"axis `sweep.{key}` lists a value twice; each point must differ.")
         axes[key] = values
     if not axes:
@@ -613,8 +614,7 @@ def sweep_point_dicts(axes: dict) -> list[dict]:
 
 def _point_config(raw: dict, point: dict, name: str, base: str) -> Config:
     """Substitute a sweep point into the raw config and validate the result in full."""
-    raw = json.loads(json.dumps({k: v for k, v in raw.items() if k != "sweep"},
-                                default=_json_default))
+    raw = copy.deepcopy({k: v for k, v in raw.items() if k != "sweep"})
     raw["name"] = name
     for key, value in point.items():
         where = AXES[key][0]
@@ -633,10 +633,6 @@ def _point_config(raw: dict, point: dict, name: str, base: str) -> Config:
     except ConfigError as e:
         text = ", ".join(f"{k} = {json.dumps(v)}" for k, v in point.items())
         raise ConfigError(f"sweep point ({text}): {e}") from None
-
-
-def _json_default(v):
-    raise TypeError
 
 
 # ----------------------------------------------------------------------------- consistency
@@ -663,7 +659,11 @@ def _check_data_source(data, model, base):
         if path.suffix not in (".npy", ".npz"):
             raise ConfigError(f"field `data.path` must name a .npy or .npz file, got "
                               f"{data.path!r}.")
-        if not path.is_file():
+        try:
+            exists = path.is_file()
+        except (OSError, ValueError):  # e.g. a NUL byte in the name
+            exists = False
+        if not exists:
             raise ConfigError(f"field `data.path`: file {str(path)!r} does not exist (paths are "
                               "relative to the config file's folder).")
     if data.inputs == "python" and data.factory is None:
@@ -844,7 +844,11 @@ def load_config(path: str | pathlib.Path | None = None) -> Config:
         name, base = "quickstart", "."
     else:
         path = pathlib.Path(path)
-        if not path.is_file():
+        try:
+            exists = path.is_file()
+        except (OSError, ValueError):  # e.g. a NUL byte in the name
+            exists = False
+        if not exists:
             raise ConfigError(f"config file {str(path)!r} does not exist.")
         text, name, base = path.read_text(), path.stem, str(path.parent)
     try:

@@ -414,7 +414,10 @@ _VALUES = st.one_of(
                                                       max_size=3, unique=True),
     st.lists(st.one_of(st.integers(-2, 6), st.floats(-2, 6)), max_size=4),
     st.lists(st.lists(st.floats(-2, 2), min_size=1, max_size=3), max_size=3),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.dates(), st.datetimes(), st.times(),  # TOML has these too
+    st.lists(st.one_of(st.dates(), st.text(max_size=2), st.booleans()), min_size=1,
+             max_size=2))
 _SECTIONS = {
     "model": sorted({f for spec in MODEL_SPECS.values() for f in spec.model_fields}),
     "data": ["n", "inputs", "x", "path", "factory", "input_scale", "targets", "y",
