@@ -1,8 +1,8 @@
 """conservation: conservation laws of neural-network training dynamics, simulated in JAX.
 
 Importing this package turns on JAX's float64 mode (`jax_enable_x64`): conservation work
-compares drifts with tolerances far below float32 resolution. Pass float32 arrays explicitly
-if you want single precision somewhere.
+compares drifts with tolerances far below float32 resolution. `Dataset` stores its arrays in
+this default float dtype whatever they arrive as (integer, float32, ...).
 """
 
 import importlib.metadata
