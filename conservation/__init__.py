@@ -1,8 +1,8 @@
 """conservation: conservation laws of neural-network training dynamics, simulated in JAX.
 
 Importing this package turns on JAX's float64 mode (`jax_enable_x64`): conservation work
-compares drifts with tolerances far below float32 resolution. Pass float32 arrays explicitly
-if you want single precision somewhere.
+compares drifts with tolerances far below float32 resolution. `Dataset` stores its arrays in
+this default float dtype whatever they arrive as (integer, float32, ...).
 """
 
 import importlib.metadata
@@ -20,6 +20,13 @@ from ._counting import (
     PolynomialLaws as PolynomialLaws,
     count_laws as count_laws,
     find_polynomial_laws as find_polynomial_laws,
+)
+from ._config import (
+    Config as Config,
+    ConfigError as ConfigError,
+    config_schema as config_schema,
+    load_config as load_config,
+    parse_config as parse_config,
 )
 from ._data import (
     Dataset as Dataset,

@@ -7,14 +7,31 @@ import jax.numpy as jnp
 from ._custom_types import Array, Float, Key
 
 
+def _as_float(a, name: str) -> Array:
+    """`a` as a JAX array of the default float dtype (float64 under conservation): integer,
+    boolean and float32 data are converted, so every objective sees one dtype."""
+    try:
+        a = jnp.asarray(a)
+    except TypeError as e:
+        raise TypeError(f"`{name}` must be a numeric array, got {type(a).__name__} ({e}).") \
+            from None
+    if jnp.issubdtype(a.dtype, jnp.complexfloating):
+        raise TypeError(f"`{name}` must be real, got dtype {a.dtype}.")
+    return a.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
 class Dataset(eqx.Module):
-    """Samples (x_i, y_i): `x` has shape (N, *input_shape), `y` has shape (N, *output_shape)."""
+    """Samples (x_i, y_i): `x` has shape (N, *input_shape), `y` has shape (N, *output_shape).
+
+    Both are stored in the default float dtype (float64 under conservation): integer, boolean
+    and float32 inputs are converted here. N ≥ 1 and every value finite are checked (for
+    concrete arrays; inside `jit` the arrays are traced and taken as they are)."""
 
     x: Array
     y: Array
 
     def __init__(self, x: Array, y: Array):
-        x, y = jnp.asarray(x), jnp.asarray(y)
+        x, y = _as_float(x, "x"), _as_float(y, "y")
         if x.ndim < 2 or y.ndim < 2:
             raise ValueError(
                 f"`x` and `y` need a leading sample axis plus feature axes, got shapes {x.shape} "
@@ -22,6 +39,15 @@ class Dataset(eqx.Module):
             )
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"`x` has {x.shape[0]} samples but `y` has {y.shape[0]}.")
+        if x.shape[0] == 0:
+            raise ValueError(f"`x` and `y` have 0 samples (shapes {x.shape} and {y.shape}); a "
+                             "Dataset needs at least one.")
+        for name, a in (("x", x), ("y", y)):
+            if not isinstance(a, jax.core.Tracer):
+                bad = int(jnp.sum(~jnp.isfinite(a)))
+                if bad:
+                    raise ValueError(f"`{name}` (shape {a.shape}) holds {bad} non-finite values "
+                                     "(nan/inf); remove or replace them first.")
         self.x, self.y = x, y
 
     def __len__(self) -> int:
@@ -30,6 +56,22 @@ class Dataset(eqx.Module):
     def subset(self, index: Array) -> "Dataset":
         """The samples at `index` (an integer array), e.g. a minibatch."""
         return Dataset(self.x[index], self.y[index])
+
+
+def check_model_data(model, data: "Dataset") -> None:
+    """Raise a ValueError naming `data.x` / `data.y` and the shapes when `model` cannot take
+    the inputs of `data` or its outputs do not match the targets' shape."""
+    try:
+        out = jax.eval_shape(model, data.x[0])
+    except Exception as e:  # noqa: BLE001 — any failure means the shapes do not fit
+        raise ValueError(
+            f"`data.x` has samples of shape {tuple(data.x.shape[1:])}, which the model "
+            f"{type(model).__name__} cannot take ({type(e).__name__}: {str(e)[:200]}); give "
+            "inputs of the model's input shape.") from None
+    if tuple(out.shape) != tuple(data.y.shape[1:]):
+        raise ValueError(
+            f"`data.y` has targets of shape {tuple(data.y.shape[1:])} but the model "
+            f"{type(model).__name__} outputs shape {tuple(out.shape)}.")
 
 
 def gaussian_inputs(key: Key, n: int, shape: tuple[int, ...], scale: float = 1.0) -> Array:

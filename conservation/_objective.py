@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from ._augmentation import Augmentation, _check_dims, as_augmentation
 from ._custom_types import Array, Float, Scalar
-from ._data import Dataset
+from ._data import Dataset, check_model_data
 from ._losses import MSE, AbstractLoss
 from ._model import AbstractModel, AbstractTensorizableModel, Ensemble
 
@@ -177,6 +177,8 @@ def make_objective(
     if moments not in ("auto", True, False):
         raise ValueError(f"`moments` must be 'auto', True or False, got {moments!r}.")
     member = model[0] if isinstance(model, Ensemble) else model
+    if member is not None:
+        check_model_data(member, data)
     possible = isinstance(loss, MSE) and isinstance(member, AbstractTensorizableModel)
     if moments is True and not possible:
         raise ValueError(

@@ -232,7 +232,9 @@ def plot_sweep(rows, manifest, file, *, relative: dict[str, bool] | None = None)
     `max_steps` are left out and marked × at the top edge (log scales, labels that never
     overlap)."""
     relative = relative or {}
-    axes_names = [k for k in manifest["config"]["sweep"]["axes"] if k != "widths"] or ["point"]
+    numeric = {k: v for k, v in manifest["config"]["sweep"]["axes"].items()
+               if all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)}
+    axes_names = list(numeric) or ["point"]  # categorical axes (loss, group, solver) skipped
     done = [r for r in rows if r["status"] not in ("missing", "corrupted")]
     metrics = ["final_loss"] + list(dict.fromkeys(
         k for r in done for k in r if k.startswith("max_drift[")))
@@ -256,7 +258,7 @@ def plot_sweep(rows, manifest, file, *, relative: dict[str, bool] | None = None)
                         label=f"{failed.sum()} diverged/max_steps")
             ax.set_yscale("log")
             _decade_limits(ax, y[ok])
-            if name in ("lr", "weight_decay", "init_scale") and np.all(x > 0):
+            if name in ("lr", "weight_decay", "init_scale", "rtol", "atol") and np.all(x > 0):
                 ax.set_xscale("log")
                 _value_ticks(ax, np.unique(x))
             elif all(float(v).is_integer() for v in x):  # seeds: integer ticks only

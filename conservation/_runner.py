@@ -7,6 +7,7 @@ progress.
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import pathlib
@@ -22,15 +23,16 @@ import numpy as np
 
 from ._attention import LightningAttention
 from ._augmentation import Augmentation
-from ._config import Config, ConfigError, input_dim
+from ._config import Config, ConfigError, input_dim, resolve_factory
 from ._counting import count_laws
 from ._data import Dataset, gaussian_inputs, teacher_dataset, whiten
-from ._flow import GradientField, ModifiedGradientField, gradient_flow
+from ._flow import SOLVERS, GradientField, ModifiedGradientField, gradient_flow
 from ._groups import GROUPS, AbstractGroup, OrthogonalGroup, PlanarRotations
 from ._linear import DeepLinear
 from ._mechanics import MechanicsResult, track_mechanics
 from ._mlp import MLP, AbstractMechanicsLaw, mechanics_laws
 from ._losses import LOSSES
+from ._memory import check_memory
 from ._model import Ensemble, flat_parameters
 from ._monitor import Result
 from ._objective import Objective, make_objective
@@ -60,26 +62,49 @@ from ._store import (
 from ._train import optimizer, train
 
 
-def model_factory(spec: dict) -> Callable:
+def model_factory(spec) -> Callable:
     """`(key, init_scale) -> model` for a validated `[model]` table."""
-    kind = spec["kind"]
+    kind = spec.kind
     if kind == "deep_linear":
-        return lambda key, scale: DeepLinear.random(spec["widths"], key=key, init_scale=scale)
+        return lambda key, scale: DeepLinear.random(spec.widths, key=key, init_scale=scale)
     if kind == "polynomial":
         return lambda key, scale: PolynomialNet.random(
-            spec["widths"], key=key, activation=spec["activation"], init_scale=scale)
+            spec.widths, key=key, activation=spec.activation, init_scale=scale)
     if kind == "mlp":
+        extra = {}
+        if not spec.bias:  # passed only when asked: older MLP.random has no `bias`
+            if "bias" not in inspect.signature(MLP.random).parameters:
+                raise ConfigError("`model.bias` = false needs bias-free MLPs, which this "
+                                  "version of conservation lacks; remove the field.")
+            extra["bias"] = False
         return lambda key, scale: MLP.random(
-            spec["widths"], key=key, activation=spec["activation"],
-            normalize=spec["normalize"], init_scale=scale)
+            spec.widths, key=key, activation=spec.activation, normalize=spec.normalize,
+            init_scale=scale, **extra)
     if kind == "neuron":
         return lambda key, scale: Neuron.random(
-            spec["dim"], key=key, activation=spec["activation"], init_scale=scale)
+            spec.dim, key=key, activation=spec.activation, init_scale=scale)
+    if kind == "python":
+        factory = resolve_factory(spec.factory, "model.factory")
+
+        def make(key, scale):
+            del scale  # init_scale does not apply to user models
+            try:
+                model = factory(key, **spec.kwargs)
+            except Exception as e:  # the user's code: name the field, keep the reason
+                raise ConfigError(f"field `model.factory`: {spec.factory}(key, **kwargs) "
+                                  f"raised {type(e).__name__}: {e}") from None
+            if not isinstance(model, eqx.Module):
+                raise ConfigError(f"field `model.factory` must return an equinox Module, got "
+                                  f"{type(model).__name__}.")
+            if not jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array)):
+                raise ConfigError("field `model.factory` returned a model without floating-"
+                                  "point arrays (nothing to train).")
+            return model
+        return make
     return lambda key, scale: LightningAttention.random(
-        spec["dim"], key=key, key_dim=spec["key_dim"], value_dim=spec["value_dim"],
-        heads=spec["heads"], out_dim=spec["out_dim"] or None, init_scale=scale,
-        decay=spec["decay"], causal=spec["causal"], form=spec["form"],
-        block_size=spec["block_size"])
+        spec.dim, key=key, key_dim=spec.key_dim, value_dim=spec.value_dim, heads=spec.heads,
+        out_dim=spec.out_dim or None, init_scale=scale, decay=spec.decay, causal=spec.causal,
+        form=spec.form, block_size=spec.block_size)
 
 
 _CANDIDATE_LAWS = {  # `[laws] extra` names → laws (config.LAW_NAMES)
@@ -92,31 +117,38 @@ _CANDIDATE_LAWS = {  # `[laws] extra` names → laws (config.LAW_NAMES)
 }
 
 
-def group_from_spec(spec: dict, dim: int) -> AbstractGroup:
+def group_from_spec(spec, dim: int) -> AbstractGroup:
     """The group of a validated `[augmentation]` table acting on R^`dim`."""
-    name = spec["group"]
-    if name == "rotations":
-        return PlanarRotations(spec["order"])
-    if name in ("octahedral", "icosahedral"):
-        return GROUPS[name]()
-    if name == "orthogonal":
-        return OrthogonalGroup(dim, samples=spec["samples"] or None)
-    return GROUPS[name](dim)
+    name = spec.group
+    try:
+        if name == "rotations":
+            return PlanarRotations(spec.order)
+        if name in ("octahedral", "icosahedral"):
+            return GROUPS[name]()
+        if name == "orthogonal":
+            return OrthogonalGroup(dim, samples=spec.samples or None)
+        return GROUPS[name](dim)
+    except ValueError as e:
+        raise ConfigError(f"field `augmentation.group` = {name!r} on R^{dim}: {e}") from None
 
 
 def augmentation_from_config(config: Config) -> Augmentation:
     spec = config.augmentation
-    return Augmentation(group_from_spec(spec, input_dim(config.model)), spec["equivariant"])
+    return Augmentation(group_from_spec(spec, _group_dim(config)), spec.equivariant)
+
+
+def _group_dim(config: Config) -> int:
+    return input_dim(config.model)
 
 
 def _initial_ensemble(config: Config, make, key) -> Ensemble:
-    ensemble = Ensemble.init(lambda k: make(k, config.model["init_scale"]), key,
-                             config.ensemble["size"])
-    if config.ensemble["init"] is None:
+    ensemble = Ensemble.init(lambda k: make(k, config.model.init_scale), key,
+                             config.ensemble.size)
+    if config.ensemble.init is None:
         return ensemble
     params, static = eqx.partition(ensemble[0], eqx.is_inexact_array)
     flat, unravel = jfu.ravel_pytree(params)
-    rows = config.ensemble["init"]
+    rows = config.ensemble.init
     if len(rows[0]) != flat.size:
         raise ConfigError(f"`ensemble.init` rows have {len(rows[0])} entries but the model has "
                           f"{flat.size} parameters.")
@@ -124,82 +156,215 @@ def _initial_ensemble(config: Config, make, key) -> Ensemble:
                            for r in rows])
 
 
-def build(config: Config) -> tuple[Ensemble, dict[str, Objective], tuple]:
+def _input_shape(config: Config) -> tuple[int, ...] | None:
+    """One input's shape the model expects (None: unknown, a python model without
+    `input_shape`, or attention without `data.tokens`)."""
+    model = config.model
+    if model.kind == "lightning_attention":
+        return (config.data.tokens, model.dim) if config.data.tokens else None
+    if model.kind == "python":
+        return tuple(model.input_shape) or None
+    return (input_dim(model),)
+
+
+def load_inputs(config: Config, key) -> tuple[jax.Array, jax.Array | None, str]:
+    """The inputs x (and targets y when the source has them) of `config.data`, and the name
+    of the field they came from (for errors)."""
+    data = config.data
+    y = None
+    if data.inputs == "explicit":
+        x, field = np.asarray(data.x, float), "data.x"
+    elif data.inputs == "file":
+        field = "data.path"
+        path = pathlib.Path(config.base) / data.path
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"field `data.path`: cannot read {str(path)!r}: {e}") from None
+        if isinstance(loaded, np.ndarray):
+            x = loaded
+        else:
+            with loaded:
+                if "x" not in loaded.files:
+                    raise ConfigError(f"field `data.path`: {data.path!r} has no array 'x' "
+                                      f"(arrays: {', '.join(loaded.files) or 'none'}).")
+                x = loaded["x"]
+                if data.targets == "file":
+                    if "y" not in loaded.files:
+                        raise ConfigError(f"field `data.path`: {data.path!r} has no array 'y' "
+                                          "for `data.targets` = 'file'.")
+                    y = loaded["y"]
+    elif data.inputs == "python":
+        field = "data.factory"
+        factory = resolve_factory(data.factory, field)
+        try:
+            out = factory()
+        except Exception as e:  # the user's code
+            raise ConfigError(f"field `data.factory`: {data.factory}() raised "
+                              f"{type(e).__name__}: {e}") from None
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise ConfigError("field `data.factory` must return a pair (x, y) of arrays, got "
+                              f"{type(out).__name__}.")
+        x, y = out
+        if data.targets != "python":
+            y = None
+    else:
+        shape = _input_shape(config)
+        x = gaussian_inputs(key, data.n, shape)
+        if data.inputs == "whitened":
+            x = whiten(x)
+        return data.input_scale * x, None, "data.n"
+    x = _as_float_array(x, field, "x")
+    expected = _input_shape(config)
+    if expected is not None and x.shape[1:] != expected:
+        raise ConfigError(f"`{field}` inputs have shape {x.shape[1:]} per sample but the model "
+                          f"takes {expected}.")
+    if data.n is not None and x.shape[0] != data.n:
+        raise ConfigError(f"`{field}` has {x.shape[0]} samples but `data.n` = {data.n}.")
+    if y is not None:
+        y = _as_float_array(y, field, "y")
+        y = y[:, None] if y.ndim == 1 else y
+        if y.shape[0] != x.shape[0]:
+            raise ConfigError(f"`{field}` has {x.shape[0]} inputs but {y.shape[0]} targets.")
+    return data.input_scale * jnp.asarray(x), None if y is None else jnp.asarray(y), field
+
+
+def _as_float_array(a, field, what):
+    try:
+        a = np.asarray(a, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"`{field}`: {what} is not a numeric array ({e}).") from None
+    if a.ndim < 2 and what == "x":
+        raise ConfigError(f"`{field}`: x needs a sample axis plus feature axes, got shape "
+                          f"{a.shape}.")
+    if not a.shape[0]:
+        raise ConfigError(f"`{field}`: {what} has 0 samples.")
+    if not np.all(np.isfinite(a)):
+        raise ConfigError(f"`{field}`: {what} holds {int(np.sum(~np.isfinite(a)))} non-finite "
+                          "values (nan/inf); clean the data first.")
+    return a
+
+
+def build(config: Config, *, members: int | None = None) -> tuple[Ensemble, dict[str, Objective],
+                                                                   tuple]:
     """The initial ensemble, the objectives (`{"": plain}` or `{"plain": …, "augmented": …}`)
-    and the laws to monitor (architecture + augmentation-induced) described by `config`."""
+    and the laws to monitor (architecture + augmentation-induced) described by `config`.
+
+    Memory is checked first (`check_memory`, for `members` members, default
+    `ensemble.size`): a run that cannot fit is refused before anything is allocated.
+    Problems found while building (shapes of explicit data, laws that do not apply, groups too
+    large) are `ConfigError`s naming the field."""
     k_model, k_teacher, k_x, k_y = jax.random.split(jax.random.PRNGKey(config.seed), 4)
     make = model_factory(config.model)
+    parameters = None
+    if config.model.kind == "python":  # the size is only known once the factory has run
+        parameters = flat_parameters(make(k_model, 1.0)).size
+    check_memory(config, members=members, parameters=parameters)
     ensemble = _initial_ensemble(config, make, k_model)
     data_spec = config.data
-    if config.model["kind"] == "lightning_attention":
-        shape = (data_spec["tokens"], config.model["dim"])
-    else:
-        shape = (input_dim(config.model),)
-    if data_spec["inputs"] == "explicit":
-        x = jnp.asarray(data_spec["x"])
-    else:
-        x = gaussian_inputs(k_x, data_spec["n"], shape)
-        if data_spec["inputs"] == "whitened":
-            x = whiten(x)
-    x = data_spec["input_scale"] * x
-    teacher = make(k_teacher, data_spec["teacher_scale"])
-    classify = config.loss["kind"] == "cross_entropy"
-    if data_spec["targets"] == "explicit":
-        y = jnp.asarray(data_spec["y"])
-    elif data_spec["targets"] == "teacher":
-        y = teacher_dataset(teacher, x, noise=data_spec["noise"], key=k_y).y
+    x, y, source = load_inputs(config, k_x)
+    teacher = make(k_teacher, data_spec.teacher_scale)
+    try:
+        out_shape = jax.eval_shape(teacher, x[0]).shape
+    except Exception as e:  # wrong shapes for this model: the data's fault, name its field
+        raise ConfigError(f"`{source}`: the model cannot take inputs of shape {x.shape[1:]} "
+                          f"({type(e).__name__}: {e})") from None
+    classify = config.loss.kind == "cross_entropy"
+    if y is not None:
+        pass
+    elif data_spec.targets == "explicit":
+        y = jnp.asarray(data_spec.y, float)
+        y = y[:, None] if y.ndim == 1 else y
+        if y.shape[1:] != out_shape:
+            raise ConfigError(f"`data.y` rows have shape {y.shape[1:]} but the model's output "
+                              f"has shape {out_shape}.")
+    elif data_spec.targets == "teacher":
+        y = teacher_dataset(teacher, x, noise=data_spec.noise, key=k_y).y
         if classify:  # class probabilities of the teacher's logits
             y = jax.nn.sigmoid(y) if y.shape[-1] == 1 else jax.nn.softmax(y, axis=-1)
     else:
-        out_shape = jax.eval_shape(teacher, x[0]).shape
-        y = jax.random.normal(k_y, (data_spec["n"], *out_shape))
+        y = jax.random.normal(k_y, (x.shape[0], *out_shape))
         if classify:
             y = ((y > 0).astype(float) if out_shape[-1] == 1 else
                  jax.nn.one_hot(jnp.argmax(y, -1), out_shape[-1]))
-    data = Dataset(x, y)
-    loss = LOSSES[config.loss["kind"]]()
-    plain = make_objective(loss, data, ensemble, moments=config.loss["moments"])
-    own = (mechanics_laws(ensemble[0], loss) if isinstance(ensemble[0], MLP)
-           else ensemble[0].laws())
-    laws = (own if config.laws["architecture"] else ()) + tuple(
-        _CANDIDATE_LAWS[name] for name in config.laws["extra"])
+    if y.shape[1:] != out_shape:
+        raise ConfigError(f"`{source}` targets have shape {y.shape[1:]} per sample but the "
+                          f"model's output has shape {out_shape}.")
+    try:
+        data = Dataset(x, y)
+    except ValueError as e:
+        raise ConfigError(f"`{source}`: {e}") from None
+    loss = LOSSES[config.loss.kind]()
+    try:
+        plain = make_objective(loss, data, ensemble, moments=config.loss.moments)
+    except ValueError as e:
+        raise ConfigError(f"field `loss.moments` = {config.loss.moments!r}: {e}") from None
+    member = ensemble[0]
+    own = (mechanics_laws(member, loss) if isinstance(member, MLP)
+           else member.laws() if hasattr(member, "laws") else ())
+    extra = tuple(_CANDIDATE_LAWS[name] for name in config.laws.extra)
+    for name, law in zip(config.laws.extra, extra):
+        try:
+            jax.eval_shape(law, member)
+        except Exception:  # noqa: BLE001 — any failure means the law does not fit this model
+            raise ConfigError(f"`laws.extra` = {name!r} does not apply to "
+                              f"{type(member).__name__} models; remove it.") from None
+    laws = (tuple(own) if config.laws.architecture else ()) + extra
     spec = config.augmentation
     if spec is None:
         return ensemble, {"": plain}, laws
     augmentation = augmentation_from_config(config)
-    if spec["mode"] == "orbit":
-        augmented = make_objective(loss, augmentation.apply(data), ensemble,
-                                   moments=config.loss["moments"])
-    else:
-        augmented = make_objective(loss, data, ensemble, moments=config.loss["moments"],
-                                   augment=augmentation)
-    if config.laws["augmentation"]:
+    try:
+        if spec.mode == "orbit":
+            augmented = make_objective(loss, augmentation.apply(data), ensemble,
+                                       moments=config.loss.moments)
+        else:
+            augmented = make_objective(loss, data, ensemble, moments=config.loss.moments,
+                                       augment=augmentation)
+    except ValueError as e:
+        raise ConfigError(f"`augmentation` ({spec.group!r}, mode {spec.mode!r}): {e}") from None
+    if config.laws.augmentation:
         names = {law.name for law in laws}
-        laws += tuple(law for law in augmentation_laws(ensemble[0], augmentation)
+        laws += tuple(law for law in augmentation_laws(member, augmentation)
                       if law.name not in names)
     objectives = {"augmented": augmented}
-    if spec["compare"]:
+    if spec.compare:
         objectives = {"plain": plain} | objectives
     return ensemble, objectives, laws
 
 
-def execute(run: dict, objective: Objective, ensemble: Ensemble, *, key, progress: bool,
+def _solver(run) -> str:
+    """The diffrax solver name of a flow entry; "auto" falls back to tsit5 where this build has
+    no automatic choice."""
+    if run.solver in SOLVERS:
+        return run.solver
+    if run.solver == "auto":
+        return "tsit5"
+    raise ConfigError(f"field `dynamics[].solver` = {run.solver!r} is not available in this "
+                      f"version; choose one of {', '.join(sorted(SOLVERS))}.")
+
+
+def _flow_field(run):
+    if run.kind == "flow":
+        return GradientField(run.weight_decay)
+    return ModifiedGradientField(run.lr, run.momentum, run.weight_decay)
+
+
+def execute(run, objective: Objective, ensemble: Ensemble, *, key, progress: bool,
             laws=None) -> Result:
     """One validated `[[dynamics]]` entry."""
-    if run["kind"] in ("flow", "modified_flow"):
-        field = (GradientField(run["weight_decay"]) if run["kind"] == "flow" else
-                 ModifiedGradientField(run["lr"], run["momentum"], run["weight_decay"]))
+    if run.kind in ("flow", "modified_flow"):
         return gradient_flow(
-            objective, ensemble, run["t1"], n_save=default_n_save(run), solver=run["solver"],
-            rtol=run["rtol"], atol=run["atol"] or run["rtol"], max_steps=run["max_steps"],
-            laws=laws, progress=progress, divergence=run["divergence"], field=field)
-    kind = "gd" if run["kind"] == "sgd" else run["kind"]
-    optim = optimizer(kind, lr=run["lr"], momentum=run.get("momentum", 0.0),
-                      weight_decay=run["weight_decay"])
+            objective, ensemble, run.t1, n_save=default_n_save(run), solver=_solver(run),
+            rtol=run.rtol, atol=run.atol or run.rtol, max_steps=run.max_steps,
+            laws=laws, progress=progress, divergence=run.divergence, field=_flow_field(run))
+    kind = "gd" if run.kind == "sgd" else run.kind
+    optim = optimizer(kind, lr=run.lr, momentum=run.get("momentum", 0.0),
+                      weight_decay=run.weight_decay)
     return train(
-        objective, ensemble, optim, run["steps"], batch_size=run.get("batch_size") or None,
-        key=key, laws=laws, n_save=default_n_save(run), step_time=run["lr"], progress=progress,
-        divergence=run["divergence"])
+        objective, ensemble, optim, run.steps, batch_size=run.get("batch_size") or None,
+        key=key, laws=laws, n_save=default_n_save(run), step_time=run.lr, progress=progress,
+        divergence=run.divergence)
 
 
 @functools.lru_cache(maxsize=8)
@@ -209,17 +374,21 @@ def _sweep_optimizer(kind: str):
     return optimizer(kind, lr=1.0, momentum=0.0, weight_decay=0.0)
 
 
-def execute_with(run: dict, objective: Objective, ensemble: Ensemble, *, laws, hyperparams,
+def execute_with(run, objective: Objective, ensemble: Ensemble, *, laws, hyperparams,
                  key) -> Result:
-    """A discrete `[[dynamics]]` entry with per-member hyperparameters (sweeps)."""
-    kind = "gd" if run["kind"] == "sgd" else run["kind"]
+    """A `[[dynamics]]` entry with per-member hyperparameters (sweeps). Flows take their
+    traced scalars (t1, rtol, atol, weight decay, lr, momentum) from `run`: every value reuses
+    one compiled solve."""
+    if run.kind in ("flow", "modified_flow"):
+        return execute(run, objective, ensemble, key=key, progress=False, laws=laws)
+    kind = "gd" if run.kind == "sgd" else run.kind
     size = len(ensemble)
-    defaults = {"learning_rate": run["lr"], "weight_decay": run["weight_decay"],
+    defaults = {"learning_rate": run.lr, "weight_decay": run.weight_decay,
                 "momentum": run.get("momentum", 0.0)}
     full = {k: hyperparams.get(k, jnp.full((size,), v)) for k, v in defaults.items()}
-    return train(objective, ensemble, _sweep_optimizer(kind), run["steps"],
+    return train(objective, ensemble, _sweep_optimizer(kind), run.steps,
                  batch_size=run.get("batch_size") or None, key=key, laws=laws,
-                 n_save=default_n_save(run), divergence=run["divergence"], hyperparams=full)
+                 n_save=default_n_save(run), divergence=run.divergence, hyperparams=full)
 
 
 _atomic_write = atomic_write  # the name `_sweep` and older code import
@@ -382,6 +551,8 @@ def run_config(config: Config, *, out_dir: str | os.PathLike | None = None,
 
     **Returns:** the summary dictionary.
     """
+    for note in config.ignored("run"):
+        log(f"note: {note}")
     out = prepare_output(out_dir or config.output)
     with folder_lock(out, log=log):
         return _run_locked(config, out, progress=progress, log=log, force=force)

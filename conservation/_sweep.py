@@ -1,10 +1,13 @@
 """Config sweeps: many points, few compiled programs, a resumable results store.
 
-A `[sweep]` table lists axes. Axes that keep every array shape (`seed`, `init_scale`, `lr`,
-`weight_decay`, `momentum`) are batched: the points become members of one ensemble whose
-optimizer hyperparameters are per-member arrays, so a whole group runs as ONE compiled
-program. The shape axis `widths` groups the points; each group compiles once. Chunks of a
-group share the compiled program (the last chunk is padded to the same size).
+A `[sweep]` table lists axes (`conservation._config.AXES`). Member axes (`seed`, `init_scale`,
+and for discrete optimizers `lr`, `weight_decay`, `momentum`) are batched: the points become
+members of one ensemble whose optimizer hyperparameters are per-member arrays, so a whole group
+runs as ONE compiled program. Call axes (a flow's `rtol`, `atol`, `t1`, `weight_decay`, `lr`,
+`momentum`) are traced scalars of the solve: one call of the same compiled program per value.
+Static axes (`widths`, `solver`, `loss`, `group`, `samples`, `n`, `noise`) group the points;
+each group is built and compiled once. Chunks share the compiled program (the last chunk is
+padded to the same size). Every point is validated like a hand-written config.
 
 Store (one folder per sweep): `sweep.json` (resolved config, axes, points), `points/<i>.npz`
 written atomically as each chunk finishes, `summary.json` / `summary.csv` (one row per point).
@@ -15,7 +18,6 @@ be sharded over a device mesh (`devices`); see `shard_ensemble`.
 import csv
 import dataclasses
 import io
-import itertools
 import json
 import pathlib
 import sys
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from ._config import Config, ConfigError
+from ._config import AXES, FLOW_KINDS, Config, ConfigError, sweep_point_dicts
 from ._model import Ensemble
 from ._monitor import STATUS_NAMES
 from ._store import (
@@ -45,17 +47,22 @@ from ._store import (
 )
 
 
-BATCHED_AXES = {"seed": "int", "init_scale": "float", "lr": "float", "weight_decay": "float",
-                "momentum": "float"}
-SHAPE_AXES = {"widths": "ints"}
 _HYPERPARAMS = {"lr": "learning_rate", "weight_decay": "weight_decay", "momentum": "momentum"}
+
+
+def axis_role(name: str, run) -> str:
+    """How a sweep axis runs: "member" (a per-member value of one compiled program), "call"
+    (a traced scalar of a flow: one call of the same compiled solve per value) or "static"
+    (a new build: one compile per group of equal static values)."""
+    role = AXES[name][1]
+    if role == "member" and name in _HYPERPARAMS and run.kind in FLOW_KINDS:
+        return "call"  # flows take lr / weight decay / momentum as traced scalars
+    return role
 
 
 def sweep_points(config: Config) -> list[dict]:
     """Every point of the sweep (cartesian product of the axes, in a fixed order)."""
-    axes = config.sweep["axes"]
-    names = list(axes)
-    return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
+    return sweep_point_dicts(config.sweep.axes)
 
 
 def shard_ensemble(tree, devices: int):
@@ -78,16 +85,40 @@ def shard_ensemble(tree, devices: int):
 
 @dataclasses.dataclass
 class _Group:
-    widths: tuple | None
-    indices: list[int]
+    static: dict  # the static axes' values shared by the group's points
+    batches: list[list[int]]  # point indices sharing every "call" value (flows), in order
+
+    @property
+    def indices(self) -> list[int]:
+        return [i for batch in self.batches for i in batch]
+
+    @property
+    def widths(self):
+        return tuple(self.static["widths"]) if "widths" in self.static else None
 
 
-def _groups(points) -> list[_Group]:
+def _key(point: dict, names) -> str:
+    return json.dumps({k: point[k] for k in names}, sort_keys=True)
+
+
+def _groups(points, run=None) -> list[_Group]:
+    """Points grouped by their static values (one build and compile each), and within a group
+    by their flow "call" values (one call of the compiled program each)."""
+    if not points:
+        return []
+    roles = {name: axis_role(name, run) if run is not None else
+             ("static" if name == "widths" else "member") for name in points[0]}
+    static = [n for n, r in roles.items() if r == "static"]
+    call = [n for n, r in roles.items() if r == "call"]
     groups: dict = {}
     for i, point in enumerate(points):
-        key = tuple(point["widths"]) if "widths" in point else None
-        groups.setdefault(key, []).append(i)
-    return [_Group(k, v) for k, v in groups.items()]
+        batches = groups.setdefault(_key(point, static), {})
+        batches.setdefault(_key(point, call), []).append(i)
+    out = []
+    for batches in groups.values():
+        first = next(iter(batches.values()))[0]
+        out.append(_Group({k: points[first][k] for k in static}, list(batches.values())))
+    return out
 
 
 def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print) -> dict:
@@ -100,6 +131,11 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
 
     if config.sweep is None:
         raise ConfigError("this config has no [sweep] table; use `conservation run`.")
+    devices = config.sweep.devices
+    if devices > len(jax.devices()):
+        raise ConfigError(f"field `sweep.devices` = {devices} but JAX sees "
+                          f"{len(jax.devices())} device(s); on CPU set XLA_FLAGS="
+                          f"--xla_force_host_platform_device_count={devices}, or set devices = 0.")
     out = prepare_output(out_dir or config.output)
     with folder_lock(out, log=log):
         for orphan in remove_orphans(out):
@@ -119,8 +155,9 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                                 "another `--out` folder.")
             write_json(manifest_path, manifest)
         run = config.dynamics[0]
-        chunk = config.sweep["chunk"]
-        devices = config.sweep["devices"]
+        chunk = config.sweep.chunk
+        for note in config.ignored("sweep"):
+            log(f"note: {note}")
         done = set()
         for i in range(len(points)):
             path = out / "points" / f"{i}.npz"
@@ -136,43 +173,50 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                    disable=not progress, smoothing=0.0, dynamic_ncols=True)
         computed = 0
         try:
-            for group in _groups(points):
-                pending = [i for i in group.indices if i not in done]
-                if not pending:
+            for group in _groups(points, run):
+                if all(i in done for i in group.indices):
                     continue
-                group_config = config
-                if group.widths is not None:
-                    group_config = dataclasses.replace(
-                        config, model=config.model | {"widths": list(group.widths)})
-                _, objectives, laws = build(group_config)
-                objective = objectives.get("augmented", objectives.get(""))
-                make = model_factory(group_config.model)
-                size = chunk or len(group.indices)
+                # Every point was validated in full when the config was parsed; `at`
+                # substitutes the group's static values (a new shape, loss, group or data
+                # set) into the config.
+                group_config = config.at(group.static) if group.static else config
+                size = chunk or max(len(b) for b in group.batches)
                 if devices:
                     size = -(-size // devices) * devices  # whole members per device
-                for start in range(0, len(pending), size):
-                    batch = pending[start:start + size]
-                    padded = batch + [batch[-1]] * (size - len(batch))  # same shape: no recompile
-                    members = [make(jax.random.PRNGKey(points[i].get("seed", config.seed)),
-                                    points[i].get("init_scale", config.model["init_scale"]))
-                               for i in padded]
-                    ensemble = Ensemble.stack(members)
-                    hyperparams = {
-                        _HYPERPARAMS[name]: jnp.asarray([points[i][name] for i in padded])
-                        for name in _HYPERPARAMS if name in config.sweep["axes"]}
-                    if devices:
-                        ensemble, hyperparams = shard_ensemble((ensemble, hyperparams), devices)
-                    result = jax.block_until_ready(execute_with(
-                        run, objective, ensemble, laws=laws, hyperparams=hyperparams,
-                        key=jax.random.PRNGKey(config.seed)))
-                    arrays = result_arrays(result, laws)
-                    for j, i in enumerate(batch):
-                        member = {k: (v if k == "t" or k.startswith("relative/") else v[j])
-                                  for k, v in arrays.items()}
-                        save_npz(out / "points" / f"{i}.npz", member)
-                    computed += len(batch)
-                    bar.update(len(batch))
-                    check_interrupted()  # a Ctrl-C swallowed during the batch
+                _, objectives, laws = build(group_config, members=size)
+                objective = objectives.get("augmented", objectives.get(""))
+                make = model_factory(group_config.model)
+                for indices in group.batches:
+                    pending = [i for i in indices if i not in done]
+                    call = {k: v for k, v in points[indices[0]].items()
+                            if axis_role(k, run) == "call"}
+                    point_run = group_config.dynamics[0].model_copy(update=call)
+                    for start in range(0, len(pending), size):
+                        batch = pending[start:start + size]
+                        padded = batch + [batch[-1]] * (size - len(batch))  # no recompile
+                        members = [make(jax.random.PRNGKey(points[i].get("seed", config.seed)),
+                                        points[i].get("init_scale",
+                                                      group_config.model.init_scale))
+                                   for i in padded]
+                        ensemble = Ensemble.stack(members)
+                        hyperparams = {
+                            _HYPERPARAMS[name]: jnp.asarray([points[i][name] for i in padded])
+                            for name in _HYPERPARAMS if name in config.sweep.axes
+                            and axis_role(name, run) == "member"}
+                        if devices:
+                            ensemble, hyperparams = shard_ensemble((ensemble, hyperparams),
+                                                                   devices)
+                        result = jax.block_until_ready(execute_with(
+                            point_run, objective, ensemble, laws=laws,
+                            hyperparams=hyperparams, key=jax.random.PRNGKey(config.seed)))
+                        arrays = result_arrays(result, laws)
+                        for j, i in enumerate(batch):
+                            member = {k: (v if k == "t" or k.startswith("relative/") else v[j])
+                                      for k, v in arrays.items()}
+                            save_npz(out / "points" / f"{i}.npz", member)
+                        computed += len(batch)
+                        bar.update(len(batch))
+                        check_interrupted()  # a Ctrl-C swallowed during the batch
         finally:
             bar.close()
         summary = _report(out)

@@ -1,0 +1,62 @@
+"""Memory estimate (issue 13 item 2): counts checked against real models, refusal before any
+allocation, with the number and the fix."""
+
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conservation._config import ConfigError, parse_config
+from conservation._memory import check_memory, estimate, law_entries, parameter_count
+from conservation._model import flat_parameters
+from conservation._runner import model_factory
+
+MODELS = [
+    {"kind": "deep_linear", "widths": [3, 5, 4, 2]},
+    {"kind": "polynomial", "widths": [3, 4, 1]},
+    {"kind": "mlp", "widths": [3, 5, 2]},
+    {"kind": "neuron", "dim": 3},
+    {"kind": "lightning_attention", "dim": 3, "key_dim": 2, "value_dim": 2, "heads": 2,
+     "out_dim": 3},
+]
+
+
+def _config(model, **extra):
+    data = {"n": 4, "tokens": 2} if model["kind"] == "lightning_attention" else {"n": 4}
+    return parse_config({"model": model, "data": data,
+                         "dynamics": [{"kind": "gd", "lr": 0.1, "steps": 2}], **extra})
+
+
+@pytest.mark.parametrize("model", MODELS, ids=[m["kind"] for m in MODELS])
+def test_parameter_and_law_counts_match_real_models(model):
+    config = _config(model)
+    real = model_factory(config.model)(jax.random.PRNGKey(0), 1.0)
+    assert parameter_count(config.model) == flat_parameters(real).size
+    if model["kind"] in ("deep_linear", "lightning_attention"):
+        values = [np.size(law(real)) for law in real.laws()]
+        assert law_entries(config.model) == (sum(values), len(values))
+
+
+def test_estimate_scales_with_members_and_saves():
+    config = _config(MODELS[0], ensemble={"size": 4})
+    one, four = estimate(config, members=1), estimate(config)
+    assert four.parts["parameters"] == 4 * one.parts["parameters"]
+    assert four.parts["saved values"] == 4 * one.parts["saved values"]
+    # saved values: members × n_save × (loss + law entries + drift and condition per law) × 8
+    entries, laws = law_entries(config.model)
+    assert four.parts["saved values"] == 4 * 101 * (1 + entries + 2 * laws) * 8
+
+
+def test_refusal_names_the_number_and_the_fix_before_allocating():
+    config = _config({"kind": "deep_linear", "widths": [3, 200000, 200000, 2]})
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as error:
+        check_memory(config)
+    assert time.perf_counter() - start < 1.0  # nothing allocated
+    assert "needs ~" in str(error.value) and "GB" in str(error.value)
+    assert "`model.widths`" in str(error.value)
+    small = _config(MODELS[0])
+    check_memory(small)  # fits
+    with pytest.raises(ConfigError, match=r"the machine has 1e-06 GB: reduce"):
+        check_memory(small, available=1000)
