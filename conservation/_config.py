@@ -256,6 +256,9 @@ class LawsSpec(_Table):
     architecture: bool = True  # the model's own laws
     augmentation: bool = True  # laws derived from (model, augmentation group)
     extra: list[Literal[LAW_NAMES]] = []  # candidate laws to monitor anyway
+    # Find the translation/scale/rescale laws numerically (`conservation.find_symmetries`):
+    # default on for `kind = "python"` models, which declare no laws of their own.
+    discover: bool | None = None
 
 
 class _DynamicsBase(_Table):

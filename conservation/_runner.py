@@ -33,7 +33,8 @@ from ._mechanics import MechanicsResult, track_mechanics
 from ._mlp import MLP, AbstractMechanicsLaw, mechanics_laws
 from ._losses import LOSSES
 from ._memory import check_memory
-from ._model import Ensemble, flat_parameters
+from ._discovery import find_symmetries
+from ._model import Ensemble, default_laws, flat_parameters
 from ._monitor import Result
 from ._objective import Objective, make_objective
 from ._plot import plot_landscapes, plot_mechanics, plot_results
@@ -300,8 +301,13 @@ def build(config: Config, *, members: int | None = None) -> tuple[Ensemble, dict
     except ValueError as e:
         raise ConfigError(f"field `loss.moments` = {config.loss.moments!r}: {e}") from None
     member = ensemble[0]
-    own = (mechanics_laws(member, loss) if isinstance(member, MLP)
-           else member.laws() if hasattr(member, "laws") else ())
+    own = (mechanics_laws(member, loss) if isinstance(member, MLP) else default_laws(member))
+    discover = config.laws.discover
+    if discover or (discover is None and config.model.kind == "python"):
+        # Foreign networks declare no laws: probe their translation/scale/rescale symmetries.
+        own = tuple(own) + tuple(law for law in find_symmetries(
+            member, loss, data, key=jax.random.fold_in(k_model, 1)).laws
+            if law.name not in {o.name for o in own})
     extra = tuple(_CANDIDATE_LAWS[name] for name in config.laws.extra)
     for name, law in zip(config.laws.extra, extra):
         try:
