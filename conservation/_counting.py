@@ -27,16 +27,36 @@ from ._model import Ensemble, flat_parameters
 from ._objective import make_objective
 
 
+_SCALES = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+_CHUNK = 32  # fields per compiled call: fixed, so any number of fields reuses one program
+VERDICTS = ("proved", "converged", "not converged")
+
+
 @dataclasses.dataclass(frozen=True)
 class LawCount:
     """Result of `count_laws`.
 
-    - `laws`: number of independent conservation laws, D − `rank`.
+    - `laws`: number of independent conservation laws found, D − `rank`.
     - `parameters`: D. `rank`: dim Lie(𝒱)(θ) found.
-    - `singular_values`: of the evaluated fields, descending (normalised to σ₁ = 1).
+    - `singular_values`: of the evaluated fields (each row normalised to norm 1), descending,
+      normalised to σ₁ = 1.
     - `gap`: σ_rank / σ_{rank+1} (∞ when rank = D): how clear the rank decision was.
-    - `rank_by_depth`: rank after each bracket depth (depth 0 = the gradient fields).
-    - `proved`: rank reached `target_rank` (the known laws are then all the laws).
+    - `rank_by_depth`: rank after each bracket depth of the first round (depth 0 = the
+      gradient fields); `rank_by_round`: rank after each round of fresh data sets.
+    - `verdict`: `"proved"` (the rank reached `target_rank`, D minus the known laws: the
+      count is exact at θ), `"converged"` (an estimate: the last bracket depth and the last
+      `stale_rounds` rounds of fresh data sets added no rank) or `"not converged"` (the depth
+      or round budget ran out while the rank was still rising: a lower bound on the rank,
+      so an upper bound on the laws). `converged` is True for the first two.
+    - `known`: independent known laws (the model's `laws()` plus the coordinate laws of
+      weights that never get a gradient, below), or None when not computed.
+    - `never_coactive`: for a ReLU `MLP`, triples (l, j, k): hidden neuron j of layer l and
+      neuron k of layer l + 1 are never active together on the probe, so the weight
+      `weights[l + 1][k, j]` gets zero gradient from every data set of the class and is
+      conserved (Marcotte et al.'s count assumes every path can be active).
+      `dead`: pairs (l, j) of hidden neurons never active (all their weights are conserved).
+    - `probe`: how the co-activation claims were checked (inputs, scales, and whether the
+      data sets used for the fields co-activate every pair the probe did).
     """
 
     laws: int
@@ -46,24 +66,77 @@ class LawCount:
     gap: float
     rank_by_depth: tuple[int, ...]
     proved: bool
+    verdict: str = "converged"
+    rank_by_round: tuple[int, ...] = ()
+    stale_rounds: int = 0
+    known: int | None = None
+    never_coactive: tuple[tuple[int, int, int], ...] = ()
+    dead: tuple[tuple[int, int], ...] = ()
+    probe: str = ""
+
+    @property
+    def converged(self) -> bool:
+        return self.verdict != "not converged"
+
+    @property
+    def unexplained(self) -> int | None:
+        """Laws beyond the known ones (None when the known laws were not computed)."""
+        return None if self.known is None else self.laws - self.known
+
+    def weight_names(self) -> tuple[str, ...]:
+        """The conserved weights of `never_coactive`, as `weights[l+1][k,j]`."""
+        return tuple(f"weights[{l + 1}][{k},{j}]" for l, j, k in self.never_coactive)
+
+    def describe(self) -> str:
+        """The count, its verdict and the explained laws, as text."""
+        lines = [f"{self.laws} laws over {self.parameters} parameters (rank {self.rank}, "
+                 f"gap {self.gap:.1e}): {self.verdict}"]
+        if self.verdict == "proved":
+            lines.append("  the rank reached D minus the known laws: these are all the laws "
+                         "at this point")
+        elif self.verdict == "converged":
+            lines.append(f"  estimate: the last bracket depth and {self.stale_rounds} rounds of "
+                         "fresh data sets added no rank")
+        else:
+            lines.append("  NOT CONVERGED: the rank was still rising when the depth/round "
+                         "budget ran out; the law count is an upper bound")
+        if self.known is not None:
+            lines.append(f"  known laws: {self.known} (the model's laws()"
+                         + (f" + {len(self.never_coactive)} never-co-active weights"
+                            if self.never_coactive else "")
+                         + (f" + weights of {len(self.dead)} dead neurons" if self.dead else "")
+                         + f"); unexplained: {self.unexplained}")
+        for (l, j, k), name in zip(self.never_coactive, self.weight_names()):
+            lines.append(f"  {name} is conserved: hidden neuron {j} of layer {l} and neuron {k} "
+                         f"of layer {l + 1} are never active together")
+        for l, j in self.dead:
+            lines.append(f"  hidden neuron {j} of layer {l} is never active: its weights are "
+                         "conserved")
+        if self.probe:
+            lines.append(f"  probe: {self.probe}")
+        return "\n".join(lines)
 
 
-def _random_data_sets(model, loss, augmentation, n_sets, set_size, key, input_shape):
-    """`n_sets` objectives on random data sets of the class, stacked along a leading axis."""
-    objectives = []
-    out_shape = jax.eval_shape(model, jnp.zeros(input_shape)).shape
-    for k in jax.random.split(key, n_sets):
-        kx, ky = jax.random.split(k)
-        x = jax.random.normal(kx, (set_size, *input_shape))
-        y = jax.random.normal(ky, (set_size, *out_shape))
-        if isinstance(loss, CrossEntropy):
-            y = jax.nn.sigmoid(y) if out_shape[-1] == 1 else jax.nn.softmax(y, axis=-1)
-        objectives.append(make_objective(loss, Dataset(x, y), model, augment=augmentation))
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *objectives)
+def _check_count(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"`{name}` must be an int ≥ {minimum}, got {value!r}.")
+    return int(value)
 
 
-def _field_evaluator(static, unravel, depth):
-    """θ, stacked objectives (depth + 1 of them) ↦ [F₀, [F₁, … F_depth]](θ)."""
+@eqx.filter_jit
+def _build_objectives(loss, model, augmentation, x, y):
+    """One objective per data set (x[i], y[i]), stacked: one compiled program per shape."""
+    return jax.vmap(lambda xi, yi: make_objective(loss, Dataset(xi, yi), model,
+                                                  augment=augmentation))(x, y)
+
+
+@eqx.filter_jit
+def _bracket_fields(params, static, objectives, depth):
+    """Rows [F₀, [F₁, … F_depth]](θ) / ‖·‖ for a batch of objectives stacked (batch, depth+1).
+
+    θ, the data sets and the structure are arguments (not closures), so equal shapes share
+    one compiled program across calls and across models of one architecture."""
+    theta, unravel = jfu.ravel_pytree(params)
 
     def gradient(objective):
         return lambda y: jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y)
@@ -80,18 +153,169 @@ def _field_evaluator(static, unravel, depth):
 
         return bracket
 
-    def evaluate(y, objectives):
-        return nested(objectives, 0)(y)
+    rows = jax.vmap(lambda objs: nested(objs, 0)(theta))(objectives)
+    # Normalised rows: fields of data at different scales differ by orders of magnitude,
+    # and the rank decision must not depend on that.
+    norm = jnp.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / jnp.where(norm > 0, norm, 1.0)
 
-    return jax.jit(jax.vmap(evaluate, in_axes=(None, 0)))
+
+def _evaluate(params, static, pool, index):
+    """Fields for the brackets `index` (n, depth+1) of objectives in `pool` (host arrays),
+    in fixed-size chunks so that every call of one depth reuses one compiled program."""
+    n, width = index.shape
+    padded = -(-n // _CHUNK) * _CHUNK
+    index = np.concatenate([index, np.repeat(index[:1], padded - n, axis=0)])
+    out = []
+    for start in range(0, padded, _CHUNK):
+        picked = jax.tree_util.tree_map(lambda a: a[index[start:start + _CHUNK]], pool)
+        out.append(np.asarray(_bracket_fields(params, static, picked, width - 1)))
+    return np.concatenate(out)[:n]
 
 
-def _rank(matrix, tol):
-    s = np.linalg.svd(matrix, compute_uv=False)
+@eqx.filter_jit
+def _law_gradients(params, static, laws):
+    theta, unravel = jfu.ravel_pytree(params)
+
+    def values(y):
+        model = eqx.combine(unravel(y), static)
+        return jnp.concatenate([jnp.ravel(law(model)) for law in laws])
+
+    return jax.jacfwd(values)(theta)
+
+
+@eqx.filter_jit
+def _activity(model, x):
+    """Per hidden layer: how often each neuron is active; per consecutive pair of hidden
+    layers: how often neurons (k of layer l+1, j of layer l) are active together."""
+    act = [(z > 0).astype(x.dtype) for z in jax.vmap(model.preactivations)(x)]
+    return ([a.sum(0) for a in act], [a2.T @ a1 for a1, a2 in zip(act[:-1], act[1:])])
+
+
+def _compress(rows):
+    """S Vᵀ of `rows`: the same row space and singular values, at most D rows."""
+    _, s, vt = np.linalg.svd(rows, full_matrices=False)
+    return s[:, None] * vt, s
+
+
+def _rank(s, tol):
     if s.size == 0 or s[0] == 0.0:
         return 0, s
     s = s / s[0]
     return int(np.sum(s > tol)), s
+
+
+class _Sampler:
+    """Draws data sets of the class: multi-scale Gaussian inputs (one scale per set, cycling
+    through `scales`), subsets of a `Dataset`, or a user sampler; random targets unless the
+    data carry them."""
+
+    def __init__(self, model, loss, data, scales, input_shape, set_size, rng):
+        self.model, self.loss, self.data, self.rng = model, loss, data, rng
+        self.scales = tuple(float(s) for s in scales)
+        self.input_shape, self.set_size = input_shape, set_size
+        self.out_shape = jax.eval_shape(model, jnp.zeros(input_shape)).shape
+        self.inputs = []
+
+    def targets(self, shape):
+        y = self.rng.standard_normal(shape)
+        if isinstance(self.loss, CrossEntropy):
+            y = 1 / (1 + np.exp(-y)) if shape[-1] == 1 else np.exp(y) / np.exp(y).sum(
+                -1, keepdims=True)
+        return y
+
+    def __call__(self, n_sets):
+        shape = (n_sets, self.set_size)
+        if isinstance(self.data, Dataset):
+            x_all, y_all = np.asarray(self.data.x), np.asarray(self.data.y)
+            size = min(self.set_size, x_all.shape[0])
+            pick = np.argsort(self.rng.random((n_sets, x_all.shape[0])), axis=1)[:, :size]
+            x, y = x_all[pick], y_all[pick]
+        elif callable(self.data):
+            key = jax.random.PRNGKey(int(self.rng.integers(0, 2**31 - 1)))
+            drawn = self.data(key, n_sets * self.set_size)
+            if isinstance(drawn, Dataset):
+                x = np.asarray(drawn.x).reshape(*shape, *drawn.x.shape[1:])
+                y = np.asarray(drawn.y).reshape(*shape, *drawn.y.shape[1:])
+            else:
+                x = np.asarray(drawn).reshape(*shape, *self.input_shape)
+                y = self.targets((*shape, *self.out_shape))
+        else:
+            scale = np.asarray(self.scales)[np.arange(n_sets) % len(self.scales)]
+            x = scale.reshape(-1, *[1] * (1 + len(self.input_shape))) * \
+                self.rng.standard_normal((*shape, *self.input_shape))
+            y = self.targets((*shape, *self.out_shape))
+        self.inputs.append(x.reshape(-1, *x.shape[2:]))
+        return x, y
+
+    def probe(self, n, key):
+        """Inputs for the co-activation probe: `n` per scale, the whole `Dataset`, or `n`
+        from the user's sampler."""
+        if isinstance(self.data, Dataset):
+            return np.asarray(self.data.x), f"all {len(self.data)} inputs of the data set"
+        if callable(self.data):
+            drawn = self.data(key, n)
+            x = np.asarray(drawn.x if isinstance(drawn, Dataset) else drawn)
+            return x, f"{x.shape[0]} inputs from the sampler"
+        rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
+        x = np.concatenate([s * rng.standard_normal((n, *self.input_shape))
+                            for s in self.scales])
+        return x, (f"{x.shape[0]} Gaussian inputs at scales "
+                   + ", ".join(f"{s:g}" for s in self.scales))
+
+
+def _coordinate_laws(model, sampler, probe_size, key):
+    """For a ReLU `MLP`: never-co-active weight pairs and dead neurons on a multi-scale probe,
+    the flat indices of the weights they make constant, and the evidence as text."""
+    from ._mlp import MLP
+
+    if not (isinstance(model, MLP) and model.activation == "relu"):
+        return (), (), np.zeros(0, dtype=int), ""
+    x, text = sampler.probe(probe_size, key)
+    sample = np.concatenate(sampler.inputs)
+    ever, co = jax.tree_util.tree_map(np.asarray, _activity(model, jnp.asarray(x)))
+    s_ever, s_co = jax.tree_util.tree_map(np.asarray, _activity(model, jnp.asarray(sample)))
+    ever = [a + b for a, b in zip(ever, s_ever)]  # the probe includes the sample
+    co = [a + b for a, b in zip(co, s_co)]
+    dead = tuple((l, int(j)) for l, a in enumerate(ever) for j in np.flatnonzero(a == 0))
+    pairs = tuple((l, int(j), int(k)) for l, c in enumerate(co) for k, j in np.argwhere(c == 0)
+                  if ever[l][j] > 0 and ever[l + 1][k] > 0)
+    missed = sum(int(np.sum((c > 0) & (sc == 0))) for c, sc in zip(co, s_co))
+    # Flat indices of the conserved weights (ravel order of the parameter pytree).
+    params = eqx.filter(model, eqx.is_inexact_array)
+    marks = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, bool), params)
+    weights = list(marks.weights)
+    biases = None if marks.biases is None else list(marks.biases)
+    for l, j, k in pairs:
+        weights[l + 1][k, j] = True
+    for l, j in dead:
+        weights[l][j, :] = True
+        weights[l + 1][:, j] = True
+        if biases is not None:
+            biases[l][j] = True
+    flags = np.concatenate([np.ravel(w) for w in weights]
+                           + ([np.ravel(b) for b in biases] if biases is not None else []))
+    text += (f"; {sample.shape[0]} inputs of the sampled data sets co-activate "
+             + ("every pair the probe does" if missed == 0 else
+                f"all but {missed} of the pairs the probe co-activates (sampling artifact)"))
+    return pairs, dead, np.flatnonzero(flags), text
+
+
+def _known_laws(model, params, static, coordinates, dim):
+    """Independent known laws at θ: the model's `laws()` and the coordinate laws."""
+    laws = tuple(model.laws()) if hasattr(model, "laws") else ()
+    blocks = [np.asarray(_law_gradients(params, static, laws))] if laws else []
+    if coordinates.size:
+        blocks.append(np.eye(dim)[coordinates])
+    if not blocks:
+        return 0
+    g = np.concatenate(blocks)
+    g = g[np.linalg.norm(g, axis=1) > 0]
+    if not g.size:
+        return 0
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    s = np.linalg.svd(g, compute_uv=False)
+    return int(np.sum(s > 1e-8 * s[0]))
 
 
 def count_laws(
@@ -99,14 +323,21 @@ def count_laws(
     loss: AbstractLoss,
     *,
     augment=None,
+    data=None,
+    scales: tuple[float, ...] = _SCALES,
     input_shape: tuple[int, ...] | None = None,
     key=None,
     n_sets: int | None = None,
-    set_size: int = 3,
+    set_size: int = 32,
     max_depth: int = 4,
     brackets_per_depth: int | None = None,
+    patience: int = 1,
+    max_rounds: int = 6,
+    early_stop: bool = True,
     tol: float = 1e-9,
     target_rank: int | None = None,
+    known_laws: bool = True,
+    probe_size: int = 16384,
 ) -> LawCount:
     """The number of independent conservation laws of `model` trained with `loss` on every
     data set of a class: all data (`augment=None`) or data augmented by a group.
@@ -117,50 +348,121 @@ def count_laws(
     - `loss`: e.g. `MSE()`, `LogCosh()` — the seed paper's theorem says only polynomial losses
       can gain laws from augmentation.
     - `augment`: a group / `Augmentation` (the data class of augmented data sets), or None.
+    - `data`: the data class, since a model's laws are relative to it: None (Gaussian inputs
+      at every scale in `scales`, one scale per data set, random targets), a `Dataset`
+      (data sets are random subsets of it, with its targets), or a sampler
+      `(key, n) -> inputs (n, *input_shape)` or `-> Dataset`.
     - `input_shape`: one input's shape (default: inferred for vector/token models).
-    - `n_sets`, `set_size`: random data sets drawn (default D + 4 sets of 3 samples).
-    - `max_depth`: deepest bracket; `brackets_per_depth`: random brackets per depth (2D).
-    - `tol`: singular values below `tol`·σ₁ count as zero.
-    - `target_rank`: stop as soon as the rank reaches it (D − number of known laws): the
-      count is then proved for this point (`proved=True`).
+    - `n_sets`, `set_size`: data sets drawn per round (default D + 4) and samples in each.
+    - `max_depth`: deepest bracket (≥ 0); `brackets_per_depth`: random brackets per depth and
+      round (default 2D).
+    - `patience`: the count stops when this many rounds of fresh data sets (each with its
+      gradient fields and brackets) add no rank; `max_rounds` bounds the rounds.
+    - `early_stop`: False evaluates every depth in every round (no stop on a stable rank; it
+      still stops on reaching the target).
+    - `tol`: singular values below `tol`·σ₁ (of the row-normalised fields) count as zero.
+    - `target_rank`: D − the number of known laws; reaching it proves the count. Default (with
+      `known_laws=True`): computed from the model's `laws()` plus, for a ReLU `MLP`, the
+      weights that never get a gradient because their neurons are never active together on
+      a probe of `probe_size` inputs per scale (reported in `never_coactive`).
 
-    The count is local to θ: at non-generic points more laws can hold (a ReLU neuron that is
-    dead or always active on the sampled inputs makes the net locally linear there).
+    The count is local to θ: at non-generic points more laws can hold.
 
-    **Returns:** a `LawCount`.
+    **Returns:** a `LawCount` with the count, its verdict (`"proved"`, `"converged"` or
+    `"not converged"`) and the explained laws (`describe()` gives it as text).
     """
     model = model[0] if isinstance(model, Ensemble) else model
+    max_depth = _check_count("max_depth", max_depth, 0)
+    set_size = _check_count("set_size", set_size, 1)
+    patience = _check_count("patience", patience, 0)
+    max_rounds = _check_count("max_rounds", max_rounds, 1)
+    if not (data is None or isinstance(data, Dataset) or callable(data)):
+        raise TypeError(f"`data` must be None, a `Dataset` or a sampler (key, n) -> inputs, "
+                        f"got {type(data).__name__}.")
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    theta, unravel = jfu.ravel_pytree(params)
+    theta, _ = jfu.ravel_pytree(params)
     dim = theta.size
     key = jax.random.PRNGKey(0) if key is None else key
     input_shape = _input_shape(model) if input_shape is None else tuple(input_shape)
-    n_sets = dim + 4 if n_sets is None else n_sets
-    brackets_per_depth = 2 * dim if brackets_per_depth is None else brackets_per_depth
-    target = dim if target_rank is None else min(target_rank, dim)
-    k_data, k_pick = jax.random.split(key)
-    objectives = _random_data_sets(model, loss, as_augmentation(augment), n_sets, set_size,
-                                   k_data, input_shape)
-    rng = np.random.default_rng(int(jax.random.randint(k_pick, (), 0, 2**31 - 1)))
-    rows = np.asarray(_field_evaluator(static, unravel, 0)(
-        theta, jax.tree_util.tree_map(lambda a: a[:, None], objectives)))
-    rank, s = _rank(rows, tol)
-    history = [rank]
-    for depth in range(1, max_depth + 1):
-        if rank >= target:
+    n_sets = dim + 4 if n_sets is None else _check_count("n_sets", n_sets, 1)
+    brackets_per_depth = (2 * dim if brackets_per_depth is None
+                          else _check_count("brackets_per_depth", brackets_per_depth, 1))
+    k_data, k_probe = jax.random.split(key)
+    rng = np.random.default_rng(int(jax.random.randint(k_data, (), 0, 2**31 - 1)))
+    augmentation = as_augmentation(augment)
+    sampler = _Sampler(model, loss, data, scales, input_shape, set_size, rng)
+
+    def draw():
+        x, y = sampler(n_sets)
+        objectives = _build_objectives(loss, model, augmentation, jnp.asarray(x),
+                                       jnp.asarray(y))
+        return jax.tree_util.tree_map(np.asarray, objectives)
+
+    pool = draw()
+    coordinate = ((), (), np.zeros(0, dtype=int), "")
+    known = None
+    if known_laws:
+        coordinate = _coordinate_laws(model, sampler, probe_size, k_probe)
+        known = _known_laws(model, params, static, coordinate[2], dim)
+    target = dim
+    if target_rank is not None:
+        target = min(_check_count("target_rank", target_rank, 0), dim)
+    elif known is not None:
+        target = dim - known
+
+    basis = np.zeros((0, dim))
+    rank, s = 0, np.zeros(0)
+    rank_by_depth, rank_by_round = [], []
+    closing = 1  # the shallowest depth every round evaluates (deepest depth that added rank + 1)
+    stale = 0
+    depth_stable = False
+    for round_ in range(max_rounds):
+        if round_:
+            fresh = draw()
+            offset = jax.tree_util.tree_leaves(pool)[0].shape[0]
+            pool = jax.tree_util.tree_map(lambda a, b: np.concatenate([a, b]), pool, fresh)
+        else:
+            offset = 0
+        before = rank
+        total = jax.tree_util.tree_leaves(pool)[0].shape[0]
+        for depth in range(max_depth + 1):
+            if depth == 0:
+                index = np.arange(offset, total)[:, None]
+            else:
+                # Every bracket involves a fresh data set of this round, the others from the
+                # whole pool.
+                index = rng.integers(0, total, size=(brackets_per_depth, depth + 1))
+                index[:, rng.integers(0, depth + 1)] = rng.integers(offset, total,
+                                                                    size=brackets_per_depth)
+            rows = _evaluate(params, static, pool, index)
+            previous = rank
+            basis, s_raw = _compress(np.concatenate([basis, rows]))
+            rank, s = _rank(s_raw, tol)
+            if round_ == 0:
+                rank_by_depth.append(rank)
+            if rank > previous and depth > 0:
+                closing = max(closing, depth + 1)
+            if rank >= target:
+                break
+            depth_stable = depth > 0 and rank == previous
+            if early_stop and depth_stable and depth >= min(closing, max_depth):
+                break
+        rank_by_round.append(rank)
+        stale = stale + 1 if (round_ and rank == before) else 0
+        if rank >= target or (early_stop and stale >= patience):
             break
-        index = rng.integers(0, n_sets, size=(brackets_per_depth, depth + 1))
-        picked = jax.tree_util.tree_map(lambda a: a[index], objectives)
-        new = np.asarray(_field_evaluator(static, unravel, depth)(theta, picked))
-        rows = np.concatenate([rows, new])
-        rank, s = _rank(rows, tol)
-        history.append(rank)
-        if history[-1] == history[-2]:
-            break  # this depth added nothing: the algebra is closed (at this point)
+    proved = rank >= target and (target_rank is not None or known is not None)
+    if proved:
+        verdict = "proved"
+    elif depth_stable and stale >= patience:
+        verdict = "converged"
+    else:
+        verdict = "not converged"
     gap = float(s[rank - 1] / s[rank]) if 0 < rank < s.size and s[rank] > 0 else float("inf")
     return LawCount(laws=dim - rank, parameters=dim, rank=rank, singular_values=s, gap=gap,
-                    rank_by_depth=tuple(history), proved=target_rank is not None and
-                    rank >= target_rank)
+                    rank_by_depth=tuple(rank_by_depth), proved=proved, verdict=verdict,
+                    rank_by_round=tuple(rank_by_round), stale_rounds=stale, known=known,
+                    never_coactive=coordinate[0], dead=coordinate[1], probe=coordinate[3])
 
 
 def _input_shape(model) -> tuple[int, ...]:
@@ -279,19 +581,24 @@ def find_polynomial_laws(
     n_sets = 8 if n_sets is None else n_sets
     n_points = max(4, -(-2 * len(monomials) // n_sets)) if n_points is None else n_points
     input_shape = _input_shape(model) if input_shape is None else tuple(input_shape)
-    objectives = _random_data_sets(model, loss, as_augmentation(augment), n_sets, set_size,
-                                   k_data, input_shape)
+    rng = np.random.default_rng(int(jax.random.randint(k_data, (), 0, 2**31 - 1)))
+    sampler = _Sampler(model, loss, None, (1.0,), input_shape, set_size, rng)
+    x, y = sampler(n_sets)
+    objectives = _build_objectives(loss, model, as_augmentation(augment), jnp.asarray(x),
+                                   jnp.asarray(y))
+    objectives = jax.tree_util.tree_map(lambda a: a[:, None], objectives)
     scale = float(jnp.sqrt(jnp.mean(theta0**2)))
     points = scale * jax.random.normal(k_points, (n_points, dim))
-    fields = _field_evaluator(static, unravel, 0)
+
+    def fields(y):  # (n_sets, D), rows normalised
+        return _bracket_fields(unravel(y), static, objectives, 0)
 
     def monomial_gradients(y):  # (n_monomials, D): ∂/∂θ_i of θ^α
         return jax.jacfwd(lambda z: jnp.prod(z[None, :] ** exponents, axis=1))(y)
 
     blocks = []
     for y in points:
-        f = fields(y, jax.tree_util.tree_map(lambda a: a[:, None], objectives))  # (n_sets, D)
-        f = f / jnp.maximum(jnp.linalg.norm(f, axis=1, keepdims=True), 1e-300)
+        f = fields(y)
         blocks.append(np.asarray(f @ monomial_gradients(y).T))
     system = np.concatenate(blocks)
     _, s, vt = np.linalg.svd(system)
