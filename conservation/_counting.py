@@ -189,7 +189,8 @@ def _activity(model, x):
     """Per hidden layer: how often each neuron is active; per consecutive pair of hidden
     layers: how often neurons (k of layer l+1, j of layer l) are active together."""
     act = [(z > 0).astype(x.dtype) for z in jax.vmap(model.preactivations)(x)]
-    return ([a.sum(0) for a in act], [a2.T @ a1 for a1, a2 in zip(act[:-1], act[1:])])
+    return ([a.sum(0) for a in act], [a2.T @ a1 for a1, a2 in zip(act[:-1], act[1:])],
+            jnp.concatenate(act, axis=1) > 0)
 
 
 def _compress(rows):
@@ -216,6 +217,22 @@ class _Sampler:
         self.input_shape, self.set_size = input_shape, set_size
         self.out_shape = jax.eval_shape(model, jnp.zeros(input_shape)).shape
         self.inputs = []
+        self.strata = None  # per scale: inputs covering every activation region of a probe
+
+    def stratify(self, x, patterns, groups):
+        """Draw later inputs from up to 4 representatives of every activation pattern of
+        the probe inputs `x` (per group: one per scale), each pattern equally likely: rare
+        regions are then visited as often as common ones."""
+        self.strata = []
+        for g in np.unique(groups):
+            xs, ps = x[groups == g], patterns[groups == g]
+            _, inverse = np.unique(ps, axis=0, return_inverse=True)
+            inverse = inverse.ravel()
+            order = np.argsort(inverse, kind="stable")
+            rank_in = np.empty_like(order)
+            starts = np.searchsorted(inverse[order], inverse[order])
+            rank_in[order] = np.arange(order.size) - starts
+            self.strata.append(xs[rank_in < 4])
 
     def targets(self, shape):
         y = self.rng.standard_normal(shape)
@@ -231,6 +248,12 @@ class _Sampler:
             size = min(self.set_size, x_all.shape[0])
             pick = np.argsort(self.rng.random((n_sets, x_all.shape[0])), axis=1)[:, :size]
             x, y = x_all[pick], y_all[pick]
+        elif self.strata is not None:
+            x = np.stack([
+                stratum[self.rng.choice(stratum.shape[0], self.set_size,
+                                        replace=stratum.shape[0] < self.set_size)]
+                for stratum in (self.strata[i % len(self.strata)] for i in range(n_sets))])
+            y = self.targets((*shape, *self.out_shape))
         elif callable(self.data):
             key = jax.random.PRNGKey(int(self.rng.integers(0, 2**31 - 1)))
             drawn = self.data(key, n_sets * self.set_size)
@@ -250,37 +273,37 @@ class _Sampler:
 
     def probe(self, n, key):
         """Inputs for the co-activation probe: `n` per scale, the whole `Dataset`, or `n`
-        from the user's sampler."""
+        from the user's sampler; with a group label per input (its scale)."""
         if isinstance(self.data, Dataset):
-            return np.asarray(self.data.x), f"all {len(self.data)} inputs of the data set"
+            x = np.asarray(self.data.x)
+            return x, np.zeros(x.shape[0], int), f"all {len(self.data)} inputs of the data set"
         if callable(self.data):
             drawn = self.data(key, n)
             x = np.asarray(drawn.x if isinstance(drawn, Dataset) else drawn)
-            return x, f"{x.shape[0]} inputs from the sampler"
+            return x, np.zeros(x.shape[0], int), f"{x.shape[0]} inputs from the sampler"
         rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
         x = np.concatenate([s * rng.standard_normal((n, *self.input_shape))
                             for s in self.scales])
-        return x, (f"{x.shape[0]} Gaussian inputs at scales "
-                   + ", ".join(f"{s:g}" for s in self.scales))
+        groups = np.repeat(np.arange(len(self.scales)), n)
+        return x, groups, (f"{x.shape[0]} Gaussian inputs at scales "
+                           + ", ".join(f"{s:g}" for s in self.scales))
 
 
-def _coordinate_laws(model, sampler, probe_size, key):
-    """For a ReLU `MLP`: never-co-active weight pairs and dead neurons on a multi-scale probe,
-    the flat indices of the weights they make constant, and the evidence as text."""
+def _probe(model, sampler, probe_size, key):
+    """For a ReLU `MLP`: activation counts on a multi-scale probe (which also stratifies the
+    sampler by activation region), never-co-active weight pairs, dead neurons and the flat
+    indices of the weights they make constant. None for other models."""
     from ._mlp import MLP
 
     if not (isinstance(model, MLP) and model.activation == "relu"):
-        return (), (), np.zeros(0, dtype=int), ""
-    x, text = sampler.probe(probe_size, key)
-    sample = np.concatenate(sampler.inputs)
-    ever, co = jax.tree_util.tree_map(np.asarray, _activity(model, jnp.asarray(x)))
-    s_ever, s_co = jax.tree_util.tree_map(np.asarray, _activity(model, jnp.asarray(sample)))
-    ever = [a + b for a, b in zip(ever, s_ever)]  # the probe includes the sample
-    co = [a + b for a, b in zip(co, s_co)]
+        return None
+    x, groups, text = sampler.probe(probe_size, key)
+    ever, co, patterns = jax.tree_util.tree_map(np.asarray, _activity(model, jnp.asarray(x)))
+    if not isinstance(sampler.data, Dataset):
+        sampler.stratify(x, patterns, groups)
     dead = tuple((l, int(j)) for l, a in enumerate(ever) for j in np.flatnonzero(a == 0))
     pairs = tuple((l, int(j), int(k)) for l, c in enumerate(co) for k, j in np.argwhere(c == 0)
                   if ever[l][j] > 0 and ever[l + 1][k] > 0)
-    missed = sum(int(np.sum((c > 0) & (sc == 0))) for c, sc in zip(co, s_co))
     # Flat indices of the conserved weights (ravel order of the parameter pytree).
     params = eqx.filter(model, eqx.is_inexact_array)
     marks = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, bool), params)
@@ -295,10 +318,23 @@ def _coordinate_laws(model, sampler, probe_size, key):
             biases[l][j] = True
     flags = np.concatenate([np.ravel(w) for w in weights]
                            + ([np.ravel(b) for b in biases] if biases is not None else []))
-    text += (f"; {sample.shape[0]} inputs of the sampled data sets co-activate "
-             + ("every pair the probe does" if missed == 0 else
-                f"all but {missed} of the pairs the probe co-activates (sampling artifact)"))
-    return pairs, dead, np.flatnonzero(flags), text
+    return {"co": co, "pairs": pairs, "dead": dead, "coordinates": np.flatnonzero(flags),
+            "text": text}
+
+
+def _coverage(model, sampler, probe) -> str:
+    """Check the co-activation claims on the data sets actually used: they never co-activate
+    a claimed pair, and co-activate every pair the probe does."""
+    sample = np.concatenate(sampler.inputs)
+    _, s_co, _ = jax.tree_util.tree_map(np.asarray, _activity(model, jnp.asarray(sample)))
+    missed = sum(int(np.sum((c > 0) & (sc == 0))) for c, sc in zip(probe["co"], s_co))
+    contradicted = sum(int(s_co[l][k, j] > 0) for l, j, k in probe["pairs"])
+    text = (f"{probe['text']}; the {sample.shape[0]} inputs of the sampled data sets "
+            + ("co-activate every pair the probe does" if missed == 0 else
+               f"miss {missed} pairs the probe co-activates (possible sampling artifact)"))
+    if contradicted:  # impossible when the probe contains the sample; kept as a guard
+        text += f"; {contradicted} claimed pairs co-activated by the sample"
+    return text
 
 
 def _known_laws(model, params, static, coordinates, dim):
@@ -398,12 +434,12 @@ def count_laws(
                                        jnp.asarray(y))
         return jax.tree_util.tree_map(np.asarray, objectives)
 
-    pool = draw()
-    coordinate = ((), (), np.zeros(0, dtype=int), "")
+    probe = _probe(model, sampler, probe_size, k_probe)
     known = None
     if known_laws:
-        coordinate = _coordinate_laws(model, sampler, probe_size, k_probe)
-        known = _known_laws(model, params, static, coordinate[2], dim)
+        coordinates = np.zeros(0, int) if probe is None else probe["coordinates"]
+        known = _known_laws(model, params, static, coordinates, dim)
+    pool = draw()
     target = dim
     if target_rank is not None:
         target = min(_check_count("target_rank", target_rank, 0), dim)
@@ -462,7 +498,9 @@ def count_laws(
     return LawCount(laws=dim - rank, parameters=dim, rank=rank, singular_values=s, gap=gap,
                     rank_by_depth=tuple(rank_by_depth), proved=proved, verdict=verdict,
                     rank_by_round=tuple(rank_by_round), stale_rounds=stale, known=known,
-                    never_coactive=coordinate[0], dead=coordinate[1], probe=coordinate[3])
+                    never_coactive=() if probe is None else probe["pairs"],
+                    dead=() if probe is None else probe["dead"],
+                    probe="" if probe is None else _coverage(model, sampler, probe))
 
 
 def _input_shape(model) -> tuple[int, ...]:
