@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         "count", help="count the independent conservation laws of a config's model: all data "
                       "vs the config's augmented data class (Lie-algebra rank)")
     count.add_argument("config", nargs="?", help="path to a TOML config; omit for the quickstart")
-    count.add_argument("--depth", type=int, default=4, help="deepest Lie bracket (default 4)")
+    count.add_argument("--depth", type=int, default=4,
+                       help="deepest Lie bracket, ≥ 0 (default 4)")
+    count.add_argument("--no-early-stop", action="store_true",
+                       help="evaluate every depth and round even when the rank is stable")
     sweep = commands.add_parser(
         "sweep", help="run or resume a config with a [sweep] table (one compiled program per "
                       "shape group; finished points are never recomputed)")
@@ -55,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.out or config.output}/ (sweep.json, points/, summary.csv, report.png)")
         return 0
     if args.command == "count":
-        print(count_table(config, max_depth=args.depth))
+        if args.depth < 0:
+            print(f"conservation: error: `--depth` must be ≥ 0 (the deepest Lie bracket), "
+                  f"got {args.depth}.", file=sys.stderr)
+            return 2
+        print(count_table(config, max_depth=args.depth, early_stop=not args.no_early_stop))
         return 0
     log = (lambda _: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     summary = run_config(config, out_dir=args.out, progress=not args.quiet, log=log)

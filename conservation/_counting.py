@@ -131,7 +131,7 @@ def _build_objectives(loss, model, augmentation, x, y):
 
 
 @eqx.filter_jit
-def _bracket_fields(params, static, objectives, depth):
+def _bracket_fields(params, static, objectives, depth, mask=None):
     """Rows [F₀, [F₁, … F_depth]](θ) / ‖·‖ for a batch of objectives stacked (batch, depth+1).
 
     θ, the data sets and the structure are arguments (not closures), so equal shapes share
@@ -139,7 +139,11 @@ def _bracket_fields(params, static, objectives, depth):
     theta, unravel = jfu.ravel_pytree(params)
 
     def gradient(objective):
-        return lambda y: jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y)
+        def field(y):
+            g = jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y)
+            return g if mask is None else mask * g  # padding entries stay frozen
+
+        return field
 
     def nested(objectives, k):
         first = gradient(jax.tree_util.tree_map(lambda a: a[k], objectives))
@@ -160,17 +164,50 @@ def _bracket_fields(params, static, objectives, depth):
     return rows / jnp.where(norm > 0, norm, 1.0)
 
 
-def _evaluate(params, static, pool, index):
+def _evaluate(params, static, pool, index, mask=None, keep=None):
     """Fields for the brackets `index` (n, depth+1) of objectives in `pool` (host arrays),
-    in fixed-size chunks so that every call of one depth reuses one compiled program."""
+    in fixed-size chunks so that every call of one depth reuses one compiled program
+    (`mask`/`keep`: frozen padding entries, and the columns of the real parameters)."""
     n, width = index.shape
     padded = -(-n // _CHUNK) * _CHUNK
     index = np.concatenate([index, np.repeat(index[:1], padded - n, axis=0)])
     out = []
     for start in range(0, padded, _CHUNK):
         picked = jax.tree_util.tree_map(lambda a: a[index[start:start + _CHUNK]], pool)
-        out.append(np.asarray(_bracket_fields(params, static, picked, width - 1)))
+        rows = np.asarray(_bracket_fields(params, static, picked, width - 1, mask))
+        out.append(rows if keep is None else rows[:, keep])
     return np.concatenate(out)[:n]
+
+
+def _pad_linear(model, pad_to):
+    """`model` (a DeepLinear) embedded in `pad_to` = (layers, width): zero-padded layers,
+    then frozen identity layers. It computes the same map on zero-padded inputs (outputs
+    zero-padded), so its fields restricted to the real entries are the model's."""
+    from ._linear import DeepLinear
+
+    layers, width = pad_to
+    if not isinstance(model, DeepLinear):
+        raise ValueError("`pad_to` embeds a `DeepLinear` only; pass `pad_to=None` for "
+                         f"{type(model).__name__}.")
+    if len(model.weights) > layers or max(model.widths) > width:
+        raise ValueError(f"`pad_to` = {pad_to} is smaller than the model (widths "
+                         f"{model.widths}); pass at least ({len(model.weights)}, "
+                         f"{max(model.widths)}).")
+    weights, masks = [], []
+    for w in model.weights:
+        weights.append(jnp.zeros((width, width)).at[:w.shape[0], :w.shape[1]].set(w))
+        masks.append(np.zeros((width, width)))
+        masks[-1][:w.shape[0], :w.shape[1]] = 1.0
+    for _ in range(layers - len(model.weights)):
+        weights.append(jnp.eye(width))
+        masks.append(np.zeros((width, width)))
+    mask = np.concatenate([m.ravel() for m in masks])
+    return DeepLinear(weights), jnp.asarray(mask), np.flatnonzero(mask)
+
+
+def _pad_data(x, y, width):
+    pad = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])  # noqa
+    return pad(x), pad(y)
 
 
 @eqx.filter_jit
@@ -337,10 +374,14 @@ def _coverage(model, sampler, probe) -> str:
     return text
 
 
-def _known_laws(model, params, static, coordinates, dim):
-    """Independent known laws at θ: the model's `laws()` and the coordinate laws."""
+def _known_laws(model, params, static, coordinates, dim, keep=None):
+    """Independent known laws at θ: the model's `laws()` and the coordinate laws (`params`,
+    `static`: the model or its padded embedding, whose real columns are `keep`)."""
     laws = tuple(model.laws()) if hasattr(model, "laws") else ()
-    blocks = [np.asarray(_law_gradients(params, static, laws))] if laws else []
+    blocks = []
+    if laws:
+        g = np.asarray(_law_gradients(params, static, laws))
+        blocks.append(g if keep is None else g[:, keep])
     if coordinates.size:
         blocks.append(np.eye(dim)[coordinates])
     if not blocks:
@@ -374,6 +415,7 @@ def count_laws(
     target_rank: int | None = None,
     known_laws: bool = True,
     probe_size: int = 16384,
+    pad_to: tuple[int, int] | None = None,
 ) -> LawCount:
     """The number of independent conservation laws of `model` trained with `loss` on every
     data set of a class: all data (`augment=None`) or data augmented by a group.
@@ -401,6 +443,9 @@ def count_laws(
       `known_laws=True`): computed from the model's `laws()` plus, for a ReLU `MLP`, the
       weights that never get a gradient because their neurons are never active together on
       a probe of `probe_size` inputs per scale (reported in `never_coactive`).
+    - `pad_to`: (layers, width): evaluate a `DeepLinear` embedded in a zero-padded network
+      of that shape (padding frozen), so that counts of every architecture that fits share
+      one compiled program per bracket depth (sweeps over architectures).
 
     The count is local to θ: at non-generic points more laws can hold.
 
@@ -428,17 +473,35 @@ def count_laws(
     augmentation = as_augmentation(augment)
     sampler = _Sampler(model, loss, data, scales, input_shape, set_size, rng)
 
+    if pad_to is not None:
+        if augmentation is not None:
+            raise ValueError("`pad_to` needs `augment=None` (a group acts on the real input "
+                             "dimensions only).")
+        padded, mask, keep = _pad_linear(model, tuple(pad_to))
+        eval_params, eval_static = eqx.partition(padded, eqx.is_inexact_array)
+    else:
+        padded, mask, keep = model, None, None
+        eval_params, eval_static = params, static
+
     def draw():
         x, y = sampler(n_sets)
-        objectives = _build_objectives(loss, model, augmentation, jnp.asarray(x),
-                                       jnp.asarray(y))
-        return jax.tree_util.tree_map(np.asarray, objectives)
+        if pad_to is not None:
+            x, y = _pad_data(x, y, pad_to[1])
+        # In chunks of a fixed number of sets: one compiled builder for any `n_sets`.
+        size = -(-n_sets // _CHUNK) * _CHUNK
+        x, y = (np.concatenate([a, np.repeat(a[:1], size - n_sets, axis=0)]) for a in (x, y))
+        chunks = [jax.tree_util.tree_map(np.asarray, _build_objectives(
+            loss, padded, augmentation, jnp.asarray(x[i:i + _CHUNK]),
+            jnp.asarray(y[i:i + _CHUNK]))) for i in range(0, size, _CHUNK)]
+        return jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:n_sets], *chunks)
 
     probe = _probe(model, sampler, probe_size, k_probe)
     known = None
     if known_laws:
         coordinates = np.zeros(0, int) if probe is None else probe["coordinates"]
-        known = _known_laws(model, params, static, coordinates, dim)
+        # On the padded embedding, the real laws' gradients restricted to the real entries
+        # are the model's (and one compiled program serves every architecture).
+        known = _known_laws(model, eval_params, eval_static, coordinates, dim, keep)
     pool = draw()
     target = dim
     if target_rank is not None:
@@ -470,7 +533,7 @@ def count_laws(
                 index = rng.integers(0, total, size=(brackets_per_depth, depth + 1))
                 index[:, rng.integers(0, depth + 1)] = rng.integers(offset, total,
                                                                     size=brackets_per_depth)
-            rows = _evaluate(params, static, pool, index)
+            rows = _evaluate(eval_params, eval_static, pool, index, mask, keep)
             previous = rank
             basis, s_raw = _compress(np.concatenate([basis, rows]))
             rank, s = _rank(s_raw, tol)
