@@ -101,6 +101,9 @@ class LawCount:
         elif self.verdict == "converged":
             lines.append(f"  estimate: the last bracket depth and {self.stale_rounds} rounds of "
                          "fresh data sets added no rank")
+        elif self.known is not None and self.laws < self.known:
+            lines.append("  NOT CONVERGED: fewer laws than the known ones; a law assumed known "
+                         "(the model's laws() or a never-co-active weight) does not hold here")
         else:
             lines.append("  NOT CONVERGED: the rank was still rising when the depth/round "
                          "budget ran out; the law count is an upper bound")
