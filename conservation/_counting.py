@@ -562,7 +562,8 @@ def count_laws(
         verdict = "not converged"
     elif proved:
         verdict = "proved"
-    elif depth_stable and stale >= patience:
+    elif depth_stable and closing <= max_depth and stale >= patience:
+        # A depth beyond the deepest one that added rank was evaluated and added nothing.
         verdict = "converged"
     else:
         verdict = "not converged"
