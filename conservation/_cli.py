@@ -50,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         help="count the independent conservation laws of a config's model: all data "
              "vs the config's augmented data class (Lie-algebra rank)")
     count.add_argument("config", nargs="?", help="path to a TOML config; omit for the quickstart")
-    count.add_argument("--depth", type=int, default=4, help="deepest Lie bracket (default 4)")
+    count.add_argument("--depth", type=int, default=4,
+                       help="deepest Lie bracket, ≥ 0 (default 4)")
+    count.add_argument("--no-early-stop", action="store_true",
+                       help="evaluate every depth and round even when the rank is stable")
     sweep = commands.add_parser(
         "sweep", parents=[common, bars],
         help="run or resume a config with a [sweep] table (one compiled program per "
@@ -112,7 +115,10 @@ def _dispatch(args, where) -> int:
     if args.command == "count":
         from ._runner import count_table
 
-        print(count_table(config, max_depth=args.depth))
+        if args.depth < 0:
+            raise UserError(f"`--depth` must be ≥ 0 (the deepest Lie bracket), "
+                            f"got {args.depth}.")
+        print(count_table(config, max_depth=args.depth, early_stop=not args.no_early_stop))
         return 0
     progress = args.progress or (not args.quiet and sys.stderr.isatty())
     log = (lambda _: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))

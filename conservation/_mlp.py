@@ -39,10 +39,12 @@ class MLP(AbstractModel):
     `normalize=True` divides the first layer's pre-activations by their root mean square
     (an RMS/layer norm without gain): the loss becomes invariant under scaling (W_1, b_1).
     Outputs are logits; with `CrossEntropy` the last layer has the translation symmetry.
+    `biases=None` is the bias-free network x ↦ W_L φ(⋯ φ(W_1 x)) (Marcotte et al.'s
+    convention); every law then involves the weights only.
     """
 
     weights: tuple[Float[Array, "out in"], ...]
-    biases: tuple[Float[Array, " out"], ...]
+    biases: tuple[Float[Array, " out"], ...] | None
     activation: str = eqx.field(static=True, default="relu")
     normalize: bool = eqx.field(static=True, default=False)
 
@@ -50,13 +52,16 @@ class MLP(AbstractModel):
         if self.activation not in ACTIVATIONS_MLP:
             raise ValueError(f"unknown `activation` {self.activation!r}; choose one of "
                              f"{sorted(ACTIVATIONS_MLP)} (homogeneous activations).")
-        if len(self.weights) < 2 or len(self.weights) != len(self.biases):
-            raise ValueError("`weights` and `biases` need the same number (≥ 2) of layers.")
+        if len(self.weights) < 2 or (self.biases is not None
+                                     and len(self.weights) != len(self.biases)):
+            raise ValueError("`weights` and `biases` need the same number (≥ 2) of layers; "
+                             "pass `biases=None` for a bias-free network.")
 
     @classmethod
     def random(cls, widths: Sequence[int], *, key: Key, activation: str = "relu",
-               normalize: bool = False, init_scale: float = 1.0) -> "MLP":
-        """He-style Gaussian weights (std `init_scale`·√(2/fan_in)) and small biases."""
+               normalize: bool = False, init_scale: float = 1.0, bias: bool = True) -> "MLP":
+        """He-style Gaussian weights (std `init_scale`·√(2/fan_in)) and small biases
+        (`bias=False`: none; the weights are drawn from the same keys either way)."""
         widths = _check_widths(widths, minimum_layers=2)
         keys = jax.random.split(key, 2 * (len(widths) - 1))
         weights, biases = [], []
@@ -64,17 +69,30 @@ class MLP(AbstractModel):
             std = init_scale * jnp.sqrt(2.0 / fan_in)
             weights.append(std * jax.random.normal(keys[2 * i], (fan_out, fan_in)))
             biases.append(0.1 * init_scale * jax.random.normal(keys[2 * i + 1], (fan_out,)))
-        return cls(tuple(weights), tuple(biases), activation, normalize)
+        return cls(tuple(weights), tuple(biases) if bias else None, activation, normalize)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.biases is not None
+
+    def preactivations(self, x: Float[Array, " d"]) -> tuple[Float[Array, " n"], ...]:
+        """The hidden layers' pre-activations z_l (after the normalisation, if any): neuron i
+        of hidden layer l is active at x iff z_l[i] > 0."""
+        phi = ACTIVATIONS_MLP[self.activation]
+        h, out = x, []
+        for layer, w in enumerate(self.weights[:-1]):
+            z = w @ h if self.biases is None else w @ h + self.biases[layer]
+            if layer == 0 and self.normalize:
+                z = z / jnp.sqrt(jnp.mean(z**2))
+            out.append(z)
+            h = phi(z)
+        return tuple(out)
 
     def __call__(self, x: Float[Array, " d"]) -> Float[Array, " m"]:
         phi = ACTIVATIONS_MLP[self.activation]
-        h = x
-        for layer, (w, b) in enumerate(zip(self.weights[:-1], self.biases[:-1])):
-            z = w @ h + b
-            if layer == 0 and self.normalize:
-                z = z / jnp.sqrt(jnp.mean(z**2))
-            h = phi(z)
-        return self.weights[-1] @ h + self.biases[-1]
+        h = phi(self.preactivations(x)[-1])
+        out = self.weights[-1] @ h
+        return out if self.biases is None else out + self.biases[-1]
 
     def laws(self):
         """Rescale laws of every hidden layer whose neurons are individually rescalable, and
@@ -115,8 +133,9 @@ def _zeros(model):
 
 
 class TranslationLaw(AbstractMechanicsLaw):
-    """Column sums Σ_c [W_L b_L]_{c, j} of the last layer (one per input unit and the bias):
-    conserved by gradient flow of a softmax (cross-entropy) loss."""
+    """Column sums Σ_c [W_L b_L]_{c, j} of the last layer (one per input unit and the bias;
+    without biases, of W_L only): conserved by gradient flow of a softmax (cross-entropy)
+    loss."""
 
     quadratic = False
 
@@ -125,7 +144,15 @@ class TranslationLaw(AbstractMechanicsLaw):
         return "translation"
 
     def mask(self, model):
-        w, b = model.weights[-1], model.biases[-1]
+        w = model.weights[-1]
+        if model.biases is None:
+            def column(j):
+                mask = eqx.tree_at(lambda m: m.weights[-1], _zeros(model),
+                                   jnp.zeros_like(w).at[:, j].set(1.0))
+                return jfu.ravel_pytree(mask)[0]
+
+            return jnp.stack([column(j) for j in range(w.shape[1])])
+        b = model.biases[-1]
 
         def one(j):  # column j of [W b]: every class's weight from input j (j = in: bias)
             column = jnp.zeros(w.shape[1] + 1).at[j].set(1.0)
@@ -138,7 +165,8 @@ class TranslationLaw(AbstractMechanicsLaw):
 
 
 class ScaleLaw(AbstractMechanicsLaw):
-    """‖W_l‖² + ‖b_l‖² of a layer whose pre-activations are normalised."""
+    """‖W_l‖² + ‖b_l‖² (‖W_l‖² without biases) of a layer whose pre-activations are
+    normalised."""
 
     layer: int = eqx.field(static=True)
     quadratic = True
@@ -148,6 +176,10 @@ class ScaleLaw(AbstractMechanicsLaw):
         return f"scale[{self.layer}]"
 
     def mask(self, model):
+        if model.biases is None:
+            ones = eqx.tree_at(lambda m: m.weights[self.layer], _zeros(model),
+                               jnp.ones_like(model.weights[self.layer]))
+            return jfu.ravel_pytree(ones)[0][None, :]
         ones = eqx.tree_at(lambda m: (m.weights[self.layer], m.biases[self.layer]), _zeros(model),
                            (jnp.ones_like(model.weights[self.layer]),
                             jnp.ones_like(model.biases[self.layer])))
@@ -155,7 +187,8 @@ class ScaleLaw(AbstractMechanicsLaw):
 
 
 class RescaleLaw(AbstractMechanicsLaw):
-    """Per hidden neuron i of layer `layer`: ‖W_l[i,:]‖² + b_l[i]² − ‖W_{l+1}[:, i]‖²."""
+    """Per hidden neuron i of layer `layer`: ‖W_l[i,:]‖² + b_l[i]² − ‖W_{l+1}[:, i]‖²
+    (no b_l[i]² without biases)."""
 
     layer: int = eqx.field(static=True)
     quadratic = True
@@ -166,7 +199,17 @@ class RescaleLaw(AbstractMechanicsLaw):
 
     def mask(self, model):
         l = self.layer
-        w_in, b_in, w_out = model.weights[l], model.biases[l], model.weights[l + 1]
+        w_in, w_out = model.weights[l], model.weights[l + 1]
+        if model.biases is None:
+            def unbiased(i):
+                signs = eqx.tree_at(
+                    lambda m: (m.weights[l], m.weights[l + 1]), _zeros(model),
+                    (jnp.zeros_like(w_in).at[i].set(1.0),
+                     jnp.zeros_like(w_out).at[:, i].set(-1.0)))
+                return jfu.ravel_pytree(signs)[0]
+
+            return jnp.stack([unbiased(i) for i in range(w_in.shape[0])])
+        b_in = model.biases[l]
 
         def one(i):
             signs = eqx.tree_at(

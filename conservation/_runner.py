@@ -655,28 +655,40 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
     return summary
 
 
-def count_table(config: Config, *, max_depth: int = 4) -> str:
+def count_table(config: Config, *, max_depth: int = 4, early_stop: bool = True) -> str:
     """`conservation count`: independent laws of the config's model (at its first
-    initialisation) for all data, and for the config's augmented data class if any."""
+    initialisation) for all data, and for the config's augmented data class if any, with
+    each count's verdict (proved / converged / not converged) and a warning when not
+    converged. Raises ValueError for a negative `max_depth`."""
     ensemble, objectives, laws = build(config)
     model = ensemble[0]
     loss = next(iter(objectives.values())).loss
     shape = tuple(next(iter(objectives.values())).data.x.shape[1:])
-    rows = [("data class", "loss", "parameters", "laws", "extra", "rank by depth", "gap")]
-    plain = count_laws(model, loss, input_shape=shape, max_depth=max_depth)
+    rows = [("data class", "loss", "parameters", "laws", "extra", "rank by depth", "gap",
+             "verdict")]
+    options = dict(input_shape=shape, max_depth=max_depth, early_stop=early_stop)
+    plain = count_laws(model, loss, **options)
     classes = [("all data", plain)]
     if config.augmentation is not None:
         augmentation = augmentation_from_config(config)
         classes.append((f"augmented by {augmentation.name}",
-                        count_laws(model, loss, augment=augmentation, input_shape=shape,
-                                   max_depth=max_depth)))
+                        count_laws(model, loss, augment=augmentation, **options)))
     for name, c in classes:
         rows.append((name, loss.name, str(c.parameters), str(c.laws),
                      str(c.laws - plain.laws), ",".join(map(str, c.rank_by_depth)),
-                     f"{c.gap:.1e}"))
+                     f"{c.gap:.1e}", c.verdict))
     table = _text_table(rows)
     shipped = ", ".join(law.name for law in laws) or "none"
-    return f"{table}\nmonitored laws of this config: {shipped}"
+    lines = [table, f"monitored laws of this config: {shipped}"]
+    for name, c in classes:
+        for (l, j, k), weight in zip(c.never_coactive, c.weight_names()):
+            lines.append(f"{name}: {weight} conserved (hidden neurons {j} of layer {l} and {k} "
+                         f"of layer {l + 1} never co-active)")
+        if not c.converged:
+            lines.append(f"warning: {name}: the rank was still rising when the depth/round budget "
+                         f"({max_depth}) ran out; {c.laws} is an upper bound on the laws. "
+                         "Raise --depth.")
+    return "\n".join(lines)
 
 
 def _has_two_parameters(ensemble) -> bool:

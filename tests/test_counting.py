@@ -95,3 +95,117 @@ def test_count_cli_prints_the_extra_law(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[:5] == ["all", "data", "mse", "3", "0"]
     assert out[2].split()[:6] == ["augmented", "by", "C3-shift", "mse", "3", "1"]
+
+
+# --- sampling that the data cannot fool, verdicts, never-co-active weights (issue 11) ---
+
+def _generic_relu(widths, key):
+    """The counting benchmark's ReLU point: every hidden neuron active on 5–95% of
+    Gaussian inputs (redrawn until so)."""
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(123), (4000, widths[0])))
+    while True:
+        key, sub = jax.random.split(key)
+        model = cn.MLP.random(widths, key=sub)
+        h, ok = x, True
+        for w, b in zip(model.weights[:-1], model.biases[:-1]):
+            z = h @ np.asarray(w).T + np.asarray(b)
+            active = (z > 0).mean(axis=0)
+            ok &= bool(np.all((active > 0.05) & (active < 0.95)))
+            h = np.maximum(z, 0.0)
+        if ok:
+            return model
+
+
+def _never_coactive_numpy(model, n=200_000, seed=7):
+    """Independent reference: pairs (l, j, k) never co-active on fresh numpy inputs at
+    scales 0.01…1000 (a different sample from the library's probe)."""
+    rng = np.random.default_rng(seed)
+    d = model.weights[0].shape[1]
+    scales = np.repeat(10.0 ** np.arange(-2, 4), n // 6)[:, None]
+    h = scales * rng.standard_normal((scales.shape[0], d))
+    acts = []
+    for layer, w in enumerate(model.weights[:-1]):
+        z = h @ np.asarray(w).T
+        if model.biases is not None:
+            z = z + np.asarray(model.biases[layer])
+        acts.append(z > 0)
+        h = np.maximum(z, 0.0)
+    return {(l, j, k) for l in range(len(acts) - 1)
+            for j in range(acts[l].shape[1]) for k in range(acts[l + 1].shape[1])
+            if not np.any(acts[l][:, j] & acts[l + 1][:, k])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("widths, index", [((2, 2, 2, 3, 2), 9), ((5, 2, 3, 5, 3), 15)])
+def test_relu_counts_do_not_depend_on_the_sample(widths, index):
+    # Benchmark architectures whose old counts (9 and 17) were sampling artifacts.
+    model = _generic_relu(widths, jax.random.PRNGKey(index))
+    pairs = _never_coactive_numpy(model)
+    expected = sum(widths[1:-1]) + len(pairs)  # rescale laws + conserved weights
+    for seed in range(5):
+        count = cn.count_laws(model, cn.MSE(), key=jax.random.PRNGKey(100 + seed))
+        assert count.laws == expected
+        assert set(count.never_coactive) == pairs
+        assert count.verdict == "proved"
+
+
+def test_never_coactive_weight_is_a_named_law():
+    # Hidden neurons u⁺ = relu(u), u⁻ = relu(−2u); neuron k = relu(u⁻ − u⁺) of the next
+    # layer is active iff u < 0, so never together with u⁺: weights[1][0,0] gets no gradient.
+    key = jax.random.split(KEY, 3)
+    a = jnp.array([0.7, -0.4])
+    w0 = jnp.stack([a, -2.0 * a])
+    w1 = jnp.array([[-1.0, 1.0], [0.8, 0.5]])
+    w2 = jax.random.normal(key[1], (1, 2))
+    model = cn.MLP((w0, w1, w2), None)
+    assert _never_coactive_numpy(model) == {(0, 0, 0)}
+    count = cn.count_laws(model, cn.MSE())
+    assert count.laws == 2 + 2 + 1  # one rescale law per hidden neuron, plus the weight
+    assert count.never_coactive == ((0, 0, 0),)
+    assert count.weight_names() == ("weights[1][0,0]",)
+    assert "weights[1][0,0] is conserved" in count.describe()
+
+
+def test_depth_budget_verdicts_and_bad_depth():
+    model = cn.DeepLinear.random((2, 2, 5), key=KEY)  # needs one bracket depth
+    short = cn.count_laws(model, cn.MSE(), max_depth=0)
+    assert short.verdict == "not converged" and not short.converged
+    assert short.laws > 3 and "NOT CONVERGED" in short.describe()
+    full = cn.count_laws(model, cn.MSE(), max_depth=2)
+    assert full.laws == 3 and full.verdict == "proved"  # r(r+1)/2, r = 2
+    unknown = cn.count_laws(model, cn.MSE(), known_laws=False, early_stop=False, max_depth=2,
+                            max_rounds=2)
+    assert unknown.laws == 3 and unknown.verdict == "converged"
+    assert len(unknown.rank_by_depth) == 3 and len(unknown.rank_by_round) == 2
+    with pytest.raises(ValueError, match="`max_depth`"):
+        cn.count_laws(model, cn.MSE(), max_depth=-3)
+
+
+@pytest.mark.parametrize("widths", [(3, 3, 2), (2, 4, 1)])
+def test_bias_free_two_layer_relu_has_r_laws(widths):
+    model = cn.MLP.random(widths, key=KEY, bias=False)
+    assert model.biases is None
+    count = cn.count_laws(model, cn.MSE())
+    assert count.laws == widths[1]  # Marcotte et al.: one law per hidden neuron
+
+
+def test_bias_free_mechanics_masks_match_numpy():
+    model = cn.MLP.random((3, 4, 2), key=KEY, bias=False)
+    w0, w1 = (np.asarray(w) for w in model.weights)
+    rescale = np.asarray(cn.RescaleLaw(0)(model))
+    assert np.allclose(rescale, (w0**2).sum(1) - (w1**2).sum(0), rtol=1e-13)
+    translation = np.asarray(cn.TranslationLaw()(model))
+    assert np.allclose(translation, w1.sum(0), rtol=1e-13)
+    scale = np.asarray(cn.ScaleLaw(1)(model))
+    assert np.allclose(scale, (w1**2).sum(), rtol=1e-13)
+
+
+def test_padded_linear_count_matches_unpadded():
+    model = cn.DeepLinear.random((2, 3, 2), key=KEY)
+    padded = cn.count_laws(model, cn.MSE(), pad_to=(3, 4))
+    assert padded.laws == 6 and padded.verdict == "proved"  # r(r+1)/2, r = 3
+
+
+def test_count_cli_refuses_negative_depth(capsys):
+    assert main(["count", "--depth", "-3"]) == 2
+    assert "`--depth`" in capsys.readouterr().err
