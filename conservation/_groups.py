@@ -12,6 +12,7 @@ orthogonal projection onto the span of the Brauer (pairing) tensors.
 import abc
 import functools
 import itertools
+import math
 
 import equinox as eqx
 import jax
@@ -214,8 +215,8 @@ class OrthogonalGroup(AbstractFiniteGroup):
     pairing tensors δ_{i_a i_b}⋯ (Frobenius-orthogonal projection = Haar average), through an
     orthonormal basis of that span built once in numpy (closed form for d = 2; otherwise an
     SVD of the pairing tensors, rank-checked against the known dimension): exact to a few
-    ulps on any backend, cost independent of any orbit size. Supported: d = 2 up to 14 axes
-    (degree-7 features), d ≥ 3 while (n − 1)!! · d^n ≤ 2^25 (e.g. 8 axes for d ≤ 4, 6 for
+    ulps on any backend, cost independent of any orbit size. Supported: d = 2 up to 12 axes
+    (degree-6 features), d ≥ 3 while (n − 1)!! · d^n ≤ 2^25 (e.g. 8 axes for d ≤ 4, 6 for
     d ≤ 8). Sampled mode draws `samples // 2` Haar
     matrices g (QR of a Gaussian with sign fix) and uses each with −g, as the seed paper's
     Fig. 3 does; its symmetry defect decays like samples^{-1/2}.
@@ -257,7 +258,8 @@ class OrthogonalGroup(AbstractFiniteGroup):
         return _brauer_projection(jnp.asarray(tensor), n_axes, self.dim)
 
 
-_MAX_BASIS_ENTRIES = 2**25  # 256 MiB of float64 for a dense basis of the invariants
+_MAX_BASIS_ENTRIES = 2**25  # 256 MiB of float64 for the dense pairing tensors (d ≥ 3)
+_MAX_PLANAR_ENTRIES = 2**21  # d = 2: 12 axes (4096 × 462); 14 would be a 225 MB constant
 
 
 def _pairings(items: tuple[int, ...]) -> list[tuple[tuple[int, int], ...]]:
@@ -301,12 +303,8 @@ def _invariant_dimension(n_axes: int, d: int) -> int:
             for j in range(row):
                 below = sum(1 for r in shape[i + 1:] if r > j)
                 hooks *= row - j + below
-        total += _factorial(n_axes) // hooks
+        total += math.factorial(n_axes) // hooks
     return total
-
-
-def _factorial(n: int) -> int:
-    return 1 if n <= 1 else n * _factorial(n - 1)
 
 
 def _pairing_tensors(pairings, d: int) -> np.ndarray:
@@ -344,7 +342,7 @@ def _brauer_supported(n_axes: int, d: int) -> bool:
     if n_axes % 2 or n_axes == 0 or d == 1:
         return True
     if d == 2:
-        return _invariant_dimension(n_axes, 2) * 2**n_axes <= _MAX_BASIS_ENTRIES
+        return _invariant_dimension(n_axes, 2) * 2**n_axes <= _MAX_PLANAR_ENTRIES
     return _double_factorial(n_axes - 1) * d**n_axes <= _MAX_BASIS_ENTRIES
 
 
@@ -366,8 +364,8 @@ def _brauer_basis(n_axes: int, d: int, order: tuple[int, ...] | None = None
     if d == 2:
         if not _brauer_supported(n_axes, d):
             raise ValueError(f"exact O(2) averaging of a tensor with {n_axes} axes needs a "
-                             f"{size} × {rank} basis of its invariants; use at most 14 axes "
-                             "(degree ≤ 7 features) or `OrthogonalGroup(2, samples=...)`.")
+                             f"{size} × {rank} basis of its invariants; use at most 12 axes "
+                             "(degree ≤ 6 features) or `OrthogonalGroup(2, samples=...)`.")
         return _planar_basis(n_axes), 2.0 ** (1 - n_axes)
     if not _brauer_supported(n_axes, d):
         raise ValueError(f"exact O({d}) averaging of a tensor with {n_axes} axes needs "

@@ -183,6 +183,6 @@ def test_group_argument_errors():
     with pytest.raises(ValueError, match="n ≤ 8"):
         cn.Permutations(9)
     with pytest.raises(ValueError, match="samples="):
-        cn.OrthogonalGroup(2).average(jnp.zeros((2,) * 16), 16)
+        cn.OrthogonalGroup(2).average(jnp.zeros((2,) * 14), 14)
     with pytest.raises(ValueError, match="samples="):
         cn.OrthogonalGroup(5).average(jnp.zeros((5,) * 8), 8)
