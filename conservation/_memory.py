@@ -3,8 +3,8 @@
 The estimate counts what a run holds at once, in float64 (8 bytes): the parameters of every
 member (initial, solver state and ~8 Runge–Kutta stages or optimizer state), the teacher, the
 data (orbit-expanded in `orbit` mode), the moment matrices of the fast path (p² for p features),
-and the saved values (loss + every law's value, drift and condition at `n_save` times per
-member). It is a lower bound on the peak (XLA adds temporaries), so the refusal threshold is the
+and the saved values (loss, every law's drift and condition at `n_save` times per member, and
+every law's value at the final time; the values at every save only on request, `values="all"`). It is a lower bound on the peak (XLA adds temporaries), so the refusal threshold is the
 machine's memory, not a fraction of it.
 """
 
@@ -94,6 +94,14 @@ def _orbit_size(augmentation, d: int) -> int:
     return max(1, sizes[group])
 
 
+def _saves(run) -> int:
+    """Save points of a `[[dynamics]]` entry (the runner's default when `n_save` is unset)."""
+    if run.n_save is not None:
+        return run.n_save
+    steps = getattr(run, "steps", None)
+    return steps + 1 if steps is not None and steps <= 1000 else 101
+
+
 def estimate(config, *, members: int | None = None, parameters: int | None = None) \
         -> MemoryEstimate:
     """What a run of `config` holds at once, with `members` ensemble members (default
@@ -109,7 +117,7 @@ def estimate(config, *, members: int | None = None, parameters: int | None = Non
     orbit_mode = config.augmentation is not None and config.augmentation.mode == "orbit"
     samples = n * (orbit if orbit_mode else 1)
     entries, count = law_entries(config.model)
-    n_save = max((run.n_save for run in config.dynamics), default=2)
+    n_save = max((_saves(run) for run in config.dynamics), default=2)
     flows = any(run.kind in ("flow", "modified_flow") for run in config.dynamics)
     p = feature_count(config.model, tokens)
     moments = config.loss.kind == "mse" and config.loss.moments is not False and p > 0
@@ -119,8 +127,9 @@ def estimate(config, *, members: int | None = None, parameters: int | None = Non
         "data": samples * (d * tokens + out) * _BYTES,
         "moments": (p * p + p * out) * _BYTES * (2 if config.augmentation else 1)
         if moments else 0,
-        # loss, every law's value, drift and condition at each save time of each member
-        "saved values": B * n_save * (1 + entries + 2 * count) * _BYTES,
+        # loss, every law's drift and condition at each save time of each member, and the
+        # laws' values at the end (what `gradient_flow`/`train` keep by default)
+        "saved values": B * (n_save * (1 + 2 * count) + entries) * _BYTES,
     }
     return MemoryEstimate(parts)
 

@@ -43,9 +43,11 @@ def test_estimate_scales_with_members_and_saves():
     one, four = estimate(config, members=1), estimate(config)
     assert four.parts["parameters"] == 4 * one.parts["parameters"]
     assert four.parts["saved values"] == 4 * one.parts["saved values"]
-    # saved values: members × n_save × (loss + law entries + drift and condition per law) × 8
+    # saved values: members × (n_save × (loss + drift and condition per law) + final law
+    # entries) × 8
     entries, laws = law_entries(config.model)
-    assert four.parts["saved values"] == 4 * 101 * (1 + entries + 2 * laws) * 8
+    # (a 2-step GD run saves every step by default: 3 saves)
+    assert four.parts["saved values"] == 4 * (3 * (1 + 2 * laws) + entries) * 8
 
 
 def test_refusal_names_the_number_and_the_fix_before_allocating():
