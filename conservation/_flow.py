@@ -15,6 +15,7 @@ from ._laws import check_unique_names
 from ._model import AbstractModel, Ensemble, as_ensemble
 from ._monitor import DIVERGED, FAILED, MAX_STEPS, SUCCESS, LawMonitor, Result, finite_max
 from ._objective import Objective
+from ._solvers import ROCK4, choose_solver
 
 
 SOLVERS = {
@@ -22,7 +23,8 @@ SOLVERS = {
     "dopri5": dfx.Dopri5,
     "dopri8": dfx.Dopri8,
     "heun": dfx.Heun,
-    "kvaerno5": dfx.Kvaerno5,  # implicit (stiff); needs a smooth vector field
+    "kvaerno5": dfx.Kvaerno5,  # implicit (stiff); dense Jacobian: small parameter counts
+    "stabilized": ROCK4,  # stabilised explicit (stiff gradient flows, any parameter count)
 }
 
 
@@ -66,10 +68,11 @@ class ModifiedGradientField(AbstractVectorField):
 def _resolve_solver(solver) -> dfx.AbstractSolver:
     if isinstance(solver, dfx.AbstractSolver):
         return solver
-    if solver in SOLVERS:
+    if isinstance(solver, str) and solver in SOLVERS:
         return SOLVERS[solver]()
     raise ValueError(
-        f"unknown `solver` {solver!r}; choose one of {sorted(SOLVERS)} or pass a diffrax solver."
+        f"unknown `solver` {solver!r}; choose one of {['auto', *sorted(SOLVERS)]} or pass a "
+        "diffrax solver."
     )
 
 
