@@ -1,6 +1,7 @@
 """Gradient flow dθ/dt = −∇L(θ), integrated with diffrax for a whole ensemble at once."""
 
 import abc
+import warnings
 from collections.abc import Callable
 
 import diffrax as dfx
@@ -15,7 +16,7 @@ from ._laws import check_unique_names
 from ._model import AbstractModel, Ensemble, as_ensemble
 from ._monitor import DIVERGED, FAILED, MAX_STEPS, SUCCESS, LawMonitor, Result, finite_max
 from ._objective import Objective
-from ._solvers import ROCK4, choose_solver
+from ._solvers import ROCK4, _choose
 
 
 SOLVERS = {
@@ -87,7 +88,7 @@ def gradient_flow(
     t1: ScalarLike,
     *,
     n_save: int = 101,
-    solver="tsit5",
+    solver="auto",
     rtol: ScalarLike = 1e-8,
     atol: ScalarLike | None = None,
     max_steps: int = 100_000,
@@ -110,8 +111,11 @@ def gradient_flow(
     - `model`: a model or an `Ensemble`.
     - `t1`: final time (the flow starts at t = 0).
     - `n_save`: number of evenly spaced save times in [0, t1].
-    - `solver`: `"tsit5"` (default), `"dopri5"`, `"dopri8"`, `"heun"`, `"kvaerno5"`, or any
-      diffrax solver.
+    - `solver`: `"auto"` (default: `conservation.choose_solver` probes the flow's stiffness and
+      picks `"tsit5"`, `"stabilized"` or `"kvaerno5"`), `"tsit5"`, `"dopri5"`, `"dopri8"`,
+      `"heun"` (explicit), `"stabilized"` (ROCK4, stabilised explicit: stiff flows at any
+      parameter count), `"kvaerno5"` (implicit, dense Jacobian: small models), or any diffrax
+      solver.
     - `rtol`, `atol`: PID step-size controller tolerances (`atol` defaults to `rtol`).
     - `max_steps`: solver step budget per member; a member that runs out gets status
       `max_steps` and keeps the values saved so far.
@@ -147,12 +151,28 @@ def gradient_flow(
                         f"got {field!r}.")
     laws = check_unique_names(ensemble[0].laws() if laws is None else laws)
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
+    if isinstance(solver, str) and solver == "auto":
+        solver = _choose(*eqx.partition(ensemble[0], eqx.is_inexact_array), objective, field,
+                         t1, max_steps).name
     progress_meter = dfx.TqdmProgressMeter() if progress else dfx.NoProgressMeter()
-    return _flow(
+    result = _flow(
         params, static, objective, field, LawMonitor(laws), _resolve_solver(solver),
         *(jnp.asarray(v, float) for v in (t1, rtol, atol, divergence)),
         n_save, max_steps, progress_meter, ensemble.size, min(batch_size, ensemble.size),
     )
+    _warn_max_steps(result.status, solver, max_steps)
+    return result
+
+
+def _warn_max_steps(status, solver, max_steps):
+    hit = int(jnp.sum(status == MAX_STEPS))
+    if hit:
+        name = solver if isinstance(solver, str) else type(solver).__name__
+        warnings.warn(
+            f"{hit} member(s) hit `max_steps` = {max_steps} before t1 with solver {name!r}; "
+            "a stiff flow (large Hessian eigenvalues) needs `solver=\"stabilized\"` (or "
+            "`\"kvaerno5\"` for small models), otherwise raise `max_steps`.",
+            stacklevel=3)
 
 
 @eqx.filter_jit

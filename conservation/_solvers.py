@@ -108,18 +108,19 @@ class ROCK4(dfx.AbstractAdaptiveSolver):
 
         v, rho = jax.lax.fori_loop(0, self.init_iterations, power, (v, jnp.zeros(())))
         zero = jnp.zeros((), jnp.int32)
-        # state: (unit vector, spectral-radius estimate, f-evaluations, jvps) — the counts cover
+        # state: (unit vector, spectral-radius estimate, its running max, f-evaluations, jvps) — the counts cover
         # accepted steps only (diffrax discards the state of a rejected step).
-        return v, rho, zero, jnp.asarray(self.init_iterations, jnp.int32)
+        return v, rho, rho, zero, jnp.asarray(self.init_iterations, jnp.int32)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del made_jump  # f(y0) is recomputed every step (the jvp below returns it for free)
-        v, _, n_f, n_jvp = solver_state
+        v, _, rho_max, n_f, n_jvp = solver_state
         h = t1 - t0
         # One warm-started power iteration: ‖J v‖ ≤ ρ for a unit v, tight once v has
         # converged to the top eigenvector; `safety` covers the rest.
         f0, jv = self._jvp(terms, t0, y0, v, args)
         v, rho = _unit(jv)
+        rho_max = jnp.maximum(rho_max, rho)
         rho_safe = self.safety * rho
         h_rho = h * rho_safe
         too_stiff = h_rho > 0.353 * self.max_stages**2 - 3.0
@@ -161,12 +162,110 @@ class ROCK4(dfx.AbstractAdaptiveSolver):
         y_error = jnp.where(too_stiff, 1e10 * (1.0 + jnp.abs(y0)), y_error)
         dense_info = dict(y0=y0, y1=y1, k0=h * f0, k1=h * f1)
         # f-evaluations: deg − 1 recurrence stages, 4 finishing, f(y1); the jvp (f0, J v).
-        state = (v, rho, n_f + (deg + 4).astype(n_f.dtype), n_jvp + 1)
+        state = (v, rho, rho_max, n_f + (deg + 4).astype(n_f.dtype), n_jvp + 1)
         return y1, y_error, dense_info, state, dfx.RESULTS.successful
 
 
 ROCK4.__init__.__doc__ = None
 
 
-def choose_solver(*args, **kwargs):
-    raise NotImplementedError
+# Real-axis stability boundary of Tsit5 (|R(z)| ≤ 1 for z ∈ [−3.5, 0]).
+_EXPLICIT_STABILITY = 3.5
+# Below this many stability-limited Tsit5 steps, stiffness costs an explicit solver little.
+_STIFF_STEPS = 5_000
+# Kvaerno5's dense Newton solves (O(D³) per Jacobian) only pay off for small D.
+_IMPLICIT_MAX_PARAMS = 2_000
+
+
+class SolverChoice(eqx.Module):
+    """What `choose_solver` picked and why.
+
+    - `name`: `"tsit5"`, `"stabilized"` or `"kvaerno5"`.
+    - `reason`: one sentence.
+    - `num_params`: parameters of one model.
+    - `rho0`, `rho_max`: spectral radius of the field's Jacobian (−∇²L for gradient flow) at
+      θ₀, and the largest seen along a loose-tolerance probe flow to `t1`.
+    - `explicit_steps`: t1·rho_max / 3.5, the steps Tsit5 needs for stability alone.
+    """
+
+    name: str
+    reason: str
+    num_params: int
+    rho0: float
+    rho_max: float
+    explicit_steps: float
+
+
+@eqx.filter_jit
+def _probe(params, static, objective, field, t1, rtol, max_steps):
+    # Everything traced or a Module: one compile per model/objective structure.
+    y0, unravel = jfu.ravel_pytree(params)
+
+    def vector_field(t, y, args):
+        return field(jax.grad(lambda z: objective(eqx.combine(unravel(z), static))), y)
+
+    term = dfx.ODETerm(vector_field)
+    solver = ROCK4()
+    rho0 = solver.init(term, 0.0, t1, y0, None)[1]
+    sol = dfx.diffeqsolve(
+        term, solver, 0.0, t1, None, y0,
+        saveat=dfx.SaveAt(t1=True, solver_state=True),
+        stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol),
+        max_steps=max_steps, throw=False)
+    return rho0, jnp.maximum(rho0, sol.solver_state[2])
+
+
+def _choose(params, static, objective, field, t1, max_steps, probe_rtol=1e-4,
+            probe_steps=2_000):
+    """The solver for the flow of `objective` from the model (params, static) to `t1`."""
+    rho0, rho_max = (float(x) for x in _probe(
+        params, static, objective, field, jnp.asarray(t1, float),
+        jnp.asarray(probe_rtol, float), probe_steps))
+    # A probe that stopped early (its step budget, a blow-up) has seen part of the path
+    # only: its rho_max is a lower bound, which can only under-call stiffness.
+    num_params = int(sum(x.size for x in jtu.tree_leaves(params)))
+    explicit_steps = float(t1) * rho_max / _EXPLICIT_STABILITY
+    if not explicit_steps > _STIFF_STEPS:
+        name, reason = "tsit5", (
+            f"not stiff: Tsit5 needs about {explicit_steps:.3g} steps for stability "
+            f"(t1·ρ/3.5, ρ ≤ {rho_max:.3g})")
+    elif (float(t1) * rho_max / _MAX_H_RHO > max_steps / 4
+          and num_params <= _IMPLICIT_MAX_PARAMS):
+        name, reason = "kvaerno5", (
+            f"very stiff (t1·ρ = {float(t1) * rho_max:.3g}) even for a 152-stage stabilised "
+            f"step, and {num_params} parameters make dense Newton solves affordable")
+    else:
+        name, reason = "stabilized", (
+            f"stiff: Tsit5 would need about {explicit_steps:.3g} steps for stability "
+            f"(t1·ρ/3.5, ρ ≤ {rho_max:.3g}); a stabilised step needs only √(h·ρ) stages")
+    return SolverChoice(name, reason, num_params, rho0, rho_max, explicit_steps)
+
+
+def choose_solver(objective, model, t1, *, max_steps: int = 100_000, field=None) -> SolverChoice:
+    """The solver `gradient_flow(..., solver="auto")` uses for this flow, and why.
+
+    Stiffness of gradient flow is the Hessian's spectral radius ρ times the time scale, and
+    it often appears only late, near a minimum (attention flows). So the probe estimates ρ by
+    power iteration (Hessian-vector products) at θ₀ and along a cheap loose-tolerance
+    (rtol 1e-4, ≤ 2000 steps) stabilised flow of the first member to `t1`, then picks
+
+    - `"tsit5"` when t1·ρ/3.5 (Tsit5's steps for stability alone) ≤ 5000;
+    - `"kvaerno5"` when even 152-stage stabilised steps would need more than max_steps/4
+      steps and the model has ≤ 2000 parameters;
+    - `"stabilized"` (ROCK4) otherwise.
+
+    **Arguments:**
+
+    - `objective`, `model`, `t1`: as for `gradient_flow` (an ensemble's first member is probed).
+    - `max_steps`: the step budget of the solve.
+    - `field`: the flow's `AbstractVectorField` (default: plain gradient flow).
+
+    **Returns:** a `SolverChoice` (`name`, `reason`, and the evidence).
+    """
+    from ._flow import GradientField  # _flow imports this module
+    from ._model import as_ensemble
+
+    first = as_ensemble(model)[0]
+    field = GradientField() if field is None else field
+    params, static = eqx.partition(first, eqx.is_inexact_array)
+    return _choose(params, static, objective, field, t1, max_steps)
