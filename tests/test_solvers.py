@@ -121,7 +121,6 @@ def test_auto_picks_stabilized_on_stiff_attention_and_tsit5_on_deep_linear(
     ensemble, objective, t1 = stiff_attention
     choice = cn.choose_solver(objective, ensemble, t1)
     assert choice.name == "stabilized", choice
-    # (Tsit5 hits max_steps = 100 000 on this flow before t1: too slow for a test.)
     ensemble, objective = deep_linear
     choice = cn.choose_solver(objective, ensemble, 20.0)
     assert choice.name == "tsit5", choice
