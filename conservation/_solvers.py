@@ -145,18 +145,31 @@ class ROCK4(dfx.AbstractAdaptiveSolver):
 
         u, _, tu, _ = jax.lax.fori_loop(2, deg + 1, stage, first)
 
-        # 4-stage finishing procedure with its embedded order-3 companion.
-        a21, a31, a32, a41, a42, a43 = (h * c for c in jnp.asarray(_FPA)[index])
-        b = h * jnp.asarray(_FPB)[index]
-        be = h * jnp.asarray(_FPBE)[index]
-        k1 = terms.vf(tu, u, args)
-        k2 = terms.vf(tu + a21, u + a21 * k1, args)
-        k3 = terms.vf(tu + a31 + a32, u + a31 * k1 + a32 * k2, args)
-        k4 = terms.vf(tu + a41 + a42 + a43, u + a41 * k1 + a42 * k2 + a43 * k3, args)
-        y1 = u + b[0] * k1 + b[1] * k2 + b[2] * k3 + b[3] * k4
-        f1 = terms.vf(t1, y1, args)
-        y_error = ((be[0] - b[0]) * k1 + (be[1] - b[1]) * k2 + (be[2] - b[2]) * k3
-                   + (be[3] - b[3]) * k4 + be[4] * f1)
+        # 4-stage finishing procedure, then f(y1) for the embedded order-3 companion and the
+        # dense output: five evaluations, looped so that the vector field (a gradient) is
+        # traced, and compiled, once.
+        fpa, b = jnp.asarray(_FPA)[index], jnp.asarray(_FPB)[index]
+        be = jnp.asarray(_FPBE)[index]
+        zero = jnp.zeros_like(b[0])
+        # Row j: coefficients of k_0..k_3 in the input of evaluation j (row 4: y1).
+        a = h * jnp.stack([
+            jnp.stack([zero, zero, zero, zero]),
+            jnp.stack([fpa[0], zero, zero, zero]),
+            jnp.stack([fpa[1], fpa[2], zero, zero]),
+            jnp.stack([fpa[3], fpa[4], fpa[5], zero]),
+            b,
+        ])
+        c = jnp.sum(a, axis=1)
+
+        def finishing(j, ks):
+            y = u + jnp.tensordot(a[j], ks[:4], axes=1)
+            t = jnp.where(j == 4, t1, tu + c[j])
+            return ks.at[j].set(terms.vf(t, y, args))
+
+        ks = jax.lax.fori_loop(0, 5, finishing, jnp.zeros((5, *u.shape), u.dtype))
+        y1 = u + jnp.tensordot(a[4], ks[:4], axes=1)
+        f1 = ks[4]
+        y_error = jnp.tensordot(h * jnp.concatenate([be[:4] - b, be[4:]]), ks, axes=1)
         # Beyond the stability interval the result is meaningless: reject, so that the
         # controller shrinks h (by its largest factor).
         y_error = jnp.where(too_stiff, 1e10 * (1.0 + jnp.abs(y0)), y_error)
