@@ -101,8 +101,8 @@ def test_stabilized_conserves_quadratic_net_laws():
                                 k[2], 2)
     objective = cn.make_objective(cn.MSE(), data, ensemble)
     rtol = 1e-9
-    result = cn.gradient_flow(objective, ensemble, 20.0, rtol=rtol, solver="stabilized",
-                              n_save=11)
+    result = cn.gradient_flow(objective, ensemble, 5.0, rtol=rtol, solver="stabilized",
+                              n_save=6)
     assert result.status_names() == ["success"] * 2
     _assert_laws_conserved(result, rtol)
 
