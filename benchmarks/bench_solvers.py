@@ -203,9 +203,6 @@ def main():
         except ImportError:
             report["solvers"][name]["jax_experimental_odeint"] = "not available in this JAX"
             continue
-        import equinox as eqx
-        import jax.flatten_util as jfu
-
         params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
         _, unravel = jfu.ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], params))
         y0 = jax.vmap(lambda p: jfu.ravel_pytree(p)[0])(params)

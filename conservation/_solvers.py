@@ -27,7 +27,6 @@ import jax.tree_util as jtu
 import numpy as np
 
 from . import _rock4_coefficients as _tables
-from ._custom_types import Array
 
 
 _MS = np.asarray(_tables.MS, np.int32)  # Chebyshev degrees with tabulated coefficients (1..148)
