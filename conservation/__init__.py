@@ -101,6 +101,11 @@ from ._polynomial import (
     Neuron as Neuron,
     PolynomialNet as PolynomialNet,
 )
+from ._solvers import (
+    ROCK4 as ROCK4,
+    SolverChoice as SolverChoice,
+    choose_solver as choose_solver,
+)
 from ._sweep import run_sweep as run_sweep, shard_ensemble as shard_ensemble
 from ._symmetry_laws import (
     AbstractSubspaceLaw as AbstractSubspaceLaw,

@@ -1,6 +1,7 @@
 """Gradient flow dθ/dt = −∇L(θ), integrated with diffrax for a whole ensemble at once."""
 
 import abc
+import warnings
 from collections.abc import Callable
 
 import diffrax as dfx
@@ -19,6 +20,7 @@ from ._model import AbstractModel, Ensemble, as_ensemble, default_laws
 from ._monitor import (DIVERGED, FAILED, MAX_STEPS, SUCCESS, LawMonitor, Result, finite_max,
                        show_progress, values_to_keep)
 from ._objective import Objective
+from ._solvers import ROCK4, _choose
 
 
 SOLVERS = {
@@ -26,7 +28,8 @@ SOLVERS = {
     "dopri5": dfx.Dopri5,
     "dopri8": dfx.Dopri8,
     "heun": dfx.Heun,
-    "kvaerno5": dfx.Kvaerno5,  # implicit (stiff); needs a smooth vector field
+    "kvaerno5": dfx.Kvaerno5,  # implicit (stiff); dense Jacobian: small parameter counts
+    "stabilized": ROCK4,  # stabilised explicit (stiff gradient flows, any parameter count)
 }
 
 
@@ -106,10 +109,11 @@ class ModifiedGradientField(AbstractVectorField):
 def _resolve_solver(solver) -> dfx.AbstractSolver:
     if isinstance(solver, dfx.AbstractSolver):
         return solver
-    if solver in SOLVERS:
+    if isinstance(solver, str) and solver in SOLVERS:
         return SOLVERS[solver]()
     raise ValueError(
-        f"unknown `solver` {solver!r}; choose one of {sorted(SOLVERS)} or pass a diffrax solver."
+        f"unknown `solver` {solver!r}; choose one of {['auto', *sorted(SOLVERS)]} or pass a "
+        "diffrax solver."
     )
 
 
@@ -124,7 +128,7 @@ def gradient_flow(
     t1: ScalarLike,
     *,
     n_save: int = 101,
-    solver="tsit5",
+    solver="auto",
     rtol: ScalarLike = 1e-8,
     atol: ScalarLike | None = None,
     max_steps: int = 100_000,
@@ -149,8 +153,11 @@ def gradient_flow(
     - `model`: a model or an `Ensemble`.
     - `t1`: final time (the flow starts at t = 0).
     - `n_save`: number of evenly spaced save times in [0, t1].
-    - `solver`: `"tsit5"` (default), `"dopri5"`, `"dopri8"`, `"heun"`, `"kvaerno5"`, or any
-      diffrax solver.
+    - `solver`: `"auto"` (default: `conservation.choose_solver` probes the flow's stiffness and
+      picks `"tsit5"`, `"stabilized"` or `"kvaerno5"`), `"tsit5"`, `"dopri5"`, `"dopri8"`,
+      `"heun"` (explicit), `"stabilized"` (ROCK4, stabilised explicit: stiff flows at any
+      parameter count), `"kvaerno5"` (implicit, dense Jacobian: small models), or any diffrax
+      solver.
     - `rtol`, `atol`: PID step-size controller tolerances (`atol` defaults to `rtol`).
     - `max_steps`: solver step budget per member; a member that runs out gets status
       `max_steps` and keeps the values saved so far.
@@ -201,6 +208,9 @@ def gradient_flow(
     laws = check_unique_names(default_laws(ensemble[0]) if laws is None else laws)
     keep, final_values = values_to_keep(values, laws)
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
+    if isinstance(solver, str) and solver == "auto":
+        solver = _choose(*eqx.partition(ensemble[0], eqx.is_inexact_array), objective, field,
+                         t1, max_steps).name
     show = show_progress(progress)
     with _FlowBar(ensemble.size, t1, show):
         result = _flow(
@@ -211,7 +221,19 @@ def gradient_flow(
         )
         if show:  # the bar closes when the solve has finished, not when it was dispatched
             result = jax.block_until_ready(result)
+    _warn_max_steps(result.status, solver, max_steps)
     return result
+
+
+def _warn_max_steps(status, solver, max_steps):
+    hit = int(jnp.sum(status == MAX_STEPS))
+    if hit:
+        name = solver if isinstance(solver, str) else type(solver).__name__
+        warnings.warn(
+            f"{hit} member(s) hit `max_steps` = {max_steps} before t1 with solver {name!r}; "
+            "a stiff flow (large Hessian eigenvalues) needs `solver=\"stabilized\"` (or "
+            "`\"kvaerno5\"` for small models), otherwise raise `max_steps`.",
+            stacklevel=3)
 
 
 class _FlowBar:
