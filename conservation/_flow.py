@@ -226,6 +226,8 @@ def gradient_flow(
 
 
 def _warn_max_steps(status, solver, max_steps):
+    if isinstance(status, jax.core.Tracer):  # inside jit / eval_shape: nothing to inspect yet
+        return
     hit = int(jnp.sum(status == MAX_STEPS))
     if hit:
         name = solver if isinstance(solver, str) else type(solver).__name__
