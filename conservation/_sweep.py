@@ -158,10 +158,9 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
     (`jax.distributed.initialize()` before this call; `jax.process_count() > 1`), every
     process must call `run_sweep` with the same config and folder (a shared file system).
     Process 0 holds the folder lock for the group, writes `sweep.json` and removes leftovers;
-    the pending work is dealt round-robin: single points for discrete optimizers (members are
-    independent), whole chunks for flows (their members share one adaptive time grid, so a
-    chunk is kept exactly as one process would run it). Each process computes its share on
-    its local devices only (no global arrays, no collectives in the computation), writes its
+    the pending points are dealt round-robin (ensemble members are independent: a vmapped
+    flow steps each member with its own controller, so a point's numbers do not depend on
+    its batch companions). Each process computes its share on its local devices only (no global arrays, no collectives in the computation), writes its
     own points (atomic files), and process 0 writes the summary and report after all are
     done. `devices = N` then shards each process's chunks over N of its local devices."""
     from ._runner import build, config_dict, execute_with, model_factory, result_arrays
@@ -214,25 +213,20 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                 log(f"note: {note}")
         done = {i for i in range(len(points))
                 if (out / "points" / f"{i}.npz").exists()}  # checked readable by process 0
-        whole_chunks = run.kind in FLOW_KINDS
         plan, dealt = [], 0  # (group, size, [(call batch, [chunk, ...])]) this process runs
         for group in _groups(points, run):
             if all(i in done for i in group.indices):
                 continue
             longest = max(len(b) for b in group.batches)
-            size = chunk or (longest if whole_chunks else -(-longest // world))
+            size = chunk or -(-longest // world)  # one chunk per process by default
             if devices:
                 size = -(-size // devices) * devices  # whole members per device
             work = []
             for indices in group.batches:
                 pending = [i for i in indices if i not in done]
-                if whole_chunks:
-                    chunks = [pending[s:s + size] for s in range(0, len(pending), size)]
-                    mine, dealt = _mine(chunks, dealt, rank, world), dealt + len(chunks)
-                else:
-                    mine = _mine(pending, dealt, rank, world)
-                    dealt += len(pending)
-                    mine = [mine[s:s + size] for s in range(0, len(mine), size)]
+                mine = _mine(pending, dealt, rank, world)
+                dealt += len(pending)
+                mine = [mine[s:s + size] for s in range(0, len(mine), size)]
                 if mine:
                     work.append((indices, mine))
             if work:
