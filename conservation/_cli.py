@@ -60,6 +60,18 @@ def _parser() -> argparse.ArgumentParser:
              "shape group; finished points are never recomputed)")
     sweep.add_argument("config", help="path to a TOML config with a [sweep] table")
     sweep.add_argument("--out", help="sweep folder (default: the config's output)")
+    multi = sweep.add_argument_group(
+        "multi-host", "run one sweep across the processes of JAX's distributed runtime "
+        "(every process runs the same command on a shared --out folder)")
+    multi.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first; it reads SLURM, TPU-pod "
+                            "or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID")
+    multi.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="the coordinator (process 0) address; implies --distributed")
+    multi.add_argument("--num-processes", type=int, metavar="N",
+                       help="number of processes (with --coordinator)")
+    multi.add_argument("--process-id", type=int, metavar="I",
+                       help="this process's index, 0 … N-1 (with --coordinator)")
     report = commands.add_parser(
         "report", parents=[common],
         help="print the summary table of a sweep (or run) folder and rewrite its summary "
@@ -108,7 +120,32 @@ def _load(path):
     return load_config(path)
 
 
+def _initialize_distributed(args) -> None:
+    """`jax.distributed.initialize` for `sweep --distributed` / `--coordinator`: before the
+    config is loaded, as it must precede any JAX computation."""
+    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    if not args.distributed and all(v is None for v in given.values()):
+        return
+    if args.coordinator is not None or args.num_processes is not None \
+            or args.process_id is not None:
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise UserError(f"`{missing[0]}` is missing; give `--coordinator HOST:PORT "
+                            "--num-processes N --process-id I` together, or only "
+                            "`--distributed` to read them from the environment.")
+        if not 0 <= args.process_id < args.num_processes:
+            raise UserError(f"`--process-id` must lie in 0 … {args.num_processes - 1}, got "
+                            f"{args.process_id}.")
+    import jax
+
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+
+
 def _dispatch(args, where) -> int:
+    if args.command == "sweep":
+        _initialize_distributed(args)
     if args.command == "report":
         return _report(pathlib.Path(args.folder))
     config = _load(args.config)

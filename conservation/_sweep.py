@@ -15,6 +15,7 @@ Re-running the same sweep skips finished points and never rewrites them. The ens
 be sharded over a device mesh (`devices`); see `shard_ensemble`.
 """
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -65,17 +66,18 @@ def sweep_points(config: Config) -> list[dict]:
     return sweep_point_dicts(config.sweep.axes)
 
 
-def shard_ensemble(tree, devices: int):
+def shard_ensemble(tree, devices: int, *, local: bool = False):
     """Place every array of `tree` (leading axis = ensemble member) on a 1-D device mesh,
     split along that axis. jit then runs each device's members there (GSPMD); results are
     the same numbers as unsharded. Works for CPU devices forced with
-    XLA_FLAGS=--xla_force_host_platform_device_count=N, GPUs and TPUs alike; multi-host runs
-    call `jax.distributed.initialize()` first and pass the global device count."""
-    available = len(jax.devices())
-    if devices > available:
-        raise ValueError(f"`devices` = {devices} but JAX sees {available}; on CPU set "
+    XLA_FLAGS=--xla_force_host_platform_device_count=N, GPUs and TPUs alike. `local=True`
+    (multi-host sweeps) builds the mesh from this process's own devices
+    (`jax.local_devices()`), so every array stays on this host."""
+    pool = jax.local_devices() if local else jax.devices()
+    if devices > len(pool):
+        raise ValueError(f"`devices` = {devices} but JAX sees {len(pool)}; on CPU set "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}.")
-    mesh = jax.make_mesh((devices,), ("ensemble",),
+    mesh = jax.make_mesh((devices,), ("ensemble",), devices=pool[:devices],
                          axis_types=(jax.sharding.AxisType.Auto,))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("ensemble"))
     return jax.tree_util.tree_map(
@@ -121,78 +123,137 @@ def _groups(points, run=None) -> list[_Group]:
     return out
 
 
+def _processes() -> tuple[int, int]:
+    """(this process's index, number of processes) of JAX's distributed runtime; (0, 1)
+    unless `jax.distributed.initialize` was called with more than one process."""
+    return jax.process_index(), jax.process_count()
+
+
+def _agree(ok: bool) -> bool:
+    """A barrier of all processes that also tells each whether every process got there
+    without an error (so none waits forever for a failed peer). Host-local values only:
+    `process_allgather` of one integer per process."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray([int(ok)], dtype=np.int32))
+    return bool(np.all(flags))
+
+
+def _mine(items: list, dealt: int, rank: int, world: int) -> list:
+    """Round-robin deal: the `n`-th item of the whole sweep (counted from `dealt`) goes to
+    process `n % world`; the same on every process, as `done` is the same everywhere."""
+    return [x for n, x in enumerate(items, start=dealt) if n % world == rank]
+
+
 def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print) -> dict:
     """Run (or resume) the sweep of `config`; returns the summary (also written to disk).
 
     The folder is locked for the whole call (a second process on it waits, then finds the
     points done); points whose file is missing or cannot be read back are (re)computed.
-    `summary["computed"]` counts the points this call computed."""
+    `summary["computed"]` counts the points this call computed (`summary["computed_points"]`
+    lists them).
+
+    **Multi-host.** When JAX's distributed runtime runs several processes
+    (`jax.distributed.initialize()` before this call; `jax.process_count() > 1`), every
+    process must call `run_sweep` with the same config and folder (a shared file system).
+    Process 0 holds the folder lock for the group, writes `sweep.json` and removes leftovers;
+    the pending points are dealt round-robin (ensemble members are independent: a vmapped
+    flow steps each member with its own controller, so a point's numbers do not depend on
+    its batch companions). Each process computes its share on its local devices only (no global arrays, no collectives in the computation), writes its
+    own points (atomic files), and process 0 writes the summary and report after all are
+    done. `devices = N` then shards each process's chunks over N of its local devices."""
     from ._runner import build, config_dict, execute_with, model_factory, result_arrays
 
     if config.sweep is None:
         raise ConfigError("this config has no [sweep] table; use `conservation run`.")
+    rank, world = _processes()
     devices = config.sweep.devices
-    if devices > len(jax.devices()):
-        raise ConfigError(f"field `sweep.devices` = {devices} but JAX sees "
-                          f"{len(jax.devices())} device(s); on CPU set XLA_FLAGS="
+    visible = len(jax.local_devices()) if world > 1 else len(jax.devices())
+    if devices > visible:
+        where = " local to each process (multi-host runs shard over local devices only)" \
+            if world > 1 else ""
+        raise ConfigError(f"field `sweep.devices` = {devices} but JAX sees {visible} "
+                          f"device(s){where}; on CPU set XLA_FLAGS="
                           f"--xla_force_host_platform_device_count={devices}, or set devices = 0.")
     out = prepare_output(out_dir or config.output)
-    with folder_lock(out, log=log):
-        for orphan in remove_orphans(out):
-            log(f"removed {orphan.name}, left by an interrupted write")
-        (out / "points").mkdir(exist_ok=True)
-        points = sweep_points(config)
-        manifest = {"config": config_dict(config), "points": points}
-        manifest = json.loads(strict_json(manifest))
-        manifest_path = out / "sweep.json"
-        if manifest_path.exists():
-            if read_json(manifest_path) != manifest:
-                raise UserError(f"{out} holds a different sweep; choose another `--out` "
-                                "folder.")
-        else:
-            if (out / "run.json").exists():
-                raise UserError(f"{out} holds the results of `conservation run`; choose "
-                                "another `--out` folder.")
-            write_json(manifest_path, manifest)
+    points = sweep_points(config)
+    manifest = {"config": config_dict(config), "points": points}
+    manifest = json.loads(strict_json(manifest))
+    manifest_path = out / "sweep.json"
+    if world > 1:
+        tag = f"[process {rank}/{world}] "
+        log = (lambda message, _log=log: _log(tag + message))
+    # Independent processes exclude each other with the lock; the processes of one
+    # distributed run cooperate under process 0's lock (the others would deadlock on it).
+    lock = folder_lock(out, log=log) if rank == 0 else contextlib.nullcontext()
+    with lock:
+        error = None
+        if rank == 0:
+            try:
+                _prepare(out, manifest, log)
+            except Exception as e:  # noqa: BLE001 — told to the peers, then raised
+                error = e
+        if world > 1 and not _agree(error is None):
+            if error is None:
+                raise UserError(f"process 0 could not prepare {out}; see its error.")
+        if error is not None:
+            raise error
+        if world > 1 and read_json(manifest_path) != manifest:
+            error = UserError(f"process {rank} runs a different config than process 0 "
+                              f"(whose sweep.json is in {out}); give every process the same "
+                              "config.")
+        if world > 1 and not _agree(error is None):
+            raise error or UserError(f"another process disagrees on the sweep in {out}; see "
+                                     "its error.")
         run = config.dynamics[0]
         chunk = config.sweep.chunk
-        for note in config.ignored("sweep"):
-            log(f"note: {note}")
-        done = set()
-        for i in range(len(points)):
-            path = out / "points" / f"{i}.npz"
-            if path.exists():
-                if is_readable_npz(path):
-                    done.add(i)
-                else:
-                    log(f"{path} is corrupted; recomputing it")
-                    path.unlink()
+        if rank == 0:
+            for note in config.ignored("sweep"):
+                log(f"note: {note}")
+        done = {i for i in range(len(points))
+                if (out / "points" / f"{i}.npz").exists()}  # checked readable by process 0
+        plan, dealt = [], 0  # (group, size, [(call batch, [chunk, ...])]) this process runs
+        for group in _groups(points, run):
+            if all(i in done for i in group.indices):
+                continue
+            longest = max(len(b) for b in group.batches)
+            size = chunk or -(-longest // world)  # one chunk per process by default
+            if devices:
+                size = -(-size // devices) * devices  # whole members per device
+            work = []
+            for indices in group.batches:
+                pending = [i for i in indices if i not in done]
+                mine = _mine(pending, dealt, rank, world)
+                dealt += len(pending)
+                mine = [mine[s:s + size] for s in range(0, len(mine), size)]
+                if mine:
+                    work.append((indices, mine))
+            if work:
+                plan.append((group, size, work))
         # One update per finished chunk, ETA from the average rate since start (smoothing=0):
         # an exponential average over chunky updates would swing.
-        bar = tqdm(total=len(points), initial=len(done), desc="sweep", unit="point",
+        share = sum(len(b) for _, _, work in plan for _, chunks in work for b in chunks)
+        bar = tqdm(total=share if world > 1 else len(points),
+                   initial=0 if world > 1 else len(done),
+                   desc="sweep" if world == 1 else f"sweep [{rank}/{world}]", unit="point",
                    disable=not progress, smoothing=0.0, dynamic_ncols=True)
-        computed = 0
+        computed = []
+        failure = None
         try:
-            for group in _groups(points, run):
-                if all(i in done for i in group.indices):
-                    continue
+            for group, size, work in plan:
                 # Every point was validated in full when the config was parsed; `at`
                 # substitutes the group's static values (a new shape, loss, group or data
                 # set) into the config.
                 group_config = config.at(group.static) if group.static else config
-                size = chunk or max(len(b) for b in group.batches)
-                if devices:
-                    size = -(-size // devices) * devices  # whole members per device
                 _, objectives, laws = build(group_config, members=size)
                 objective = objectives.get("augmented", objectives.get(""))
                 make = model_factory(group_config.model)
-                for indices in group.batches:
-                    pending = [i for i in indices if i not in done]
+                for indices, chunks in work:
                     call = {k: v for k, v in points[indices[0]].items()
                             if axis_role(k, run) == "call"}
                     point_run = group_config.dynamics[0].model_copy(update=call)
-                    for start in range(0, len(pending), size):
-                        batch = pending[start:start + size]
+                    for batch in chunks:
                         padded = batch + [batch[-1]] * (size - len(batch))  # no recompile
                         members = [make(jax.random.PRNGKey(points[i].get("seed", config.seed)),
                                         points[i].get("init_scale",
@@ -204,8 +265,8 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                             for name in _HYPERPARAMS if name in config.sweep.axes
                             and axis_role(name, run) == "member"}
                         if devices:
-                            ensemble, hyperparams = shard_ensemble((ensemble, hyperparams),
-                                                                   devices)
+                            ensemble, hyperparams = shard_ensemble(
+                                (ensemble, hyperparams), devices, local=world > 1)
                         result = jax.block_until_ready(execute_with(
                             point_run, objective, ensemble, laws=laws,
                             hyperparams=hyperparams, key=jax.random.PRNGKey(config.seed)))
@@ -214,13 +275,57 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                             member = {k: (v if k == "t" or k.startswith("relative/") else v[j])
                                       for k, v in arrays.items()}
                             save_npz(out / "points" / f"{i}.npz", member)
-                        computed += len(batch)
+                        computed += batch
                         bar.update(len(batch))
                         check_interrupted()  # a Ctrl-C swallowed during the batch
+        except BaseException as e:  # a multi-host peer must not wait for us forever
+            if world == 1:
+                raise
+            failure = e
         finally:
             bar.close()
-        summary = _report(out)
-    return summary | {"computed": computed}
+        if world > 1:
+            if not _agree(failure is None):
+                if failure is not None:
+                    raise failure
+                raise UserError("another process of this multi-host sweep failed (see its "
+                                f"error); finished points are kept in {out}/, rerun to resume.")
+            summary, error = None, None
+            if rank == 0:
+                try:
+                    summary = _report(out)
+                except Exception as e:  # noqa: BLE001 — told to the peers, then raised
+                    error = e
+            if not _agree(error is None):
+                raise error or UserError(f"process 0 could not write the summary of {out}; "
+                                         "see its error.")
+            if summary is None:
+                summary = read_json(out / "summary.json")
+        else:
+            summary = _report(out)
+    return summary | {"computed": len(computed), "computed_points": computed}
+
+
+def _prepare(out: pathlib.Path, manifest: dict, log) -> None:
+    """Under the folder lock, before any point is computed: remove leftovers of killed
+    writes, write or check `sweep.json`, and delete point files that cannot be read back."""
+    for orphan in remove_orphans(out):
+        log(f"removed {orphan.name}, left by an interrupted write")
+    (out / "points").mkdir(exist_ok=True)
+    manifest_path = out / "sweep.json"
+    if manifest_path.exists():
+        if read_json(manifest_path) != manifest:
+            raise UserError(f"{out} holds a different sweep; choose another `--out` folder.")
+    else:
+        if (out / "run.json").exists():
+            raise UserError(f"{out} holds the results of `conservation run`; choose another "
+                            "`--out` folder.")
+        write_json(manifest_path, manifest)
+    for i in range(len(manifest["points"])):
+        path = out / "points" / f"{i}.npz"
+        if path.exists() and not is_readable_npz(path):
+            log(f"{path} is corrupted; recomputing it")
+            path.unlink()
 
 
 def write_report(out) -> dict:
