@@ -11,7 +11,6 @@ import platform
 import sys
 import time
 
-
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 for var in THREAD_VARS:
     os.environ.setdefault(var, "1")
@@ -20,7 +19,6 @@ os.environ.setdefault(
 os.environ.setdefault("EQX_ON_ERROR", "nan")  # what the diffrax FAQ asks for when timing
 
 import jax  # noqa: E402
-
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

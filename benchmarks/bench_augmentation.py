@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 import conservation as cn
 
-
 D, TOKENS = 8, 5
 
 

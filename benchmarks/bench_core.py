@@ -23,7 +23,6 @@ from scipy.integrate import solve_ivp
 
 import conservation as cn
 
-
 WIDTHS = (16, 32, 32, 8)
 N, T1, RTOL = 128, 50.0, 1e-8
 

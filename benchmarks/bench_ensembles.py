@@ -32,7 +32,6 @@ import numpy as np
 
 import conservation as cn
 
-
 WIDTHS = (16, 32, 32, 8)
 N, T1, RTOL = 128, 50.0, 1e-8
 

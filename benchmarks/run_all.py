@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-
 HERE = pathlib.Path(__file__).resolve().parent
 QUICK = {"bench_core.py": ["--members", "8", "--repeats", "1"],
          "bench_augmentation.py": ["--samples", "256", "--repeats", "1"],

@@ -9,118 +9,240 @@ import importlib.metadata
 
 import jax
 
-
 jax.config.update("jax_enable_x64", True)
 
-from ._attention import LightningAttention as LightningAttention
-from ._augmentation import Augmentation as Augmentation
-from ._closed_forms import saxe_balanced_mode as saxe_balanced_mode
-from ._counting import (
-    LawCount as LawCount,
-    PolynomialLaws as PolynomialLaws,
-    count_laws as count_laws,
-    find_polynomial_laws as find_polynomial_laws,
-)
-from ._config import (
-    Config as Config,
-    ConfigError as ConfigError,
-    config_schema as config_schema,
-    load_config as load_config,
-    parse_config as parse_config,
-)
-from ._data import (
+from ._data.augmentation import Augmentation as Augmentation
+from ._data.dataset import (
     Dataset as Dataset,
+)
+from ._data.dataset import (
     gaussian_inputs as gaussian_inputs,
+)
+from ._data.dataset import (
     teacher_dataset as teacher_dataset,
+)
+from ._data.dataset import (
     whiten as whiten,
 )
-from ._discovery import (
-    AbstractMaskLaw as AbstractMaskLaw,
-    Candidate as Candidate,
-    LinearMaskLaw as LinearMaskLaw,
-    QuadraticMaskLaw as QuadraticMaskLaw,
-    SymmetrySearch as SymmetrySearch,
-    find_symmetries as find_symmetries,
-)
-from ._flow import (
-    AbstractVectorField as AbstractVectorField,
-    GradientField as GradientField,
-    ModifiedGradientField as ModifiedGradientField,
-    gradient_flow as gradient_flow,
-)
-from ._groups import (
+from ._data.groups import (
     AbstractFiniteGroup as AbstractFiniteGroup,
+)
+from ._data.groups import (
     AbstractGroup as AbstractGroup,
+)
+from ._data.groups import (
     CyclicShift as CyclicShift,
+)
+from ._data.groups import (
     Icosahedral as Icosahedral,
+)
+from ._data.groups import (
     Octahedral as Octahedral,
+)
+from ._data.groups import (
     OrthogonalGroup as OrthogonalGroup,
+)
+from ._data.groups import (
     Permutations as Permutations,
+)
+from ._data.groups import (
     PlanarRotations as PlanarRotations,
+)
+from ._data.groups import (
     SignFlips as SignFlips,
 )
-from ._laws import (
-    AbstractGramLaw as AbstractGramLaw,
-    AbstractLaw as AbstractLaw,
-    AttentionKVLaw as AttentionKVLaw,
-    AttentionQKLaw as AttentionQKLaw,
-    AttentionVOLaw as AttentionVOLaw,
-    BalanceLaw as BalanceLaw,
-    FunctionLaw as FunctionLaw,
-    NeuronRescaleLaw as NeuronRescaleLaw,
-    pointwise_check as pointwise_check,
-)
-from ._linear import DeepLinear as DeepLinear
-from ._losses import (
+from ._data.losses import (
     MSE as MSE,
+)
+from ._data.losses import (
     AbstractLoss as AbstractLoss,
+)
+from ._data.losses import (
     CrossEntropy as CrossEntropy,
+)
+from ._data.losses import (
     LogCosh as LogCosh,
+)
+from ._data.losses import (
     Quartic as Quartic,
 )
-from ._mechanics import MechanicsResult as MechanicsResult, track_mechanics as track_mechanics
-from ._mlp import (
-    MLP as MLP,
-    AbstractMechanicsLaw as AbstractMechanicsLaw,
-    RescaleLaw as RescaleLaw,
-    ScaleLaw as ScaleLaw,
-    TranslationLaw as TranslationLaw,
-    mechanics_laws as mechanics_laws,
+from ._data.objective import Moments as Moments
+from ._data.objective import Objective as Objective
+from ._data.objective import make_objective as make_objective
+from ._dynamics.closed_forms import saxe_balanced_mode as saxe_balanced_mode
+from ._dynamics.flow import (
+    AbstractVectorField as AbstractVectorField,
 )
-from ._model import (
-    AbstractModel as AbstractModel,
-    AbstractTensorizableModel as AbstractTensorizableModel,
-    Ensemble as Ensemble,
-    as_ensemble as as_ensemble,
-    default_laws as default_laws,
+from ._dynamics.flow import (
+    GradientField as GradientField,
 )
-from ._monitor import STATUS_NAMES as STATUS_NAMES, Result as Result
-from ._objective import Moments as Moments, Objective as Objective, make_objective as make_objective
-from ._polynomial import (
-    ACTIVATIONS as ACTIVATIONS,
-    Neuron as Neuron,
-    PolynomialNet as PolynomialNet,
+from ._dynamics.flow import (
+    ModifiedGradientField as ModifiedGradientField,
 )
-from ._solvers import (
+from ._dynamics.flow import (
+    gradient_flow as gradient_flow,
+)
+from ._dynamics.mechanics import MechanicsResult as MechanicsResult
+from ._dynamics.mechanics import track_mechanics as track_mechanics
+from ._dynamics.monitor import STATUS_NAMES as STATUS_NAMES
+from ._dynamics.monitor import Result as Result
+from ._dynamics.solvers import (
     ROCK4 as ROCK4,
+)
+from ._dynamics.solvers import (
     SolverChoice as SolverChoice,
+)
+from ._dynamics.solvers import (
     choose_solver as choose_solver,
 )
-from ._sweep import run_sweep as run_sweep, shard_ensemble as shard_ensemble
-from ._symmetry_laws import (
+from ._dynamics.train import optimizer as optimizer
+from ._dynamics.train import train as train
+from ._experiments.config import (
+    Config as Config,
+)
+from ._experiments.config import (
+    ConfigError as ConfigError,
+)
+from ._experiments.config import (
+    config_schema as config_schema,
+)
+from ._experiments.config import (
+    load_config as load_config,
+)
+from ._experiments.config import (
+    parse_config as parse_config,
+)
+from ._experiments.sweep import run_sweep as run_sweep
+from ._experiments.sweep import shard_ensemble as shard_ensemble
+from ._laws.base import (
+    AbstractGramLaw as AbstractGramLaw,
+)
+from ._laws.base import (
+    AbstractLaw as AbstractLaw,
+)
+from ._laws.base import (
+    AttentionKVLaw as AttentionKVLaw,
+)
+from ._laws.base import (
+    AttentionQKLaw as AttentionQKLaw,
+)
+from ._laws.base import (
+    AttentionVOLaw as AttentionVOLaw,
+)
+from ._laws.base import (
+    BalanceLaw as BalanceLaw,
+)
+from ._laws.base import (
+    FunctionLaw as FunctionLaw,
+)
+from ._laws.base import (
+    NeuronRescaleLaw as NeuronRescaleLaw,
+)
+from ._laws.base import (
+    pointwise_check as pointwise_check,
+)
+from ._laws.counting import (
+    LawCount as LawCount,
+)
+from ._laws.counting import (
+    PolynomialLaws as PolynomialLaws,
+)
+from ._laws.counting import (
+    count_laws as count_laws,
+)
+from ._laws.counting import (
+    find_polynomial_laws as find_polynomial_laws,
+)
+from ._laws.discovery import (
+    AbstractMaskLaw as AbstractMaskLaw,
+)
+from ._laws.discovery import (
+    Candidate as Candidate,
+)
+from ._laws.discovery import (
+    LinearMaskLaw as LinearMaskLaw,
+)
+from ._laws.discovery import (
+    QuadraticMaskLaw as QuadraticMaskLaw,
+)
+from ._laws.discovery import (
+    SymmetrySearch as SymmetrySearch,
+)
+from ._laws.discovery import (
+    find_symmetries as find_symmetries,
+)
+from ._laws.symmetry import (
     AbstractSubspaceLaw as AbstractSubspaceLaw,
+)
+from ._laws.symmetry import (
     AttentionRangeLaw as AttentionRangeLaw,
+)
+from ._laws.symmetry import (
     CyclicRatioLaw as CyclicRatioLaw,
+)
+from ._laws.symmetry import (
     EquivariantResidualLaw as EquivariantResidualLaw,
+)
+from ._laws.symmetry import (
     EquivariantRowSumLaw as EquivariantRowSumLaw,
+)
+from ._laws.symmetry import (
     FourierPhaseLaw as FourierPhaseLaw,
+)
+from ._laws.symmetry import (
     RowSpaceLaw as RowSpaceLaw,
+)
+from ._laws.symmetry import (
     augmentation_laws as augmentation_laws,
+)
+from ._laws.symmetry import (
     isotypic_components as isotypic_components,
 )
-from ._train import optimizer as optimizer, train as train
-from ._wrap import FunctionModel as FunctionModel
-
+from ._models.attention import LightningAttention as LightningAttention
+from ._models.base import (
+    AbstractModel as AbstractModel,
+)
+from ._models.base import (
+    AbstractTensorizableModel as AbstractTensorizableModel,
+)
+from ._models.base import (
+    Ensemble as Ensemble,
+)
+from ._models.base import (
+    as_ensemble as as_ensemble,
+)
+from ._models.base import (
+    default_laws as default_laws,
+)
+from ._models.linear import DeepLinear as DeepLinear
+from ._models.mlp import (
+    MLP as MLP,
+)
+from ._models.mlp import (
+    AbstractMechanicsLaw as AbstractMechanicsLaw,
+)
+from ._models.mlp import (
+    RescaleLaw as RescaleLaw,
+)
+from ._models.mlp import (
+    ScaleLaw as ScaleLaw,
+)
+from ._models.mlp import (
+    TranslationLaw as TranslationLaw,
+)
+from ._models.mlp import (
+    mechanics_laws as mechanics_laws,
+)
+from ._models.polynomial import (
+    ACTIVATIONS as ACTIVATIONS,
+)
+from ._models.polynomial import (
+    Neuron as Neuron,
+)
+from ._models.polynomial import (
+    PolynomialNet as PolynomialNet,
+)
+from ._models.wrap import FunctionModel as FunctionModel
 
 try:
     __version__ = importlib.metadata.version("conservation")

@@ -4,7 +4,6 @@ from typing import Any
 
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Real
 
-
 Scalar = Float[Array, ""]
 ScalarLike = Real[ArrayLike, ""]
 Key = PRNGKeyArray

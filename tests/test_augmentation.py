@@ -8,7 +8,6 @@ import pytest
 
 import conservation as cn
 
-
 CASES = {
     "linear_C3": ("deep_linear", lambda: cn.CyclicShift(3), False),
     "linear_S3_equivariant": ("linear_square", lambda: cn.Permutations(3), True),

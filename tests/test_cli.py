@@ -6,9 +6,8 @@ import pathlib
 import numpy as np
 import pytest
 
-import conservation._runner as runner
-from conservation._cli import main
-
+import conservation._experiments.runner as runner
+from conservation._experiments.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -146,8 +145,8 @@ import subprocess
 import sys
 import time
 
-from conservation._config import load_config
-from conservation._runner import final_ensemble, format_summary
+from conservation._experiments.config import load_config
+from conservation._experiments.runner import final_ensemble, format_summary
 
 
 def _no_constants(name):
@@ -329,7 +328,7 @@ steps = 20000
 def _child(config, out, *extra):
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "conservation._cli", "run", str(config), "--out", str(out),
+        [sys.executable, "-m", "conservation._experiments.cli", "run", str(config), "--out", str(out),
          *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

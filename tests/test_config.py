@@ -7,8 +7,7 @@ import tomllib
 
 import pytest
 
-from conservation._config import ConfigError, load_config, parse_config
-
+from conservation._experiments.config import ConfigError, load_config, parse_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -106,7 +105,7 @@ def test_embedded_quickstart_equals_the_shipped_file():
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
-def test_every_shipped_config_is_valid(path):
+def test_every_shipped_config_parses_from_its_toml(path):
     config = parse_config(tomllib.loads(path.read_text()), default_name=path.stem)
     assert config.dynamics
 
@@ -148,7 +147,7 @@ def test_augmentation_and_explicit_data_errors_name_the_field(change, message):
 
 
 def test_wrong_length_explicit_init_is_reported_when_building():
-    from conservation._runner import build
+    from conservation._experiments.runner import build
 
     config = parse_config(copy.deepcopy(VALID) | {"ensemble": {"size": 1, "init": [[1.0] * 5]}})
     with pytest.raises(ConfigError, match="rows have 5 entries but the model has 20 parameters"):
@@ -190,8 +189,8 @@ import math
 import hypothesis
 import hypothesis.strategies as st
 
-from conservation._cli import main
-from conservation._config import AXES, MODEL_SPECS, config_schema
+from conservation._experiments.cli import main
+from conservation._experiments.config import AXES, MODEL_SPECS, config_schema
 
 _FLOW = {"kind": "flow", "t1": 1.0}
 _GD = {"kind": "gd", "lr": 0.1, "steps": 3}

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 import conservation as cn
-from conservation._cli import main
-
+from conservation._experiments.cli import main
 
 KEY = jax.random.PRNGKey(0)
 

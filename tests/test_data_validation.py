@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import conservation as cn
-from conservation._config import ConfigError, parse_config
-from conservation._runner import build
+from conservation._experiments.config import ConfigError, parse_config
+from conservation._experiments.runner import build
 
 
 def _reference_mse(weights, x, y):

@@ -8,7 +8,6 @@ import pytest
 
 import conservation as cn
 
-
 WIDTHS = (6, 8, 8, 3)
 
 

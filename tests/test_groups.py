@@ -9,7 +9,6 @@ import pytest
 
 import conservation as cn
 
-
 FINITE = [
     (cn.CyclicShift(5), 5), (cn.Permutations(4), 24), (cn.PlanarRotations(18), 18),
     (cn.SignFlips(3), 8), (cn.Octahedral(), 24), (cn.Icosahedral(), 60),
@@ -138,7 +137,7 @@ def test_exact_orthogonal_average_equals_independent_references(d, n_axes):
 
 @pytest.mark.parametrize("d, n_axes", [(3, 6), (3, 8)])
 def test_exact_orthogonal_basis_does_not_depend_on_the_pairing_order(d, n_axes):
-    from conservation._groups import _brauer_basis
+    from conservation._data.groups import _brauer_basis
 
     rng = np.random.default_rng(0)
     count = len(_brauer_basis(n_axes, d)[0])
@@ -153,7 +152,7 @@ def test_exact_orthogonal_basis_does_not_depend_on_the_pairing_order(d, n_axes):
 
 
 def test_invariant_dimensions_match_known_counts():
-    from conservation._groups import _invariant_dimension
+    from conservation._data.groups import _invariant_dimension
 
     # O(2): half the balanced ± strings, C(n, n/2)/2; d ≥ n/2: (n − 1)!! pairings.
     assert [_invariant_dimension(n, 2) for n in (2, 4, 6, 8, 12)] == [1, 3, 10, 35, 462]

@@ -7,7 +7,6 @@ import pytest
 
 import conservation as cn
 
-
 LOSSES = [cn.MSE(), cn.LogCosh(), cn.Quartic(), cn.CrossEntropy()]
 LAW_MODELS = ["deep_linear", "quadratic", "cubic", "deep_quadratic", "attention_bare",
               "attention_decay", "attention_heads_out", "attention_heads_concat"]

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import conservation as cn
-from conservation._cli import main
-
+from conservation._experiments.cli import main
 
 WIDTHS = (5, 8, 6, 3)
 

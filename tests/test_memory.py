@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from conservation._config import ConfigError, parse_config
-from conservation._memory import check_memory, estimate, law_entries, parameter_count
-from conservation._model import flat_parameters
-from conservation._runner import model_factory
+from conservation._experiments.config import ConfigError, parse_config
+from conservation._experiments.memory import check_memory, estimate, law_entries, parameter_count
+from conservation._experiments.runner import model_factory
+from conservation._models.base import flat_parameters
 
 MODELS = [
     {"kind": "deep_linear", "widths": [3, 5, 4, 2]},

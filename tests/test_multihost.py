@@ -12,8 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conservation._cli import main
-
+from conservation._experiments.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GD = """
@@ -63,7 +62,7 @@ def _two_processes(config, out, timeout=240) -> list[int]:
                         "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one CPU device per process
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "conservation._cli", "sweep", str(config), "--out", str(out),
+        [sys.executable, "-m", "conservation._experiments.cli", "sweep", str(config), "--out", str(out),
          "--quiet", "--coordinator", f"localhost:{port}", "--num-processes", "2",
          "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for i in range(2)]

@@ -9,7 +9,7 @@ import stat
 import numpy as np
 import pytest
 
-from conservation._store import (
+from conservation._experiments.store import (
     CorruptFile,
     UserError,
     atomic_write,
@@ -125,7 +125,7 @@ def test_config_file_checks(tmp_path):
 def test_a_ctrl_c_swallowed_by_a_finaliser_is_raised_at_the_next_check(capsys):
     import signal
 
-    from conservation._store import check_interrupted, interrupt_guard
+    from conservation._experiments.store import check_interrupted, interrupt_guard
 
     class Finaliser:  # like JAX's gc callback: Python ignores exceptions raised in __del__
         def __del__(self):

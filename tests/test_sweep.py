@@ -10,11 +10,10 @@ import tomllib
 import numpy as np
 import pytest
 
-import conservation._runner as runner
-import conservation._train as train_module
-from conservation._cli import main
-from conservation._config import ConfigError, parse_config
-
+import conservation._dynamics.train as train_module
+import conservation._experiments.runner as runner
+from conservation._experiments.cli import main
+from conservation._experiments.config import ConfigError, parse_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP = """
@@ -94,7 +93,7 @@ def test_sharded_sweep_over_four_cpu_devices_matches_unsharded(tmp_path):
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                         "JAX_PLATFORMS": "cpu"}
     script = (
-        "import sys, jax; from conservation._cli import main; assert len(jax.devices()) == 4; "
+        "import sys, jax; from conservation._experiments.cli import main; assert len(jax.devices()) == 4; "
         "sys.exit(main(['sweep', sys.argv[1], '--out', sys.argv[2], '--quiet']))")
     for path, out in ((config, "plain"), (sharded, "sharded")):
         subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / out)],
@@ -121,7 +120,7 @@ def test_sweep_config_errors_name_the_field(change, message):
 
 
 def test_shipped_sweep_config_is_valid():
-    from conservation._config import load_config
+    from conservation._experiments.config import load_config
 
     config = load_config(ROOT / "configs" / "sweep_lr_seed.toml")
     assert len(config.sweep["axes"]["lr"]) * len(config.sweep["axes"]["seed"]) == 64
@@ -149,8 +148,8 @@ seed = [0, 1]
 def test_flow_sweep_over_rtol_and_seed_compiles_once(tmp_path, monkeypatch):
     import diffrax
 
-    from conservation._config import load_config
-    from conservation._sweep import _groups, sweep_points
+    from conservation._experiments.config import load_config
+    from conservation._experiments.sweep import _groups, sweep_points
 
     traces = []
     real = diffrax.diffeqsolve
@@ -210,7 +209,7 @@ seed = [0, 1, 2]
 
 @pytest.mark.slow  # ~30 s on a loaded 2-core machine: four builds and compiles
 def test_loss_and_group_sweep_compiles_once_per_static_group(tmp_path):
-    from conservation._config import load_config
+    from conservation._experiments.config import load_config
 
     path = _write(tmp_path, GROUP_SWEEP)
     before = train_module.TRACES
@@ -237,7 +236,7 @@ def test_loss_and_group_sweep_compiles_once_per_static_group(tmp_path):
 
 
 def test_data_axes_group_points_and_each_point_is_its_own_config():
-    from conservation._sweep import _groups, axis_role, sweep_points
+    from conservation._experiments.sweep import _groups, axis_role, sweep_points
 
     raw = tomllib.loads(SWEEP.split("[sweep]")[0] + "[sweep]\nn = [8, 16]\nnoise = [0.0, 0.1]\n"
                         "lr = [0.01, 0.02]\nseed = [0, 1]")

@@ -144,7 +144,7 @@ def test_isotypic_components():
 def test_fig2_gd_keeps_the_ratio_to_round_off_plain_data_break_it():
     """The seed paper's Fig. 2 setting: 150 GD steps at lr 0.015 from its 6 inits."""
     config = cn_config("fig2_linear_c3.toml")
-    from conservation._runner import build, execute
+    from conservation._experiments.runner import build, execute
 
     ensemble, objectives, laws = build(config)
     run = config.dynamics[0]
@@ -190,6 +190,6 @@ def test_monitor_flags_a_law_whose_component_decays_to_round_off():
 def cn_config(name):
     import pathlib
 
-    from conservation._config import load_config
+    from conservation._experiments.config import load_config
 
     return load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / name)

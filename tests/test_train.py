@@ -8,7 +8,6 @@ import pytest
 
 import conservation as cn
 
-
 WIDTHS = (5, 6, 6, 2)
 
 

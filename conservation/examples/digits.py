@@ -138,7 +138,7 @@ def run(out=None, *, steps: int = 400, batch_size: int = 64, channels=(8, 8), hi
             "continuous_theory_error": mech.continuous_error(),
         }
     if out is not None:
-        from .._plot import plot_mechanics
+        from .._experiments.plot import plot_mechanics
 
         out = pathlib.Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 
-from ._custom_types import Array, Float, Scalar
+from .._custom_types import Array, Float, Scalar
 
 
 class AbstractLaw(eqx.Module):

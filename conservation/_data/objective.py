@@ -17,11 +17,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._augmentation import Augmentation, _check_dims, as_augmentation
-from ._custom_types import Array, Float, Scalar
-from ._data import Dataset, check_model_data
-from ._losses import MSE, AbstractLoss
-from ._model import AbstractModel, AbstractTensorizableModel, Ensemble
+from .._custom_types import Array, Float, Scalar
+from .._models.base import AbstractModel, AbstractTensorizableModel, Ensemble
+from .augmentation import Augmentation, _check_dims, as_augmentation
+from .dataset import Dataset, check_model_data
+from .losses import MSE, AbstractLoss
 
 
 class Moments(eqx.Module):

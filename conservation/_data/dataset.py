@@ -4,7 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._custom_types import Array, Float, Key
+from .._custom_types import Array, Float, Key
 
 
 def _as_float(a, name: str) -> Array:

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from . import _rock4_coefficients as _tables
-
+from . import rock4_coefficients as _tables
 
 _MS = np.asarray(_tables.MS, np.int32)  # Chebyshev degrees with tabulated coefficients (1..148)
 _STARTS = np.concatenate([[0], np.cumsum(2 * _MS - 1)[:-1]]).astype(np.int32)  # offset of each degree in RECF
@@ -274,8 +273,8 @@ def choose_solver(objective, model, t1, *, max_steps: int = 100_000, field=None)
 
     **Returns:** a `SolverChoice` (`name`, `reason`, and the evidence).
     """
-    from ._flow import GradientField  # _flow imports this module
-    from ._model import as_ensemble
+    from .._models.base import as_ensemble
+    from .flow import GradientField  # _flow imports this module
 
     first = as_ensemble(model)[0]
     field = GradientField() if field is None else field

@@ -13,7 +13,7 @@ from typing import Any
 import equinox as eqx
 import jax.tree_util as jtu
 
-from ._custom_types import Array
+from .._custom_types import Array
 
 
 class FunctionModel(eqx.Module):

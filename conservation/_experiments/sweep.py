@@ -1,6 +1,6 @@
 """Config sweeps: many points, few compiled programs, a resumable results store.
 
-A `[sweep]` table lists axes (`conservation._config.AXES`). Member axes (`seed`, `init_scale`,
+A `[sweep]` table lists axes (`conservation._experiments.config.AXES`). Member axes (`seed`, `init_scale`,
 and for discrete optimizers `lr`, `weight_decay`, `momentum`) are batched: the points become
 members of one ensemble whose optimizer hyperparameters are per-member arrays, so a whole group
 runs as ONE compiled program. Call axes (a flow's `rtol`, `atol`, `t1`, `weight_decay`, `lr`,
@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from ._config import AXES, FLOW_KINDS, Config, ConfigError, sweep_point_dicts
-from ._model import Ensemble
-from ._monitor import STATUS_NAMES
-from ._store import (
+from .._dynamics.monitor import STATUS_NAMES
+from .._models.base import Ensemble
+from .config import AXES, FLOW_KINDS, Config, ConfigError, sweep_point_dicts
+from .store import (
     CorruptFile,
     UserError,
     atomic_write,
@@ -46,7 +46,6 @@ from ._store import (
     strict_json,
     write_json,
 )
-
 
 _HYPERPARAMS = {"lr": "learning_rate", "weight_decay": "weight_decay", "momentum": "momentum"}
 
@@ -163,7 +162,7 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
     its batch companions). Each process computes its share on its local devices only (no global arrays, no collectives in the computation), writes its
     own points (atomic files), and process 0 writes the summary and report after all are
     done. `devices = N` then shards each process's chunks over N of its local devices."""
-    from ._runner import build, config_dict, execute_with, model_factory, result_arrays
+    from .runner import build, config_dict, execute_with, model_factory, result_arrays
 
     if config.sweep is None:
         raise ConfigError("this config has no [sweep] table; use `conservation run`.")
@@ -344,7 +343,7 @@ def write_report(out) -> dict:
 
 
 def _report(out: pathlib.Path) -> dict:
-    from ._plot import plot_sweep
+    from .plot import plot_sweep
 
     manifest = read_json(out / "sweep.json")
     rows, relative, corrupted = [], {}, []
@@ -388,7 +387,7 @@ def _report(out: pathlib.Path) -> dict:
 def format_sweep_summary(summary: dict) -> str:
     """The summary table of a sweep (one row per point: axes, status, final loss and each
     law's worst drift, "rel"ative or "abs"olute)."""
-    from ._runner import _text_table
+    from .runner import _text_table
 
     rows = summary["rows"]
     relative = summary.get("relative_drift", {})

@@ -7,11 +7,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._custom_types import Array, Float, Key
-from ._laws import BalanceLaw, NeuronRescaleLaw
-from ._linear import _check_widths, _random_weights
-from ._model import AbstractTensorizableModel
-
+from .._custom_types import Array, Float, Key
+from .._laws.base import BalanceLaw, NeuronRescaleLaw
+from .base import AbstractTensorizableModel
+from .linear import _check_widths, _random_weights
 
 ACTIVATIONS: dict[str, tuple[float, ...]] = {
     "linear": (0.0, 1.0),

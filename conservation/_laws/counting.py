@@ -23,13 +23,12 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 import numpy as np
 
-from ._augmentation import as_augmentation
-from ._data import Dataset
-from ._laws import FunctionLaw
-from ._losses import CrossEntropy, AbstractLoss
-from ._model import Ensemble, flat_parameters
-from ._objective import make_objective
-
+from .._data.augmentation import as_augmentation
+from .._data.dataset import Dataset
+from .._data.losses import AbstractLoss, CrossEntropy
+from .._data.objective import make_objective
+from .._models.base import Ensemble, flat_parameters
+from .base import FunctionLaw
 
 _SCALES = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 _CHUNK = 32  # fields per compiled call: fixed, so any number of fields reuses one program
@@ -190,7 +189,7 @@ def _pad_linear(model, pad_to):
     """`model` (a DeepLinear) embedded in `pad_to` = (layers, width): zero-padded layers,
     then frozen identity layers. It computes the same map on zero-padded inputs (outputs
     zero-padded), so its fields restricted to the real entries are the model's."""
-    from ._linear import DeepLinear
+    from .._models.linear import DeepLinear
 
     layers, width = pad_to
     if not isinstance(model, DeepLinear):
@@ -337,7 +336,7 @@ def _probe(model, sampler, probe_size, key):
     """For a ReLU `MLP`: activation counts on a multi-scale probe (which also stratifies the
     sampler by activation region), never-co-active weight pairs, dead neurons and the flat
     indices of the weights they make constant. None for other models."""
-    from ._mlp import MLP
+    from .._models.mlp import MLP
 
     if not (isinstance(model, MLP) and model.activation == "relu"):
         return None

@@ -11,7 +11,7 @@ machine's memory, not a fraction of it.
 import math
 import os
 
-from ._config import ConfigError, input_dim
+from .config import ConfigError, input_dim
 
 _BYTES = 8
 _STAGES = 8  # RK stages + state + error estimate held per member by an adaptive solver

@@ -14,9 +14,9 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ._augmentation import Augmentation, as_augmentation
-from ._custom_types import Array, Float, Scalar
-from ._groups import (
+from .._custom_types import Array, Float, Scalar
+from .._data.augmentation import Augmentation, as_augmentation
+from .._data.groups import (
     AbstractFiniteGroup,
     CyclicShift,
     OrthogonalGroup,
@@ -24,7 +24,7 @@ from ._groups import (
     PlanarRotations,
     _brauer_supported,
 )
-from ._laws import AbstractLaw
+from .base import AbstractLaw
 
 
 def _first_layer(model) -> Float[Array, "h d"]:
@@ -250,8 +250,8 @@ def _reproduces_orthogonal_average(model, augmentation: Augmentation, key_seed: 
     O(d), for random data (then the augmented loss is invariant under every rotation)."""
     import jax
 
-    from ._objective import Moments
-    from ._data import Dataset
+    from .._data.dataset import Dataset
+    from .._data.objective import Moments
 
     group = augmentation.group
     if isinstance(group, OrthogonalGroup):
@@ -298,9 +298,9 @@ def augmentation_laws(model, augment) -> tuple[AbstractLaw, ...]:
     nets); use the law counter for a definite answer there. Monte-Carlo O(d) gives the laws
     of exact O(d), which then hold only to the Monte-Carlo defect.
     """
-    from ._attention import LightningAttention
-    from ._linear import DeepLinear
-    from ._polynomial import Neuron, PolynomialNet
+    from .._models.attention import LightningAttention
+    from .._models.linear import DeepLinear
+    from .._models.polynomial import Neuron, PolynomialNet
 
     augmentation = as_augmentation(augment)
     if augmentation is None:

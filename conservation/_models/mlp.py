@@ -20,11 +20,10 @@ import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 
-from ._custom_types import Array, Float, Key
-from ._laws import AbstractLaw
-from ._linear import _check_widths
-from ._model import AbstractModel, flat_parameters
-
+from .._custom_types import Array, Float, Key
+from .._laws.base import AbstractLaw
+from .base import AbstractModel, flat_parameters
+from .linear import _check_widths
 
 ACTIVATIONS_MLP = {
     "relu": jax.nn.relu,
@@ -224,7 +223,7 @@ class RescaleLaw(AbstractMechanicsLaw):
 def mechanics_laws(model, loss=None) -> tuple[AbstractMechanicsLaw, ...]:
     """`model.laws()` plus the translation law when `loss` is a softmax cross-entropy over
     ≥ 2 classes."""
-    from ._losses import CrossEntropy
+    from .._data.losses import CrossEntropy
 
     laws = tuple(model.laws())
     if isinstance(loss, CrossEntropy) and model.weights[-1].shape[0] >= 2:

@@ -11,8 +11,8 @@ import pathlib
 import sys
 import traceback
 
-from ._config import ConfigError, load_config
-from ._store import UserError, interrupt_guard, read_config_text, read_json
+from .config import ConfigError, load_config
+from .store import UserError, interrupt_guard, read_config_text, read_json
 
 
 def _version() -> str:
@@ -150,7 +150,7 @@ def _dispatch(args, where) -> int:
         return _report(pathlib.Path(args.folder))
     config = _load(args.config)
     if args.command == "count":
-        from ._runner import count_table
+        from .runner import count_table
 
         if args.depth < 0:
             raise UserError(f"`--depth` must be ≥ 0 (the deepest Lie bracket), "
@@ -162,14 +162,14 @@ def _dispatch(args, where) -> int:
     out = pathlib.Path(args.out or config.output)
     where["out"] = out
     if args.command == "sweep":
-        from ._sweep import run_sweep
+        from .sweep import run_sweep
 
         summary = run_sweep(config, out_dir=out, progress=progress, log=log)
         print(f"{summary['finished']}/{summary['points']} points in {out}/ "
               f"({summary['computed']} computed now; sweep.json, points/, summary.csv, "
               "report.png)")
         return 0
-    from ._runner import format_summary, run_config
+    from .runner import format_summary, run_config
 
     summary = run_config(config, out_dir=out, progress=progress, log=log, force=args.force)
     print(format_summary(summary))
@@ -178,8 +178,8 @@ def _dispatch(args, where) -> int:
 
 
 def _report(folder: pathlib.Path) -> int:
-    from ._runner import format_summary
-    from ._sweep import format_sweep_summary, write_report
+    from .runner import format_summary
+    from .sweep import format_sweep_summary, write_report
 
     if folder.is_dir() and not (folder / "sweep.json").exists() and (
             (folder / "run.json").exists() and (folder / "summary.json").exists()):

@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._custom_types import Array, Float, Int
-from ._laws import AbstractLaw
-from ._model import Ensemble
-
+from .._custom_types import Array, Float, Int
+from .._laws.base import AbstractLaw
+from .._models.base import Ensemble
 
 STATUS_NAMES = ("success", "max_steps", "diverged", "failed")
 ILL_CONDITIONED = 1e-6  # a law's `condition` below this: its drift is round-off noise

@@ -14,10 +14,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._custom_types import Array, Float, Key
-from ._laws import AttentionKVLaw, AttentionQKLaw, AttentionVOLaw
-from ._model import AbstractTensorizableModel
-
+from .._custom_types import Array, Float, Key
+from .._laws.base import AttentionKVLaw, AttentionQKLaw, AttentionVOLaw
+from .base import AbstractTensorizableModel
 
 Form = Literal["parallel", "tiled", "recurrent"]
 

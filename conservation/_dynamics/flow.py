@@ -14,14 +14,22 @@ import numpy as np
 from equinox import internal as eqxi
 from tqdm.auto import tqdm
 
-from ._custom_types import Array, ScalarLike
-from ._laws import check_unique_names
-from ._model import AbstractModel, Ensemble, as_ensemble, default_laws
-from ._monitor import (DIVERGED, FAILED, MAX_STEPS, SUCCESS, LawMonitor, Result, finite_max,
-                       show_progress, values_to_keep)
-from ._objective import Objective
-from ._solvers import ROCK4, _choose
-
+from .._custom_types import Array, ScalarLike
+from .._data.objective import Objective
+from .._laws.base import check_unique_names
+from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
+from .monitor import (
+    DIVERGED,
+    FAILED,
+    MAX_STEPS,
+    SUCCESS,
+    LawMonitor,
+    Result,
+    finite_max,
+    show_progress,
+    values_to_keep,
+)
+from .solvers import ROCK4, _choose
 
 SOLVERS = {
     "tsit5": dfx.Tsit5,

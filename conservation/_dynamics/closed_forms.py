@@ -2,7 +2,7 @@
 
 import jax.numpy as jnp
 
-from ._custom_types import Array, ArrayLike
+from .._custom_types import Array, ArrayLike
 
 
 def saxe_balanced_mode(s: ArrayLike, u0: ArrayLike, t: ArrayLike, tau: float = 0.5) -> Array:

@@ -10,13 +10,11 @@ import warnings
 
 import matplotlib
 
-
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import matplotlib.ticker as mticker
 import matplotlib.transforms as mtransforms
 import numpy as np
-
 
 _FLOOR = 1e-17  # drifts below double-precision resolution are drawn at this level
 _STATUS = ("success", "max_steps", "diverged", "failed")

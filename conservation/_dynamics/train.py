@@ -7,11 +7,11 @@ import jax.tree_util as jtu
 import optax
 from tqdm.auto import tqdm
 
-from ._custom_types import Array, Key, ScalarLike
-from ._laws import check_unique_names
-from ._model import AbstractModel, Ensemble, as_ensemble, default_laws
-from ._monitor import DIVERGED, SUCCESS, LawMonitor, Result, show_progress, values_to_keep
-from ._objective import Objective
+from .._custom_types import Array, Key, ScalarLike
+from .._data.objective import Objective
+from .._laws.base import check_unique_names
+from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
+from .monitor import DIVERGED, SUCCESS, LawMonitor, Result, show_progress, values_to_keep
 
 
 def optimizer(

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._custom_types import Array
-from ._laws import check_unique_names
-from ._mlp import AbstractMechanicsLaw
-from ._model import Ensemble, as_ensemble
-from ._objective import Objective
-from ._train import _minibatch, optimizer
+from .._custom_types import Array
+from .._data.objective import Objective
+from .._laws.base import check_unique_names
+from .._models.base import Ensemble, as_ensemble
+from .._models.mlp import AbstractMechanicsLaw
+from .train import _minibatch, optimizer
 
 
 class MechanicsResult(eqx.Module):

@@ -15,10 +15,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._custom_types import Array
-from ._data import Dataset
-from ._groups import AbstractFiniteGroup, AbstractGroup, OrthogonalGroup
-from ._model import AbstractTensorizableModel, Ensemble
+from .._custom_types import Array
+from .._models.base import AbstractTensorizableModel, Ensemble
+from .dataset import Dataset
+from .groups import AbstractFiniteGroup, AbstractGroup, OrthogonalGroup
 
 
 class Augmentation(eqx.Module):
@@ -87,7 +87,7 @@ class Augmentation(eqx.Module):
 def _symmetrize(augmentation, moments, degrees, design):
     # One compiled program (the blocks' averages, the factor): eagerly it is ~100 small
     # dispatches, each compiled on first use.
-    from ._objective import Moments
+    from .objective import Moments
 
     d = augmentation.group.dim
     m = moments.B.shape[1]

@@ -22,8 +22,15 @@ import pathlib
 import tomllib
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
-from pydantic import ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+)
 
 
 class ConfigError(ValueError):
@@ -722,7 +729,7 @@ def _check_consistency(model, data, loss, dynamics):
     if attention and not model.causal and model.decay != 1.0:
         raise ConfigError("`model.decay` must be 1.0 when `model.causal` = false.")
     if model.kind in ("polynomial", "neuron") and isinstance(model.activation, str):
-        from ._polynomial import ACTIVATIONS
+        from .._models.polynomial import ACTIVATIONS
         if model.activation not in ACTIVATIONS:
             raise ConfigError(f"field `model.activation` must be one of {sorted(ACTIVATIONS)} "
                               f"or a list of coefficients, got {model.activation!r}.")

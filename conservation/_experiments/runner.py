@@ -21,32 +21,33 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 import numpy as np
 
-from ._attention import LightningAttention
-from ._augmentation import Augmentation
-from ._config import Config, ConfigError, input_dim, resolve_factory
-from ._counting import count_laws
-from ._data import Dataset, gaussian_inputs, teacher_dataset, whiten
-from ._flow import SOLVERS, GradientField, ModifiedGradientField, gradient_flow
-from ._groups import GROUPS, AbstractGroup, OrthogonalGroup, PlanarRotations
-from ._linear import DeepLinear
-from ._mechanics import MechanicsResult, track_mechanics
-from ._mlp import MLP, AbstractMechanicsLaw, mechanics_laws
-from ._losses import LOSSES
-from ._memory import check_memory
-from ._discovery import find_symmetries
-from ._model import Ensemble, default_laws, flat_parameters
-from ._monitor import Result
-from ._objective import Objective, make_objective
-from ._plot import plot_landscapes, plot_mechanics, plot_results
-from ._polynomial import Neuron, PolynomialNet
-from ._symmetry_laws import (
+from .._data.augmentation import Augmentation
+from .._data.dataset import Dataset, gaussian_inputs, teacher_dataset, whiten
+from .._data.groups import GROUPS, AbstractGroup, OrthogonalGroup, PlanarRotations
+from .._data.losses import LOSSES
+from .._data.objective import Objective, make_objective
+from .._dynamics.flow import GradientField, ModifiedGradientField, gradient_flow
+from .._dynamics.mechanics import MechanicsResult, track_mechanics
+from .._dynamics.monitor import Result
+from .._dynamics.train import optimizer, train
+from .._laws.counting import count_laws
+from .._laws.discovery import find_symmetries
+from .._laws.symmetry import (
     AttentionRangeLaw,
     CyclicRatioLaw,
     FourierPhaseLaw,
     RowSpaceLaw,
     augmentation_laws,
 )
-from ._store import (
+from .._models.attention import LightningAttention
+from .._models.base import Ensemble, default_laws, flat_parameters
+from .._models.linear import DeepLinear
+from .._models.mlp import MLP, AbstractMechanicsLaw, mechanics_laws
+from .._models.polynomial import Neuron, PolynomialNet
+from .config import Config, ConfigError, input_dim, resolve_factory
+from .memory import check_memory
+from .plot import plot_landscapes, plot_mechanics, plot_results
+from .store import (
     CorruptFile,
     UserError,
     atomic_write,
@@ -60,7 +61,6 @@ from ._store import (
     strict_json,
     write_json,
 )
-from ._train import optimizer, train
 
 
 def model_factory(spec) -> Callable:

@@ -31,13 +31,12 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._custom_types import Array, Float, Key
-from ._data import Dataset
-from ._losses import AbstractLoss
-from ._mlp import AbstractMechanicsLaw
-from ._model import Ensemble, flat_parameters
-from ._objective import Objective
-
+from .._custom_types import Array, Float, Key
+from .._data.dataset import Dataset
+from .._data.losses import AbstractLoss
+from .._data.objective import Objective
+from .._models.base import Ensemble, flat_parameters
+from .._models.mlp import AbstractMechanicsLaw
 
 
 class AbstractMaskLaw(AbstractMechanicsLaw):
@@ -151,7 +150,7 @@ class SymmetrySearch:
     def describe(self, full: bool = False) -> str:
         """A table per family and layer: candidates tested / accepted, the worst residual of
         the accepted and the smallest of the rejected ones (`full=True`: every candidate)."""
-        from ._runner import _text_table
+        from .._experiments.runner import _text_table
 
         rows = [("family", "layer", "tested", "accepted", "worst accepted", "best rejected",
                  "why rejected")]
@@ -402,7 +401,7 @@ def find_symmetries(
     independent = _rank(laws, np.asarray(theta0))
     counted = None
     if count or (count is None and dim <= count_max_parameters):
-        from ._counting import count_laws
+        from .counting import count_laws
 
         # Rank D − independent proves the found laws complete (the count cannot be lower
         # than the number of true laws found), so the bracket search may stop there.

@@ -5,9 +5,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from ._custom_types import Array, Float, Key
-from ._laws import BalanceLaw
-from ._model import AbstractTensorizableModel
+from .._custom_types import Array, Float, Key
+from .._laws.base import BalanceLaw
+from .base import AbstractTensorizableModel
 
 
 def _check_widths(widths: Sequence[int], minimum_layers: int = 1) -> tuple[int, ...]:

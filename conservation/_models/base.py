@@ -18,7 +18,7 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._custom_types import Array, Float, Key
+from .._custom_types import Array, Float, Key
 
 
 class AbstractModel(eqx.Module):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._custom_types import Array, Float
+from .._custom_types import Array, Float
 
 
 class AbstractGroup(eqx.Module):

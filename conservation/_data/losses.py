@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._custom_types import Array, Scalar
+from .._custom_types import Array, Scalar
 
 
 class AbstractLoss(eqx.Module):

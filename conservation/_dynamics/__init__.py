@@ -1,0 +1,2 @@
+"""Dynamics: gradient flow (diffrax, stabilised solvers), discrete optimizers (optax), broken-
+law mechanics, and the in-run monitors."""

@@ -1,0 +1,2 @@
+"""Experiments: TOML configs, the runner, sweeps, the results store, plots and the command
+line."""

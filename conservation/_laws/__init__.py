@@ -1,0 +1,2 @@
+"""Laws: conservation laws, the laws data augmentation creates, their automatic discovery and
+counting."""

@@ -1,0 +1,2 @@
+"""Models: the model contract, ensembles, the shipped architectures, foreign modules and
+functions."""
