@@ -137,6 +137,7 @@ widths = [2, 3, 1]
 n = 6
 [[dynamics]]
 kind = "flow"
+solver = "tsit5"  # "auto" would add its probe's solve to the trace count
 t1 = 2.0
 n_save = 3
 [sweep]

@@ -16,7 +16,7 @@ from .store import UserError, interrupt_guard, read_config_text, read_json
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
