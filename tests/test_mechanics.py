@@ -75,7 +75,13 @@ def test_track_mechanics_follows_the_sample_path_of_train(getkey):
     ours = jax.tree_util.tree_leaves(eqx.filter(mechanics.final.models, eqx.is_inexact_array))
     theirs = jax.tree_util.tree_leaves(eqx.filter(trained.final.models, eqx.is_inexact_array))
     for a, b in zip(ours, theirs, strict=True):
-        np.testing.assert_array_equal(a, b)  # bit-identical: same minibatches, same arithmetic
+        if jax.default_backend() == "cpu":
+            np.testing.assert_array_equal(a, b)  # bit-identical: same minibatches, same arithmetic
+        else:
+            # Same minibatches; on GPU the two compiled programs fuse their reductions
+            # differently (measured on an H100: 2e-14 relative after 300 steps), which a
+            # different sample path would exceed by orders of magnitude (1.75e-5 after 50).
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     assert float(jnp.max(jnp.abs(mechanics.final.models.weights[0]
                                  - ensemble.models.weights[0]))) > 1e-3  # it trained
 

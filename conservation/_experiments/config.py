@@ -642,7 +642,7 @@ def _point_config(raw: dict, point: dict, name: str, base: str) -> Config:
     try:
         return _parse(raw, name, base)
     except ConfigError as e:
-        text = ", ".join(f"{k} = {json.dumps(v)}" for k, v in point.items())
+        text = ", ".join(f"{k} = {json.dumps(v, default=str)}" for k, v in point.items())
         raise ConfigError(f"sweep point ({text}): {e}") from None
 
 
