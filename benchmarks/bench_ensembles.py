@@ -29,20 +29,9 @@ import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 import numpy as np
+from bench_core import RTOL, T1, WIDTHS, N, build  # the same problem as bench_core
 
 import conservation as cn
-
-WIDTHS = (16, 32, 32, 8)
-N, T1, RTOL = 128, 50.0, 1e-8
-
-
-def build(members: int):
-    k_teacher, k_x, k_models = jax.random.split(jax.random.PRNGKey(0), 3)
-    teacher = cn.DeepLinear.random(WIDTHS, key=k_teacher)
-    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(k_x, N, (WIDTHS[0],)))
-    ensemble = cn.Ensemble.init(
-        lambda k: cn.DeepLinear.random(WIDTHS, key=k, init_scale=0.7), k_models, members)
-    return data, ensemble
 
 
 def _flat(ensemble):

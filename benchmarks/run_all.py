@@ -15,7 +15,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 QUICK = {"bench_core.py": ["--members", "8", "--repeats", "1"],
          "bench_augmentation.py": ["--samples", "256", "--repeats", "1"],
          "bench_counting.py": ["--configs", "3"],
-         "bench_solvers.py": ["--repeats", "1"]}
+         "bench_solvers.py": ["--quick", "--repeats", "1"],
+         "bench_ensembles.py": ["--quick", "--repeats", "1", "--no-torch"]}
 
 
 def main():

@@ -8,7 +8,6 @@ import json
 import pathlib
 import sys
 
-
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
