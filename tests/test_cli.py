@@ -40,6 +40,7 @@ def _png_size(path):
     return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
 
 
+@pytest.mark.slow  # end-to-end; keeps the default suite under 10 min on 2 cores
 def test_run_writes_results_plot_and_summary(tmp_path, capsys):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY)

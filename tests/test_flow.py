@@ -35,6 +35,7 @@ def test_balance_laws_drift_within_tolerance_and_shrink_with_it(linear_problem):
     assert all(b < a for a, b in zip(worst, worst[1:])), worst
 
 
+@pytest.mark.slow  # end-to-end; keeps the default suite under 10 min on 2 cores
 def test_ensemble_members_equal_individual_runs(linear_problem):
     ensemble, objective = linear_problem
     together = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-9, n_save=11,
@@ -109,6 +110,7 @@ def test_attention_laws_conserved_along_flow(getkey, loss):
     assert float(jnp.max(result.loss[:, -1] / result.loss[:, 0])) < 0.9  # it actually trained
 
 
+@pytest.mark.slow  # end-to-end; keeps the default suite under 10 min on 2 cores
 def test_exhausted_member_is_reported_others_keep_results(linear_problem):
     ensemble, objective = linear_problem
     # Member 2 starts 40× larger: its flow is stiff and needs far more steps than the others.

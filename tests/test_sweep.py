@@ -87,6 +87,7 @@ def test_an_interrupted_sweep_resumes_without_touching_finished_points(tmp_path,
             np.testing.assert_array_equal(resumed[name][key], value)
 
 
+@pytest.mark.slow  # end-to-end; keeps the default suite under 10 min on 2 cores
 def test_sharded_sweep_over_four_cpu_devices_matches_unsharded(tmp_path):
     config = _write(tmp_path, SWEEP)
     sharded = _write(tmp_path, SWEEP.replace("[sweep]", "[sweep]\ndevices = 4"), "sharded.toml")
