@@ -36,6 +36,23 @@ def test_seed_paper_fig2_counts(loss, group, expected):
     assert cn.count_laws(model, loss, augment=group).laws == expected
 
 
+@pytest.mark.parametrize("widths, group", [((3, 2, 2), None), ((3, 1), cn.CyclicShift(3))])
+def test_a_class_of_one_data_set_has_d_minus_one_laws(widths, group):
+    # Every drawn data set is the whole 32-sample Dataset reordered, so the fields differ only
+    # by summation order: the Lie algebra is span{∇L} and a single flow has D − 1 local first
+    # integrals. Their brackets vanish identically but evaluate to round-off (bit-exact zero
+    # only by luck of the backend's summation order, as for [F, F] on CPU vs an H100); that
+    # round-off must not pass for rank.
+    model = cn.DeepLinear.random(widths, key=KEY)
+    rng = np.random.default_rng(1)
+    data = cn.Dataset(jnp.asarray(rng.standard_normal((32, widths[0]))),
+                      jnp.asarray(rng.standard_normal((32, widths[-1]))))
+    count = cn.count_laws(model, cn.MSE(), data=data, augment=group, known_laws=False)
+    dim = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    assert count.laws == dim - 1 and count.verdict == "converged"
+    assert count.cancelled > 0
+
+
 def test_equivariant_layer_has_n_squared_minus_4_laws():
     augmentation = cn.Augmentation(cn.Permutations(3), equivariant=True)
     model = cn.DeepLinear.random((3, 3), key=KEY)

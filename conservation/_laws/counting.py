@@ -31,6 +31,7 @@ from .._models.base import Ensemble, flat_parameters
 from .base import FunctionLaw
 
 _SCALES = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+_ROUNDOFF = 100  # bound on a bracket's round-off, in units of ε(‖A‖ + ‖B‖)
 _CHUNK = 32  # fields per compiled call: fixed, so any number of fields reuses one program
 VERDICTS = ("proved", "converged", "not converged")
 
@@ -60,6 +61,9 @@ class LawCount:
       `dead`: pairs (l, j) of hidden neurons never active (all their weights are conserved).
     - `probe`: how the co-activation claims were checked (inputs, scales, and whether the
       data sets used for the fields co-activate every pair the probe did).
+    - `cancelled`: bracket rows whose two terms cancelled so far that their round-off could
+      pass for rank (brackets that vanish identically, such as [F, F]); they were
+      down-weighted, each to at most its trustworthy part, before the rank decision.
     """
 
     laws: int
@@ -76,6 +80,7 @@ class LawCount:
     never_coactive: tuple[tuple[int, int, int], ...] = ()
     dead: tuple[tuple[int, int], ...] = ()
     probe: str = ""
+    cancelled: int = 0
 
     @property
     def converged(self) -> bool:
@@ -120,6 +125,9 @@ class LawCount:
                          "conserved")
         if self.probe:
             lines.append(f"  probe: {self.probe}")
+        if self.cancelled:
+            lines.append(f"  {self.cancelled} bracket rows cancelled to round-off (brackets that "
+                         "vanish identically) and were down-weighted")
         return "\n".join(lines)
 
 
@@ -138,7 +146,14 @@ def _build_objectives(loss, model, augmentation, x, y):
 
 @eqx.filter_jit
 def _bracket_fields(params, static, objectives, depth, mask=None):
-    """Rows [F₀, [F₁, … F_depth]](θ) / ‖·‖ for a batch of objectives stacked (batch, depth+1).
+    """Rows [F₀, [F₁, … F_depth]](θ) / ‖·‖ for a batch of objectives stacked (batch, depth+1),
+    and each row's cancellation ratio: the product over its brackets of ‖A − B‖ / (‖A‖ + ‖B‖)
+    for [F, G] = A − B (1 for a plain gradient).
+
+    A bracket that vanishes identically (e.g. [F, F], or fields of two orderings of one data
+    set) evaluates to round-off, ~ε(‖A‖ + ‖B‖), which the row normalisation would blow up to
+    a unit vector in a random direction: a spurious rank that depends on the backend's
+    summation order. The ratio tells the caller how far round-off is amplified in the row.
 
     θ, the data sets and the structure are arguments (not closures), so equal shapes share
     one compiled program across calls and across models of one architecture."""
@@ -147,7 +162,7 @@ def _bracket_fields(params, static, objectives, depth, mask=None):
     def gradient(objective):
         def field(y):
             g = jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y)
-            return g if mask is None else mask * g  # padding entries stay frozen
+            return (g if mask is None else mask * g), jnp.ones((), y.dtype)  # padding frozen
 
         return field
 
@@ -158,16 +173,21 @@ def _bracket_fields(params, static, objectives, depth, mask=None):
         inner = nested(objectives, k + 1)
 
         def bracket(y):  # [F, G](y) = DG(y)·F(y) − DF(y)·G(y)
-            f, g = first(y), inner(y)
-            return jax.jvp(inner, (y,), (f,))[1] - jax.jvp(first, (y,), (g,))[1]
+            f, _ = first(y)
+            g, dg, ratio = jax.jvp(inner, (y,), (f,), has_aux=True)
+            _, df, _ = jax.jvp(first, (y,), (g,), has_aux=True)
+            value = dg - df
+            scale = jnp.linalg.norm(dg) + jnp.linalg.norm(df)
+            here = jnp.linalg.norm(value) / jnp.where(scale > 0, scale, 1.0)
+            return value, ratio * jnp.where(scale > 0, here, 1.0)
 
         return bracket
 
-    rows = jax.vmap(lambda objs: nested(objs, 0)(theta))(objectives)
+    rows, ratio = jax.vmap(lambda objs: nested(objs, 0)(theta))(objectives)
     # Normalised rows: fields of data at different scales differ by orders of magnitude,
     # and the rank decision must not depend on that.
     norm = jnp.linalg.norm(rows, axis=1, keepdims=True)
-    return rows / jnp.where(norm > 0, norm, 1.0)
+    return rows / jnp.where(norm > 0, norm, 1.0), ratio
 
 
 def _evaluate(params, static, pool, index, mask=None, keep=None):
@@ -180,9 +200,10 @@ def _evaluate(params, static, pool, index, mask=None, keep=None):
     out = []
     for start in range(0, padded, _CHUNK):
         picked = jax.tree_util.tree_map(lambda a: a[index[start:start + _CHUNK]], pool)
-        rows = np.asarray(_bracket_fields(params, static, picked, width - 1, mask))
-        out.append(rows if keep is None else rows[:, keep])
-    return np.concatenate(out)[:n]
+        rows, ratio = jax.tree_util.tree_map(
+            np.asarray, _bracket_fields(params, static, picked, width - 1, mask))
+        out.append((rows if keep is None else rows[:, keep], ratio))
+    return np.concatenate([r for r, _ in out])[:n], np.concatenate([q for _, q in out])[:n]
 
 
 def _pad_linear(model, pad_to):
@@ -465,9 +486,14 @@ def count_laws(
     **Returns:** a `LawCount` with the count, its verdict (`"proved"`, `"converged"` or
     `"not converged"`) and the explained laws (`describe()` gives it as text).
 
-    The count runs on JAX's CPU backend whatever the default device: it is a rank decision
-    on small float64 matrices, and on an H100 the same count of the seed paper's Fig. 1/2
-    augmented classes came out one law short (a spurious singular value of 0.09).
+    Round-off cannot pass for rank: a bracket [F, G] = A − B whose terms cancel (one that
+    vanishes identically, e.g. [F, F] or the fields of two orderings of one data set) is
+    down-weighted by ‖A − B‖ / (‖A‖ + ‖B‖) before the row normalisation would blow its
+    round-off up to a unit vector (`cancelled` counts them). That round-off depends on the
+    backend's summation order (on the CPU [F, F] happens to be exactly 0); it is the likely
+    cause of an H100 counting the seed paper's Fig. 1/2 augmented classes one law short before
+    this weighting. The count also runs on JAX's CPU backend whatever the default device (a
+    rank decision on small float64 matrices, cheap there).
     """
     model = model[0] if isinstance(model, Ensemble) else model
     if not _on_cpu():
@@ -539,6 +565,7 @@ def count_laws(
     closing = 1  # the shallowest depth every round evaluates (deepest depth that added rank + 1)
     stale = 0
     depth_stable = False
+    noisy = 0  # bracket rows down-weighted for cancellation
     for round_ in range(max_rounds):
         if round_:
             fresh = draw()
@@ -557,7 +584,13 @@ def count_laws(
                 index = rng.integers(0, total, size=(brackets_per_depth, depth + 1))
                 index[:, rng.integers(0, depth + 1)] = rng.integers(offset, total,
                                                                     size=brackets_per_depth)
-            rows = _evaluate(eval_params, eval_static, pool, index, mask, keep)
+            rows, ratio = _evaluate(eval_params, eval_static, pool, index, mask, keep)
+            # A row carries round-off ~ _ROUNDOFF·ε / ratio after normalisation; weighting it
+            # by min(1, ratio / threshold) keeps that below tol / 10, so identically vanishing
+            # brackets (ratio ~ ε) cannot add rank, whatever the backend's summation order.
+            threshold = 10 * _ROUNDOFF * np.finfo(rows.dtype).eps / tol
+            rows = rows * np.minimum(1.0, ratio / threshold)[:, None]
+            noisy += int(np.sum(ratio < threshold))
             previous = rank
             basis, s_raw = _compress(np.concatenate([basis, rows]))
             rank, s = _rank(s_raw, tol)
@@ -590,7 +623,8 @@ def count_laws(
                     rank_by_round=tuple(rank_by_round), stale_rounds=stale, known=known,
                     never_coactive=() if probe is None else probe["pairs"],
                     dead=() if probe is None else probe["dead"],
-                    probe="" if probe is None else _coverage(model, sampler, probe))
+                    probe="" if probe is None else _coverage(model, sampler, probe),
+                    cancelled=noisy)
 
 
 def _input_shape(model) -> tuple[int, ...]:
@@ -719,7 +753,7 @@ def find_polynomial_laws(
     points = scale * jax.random.normal(k_points, (n_points, dim))
 
     def fields(y):  # (n_sets, D), rows normalised
-        return _bracket_fields(unravel(y), static, objectives, 0)
+        return _bracket_fields(unravel(y), static, objectives, 0)[0]
 
     def monomial_gradients(y):  # (n_monomials, D): ∂/∂θ_i of θ^α
         return jax.jacfwd(lambda z: jnp.prod(z[None, :] ** exponents, axis=1))(y)
