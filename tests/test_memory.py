@@ -62,3 +62,65 @@ def test_refusal_names_the_number_and_the_fix_before_allocating():
     check_memory(small)  # fits
     with pytest.raises(ConfigError, match=r"the machine has 1e-06 GB: reduce"):
         check_memory(small, available=1000)
+
+
+# ------------------------------------------------------- default batch size on accelerators
+
+
+def test_peak_live_bytes_of_a_known_program():
+    import jax.numpy as jnp
+
+    from conservation._dynamics.batching import peak_live_bytes
+
+    n, d = 300, 50
+    jaxpr = jax.make_jaxpr(lambda x: jnp.tanh(x @ x.T).sum(0))(jnp.ones((n, d))).jaxpr
+    # x xᵀ and its tanh are alive together (n² float64 each); the input at most beside them.
+    peak = peak_live_bytes(jaxpr)
+    assert 2 * n * n * 8 <= peak <= 2 * n * n * 8 + 2 * n * d * 8
+
+
+def test_default_batch_fills_the_free_memory_and_no_more(monkeypatch):
+    import diffrax as dfx
+    import equinox as eqx
+    import jax.flatten_util as jfu
+
+    import conservation as cn
+    import conservation._dynamics.flow as flow
+    from conservation._dynamics.batching import default_batch_size, member_bytes
+
+    widths, n = (3, 64, 2), 500
+    model = cn.MLP.random(widths, key=jax.random.PRNGKey(0))
+    x = np.random.default_rng(0).standard_normal((n, widths[0]))
+    objective = cn.make_objective(cn.MSE(), cn.Dataset(x, np.tanh(x[:, :2])), model)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    y0, unravel = jfu.ravel_pytree(params)
+
+    def grad(y):
+        return jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y)
+
+    per = member_bytes(grad, y0, dfx.Tsit5(), 101, 2)
+    # At least the solver state (12 parameter vectors) and the hidden activations of n inputs.
+    assert per >= 12 * y0.size * 8 + n * widths[1] * 8
+    implicit = member_bytes(grad, y0, dfx.Kvaerno5(), 101, 2)
+    assert implicit - per == 2 * y0.size ** 2 * 8  # dense Jacobian and its factors
+    assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, None) == 1  # CPU
+    for fit in (1, 3, 7):
+        free = (fit + 0.5) * per / 0.75
+        assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, free) == fit
+    assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, 1e15) == 7
+    assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, 1.0) == 1
+
+    # gradient_flow takes it from the device's free memory (here a fake accelerator).
+    seen = []
+
+    def stop(*args):
+        seen.append(args[-3])  # `batch`
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flow, "free_device_memory", lambda: 3.5 * per / 0.75)
+    monkeypatch.setattr(flow, "_flow", stop)
+    ensemble = cn.Ensemble.stack([model] * 5)
+    with pytest.raises(KeyboardInterrupt):
+        cn.gradient_flow(objective, ensemble, 1.0, solver="tsit5", n_save=101,
+                         laws=model.laws()[:2], progress=False)
+    assert seen == [3]

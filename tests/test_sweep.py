@@ -186,6 +186,34 @@ def test_flow_sweep_over_rtol_and_seed_compiles_once(tmp_path, monkeypatch):
         np.testing.assert_array_equal(points[f"{index}.npz"]["loss"], direct.loss[j])
 
 
+def test_auto_solver_is_resolved_once_per_solve_and_recorded(tmp_path, monkeypatch):
+    # Three chunks of one point each: a per-chunk probe could give points of one sweep
+    # different solvers depending on chunking, dealing and resumption.
+    import conservation._dynamics.flow as flow
+    import conservation._dynamics.solvers as solvers
+
+    probes = []
+    real = solvers.choose_solver
+
+    def counting(*args, **kwargs):
+        probes.append(1)
+        return real(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("gradient_flow probed a solver inside a sweep chunk")
+
+    monkeypatch.setattr(solvers, "choose_solver", counting)
+    monkeypatch.setattr(flow, "_choose", refuse)
+    text = FLOW_SWEEP.replace('solver = "tsit5"', 'solver = "auto"').replace(
+        "rtol = [1e-3, 1e-6, 1e-9]", "chunk = 1")
+    path = _write(tmp_path, text)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert len(probes) == 1
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["rows"]
+    # A non-stiff deep linear flow: the explicit solver, recorded for every point.
+    assert [r["solver"] for r in rows] == ["tsit5", "tsit5"]
+
+
 GROUP_SWEEP = """
 name = "g"
 [model]

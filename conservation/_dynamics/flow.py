@@ -29,6 +29,7 @@ from .monitor import (
     show_progress,
     values_to_keep,
 )
+from .batching import default_batch_size, free_device_memory
 from .solvers import ROCK4, _choose
 
 SOLVERS = {
@@ -181,7 +182,9 @@ def gradient_flow(
       stopped and reported as `diverged`; the others carry on.
     - `batch_size`: members integrated together in one vmapped solve. Batched members step
       in lockstep until the slowest finishes, so on CPU one at a time (the default there) is
-      fastest; on GPU/TPU the default is the whole ensemble, which fills the device.
+      fastest; on GPU/TPU the default is as many members as fit in 3/4 of the device's free
+      memory (solver state, one gradient evaluation's working set and the saved scalars per
+      member, see `conservation._dynamics.batching`), at most the whole ensemble.
     - `field`: the right-hand side: `GradientField(weight_decay=λ)` (default λ = 0) or
       `ModifiedGradientField(lr, momentum, weight_decay)` to follow a discrete optimizer
       (with momentum it starts from the effective initial condition θ₀ + δ, see there).
@@ -205,9 +208,7 @@ def gradient_flow(
     atol = rtol if atol is None else atol
     for name, value in (("t1", t1), ("rtol", rtol), ("atol", atol), ("divergence", divergence)):
         _check_positive(name, value)
-    if batch_size is None:
-        batch_size = 1 if jax.default_backend() == "cpu" else ensemble.size
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"`batch_size` must be a positive int or None, got {batch_size!r}.")
     field = GradientField() if field is None else field
     if not isinstance(field, AbstractVectorField):
@@ -219,26 +220,32 @@ def gradient_flow(
     if isinstance(solver, str) and solver == "auto":
         solver = _choose(*eqx.partition(ensemble[0], eqx.is_inexact_array), objective, field,
                          t1, max_steps).name
+    solver_name = solver if isinstance(solver, str) else type(solver).__name__
+    solver = _resolve_solver(solver)
+    if batch_size is None:
+        y0, unravel = jfu.ravel_pytree(jtu.tree_map(lambda x: x[0], params))
+        batch_size = default_batch_size(
+            lambda y: jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y), y0,
+            ensemble.size, solver, n_save, len(laws), free_device_memory())
     show = show_progress(progress)
     with _FlowBar(ensemble.size, t1, show):
         result = _flow(
-            params, static, objective, field, LawMonitor(laws), _resolve_solver(solver),
+            params, static, objective, field, LawMonitor(laws), solver,
             *(jnp.asarray(v, float) for v in (t1, rtol, atol, divergence)),
             n_save, max_steps, show, ensemble.size, min(batch_size, ensemble.size), keep,
             final_values,
         )
         if show:  # the bar closes when the solve has finished, not when it was dispatched
             result = jax.block_until_ready(result)
-    _warn_max_steps(result.status, solver, max_steps)
+    _warn_max_steps(result.status, solver_name, max_steps)
     return result
 
 
-def _warn_max_steps(status, solver, max_steps):
+def _warn_max_steps(status, name, max_steps):
     if isinstance(status, jax.core.Tracer):  # inside jit / eval_shape: nothing to inspect yet
         return
     hit = int(jnp.sum(status == MAX_STEPS))
     if hit:
-        name = solver if isinstance(solver, str) else type(solver).__name__
         warnings.warn(
             f"{hit} member(s) hit `max_steps` = {max_steps} before t1 with solver {name!r}; "
             "a stiff flow (large Hessian eigenvalues) needs `solver=\"stabilized\"` (or "

@@ -135,19 +135,15 @@ def estimate(config, *, members: int | None = None, parameters: int | None = Non
 
 
 def available_memory() -> tuple[float, str]:
-    """(bytes, where) the run can use: the accelerator's memory when JAX runs on one, else
-    the machine's physical memory."""
+    """(bytes, where) the run can use: the accelerator's free memory when JAX runs on one,
+    else the machine's physical memory."""
     import jax
 
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        try:
-            stats = device.memory_stats() or {}
-            limit = stats.get("bytes_limit")
-            if limit:
-                return float(limit - stats.get("bytes_in_use", 0)), f"the {device.device_kind}"
-        except Exception:  # noqa: BLE001 — some backends have no memory_stats
-            pass
+    from .._dynamics.batching import free_device_memory
+
+    free = free_device_memory()
+    if free is not None:
+        return free, f"the {jax.devices()[0].device_kind}"
     try:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "the machine"
     except (ValueError, OSError, AttributeError):

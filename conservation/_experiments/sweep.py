@@ -12,7 +12,9 @@ padded to the same size). Every point is validated like a hand-written config.
 Store (one folder per sweep): `sweep.json` (resolved config, axes, points), `points/<i>.npz`
 written atomically as each chunk finishes, `summary.json` / `summary.csv` (one row per point).
 Re-running the same sweep skips finished points and never rewrites them. The ensemble axis can
-be sharded over a device mesh (`devices`); see `shard_ensemble`.
+be sharded over a device mesh (`devices`); see `shard_ensemble`. A flow's `solver = "auto"` is
+resolved once per call of the solve, from its first point (not per chunk), and every point
+records the solver it ran with (`solver` in its npz and in the summary).
 """
 
 import contextlib
@@ -25,6 +27,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from .._dynamics.monitor import STATUS_NAMES
@@ -252,6 +255,9 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                     call = {k: v for k, v in points[indices[0]].items()
                             if axis_role(k, run) == "call"}
                     point_run = group_config.dynamics[0].model_copy(update=call)
+                    if point_run.kind in FLOW_KINDS and point_run.solver == "auto":
+                        point_run = _resolve_auto(point_run, objective, make, points,
+                                                  indices, group_config)
                     for batch in chunks:
                         padded = batch + [batch[-1]] * (size - len(batch))  # no recompile
                         members = [make(jax.random.PRNGKey(points[i].get("seed", config.seed)),
@@ -270,8 +276,11 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                             point_run, objective, ensemble, laws=laws,
                             hyperparams=hyperparams, key=jax.random.PRNGKey(config.seed)))
                         arrays = result_arrays(result, laws)
+                        if point_run.kind in FLOW_KINDS:
+                            arrays["solver"] = np.asarray(point_run.solver)
                         for j, i in enumerate(batch):
-                            member = {k: (v if k == "t" or k.startswith("relative/") else v[j])
+                            member = {k: (v if k in ("t", "solver") or k.startswith("relative/")
+                                          else v[j])
                                       for k, v in arrays.items()}
                             save_npz(out / "points" / f"{i}.npz", member)
                         computed += batch
@@ -303,6 +312,21 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
         else:
             summary = _report(out)
     return summary | {"computed": len(computed), "computed_points": computed}
+
+
+def _resolve_auto(run, objective, make, points, indices, config):
+    """`run` with `solver = "auto"` resolved once for the points `indices` (one call of the
+    solve), probing their first point's member: the choice then does not depend on how the
+    points are chunked, dealt to processes or resumed, as a per-chunk probe would."""
+    from .._dynamics.solvers import choose_solver
+    from .runner import _flow_field
+
+    first = points[indices[0]]
+    member = make(jax.random.PRNGKey(first.get("seed", config.seed)),
+                  first.get("init_scale", config.model.init_scale))
+    choice = choose_solver(objective, member, run.t1, max_steps=run.max_steps,
+                           field=_flow_field(run))
+    return run.model_copy(update={"solver": choice.name})
 
 
 def _prepare(out: pathlib.Path, manifest: dict, log) -> None:
@@ -362,7 +386,8 @@ def _report(out: pathlib.Path) -> dict:
                   if k.startswith("max_drift/")}
         relative |= {k.split("/", 1)[1]: bool(arrays[k]) for k in arrays
                      if k.startswith("relative/")}
-        rows.append({"point": i, **_flat(point),
+        solver = {"solver": str(arrays["solver"])} if "solver" in arrays else {}
+        rows.append({"point": i, **_flat(point), **solver,
                      "status": STATUS_NAMES[int(arrays["status"])],
                      "final_loss": float(arrays["loss"][-1]),
                      **{f"max_drift[{k}]": v for k, v in drifts.items()}})

@@ -1,0 +1,104 @@
+"""How many ensemble members one vmapped solve holds: the default `batch_size` on accelerators.
+
+Members of a batch step in lockstep, so on an accelerator the batch should be as large as the
+device memory allows (that is what fills it), and no larger (out-of-memory errors come from XLA
+mid-run). A member of a batched solve holds its solver state (~12 parameter vectors for an
+explicit Runge–Kutta method with dense output and error estimate; implicit methods add a dense
+Jacobian and its factorisation, 2·P² numbers), the working set of one gradient evaluation
+(estimated from the gradient's jaxpr with a liveness sweep: an upper bound of what XLA keeps,
+which fuses and reuses buffers), and its saved monitor scalars.
+"""
+
+import math
+
+import diffrax as dfx
+import jax
+import jax.extend as jex
+import numpy as np
+
+_STATE_COPIES = 12  # y, y₁, error, ~7 RK stages / dense-output coefficients, PID history
+_FILL = 0.75  # of the free device memory: XLA's temporaries beyond the estimate, fragmentation
+
+
+def free_device_memory(device=None) -> float | None:
+    """Bytes free on `device` (default: JAX's first device) by its allocator's statistics, or
+    None where the backend reports none (the CPU)."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "cpu":
+        return None
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 — some backends have no memory_stats
+        return None
+    limit = stats.get("bytes_limit")
+    return float(limit - stats.get("bytes_in_use", 0)) if limit else None
+
+
+def _nbytes(aval) -> int:
+    shape = getattr(aval, "shape", None)
+    if shape is None:
+        return 0
+    return math.prod(shape) * np.dtype(aval.dtype).itemsize
+
+
+def _sub_jaxprs(params):
+    for value in params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(item, jex.core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jex.core.Jaxpr):
+                yield item
+
+
+def peak_live_bytes(jaxpr) -> int:
+    """Peak bytes of the values alive at once while `jaxpr` runs in program order (inputs
+    included; nested jaxprs count their own peak at their call): no fusion, no buffer reuse
+    within an operation, so an upper bound of what XLA allocates."""
+    last_use = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if isinstance(v, jex.core.Var):
+                last_use[v] = i
+    for v in jaxpr.outvars:
+        if isinstance(v, jex.core.Var):
+            last_use[v] = len(jaxpr.eqns)
+    live = {v: _nbytes(v.aval) for v in (*jaxpr.invars, *jaxpr.constvars)}
+    current = peak = sum(live.values())
+    for i, eqn in enumerate(jaxpr.eqns):
+        inner = max((peak_live_bytes(j) for j in _sub_jaxprs(eqn.params)), default=0)
+        out = sum(_nbytes(v.aval) for v in eqn.outvars)
+        peak = max(peak, current + max(out, inner))
+        for v in eqn.outvars:
+            live[v] = _nbytes(v.aval)
+        current += out
+        for v in {v for v in eqn.invars if isinstance(v, jex.core.Var)}:
+            if last_use.get(v) == i and v in live:
+                current -= live.pop(v)
+        for v in eqn.outvars:  # never read
+            if v not in last_use and v in live:
+                current -= live.pop(v)
+    return peak
+
+
+def member_bytes(grad, y0, solver, n_save: int, n_laws: int) -> int:
+    """Bytes one member of a batched flow holds: solver state, one gradient evaluation's
+    working set, saved scalars (`grad`: flat parameters → gradient; `y0`: one member's flat
+    parameters)."""
+    size, item = y0.size, y0.dtype.itemsize
+    state = _STATE_COPIES * size * item
+    if isinstance(solver, dfx.AbstractImplicitSolver):
+        state += 2 * size * size * item
+    working = peak_live_bytes(jax.make_jaxpr(grad)(y0).jaxpr)
+    saved = n_save * (1 + 2 * n_laws) * item
+    return state + working + saved
+
+
+def default_batch_size(grad, y0, size: int, solver, n_save: int, n_laws: int,
+                       free: float | None) -> int:
+    """Members per vmapped solve: 1 on the CPU (`free` None: lockstep costs more than
+    batching gains there); on an accelerator as many as fit in `_FILL` of the `free` bytes
+    (at least 1, at most `size`)."""
+    if free is None:
+        return 1
+    fit = int(_FILL * free // member_bytes(grad, y0, solver, n_save, n_laws))
+    return max(1, min(size, fit))
