@@ -29,7 +29,8 @@ import numpy as np
 from . import rock4_coefficients as _tables
 
 _MS = np.asarray(_tables.MS, np.int32)  # Chebyshev degrees with tabulated coefficients (1..148)
-_STARTS = np.concatenate([[0], np.cumsum(2 * _MS - 1)[:-1]]).astype(np.int32)  # offset of each degree in RECF
+# Offset of each degree's coefficients in RECF:
+_STARTS = np.concatenate([[0], np.cumsum(2 * _MS - 1)[:-1]]).astype(np.int32)
 _RECF = np.asarray(_tables.RECF)
 _FPA = np.asarray(_tables.FPA).reshape(-1, 6)
 _FPB = np.asarray(_tables.FPB).reshape(-1, 4)
@@ -120,8 +121,9 @@ class ROCK4(dfx.AbstractAdaptiveSolver):
 
         v, rho = jax.lax.fori_loop(0, self.init_iterations, power, (v, jnp.zeros(())))
         zero = jnp.zeros((), jnp.int32)
-        # state: (unit vector, spectral-radius estimate, its running max, f-evaluations, jvps) — the counts cover
-        # accepted steps only (diffrax discards the state of a rejected step).
+        # state: (unit vector, spectral-radius estimate, its running max, f-evaluations,
+        # jvps) — the counts cover accepted steps only (diffrax discards the state of a
+        # rejected step).
         return v, rho, rho, zero, jnp.asarray(self.init_iterations, jnp.int32)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
