@@ -331,9 +331,10 @@ def main():
         report["solvers"] = small_solvers(args)
     if "ensemble" in args.sections:
         report["ensemble_throughput"] = ensemble_throughput(args)
-    name = "solvers_quick" if args.quick else (
-        "solvers" if set(args.sections) == set(SECTIONS) else "solvers_" + "_".join(
-            sorted(args.sections)))
+    # solvers[_quick][_<sections>]: a partial run never overwrites a complete one.
+    name = "solvers_quick" if args.quick else "solvers"
+    if set(args.sections) != set(SECTIONS[:2] if args.quick else SECTIONS):
+        name += "_" + "_".join(sorted(args.sections))
     print("wrote", _harness.write(name, report))
 
 
