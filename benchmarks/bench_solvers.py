@@ -2,7 +2,7 @@
 
     python benchmarks/bench_solvers.py [--quick] [--issue14] [--batch 16 256] [--repeats 1]
         [--sections stiff_attention large_model solvers ensemble] [--tsit5-members 2]
-        [--tight 100] [--count-members N]
+        [--tight 100] [--count-members N] [--batch-size N]
 
 `--issue14` runs only sections 0 (`stiff_attention`, `large_model`). Sizes of the full problem
 on the 2-core CPU: one gradient of the attention objective took ~1 ms (busy machine), so one
@@ -121,9 +121,10 @@ def _first_members(ensemble, members):
                                    static), members)
 
 
-def _timed_flow(objective, ensemble, t1, rtol, solver, max_steps, repeats):
+def _timed_flow(objective, ensemble, t1, rtol, solver, max_steps, repeats, batch_size=None):
     timing = _harness.timed(lambda: cn.gradient_flow(
-        objective, ensemble, t1, rtol=rtol, solver=solver, n_save=11, max_steps=max_steps),
+        objective, ensemble, t1, rtol=rtol, solver=solver, n_save=11, max_steps=max_steps,
+        batch_size=None if batch_size is None else min(batch_size, ensemble.size)),
         repeats=repeats)
     if repeats == 0:  # full size on a CPU: one call, compile (~10 s) included in run_s
         timing |= {"run_s": timing["first_call_s"], "compile_s": None,
@@ -145,7 +146,7 @@ def stiff_attention(args):
 
     data = cn.teacher_dataset(make(k[0]), cn.gaussian_inputs(k[1], n, (tokens, d)))
     out = {"problem": dict(d=d, tokens=tokens, key_dim=r, value_dim=r, n=n, t1=t1, rtol=rtol,
-                           max_steps=max_steps)}
+                           max_steps=max_steps, batch_size=args.batch_size or "default")}
     for size in sizes:
         ensemble = cn.Ensemble.init(make, k[2], size)
         objective = cn.make_objective(cn.MSE(), data, ensemble)
@@ -164,7 +165,8 @@ def stiff_attention(args):
                     ("stabilized", rtol / factor, ensemble) for factor in sorted(args.tight)]
         for solver, tol, members in runs:
             label = solver if tol == rtol else f"{solver}_rtol{tol:.0e}"
-            timing = _timed_flow(objective, members, t1, tol, solver, max_steps, args.repeats)
+            timing = _timed_flow(objective, members, t1, tol, solver, max_steps, args.repeats,
+                                 args.batch_size)
             result = timing.pop("output")
             rows[label] = _row(result, timing) | {"rtol": tol, "members": members.size}
             if solver == "tsit5":
@@ -320,6 +322,9 @@ def main():
                         help="ensemble sizes of stiff_attention (default 16 256; quick: 2)")
     parser.add_argument("--tsit5-members", type=int, default=2,
                         help="members Tsit5 runs on in stiff_attention (it hits max_steps)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="gradient_flow's batch_size in stiff_attention (default: the "
+                        "library's, 1 on CPU; the ensemble size vmaps it all)")
     parser.add_argument("--tight", type=float, nargs="+", default=[100.0],
                         help="ROCK4 also at rtol / each factor (drift matched to Kvaerno5's)")
     parser.add_argument("--count-members", type=int, default=None,
