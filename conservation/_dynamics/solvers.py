@@ -72,7 +72,7 @@ class ROCK4(dfx.AbstractAdaptiveSolver):
     implicit method takes steps of h ~ 10; that floor scales like (rtol/ε)^(1/4). Such
     rounding noise lies along the stiff directions and leaves the conservation laws alone;
     law drift comes from the early, fast phase, where ROCK4 runs its 5-stage member (order 4,
-    embedded order 3) and ends up with a drift near rtol, ~30× that of Kvaerno5 (order 5)
+    embedded order 3) and ends up with a drift near rtol, ~20–50× that of Kvaerno5 (order 5)
     at the same rtol.
 
     **Arguments:**
