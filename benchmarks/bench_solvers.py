@@ -2,15 +2,15 @@
 
     python benchmarks/bench_solvers.py [--quick] [--issue14] [--batch 16 256] [--repeats 1]
         [--sections stiff_attention large_model solvers ensemble] [--tsit5-members 2]
-        [--tight 100] [--count-members N] [--batch-size N]
+        [--tight 100 300] [--count-members N] [--batch-size N]
 
 `--issue14` runs only sections 0 (`stiff_attention`, `large_model`). Sizes of the full problem
 on the 2-core CPU: one gradient of the attention objective took ~1 ms (busy machine), so one
 ROCK4 member (~70 k gradient evaluations) takes ~1 min and a capped Tsit5 member (600 k) ~10
 min. B = 256 is for a GPU; on the CPU run `--issue14 --batch 16 --repeats 0 --tsit5-members 1
---count-members 4` (each solve once, compile included, ~1.5–2 h). Tsit5 runs into max_steps on
-every member, so it runs on `--tsit5-members` members only (its count per member does not
-depend on B).
+--count-members 4 --tight 300` (each solve once, compile included, ~2 h). Tsit5 runs into
+max_steps on every member, so it runs on `--tsit5-members` members only (its count per member
+does not depend on B).
 
 0. Issue 14 targets (`stiff_attention`, `large_model`): the Lightning-Attention flow
    d = 8, 16 tokens, key/value dim 2, n = 64, t1 = 50, rtol = 1e-8, ensembles B = 16 and 256:
@@ -158,7 +158,7 @@ def stiff_attention(args):
         # so a few members show it (and its wall time is no target).
         tsit5_members = min(args.tsit5_members, size)
         tsit5_ensemble = _first_members(ensemble, tsit5_members)
-        # ROCK4 also at rtol/`--tight`: its law drift sits near rtol, Kvaerno5's ~30× below,
+        # ROCK4 also at rtol/`--tight`: its law drift sits near rtol, Kvaerno5's 20–50× below,
         # so "equal or smaller drift" is judged at the loosest rtol that achieves it.
         runs = [("stabilized", rtol, ensemble), ("kvaerno5", rtol, ensemble),
                 ("tsit5", rtol, tsit5_ensemble)] + [
@@ -325,7 +325,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=None,
                         help="gradient_flow's batch_size in stiff_attention (default: the "
                         "library's, 1 on CPU; the ensemble size vmaps it all)")
-    parser.add_argument("--tight", type=float, nargs="+", default=[100.0],
+    # At B = 16 (d = 4) ROCK4's drift at rtol/100 was still 1.6× Kvaerno5's: hence 300 too.
+    parser.add_argument("--tight", type=float, nargs="+", default=[100.0, 300.0],
                         help="ROCK4 also at rtol / each factor (drift matched to Kvaerno5's)")
     parser.add_argument("--count-members", type=int, default=None,
                         help="members whose ROCK4 work is counted (default: all)")
