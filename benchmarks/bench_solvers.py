@@ -1,6 +1,16 @@
 """Solver and ensemble benchmark: stiff late-time flows and ensemble throughput.
 
-    python benchmarks/bench_solvers.py [--repeats 2] [--quick]
+    python benchmarks/bench_solvers.py [--quick] [--issue14] [--batch 16 256] [--repeats 1]
+        [--sections stiff_attention large_model solvers ensemble] [--tsit5-members 2]
+        [--tight 100 300] [--count-members N] [--batch-size N]
+
+`--issue14` runs only sections 0 (`stiff_attention`, `large_model`). Sizes of the full problem
+on the 2-core CPU: one gradient of the attention objective took ~1 ms (busy machine), so one
+ROCK4 member (~70 k gradient evaluations) takes ~1 min and a capped Tsit5 member (600 k) ~10
+min. B = 256 is for a GPU; on the CPU run `--issue14 --batch 16 --repeats 0 --tsit5-members 1
+--count-members 4 --tight 300` (each solve once, compile included, ~2 h). Tsit5 runs into
+max_steps on every member, so it runs on `--tsit5-members` members only (its count per member
+does not depend on B).
 
 0. Issue 14 targets (`stiff_attention`, `large_model`): the Lightning-Attention flow
    d = 8, 16 tokens, key/value dim 2, n = 64, t1 = 50, rtol = 1e-8, ensembles B = 16 and 256:
@@ -10,7 +20,11 @@
    dense Jacobian would need D² × 8 B). Gradient evaluations: Tsit5 6 per step attempt;
    ROCK4 counts its f-evaluations on accepted steps in its state, plus 2 per Jacobian-vector
    product (forward-over-reverse ≈ two gradients), plus rejected attempts at the mean cost of
-   an accepted step. `--quick`: small sizes, a smoke run only.
+   an accepted step (a separate solve of `--count-members` members with the same solver and
+   controller). Tsit5's need is given two ways: measured (a lower bound, it stops at
+   max_steps) and estimated per member as 6·t1·ρ_max/3.5 (Tsit5's real-axis stability limit
+   h·ρ ≤ 3.5; ρ_max the largest Hessian spectral radius ROCK4's power iteration saw).
+   `--quick`: small sizes, a smoke run only.
 
 1. Solvers on the stiff late-time flow of Lightning Attention (d = 4, r = m = 1, t ∈ [0, 50])
    and of a quadratic net (3-4-1, t ∈ [0, 200]): Tsit5, Dopri5, Dopri8 (explicit) and
@@ -42,37 +56,51 @@ def _vector_field(objective, static, unravel):
 
 
 @eqx.filter_jit
-def _rock4_counts(params, static, objective, t1, rtol, max_steps):
+def _rock4_counts(params, static, objective, t1, rtol, max_steps, batch):
     """ROCK4's per-member work on the flow of `objective`: (f-evaluations and jvps on accepted
-    steps, accepted steps, rejected steps)."""
+    steps, accepted steps, rejected steps, largest spectral-radius estimate)."""
     _, unravel = jfu.ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], params))
     term = dfx.ODETerm(_vector_field(objective, static, unravel))
+    solver = cn.ROCK4()
 
     def one(p):
         y0, _ = jfu.ravel_pytree(p)
-        sol = dfx.diffeqsolve(term, cn.ROCK4(), 0.0, t1, None, y0,
+        sol = dfx.diffeqsolve(term, solver, 0.0, t1, None, y0,
                               saveat=dfx.SaveAt(t1=True, solver_state=True),
-                              stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol),
+                              stepsize_controller=cn.step_size_controller(solver, rtol, rtol),
                               max_steps=max_steps, throw=False)
-        _, _, _, n_f, n_jvp = sol.solver_state
-        return n_f, n_jvp, sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"]
+        _, _, rho_max, n_f, n_jvp = sol.solver_state
+        return (n_f, n_jvp, sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"],
+                rho_max)
 
-    return jax.lax.map(one, params)
+    return jax.lax.map(one, params, batch_size=batch)
 
 
-def gradient_evaluations(solver, objective, ensemble, result, t1, rtol, max_steps):
-    """Gradient evaluations per member (mean over members), see the module docstring."""
-    if solver == "tsit5":
-        return 6.0 * float(jnp.mean(result.num_steps))
-    if solver != "stabilized":
-        return None  # Kvaerno5: Newton iterations are not counted by diffrax
-    params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
-    n_f, n_jvp, accepted, rejected = (np.asarray(x, float) for x in _rock4_counts(
+def rock4_work(objective, ensemble, t1, rtol, max_steps, members):
+    """Per-member gradient evaluations of ROCK4 on the first `members` members (see the module
+    docstring) and what they say against Tsit5's estimated need."""
+    members = min(members, ensemble.size)
+    params, static = eqx.partition(_first_members(ensemble, members).models,
+                                   eqx.is_inexact_array)
+    batch = 1 if jax.default_backend() == "cpu" else members
+    n_f, n_jvp, accepted, rejected, rho_max = (np.asarray(x, float) for x in _rock4_counts(
         params, static, objective, jnp.asarray(t1, float), jnp.asarray(rtol, float),
-        max_steps))
+        max_steps, batch))
     accepted_cost = n_f + 2.0 * n_jvp
     per_step = accepted_cost / np.maximum(accepted, 1.0)
-    return float(np.mean(accepted_cost + rejected * per_step))
+    evals = accepted_cost + rejected * per_step
+    tsit5_need = 6.0 * t1 * rho_max / 3.5
+    return {
+        "members_counted": members,
+        "grad_evals_mean": float(np.mean(evals)),
+        "grad_evals_max": float(np.max(evals)),
+        "accepted_mean": float(np.mean(accepted)),
+        "rejected_fraction": float(np.sum(rejected) / np.sum(accepted + rejected)),
+        "evals_per_accepted_step_mean": float(np.mean(per_step)),
+        "rho_max_mean": float(np.mean(rho_max)),
+        "tsit5_estimated_need_over_stabilized_min": float(np.min(tsit5_need / evals)),
+        "tsit5_estimated_need_over_stabilized_mean": float(np.mean(tsit5_need / evals)),
+    }
 
 
 def _row(result, timing):
@@ -87,12 +115,29 @@ def _row(result, timing):
     }
 
 
+def _first_members(ensemble, members):
+    params, static = eqx.partition(ensemble.models, eqx.is_array)
+    return cn.Ensemble(eqx.combine(jax.tree_util.tree_map(lambda x: x[:members], params),
+                                   static), members)
+
+
+def _timed_flow(objective, ensemble, t1, rtol, solver, max_steps, repeats, batch_size=None):
+    timing = _harness.timed(lambda: cn.gradient_flow(
+        objective, ensemble, t1, rtol=rtol, solver=solver, n_save=11, max_steps=max_steps,
+        batch_size=None if batch_size is None else min(batch_size, ensemble.size)),
+        repeats=repeats)
+    if repeats == 0:  # full size on a CPU: one call, compile (~10 s) included in run_s
+        timing |= {"run_s": timing["first_call_s"], "compile_s": None,
+                   "run_includes_compile": True}
+    return timing
+
+
 def stiff_attention(args):
     """Issue 14: every member reaches t1 with ROCK4, ≥ 10× fewer gradient evaluations than
     Tsit5, ≤ 0.5× Kvaerno5's wall time, drift no larger."""
     d, tokens, r, n, t1, rtol = (4, 6, 2, 16, 50.0, 1e-8) if args.quick else (
         8, 16, 2, 64, 50.0, 1e-8)
-    sizes = (2,) if args.quick else (16, 256)
+    sizes = args.batch or ((2,) if args.quick else (16, 256))
     max_steps = 20_000 if args.quick else 100_000  # Tsit5 runs into it either way
     k = jax.random.split(jax.random.PRNGKey(0), 3)
 
@@ -101,7 +146,7 @@ def stiff_attention(args):
 
     data = cn.teacher_dataset(make(k[0]), cn.gaussian_inputs(k[1], n, (tokens, d)))
     out = {"problem": dict(d=d, tokens=tokens, key_dim=r, value_dim=r, n=n, t1=t1, rtol=rtol,
-                           max_steps=max_steps)}
+                           max_steps=max_steps, batch_size=args.batch_size or "default")}
     for size in sizes:
         ensemble = cn.Ensemble.init(make, k[2], size)
         objective = cn.make_objective(cn.MSE(), data, ensemble)
@@ -109,18 +154,26 @@ def stiff_attention(args):
         choice = timing.pop("output")
         rows = {"auto_choice": {"name": choice.name, "reason": choice.reason,
                                 "rho_max": choice.rho_max} | timing}
-        # ROCK4 also at tighter rtol: its law drift sits near rtol, Kvaerno5's far below it,
-        # so "equal or smaller drift" is judged against the loosest rtol that achieves it.
-        runs = [("stabilized", rtol), ("kvaerno5", rtol), ("tsit5", rtol),
-                ("stabilized", rtol / 10), ("stabilized", rtol / 100)]
-        for solver, tol in runs:
+        # Tsit5 stops at max_steps on every member: its count per member does not depend on B,
+        # so a few members show it (and its wall time is no target).
+        tsit5_members = min(args.tsit5_members, size)
+        tsit5_ensemble = _first_members(ensemble, tsit5_members)
+        # ROCK4 also at rtol/`--tight`: its law drift sits near rtol, Kvaerno5's 20–50× below,
+        # so "equal or smaller drift" is judged at the loosest rtol that achieves it.
+        runs = [("stabilized", rtol, ensemble), ("kvaerno5", rtol, ensemble),
+                ("tsit5", rtol, tsit5_ensemble)] + [
+                    ("stabilized", rtol / factor, ensemble) for factor in sorted(args.tight)]
+        for solver, tol, members in runs:
             label = solver if tol == rtol else f"{solver}_rtol{tol:.0e}"
-            timing = _harness.timed(lambda: cn.gradient_flow(
-                objective, ensemble, t1, rtol=tol, solver=solver, n_save=11,
-                max_steps=max_steps), repeats=args.repeats)
+            timing = _timed_flow(objective, members, t1, tol, solver, max_steps, args.repeats,
+                                 args.batch_size)
             result = timing.pop("output")
-            rows[label] = _row(result, timing) | {"rtol": tol, "grad_evals_mean": (
-                gradient_evaluations(solver, objective, ensemble, result, t1, tol, max_steps))}
+            rows[label] = _row(result, timing) | {"rtol": tol, "members": members.size}
+            if solver == "tsit5":
+                rows[label]["grad_evals_mean"] = 6.0 * float(jnp.mean(result.num_steps))
+            elif solver == "stabilized":
+                rows[label] |= rock4_work(objective, ensemble, t1, tol, max_steps,
+                                          args.count_members or size)
             print("stiff_attention", size, label, rows[label], flush=True)
         s, kv, ts = rows["stabilized"], rows["kvaerno5"], rows["tsit5"]
         matched = [rows[label] for label in rows
@@ -128,8 +181,11 @@ def stiff_attention(args):
                    and rows[label]["max_drift"] <= kv["max_drift"]]
         rows["targets"] = {
             "stabilized_all_reach_t1": s["all_reached_t1"],
-            # Tsit5 stops at max_steps: its count is a lower bound of what it needs.
-            "grad_evals_tsit5_over_stabilized": ts["grad_evals_mean"] / s["grad_evals_mean"],
+            # Tsit5 stops at max_steps: its measured count is a lower bound of its need.
+            "grad_evals_tsit5_capped_over_stabilized": ts["grad_evals_mean"] / s["grad_evals_mean"],
+            "grad_evals_tsit5_estimated_need_over_stabilized_min": s[
+                "tsit5_estimated_need_over_stabilized_min"],
+            "stabilized_grad_evals_max_per_member": s["grad_evals_max"],
             "wall_stabilized_over_kvaerno5": s["run_s"] / kv["run_s"],
             "drift_stabilized_over_kvaerno5": s["max_drift"] / max(kv["max_drift"], 1e-300),
             "wall_over_kvaerno5_at_equal_or_smaller_drift": (
@@ -155,18 +211,20 @@ def large_model(args):
     num_params = sum(a * b for a, b in zip(widths, widths[1:]))
     out = {"problem": dict(widths=widths, n=n, t1=t1, rtol=rtol, num_params=num_params)}
     for solver in ("stabilized", "tsit5"):
-        timing = _harness.timed(lambda: cn.gradient_flow(
-            objective, ensemble, t1, rtol=rtol, solver=solver, n_save=11,
-            max_steps=max_steps), repeats=1)
+        timing = _timed_flow(objective, ensemble, t1, rtol, solver, max_steps,
+                             min(args.repeats, 1))
         result = timing.pop("output")
         out[solver] = _row(result, timing) | {
-            "grad_evals_mean": gradient_evaluations(
-                solver, objective, ensemble, result, t1, rtol, max_steps),
             "converged_1e-10": bool(jnp.all(result.loss[:, -1] <= 1e-10 * result.loss[:, 0]))}
+        if solver == "tsit5":
+            out[solver]["grad_evals_mean"] = 6.0 * float(jnp.mean(result.num_steps))
+        else:
+            out[solver] |= rock4_work(objective, ensemble, t1, rtol, max_steps, 1)
         print("large_model", solver, out[solver], flush=True)
     out["kvaerno5"] = (f"not run: its dense Newton Jacobian has D² = {num_params**2:.3g} entries "
-                       f"({num_params**2 * 8 / 2**30:.3g} GiB in float64) and O(D³) "
-                       "factorisations")
+                       f"({num_params**2 * 8 / 2**30:.3g} GiB in float64), built from D = "
+                       f"{num_params} Jacobian-vector products, and O(D³) = "
+                       f"{num_params**3:.2g} flop factorisations")
     return out
 
 
@@ -182,38 +240,32 @@ def problems():
             "quadratic_3_4_1": (quadratic, quad_data, 200.0)}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    args = parser.parse_args()
-    report = {"stiff_attention": stiff_attention(args), "large_model": large_model(args),
-              "solvers": {}, "ensemble_throughput": {}}
-    if args.quick:
-        print("wrote", _harness.write("solvers_quick", report))
-        return
+def small_solvers(args):
+    """Section 1: explicit and implicit solvers on two small stiff late-time flows."""
+    repeats = max(args.repeats, 1)
+    out = {}
     for name, (model, data, t1) in problems().items():
         objective = cn.make_objective(cn.MSE(), data, model)
         ensemble = cn.Ensemble.init(lambda k: type(model).random(
             *((4,) if name.startswith("attention") else ((3, 4, 1),)), key=k,
             **({"causal": False} if name.startswith("attention") else {})),
             jax.random.PRNGKey(1), 4)
-        report["solvers"][name] = {}
+        out[name] = {}
         for solver in ("tsit5", "dopri5", "dopri8", "kvaerno5", "stabilized"):
             timing = _harness.timed(lambda: cn.gradient_flow(
                 objective, ensemble, t1, rtol=1e-8, solver=solver, n_save=11),
-                repeats=args.repeats)
+                repeats=repeats)
             result = timing.pop("output")
             row = timing | {
                 "steps_mean": float(jnp.mean(result.num_steps)),
                 "status": result.summary()["status"]}
-            report["solvers"][name][solver] = row
+            out[name][solver] = row
             print(name, solver, {k: round(v, 4) if isinstance(v, float) else v
                                  for k, v in row.items()})
         try:
             from jax.experimental.ode import odeint
         except ImportError:
-            report["solvers"][name]["jax_experimental_odeint"] = "not available in this JAX"
+            out[name]["jax_experimental_odeint"] = "not available in this JAX"
             continue
         params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
         _, unravel = jfu.ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], params))
@@ -225,14 +277,20 @@ def main():
             return jax.vmap(lambda y: odeint(rhs, y, jnp.linspace(0.0, t1, 11), rtol=1e-8,
                                              atol=1e-8))(y0)
 
-        timing = _harness.timed(lambda: peer(y0), repeats=args.repeats)
+        timing = _harness.timed(lambda: peer(y0), repeats=repeats)
         timing.pop("output")
-        report["solvers"][name]["jax_experimental_odeint"] = timing
+        out[name]["jax_experimental_odeint"] = timing
         print(name, "odeint", timing)
+    return out
 
+
+def ensemble_throughput(args):
+    """Section 2: members per second of gradient flow against the ensemble size."""
+    repeats = max(args.repeats, 1)
     teacher = cn.DeepLinear.random([8, 16, 16, 4], key=jax.random.PRNGKey(2))
     data = cn.teacher_dataset(teacher, cn.gaussian_inputs(jax.random.PRNGKey(3), 128, (8,)))
     objective = cn.make_objective(cn.MSE(), data, teacher)
+    out = {}
     for size in (1, 4, 16, 64):
         ensemble = cn.Ensemble.init(lambda k: cn.DeepLinear.random(
             [8, 16, 16, 4], key=k, init_scale=0.7), jax.random.PRNGKey(4), size)
@@ -241,12 +299,54 @@ def main():
             timing = _harness.timed(lambda: cn.gradient_flow(
                 objective, ensemble, 20.0, rtol=1e-9, n_save=11, batch_size=batch,
                 solver="tsit5"),
-                repeats=args.repeats)
+                repeats=repeats)
             timing.pop("output")
             row[label] = timing | {"members_per_second": size / timing["run_s"]}
-        report["ensemble_throughput"][size] = row
+        out[size] = row
         print("ensemble", size, {k: round(v["members_per_second"], 2) for k, v in row.items()})
-    print("wrote", _harness.write("solvers", report))
+    return out
+
+
+SECTIONS = ("stiff_attention", "large_model", "solvers", "ensemble")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="warm calls timed after the first (0: time the first call only)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--issue14", action="store_true",
+                        help="only the issue-14 sections (stiff_attention, large_model)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None)
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="ensemble sizes of stiff_attention (default 16 256; quick: 2)")
+    parser.add_argument("--tsit5-members", type=int, default=2,
+                        help="members Tsit5 runs on in stiff_attention (it hits max_steps)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="gradient_flow's batch_size in stiff_attention (default: the "
+                        "library's, 1 on CPU; the ensemble size vmaps it all)")
+    # At B = 16 (d = 4) ROCK4's drift at rtol/100 was still 1.6× Kvaerno5's: hence 300 too.
+    parser.add_argument("--tight", type=float, nargs="+", default=[100.0, 300.0],
+                        help="ROCK4 also at rtol / each factor (drift matched to Kvaerno5's)")
+    parser.add_argument("--count-members", type=int, default=None,
+                        help="members whose ROCK4 work is counted (default: all)")
+    args = parser.parse_args()
+    if args.sections is None:
+        args.sections = SECTIONS[:2] if (args.issue14 or args.quick) else SECTIONS
+    report = {}
+    if "stiff_attention" in args.sections:
+        report["stiff_attention"] = stiff_attention(args)
+    if "large_model" in args.sections:
+        report["large_model"] = large_model(args)
+    if "solvers" in args.sections:
+        report["solvers"] = small_solvers(args)
+    if "ensemble" in args.sections:
+        report["ensemble_throughput"] = ensemble_throughput(args)
+    # solvers[_quick][_<sections>]: a partial run never overwrites a complete one.
+    name = "solvers_quick" if args.quick else "solvers"
+    if set(args.sections) != set(SECTIONS[:2] if args.quick else SECTIONS):
+        name += "_" + "_".join(sorted(args.sections))
+    print("wrote", _harness.write(name, report))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ from ._dynamics.solvers import (
 from ._dynamics.solvers import (
     choose_solver as choose_solver,
 )
+from ._dynamics.solvers import (
+    step_size_controller as step_size_controller,
+)
 from ._dynamics.train import optimizer as optimizer
 from ._dynamics.train import train as train
 from ._experiments.config import (

@@ -30,7 +30,7 @@ from .monitor import (
     values_to_keep,
 )
 from .batching import default_batch_size, free_device_memory
-from .solvers import ROCK4, _choose
+from .solvers import ROCK4, _choose, step_size_controller
 
 SOLVERS = {
     "tsit5": dfx.Tsit5,
@@ -369,7 +369,7 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
         sol = dfx.diffeqsolve(
             dfx.ODETerm(vector_field), solver, 0.0, t1, None, field.start(grad, y0),
             saveat=saveat,
-            stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+            stepsize_controller=step_size_controller(solver, rtol, atol),
             max_steps=max_steps,
             event=dfx.Event(diverged),
             progress_meter=progress_meter,
