@@ -1,7 +1,7 @@
 """Law-counting benchmark: the 50 random architectures of Marcotte et al.'s reference run
 (linear and ReLU nets, depth 2–4, every width in 2..5), counted by `count_laws`.
 
-    python benchmarks/bench_counting.py [--quick] [--configs 50]
+    python benchmarks/bench_counting.py [--quick] [--configs 50] [--only linear|relu]
 
 Reference: their SageMath code took 34 min on 64 cores for 50 linear configurations (~41 s
 each) and 1 h 53 min for 50 ReLU ones. Every count is checked against an independent answer:
@@ -99,24 +99,30 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 configs per kind")
+    parser.add_argument("--only", choices=("linear", "relu"), default=None,
+                        help="count one kind only (cold: its times include every compilation)")
     args = parser.parse_args()
     n = 6 if args.quick else args.configs
     probe = 100_000 if args.quick else 1_000_000
     archs = architectures(n)
-    report = {"configs": [], "quick": args.quick, "relu_probe_inputs": probe}
+    if args.only is not None:
+        archs = {kind: a if kind == args.only else [] for kind, a in archs.items()}
+    report = {"configs": [], "quick": args.quick, "only": args.only, "relu_probe_inputs": probe}
     total = {"linear_proof": 0.0, "linear_estimate": 0.0, "relu": 0.0}
 
     # A repeated count of the same shapes: the first call compiles, the repeat reuses it.
-    widths = archs["linear"][0][1]
-    model = cn.DeepLinear.random(widths, key=jax.random.PRNGKey(0))
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        cn.count_laws(model, cn.MSE(), key=jax.random.PRNGKey(0))
-        times.append(time.perf_counter() - start)
-    report["repeat"] = {"widths": widths, "first_s": times[0], "repeat_s": min(times[1:]),
-                        "speedup": times[0] / min(times[1:])}
-    print("repeat", report["repeat"])
+    # (Skipped with `--only`, whose totals then include every cold compilation.)
+    if args.only is None:
+        widths = archs["linear"][0][1]
+        model = cn.DeepLinear.random(widths, key=jax.random.PRNGKey(0))
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            cn.count_laws(model, cn.MSE(), key=jax.random.PRNGKey(0))
+            times.append(time.perf_counter() - start)
+        report["repeat"] = {"widths": widths, "first_s": times[0], "repeat_s": min(times[1:]),
+                            "speedup": times[0] / min(times[1:])}
+        print("repeat", report["repeat"])
 
     for i, widths in archs["linear"]:
         model = cn.DeepLinear.random(widths, key=jax.random.PRNGKey(i))
@@ -167,7 +173,8 @@ def main():
     report["relu_with_never_coactive"] = sum(
         1 for r in report["configs"] if r["kind"] == "relu" and r["never_coactive_numpy"])
     print("total", total, "all correct", report["all_correct"])
-    print("wrote", _harness.write("counting_quick" if args.quick else "counting", report))
+    name = "counting" + ("_quick" if args.quick else "") + (f"_{args.only}" if args.only else "")
+    print("wrote", _harness.write(name, report))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Law counting (Lie-algebra rank) and the polynomial law finder, against known counts."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,3 +226,82 @@ def test_padded_linear_count_matches_unpadded():
 def test_count_cli_refuses_negative_depth(capsys):
     assert main(["count", "--depth", "-3"]) == 2
     assert "`--depth`" in capsys.readouterr().err
+
+
+# Exact integer polynomials in the parameters, {exponents: coefficient}: an independent
+# reference for the nested brackets (symbolic derivatives, no autodiff, no rounding).
+def _poly_mul(p, q):
+    out = {}
+    for ep, cp in p.items():
+        for eq, cq in q.items():
+            e = tuple(a + b for a, b in zip(ep, eq))
+            out[e] = out.get(e, 0) + cp * cq
+    return out
+
+
+def _poly_add(p, q, sign=1):
+    out = dict(p)
+    for e, c in q.items():
+        out[e] = out.get(e, 0) + sign * c
+    return out
+
+
+def _poly_diff(p, i):
+    out = {}
+    for e, c in p.items():
+        if e[i]:
+            d = list(e)
+            d[i] -= 1
+            out[tuple(d)] = out.get(tuple(d), 0) + c * e[i]
+    return out
+
+
+def _poly_bracket(f, g):
+    """[F, G] = DG·F − DF·G, componentwise."""
+    out = []
+    for i in range(len(f)):
+        term = {}
+        for j in range(len(f)):
+            term = _poly_add(term, _poly_mul(f[j], _poly_diff(g[i], j)))
+            term = _poly_add(term, _poly_mul(g[j], _poly_diff(f[i], j)), sign=-1)
+        out.append(term)
+    return out
+
+
+def test_deep_brackets_match_exact_polynomial_brackets():
+    # f(x) = b (a·x), θ = (a₀, a₁, b₀, b₁): L_Z is a degree-4 polynomial, its depth-3
+    # brackets degree 9, so every order of derivative the nested jvps take is exercised.
+    from conservation._laws.counting import _bracket_fields, _build_objectives
+
+    theta = np.array([1, 2, -1, 3])
+    model = cn.DeepLinear([jnp.asarray(theta[:2][None, :], float),
+                           jnp.asarray(theta[2:][:, None], float)])
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, size=(4, 3, 2))
+    y = rng.integers(-3, 4, size=(4, 3, 2))
+    variables = [{tuple(int(i == j) for j in range(4)): 1} for i in range(4)]
+    fields = []
+    for xs, ys in zip(x, y):
+        loss = {}
+        for xn, yn in zip(xs, ys):
+            s = _poly_add(_poly_mul({(0,) * 4: int(xn[0])}, variables[0]),
+                          _poly_mul({(0,) * 4: int(xn[1])}, variables[1]))
+            for k in range(2):
+                r = _poly_add(_poly_mul(variables[2 + k], s), {(0,) * 4: int(yn[k])}, sign=-1)
+                loss = _poly_add(loss, _poly_mul(r, r))
+        fields.append([_poly_diff(loss, i) for i in range(4)])  # ∇L_Z (a positive
+        # multiple of the library's mean loss gradient: normalised rows do not see it)
+    objectives = _build_objectives(cn.MSE(), model, None, jnp.asarray(x, float),
+                                   jnp.asarray(y, float))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    brackets = [fields[3]]
+    for i in (2, 1, 0):
+        brackets.append(_poly_bracket(fields[i], brackets[-1]))
+    for depth in (1, 3):  # depth 3 nests every lower depth (each compile costs ~1 s)
+        bracket = brackets[depth]
+        value = np.array([float(sum(c * int(np.prod(theta ** np.array(e)))
+                                    for e, c in component.items()))
+                          for component in bracket])
+        picked = jax.tree_util.tree_map(lambda a: a[None, 3 - depth:], objectives)
+        rows = np.asarray(_bracket_fields(params, static, picked, depth)[0])
+        np.testing.assert_allclose(rows[0], value / np.linalg.norm(value), rtol=0, atol=1e-12)

@@ -144,8 +144,23 @@ def _build_objectives(loss, model, augmentation, x, y):
                                                   augment=augmentation))(x, y)
 
 
-@eqx.filter_jit
-def _bracket_fields(params, static, objectives, depth, mask=None):
+# How the field programs are compiled. They run in milliseconds, but a deep bracket is a
+# long chain of tiny matrix products (nested forward-mode derivatives of a gradient) whose
+# compilation at XLA's defaults took tens of seconds (depth 4 of the padded 4-layer linear net
+# of `pad_to=(4, 5)`: ~50 s on one core). Eigen's dot kernels compile several times faster
+# than the inline loops XLA emits under `--xla_cpu_multi_thread_eigen=false` (a flag
+# benchmarks set to pin threads; products of 5×5 matrices never use a second thread anyway).
+# From depth `_DEEP` on, brackets are also compiled at optimisation level 0 (the same IEEE
+# float64 arithmetic, no fast-math) and evaluated one at a time (a loop, not vmap: unbatched
+# products compile about twice as fast): compilation then drops ~10×, while running grows
+# from ~10 to ~100 ms per call. Shallow brackets, evaluated in every round of every count,
+# keep the faster-running batched, optimised program.
+_DEEP = 3
+_SHALLOW_OPTIONS = {"xla_cpu_multi_thread_eigen": True}
+_DEEP_OPTIONS = _SHALLOW_OPTIONS | {"xla_backend_optimization_level": 0}
+
+
+def _fields(params, static, objectives, depth, mask):
     """Rows [F₀, [F₁, … F_depth]](θ) / ‖·‖ for a batch of objectives stacked (batch, depth+1),
     and each row's cancellation ratio: the product over its brackets of ‖A − B‖ / (‖A‖ + ‖B‖)
     for [F, G] = A − B (1 for a plain gradient).
@@ -153,10 +168,7 @@ def _bracket_fields(params, static, objectives, depth, mask=None):
     A bracket that vanishes identically (e.g. [F, F], or fields of two orderings of one data
     set) evaluates to round-off, ~ε(‖A‖ + ‖B‖), which the row normalisation would blow up to
     a unit vector in a random direction: a spurious rank that depends on the backend's
-    summation order. The ratio tells the caller how far round-off is amplified in the row.
-
-    θ, the data sets and the structure are arguments (not closures), so equal shapes share
-    one compiled program across calls and across models of one architecture."""
+    summation order. The ratio tells the caller how far round-off is amplified in the row."""
     theta, unravel = jfu.ravel_pytree(params)
 
     def gradient(objective):
@@ -173,9 +185,11 @@ def _bracket_fields(params, static, objectives, depth, mask=None):
         inner = nested(objectives, k + 1)
 
         def bracket(y):  # [F, G](y) = DG(y)·F(y) − DF(y)·G(y)
-            f, _ = first(y)
+            # F(y) and G(y) come out of the derivative programs themselves (not evaluated
+            # again beside them): each depth traces ~2.7× the ops of the one below, not ~3.5×.
+            f, first_linear = jax.linearize(lambda z: first(z)[0], y)
             g, dg, ratio = jax.jvp(inner, (y,), (f,), has_aux=True)
-            _, df, _ = jax.jvp(first, (y,), (g,), has_aux=True)
+            df = first_linear(g)
             value = dg - df
             scale = jnp.linalg.norm(dg) + jnp.linalg.norm(df)
             here = jnp.linalg.norm(value) / jnp.where(scale > 0, scale, 1.0)
@@ -183,11 +197,37 @@ def _bracket_fields(params, static, objectives, depth, mask=None):
 
         return bracket
 
-    rows, ratio = jax.vmap(lambda objs: nested(objs, 0)(theta))(objectives)
+    row = lambda objs: nested(objs, 0)(theta)  # noqa: E731
+    rows, ratio = (jax.lax.map(row, objectives) if depth >= _DEEP
+                   else jax.vmap(row)(objectives))
     # Normalised rows: fields of data at different scales differ by orders of magnitude,
     # and the rank decision must not depend on that.
     norm = jnp.linalg.norm(rows, axis=1, keepdims=True)
     return rows / jnp.where(norm > 0, norm, 1.0), ratio
+
+
+def _fields_program(arrays, structure):
+    treedef, others = structure  # None marks an array leaf (None is never a pytree leaf)
+    leaves = [a if o is None else o for a, o in zip(arrays, others)]
+    return _fields(*jax.tree_util.tree_unflatten(treedef, leaves))
+
+
+_shallow_fields = jax.jit(_fields_program, static_argnums=1, compiler_options=_SHALLOW_OPTIONS)
+_deep_fields = jax.jit(_fields_program, static_argnums=1, compiler_options=_DEEP_OPTIONS)
+
+
+def _bracket_fields(params, static, objectives, depth, mask=None):
+    """Rows [F₀, [F₁, … F_depth]](θ) / ‖·‖ for a batch of objectives stacked (batch, depth+1),
+    and their cancellation ratios (see `_fields`).
+
+    θ, the data sets and the structure are arguments (not closures), so equal shapes share
+    one compiled program across calls and across models of one architecture (arrays are
+    traced, every other leaf is static, as under `eqx.filter_jit`)."""
+    leaves, treedef = jax.tree_util.tree_flatten((params, static, objectives, depth, mask))
+    arrays = [leaf if eqx.is_array(leaf) else None for leaf in leaves]
+    others = tuple(None if eqx.is_array(leaf) else leaf for leaf in leaves)
+    program = _deep_fields if depth >= _DEEP else _shallow_fields
+    return program(arrays, (treedef, others))
 
 
 def _evaluate(params, static, pool, index, mask=None, keep=None):
