@@ -44,11 +44,98 @@ def augmentation() -> str:
     return json.dumps({k: v for k, v in report.items() if k != "environment"}, indent=1)
 
 
+def counting() -> str:
+    import collections
+    import statistics
+
+    report = _load("counting_cpu.json")
+    cold = _load("counting_linear_cpu.json")  # `--only linear`: no warm-up before it
+    configs = report["configs"]
+    rows = ["| | total | total, cold (`--only linear`) | median | verdicts | correct |",
+            "|---|---|---|---|---|---|"]
+    for label, kind, mode, total in (
+            ("linear, proof (`pad_to=(4, 5)`, compile included)", "linear", "proof",
+             "linear_proof"),
+            ("linear, estimate (`known_laws=False`)", "linear", "estimate", "linear_estimate"),
+            ("ReLU (default arguments)", "relu", None, "relu")):
+        entries = [c[mode] if mode else c for c in configs if c["kind"] == kind]
+        verdicts = collections.Counter(e["verdict"] for e in entries)
+        correct = sum(c["correct"] for c in configs if c["kind"] == kind)
+        median = statistics.median(e["seconds"] for e in entries)
+        cold_total = cold["total_seconds"][total] if cold and kind == "linear" else None
+        rows.append(f"| {label} | {report['total_seconds'][total]:.1f} s | "
+                    f"{'-' if cold_total is None else f'{cold_total:.1f} s'} | "
+                    f"{median:.2f} s | "
+                    + ", ".join(f"{n} {v}" for v, n in verdicts.most_common())
+                    + f" | {correct}/{len(entries)} |")
+    repeat = report["repeat"]
+    rows.append("")
+    rows.append(f"A repeated count of the same shapes ({', '.join(map(str, repeat['widths']))}, "
+                f"unpadded): {repeat['first_s']:.2f} s first, {repeat['repeat_s']:.3f} s "
+                f"repeated ({repeat['speedup']:.0f}×). Machine: "
+                f"{report['environment']['cpu_count']} cores, jax "
+                f"{report['environment']['versions']['jax']}.")
+    return "\n".join(rows)
+
+
+def solvers_quick() -> str:
+    report = _load("solvers_quick_cpu.json")
+    attention = report["stiff_attention"]
+    problem = attention["problem"]
+    rows = []
+    for batch, entry in attention.items():
+        if not batch.startswith("B"):
+            continue
+        rows += [f"Attention d = {problem['d']}, {problem['tokens']} tokens, n = {problem['n']}, "
+                 f"t1 = {problem['t1']:g}, {batch[1:]} members, Tsit5 capped at "
+                 f"{problem['max_steps']} steps; `auto` chose `{entry['auto_choice']['name']}`:",
+                 "",
+                 "| solver | rtol | status | steps | gradient evaluations / member (mean, max) | "
+                 "rejected | run [s] | max law drift |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for name, run in entry.items():
+            if name in ("auto_choice", "targets"):
+                continue
+            evals = run.get("grad_evals_mean")
+            evals = ("-" if evals is None else f"{evals:.3g}"
+                     + (f", {run['grad_evals_max']:.3g}" if "grad_evals_max" in run else ""))
+            rejected = run.get("rejected_fraction")
+            status = ", ".join(f"{n} {k}" for k, n in run["status_counts"].items())
+            rows.append(f"| {name} | {run['rtol']:.1e} | {status} | {run['steps_mean']:.0f} | "
+                        f"{evals} | {'-' if rejected is None else f'{rejected:.0%}'} | "
+                        f"{run['run_s']:.2f} | {run['max_drift']:.1e} |")
+        t = entry["targets"]
+        rows += ["", "Targets: " + "; ".join(
+            f"{k.replace('_', ' ')} = {v:.3g}" if isinstance(v, float) else
+            f"{k.replace('_', ' ')} = {v}" for k, v in t.items()) + "."]
+    large = report.get("large_model")
+    if large:
+        p = large["problem"]
+        rows += ["", f"Deep linear {'-'.join(map(str, p['widths']))} ({p['num_params']} "
+                 f"parameters), n = {p['n']}, t1 = {p['t1']:g}:", "",
+                 "| solver | steps | gradient evaluations | run [s] | loss ÷ start | max law drift |",
+                 "|---|---|---|---|---|---|"]
+        for name, run in large.items():
+            if name == "problem":
+                continue
+            if isinstance(run, str):
+                rows.append(f"| {name} | {run} | | | | |")
+                continue
+            rows.append(f"| {name} | {run['steps_mean']:.0f} | {run['grad_evals_mean']:.3g} | "
+                        f"{run['run_s']:.3f} | {run['final_loss_over_start_max']:.1e} | "
+                        f"{run['max_drift']:.1e} |")
+    env = report["environment"]
+    rows += ["", f"Machine: {env['device']}, {env['cpu_count']} cores, jax "
+             f"{env['versions']['jax']}."]
+    return "\n".join(rows)
+
+
 def solvers() -> str:
     report = _load("solvers_cpu.json")
     return json.dumps({k: v for k, v in report.items() if k != "environment"}, indent=1)
 
 
 if __name__ == "__main__":
-    print({"ensembles": ensembles, "augmentation": augmentation,
+    print({"ensembles": ensembles, "augmentation": augmentation, "counting": counting,
+           "solvers_quick": solvers_quick,
            "solvers": solvers}[sys.argv[1]]())
