@@ -113,7 +113,8 @@ def solvers_quick() -> str:
         p = large["problem"]
         rows += ["", f"Deep linear {'-'.join(map(str, p['widths']))} ({p['num_params']} "
                  f"parameters), n = {p['n']}, t1 = {p['t1']:g}:", "",
-                 "| solver | steps | gradient evaluations | run [s] | loss ÷ start | max law drift |",
+                 "| solver | steps | gradient evaluations | run [s] | loss ÷ start | "
+                 "max law drift |",
                  "|---|---|---|---|---|---|"]
         for name, run in large.items():
             if name == "problem":

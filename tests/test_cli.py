@@ -124,7 +124,8 @@ def test_fig1_config_end_to_end_with_landscapes(tmp_path):
                  "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["laws"] == ["rowspace[W1]"]
-    assert summary["symmetry_defect"]["augmented"] < 1e-14 < 0.1 < summary["symmetry_defect"]["plain"]
+    defect = summary["symmetry_defect"]
+    assert defect["augmented"] < 1e-14 < 0.1 < defect["plain"]
     drift = {r["label"]: r["max_drift"]["rowspace[W1]"] for r in summary["runs"]}
     flow_rtol = summary["config"]["dynamics"][0]["rtol"]
     assert drift["flow (rtol 1e-10) · augmented"] <= 10 * flow_rtol
@@ -329,7 +330,8 @@ steps = 20000
 def _child(config, out, *extra):
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "conservation._experiments.cli", "run", str(config), "--out", str(out),
+        [sys.executable, "-m", "conservation._experiments.cli", "run", str(config),
+         "--out", str(out),
          *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

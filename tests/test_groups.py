@@ -148,7 +148,8 @@ def test_exact_orthogonal_basis_does_not_depend_on_the_pairing_order(d, n_axes):
     tensor = rng.standard_normal(d**n_axes)
     reference = _reference_projection(tensor, n_axes, d)
     for b in (basis, permuted_basis):
-        np.testing.assert_allclose(b.T @ (b @ tensor), reference, atol=1e-12 * np.linalg.norm(tensor))
+        np.testing.assert_allclose(b.T @ (b @ tensor), reference,
+                                   atol=1e-12 * np.linalg.norm(tensor))
 
 
 def test_invariant_dimensions_match_known_counts():

@@ -62,7 +62,8 @@ def _two_processes(config, out, timeout=240) -> list[int]:
                         "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one CPU device per process
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "conservation._experiments.cli", "sweep", str(config), "--out", str(out),
+        [sys.executable, "-m", "conservation._experiments.cli", "sweep", str(config),
+         "--out", str(out),
          "--quiet", "--coordinator", f"localhost:{port}", "--num-processes", "2",
          "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for i in range(2)]

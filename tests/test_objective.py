@@ -55,7 +55,8 @@ def test_moment_cost_is_independent_of_sample_count(zoo, getkey):
     sizes = []
     for n in (10, 1000):
         xs = jax.random.normal(getkey(), (n, 3))
-        objective = cn.make_objective(cn.MSE(), cn.Dataset(xs, _random_targets(getkey(), model, xs)),
+        objective = cn.make_objective(cn.MSE(),
+                                      cn.Dataset(xs, _random_targets(getkey(), model, xs)),
                                       model)
         sizes.append([a.size for a in (objective.moments.M, objective.moments.B)])
     assert sizes[0] == sizes[1]

@@ -94,7 +94,8 @@ def test_sharded_sweep_over_four_cpu_devices_matches_unsharded(tmp_path):
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                         "JAX_PLATFORMS": "cpu"}
     script = (
-        "import sys, jax; from conservation._experiments.cli import main; assert len(jax.devices()) == 4; "
+        "import sys, jax; from conservation._experiments.cli import main; "
+        "assert len(jax.devices()) == 4; "
         "sys.exit(main(['sweep', sys.argv[1], '--out', sys.argv[2], '--quiet']))")
     for path, out in ((config, "plain"), (sharded, "sharded")):
         subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / out)],

@@ -369,7 +369,8 @@ def _brauer_basis(n_axes: int, d: int, order: tuple[int, ...] | None = None
         return _planar_basis(n_axes), 2.0 ** (1 - n_axes)
     if not _brauer_supported(n_axes, d):
         raise ValueError(f"exact O({d}) averaging of a tensor with {n_axes} axes needs "
-                         f"{_double_factorial(n_axes - 1)} Brauer tensors of size {d}^{n_axes}; use "
+                         f"{_double_factorial(n_axes - 1)} Brauer tensors of size {d}^{n_axes}; "
+                         "use "
                          "`OrthogonalGroup(d, samples=...)` (Monte Carlo) or fewer axes.")
     pairings = _pairings(tuple(range(n_axes)))
     if order is not None:

@@ -18,6 +18,7 @@ from .._custom_types import Array, ScalarLike
 from .._data.objective import Objective
 from .._laws.base import check_unique_names
 from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
+from .batching import default_batch_size, free_device_memory
 from .monitor import (
     DIVERGED,
     FAILED,
@@ -29,7 +30,6 @@ from .monitor import (
     show_progress,
     values_to_keep,
 )
-from .batching import default_batch_size, free_device_memory
 from .solvers import ROCK4, _choose, step_size_controller
 
 SOLVERS = {

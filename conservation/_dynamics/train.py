@@ -45,7 +45,8 @@ def optimizer(
         def make(learning_rate, weight_decay):
             return optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
         return optax.inject_hyperparams(make)(lr, weight_decay)
-    raise ValueError(f"unknown optimizer `kind` {kind!r}; choose 'gd', 'sgd', 'momentum' or 'adam'.")
+    raise ValueError(f"unknown optimizer `kind` {kind!r}; choose 'gd', 'sgd', 'momentum' or "
+                     "'adam'.")
 
 
 def _minibatch(objective: Objective, key: Key, step, batch_size: int | None) -> Objective:

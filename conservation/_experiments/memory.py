@@ -4,8 +4,9 @@ The estimate counts what a run holds at once, in float64 (8 bytes): the paramete
 member (initial, solver state and ~8 Runge–Kutta stages or optimizer state), the teacher, the
 data (orbit-expanded in `orbit` mode), the moment matrices of the fast path (p² for p features),
 and the saved values (loss, every law's drift and condition at `n_save` times per member, and
-every law's value at the final time; the values at every save only on request, `values="all"`). It is a lower bound on the peak (XLA adds temporaries), so the refusal threshold is the
-machine's memory, not a fraction of it.
+every law's value at the final time; the values at every save only on request,
+`values="all"`). It is a lower bound on the peak (XLA adds temporaries), so the refusal threshold
+is the machine's memory, not a fraction of it.
 """
 
 import math

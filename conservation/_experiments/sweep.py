@@ -1,10 +1,11 @@
 """Config sweeps: many points, few compiled programs, a resumable results store.
 
-A `[sweep]` table lists axes (`conservation._experiments.config.AXES`). Member axes (`seed`, `init_scale`,
-and for discrete optimizers `lr`, `weight_decay`, `momentum`) are batched: the points become
-members of one ensemble whose optimizer hyperparameters are per-member arrays, so a whole group
-runs as ONE compiled program. Call axes (a flow's `rtol`, `atol`, `t1`, `weight_decay`, `lr`,
-`momentum`) are traced scalars of the solve: one call of the same compiled program per value.
+A `[sweep]` table lists axes (`conservation._experiments.config.AXES`). Member axes (`seed`,
+`init_scale`, and for discrete optimizers `lr`, `weight_decay`, `momentum`) are batched: the
+points become members of one ensemble whose optimizer hyperparameters are per-member arrays, so
+a whole group runs as ONE compiled program. Call axes (a flow's `rtol`, `atol`, `t1`,
+`weight_decay`, `lr`, `momentum`) are traced scalars of the solve: one call of the same compiled
+program per value.
 Static axes (`widths`, `solver`, `loss`, `group`, `samples`, `n`, `noise`) group the points;
 each group is built and compiled once. Chunks share the compiled program (the last chunk is
 padded to the same size). Every point is validated like a hand-written config.
@@ -162,7 +163,8 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
     Process 0 holds the folder lock for the group, writes `sweep.json` and removes leftovers;
     the pending points are dealt round-robin (ensemble members are independent: a vmapped
     flow steps each member with its own controller, so a point's numbers do not depend on
-    its batch companions). Each process computes its share on its local devices only (no global arrays, no collectives in the computation), writes its
+    its batch companions). Each process computes its share on its local devices only (no
+    global arrays, no collectives in the computation), writes its
     own points (atomic files), and process 0 writes the summary and report after all are
     done. `devices = N` then shards each process's chunks over N of its local devices."""
     from .runner import build, config_dict, execute_with, model_factory, result_arrays

@@ -326,12 +326,14 @@ def augmentation_laws(model, augment) -> tuple[AbstractLaw, ...]:
         return tuple(laws)
     if isinstance(model, PolynomialNet | Neuron):
         h = _first_layer(model).shape[0]
-        if h < group.dim and _reproduces_orthogonal_average(model, Augmentation(group, augmentation.equivariant)):
+        if h < group.dim and _reproduces_orthogonal_average(
+                model, Augmentation(group, augmentation.equivariant)):
             return (RowSpaceLaw(None),)
         return ()
     if isinstance(model, LightningAttention):
         k = AttentionRangeLaw().block(model).shape[1]
-        if k < group.dim and _reproduces_orthogonal_average(model, Augmentation(group, augmentation.equivariant)):
+        if k < group.dim and _reproduces_orthogonal_average(
+                model, Augmentation(group, augmentation.equivariant)):
             return (AttentionRangeLaw(),)
         return ()
     return ()

@@ -87,7 +87,8 @@ class PolynomialNet(AbstractTensorizableModel):
             raise ValueError("`weights` must hold at least two 2-D matrices (one hidden layer).")
         for i, (a, b) in enumerate(zip(weights[:-1], weights[1:])):
             if b.shape[1] != a.shape[0]:
-                raise ValueError(f"`weights[{i + 1}]` has shape {b.shape}: layer shapes must chain.")
+                raise ValueError(f"`weights[{i + 1}]` has shape {b.shape}: layer shapes must "
+                                 "chain.")
         self.weights = weights
         self.coefficients = _resolve_activation(activation)
 
