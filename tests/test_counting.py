@@ -100,7 +100,7 @@ def test_polynomial_finder_quadratic_neuron_and_monitor_plug_in(getkey):
     assert found.describe() == ["weights[0][0,0]^2 + weights[0][0,1]^2 - 2·weights[1][0,0]^2"]
     data = cn.Dataset(jax.random.normal(getkey(), (8, 2)), jax.random.normal(getkey(), (8, 1)))
     objective = cn.make_objective(cn.MSE(), data, model)
-    result = cn.gradient_flow(objective, model, 2.0, rtol=1e-10, laws=found.laws)
+    result = cn.gradient_flow(objective, model, 2.0, solver="tsit5", rtol=1e-10, laws=found.laws)
     assert float(jnp.max(result.max_drift["polynomial[0]"])) <= 1e-9
 
 

@@ -101,10 +101,10 @@ def test_continuous_theory_is_first_order_in_the_learning_rate(getkey, momentum)
 def test_gradient_flow_keeps_the_laws(getkey):
     ensemble, objective, laws = _problem(getkey(), activation="linear")
     rtol = 1e-9
-    result = cn.gradient_flow(objective, ensemble, 5.0, rtol=rtol, laws=laws)
+    result = cn.gradient_flow(objective, ensemble, 5.0, solver="tsit5", rtol=rtol, laws=laws)
     assert result.status_names() == ["success"] * 2
     assert max(float(jnp.max(d)) for d in result.max_drift.values()) <= 10 * rtol
-    decayed = cn.gradient_flow(objective, ensemble, 5.0, rtol=rtol, laws=laws,
+    decayed = cn.gradient_flow(objective, ensemble, 5.0, solver="tsit5", rtol=rtol, laws=laws,
                                field=cn.GradientField(weight_decay=0.1), values="all")
     # With weight decay the translation law decays exactly like e^{−λt}.
     values = decayed.values["translation"]
@@ -130,7 +130,8 @@ def test_modified_flow_tracks_gradient_descent_better_than_plain_flow(getkey, mo
     error = {}
     for name, step_lr in (("plain", 0.0), ("modified", lr)):
         field = cn.ModifiedGradientField(step_lr, momentum, weight_decay)
-        flow = cn.gradient_flow(objective, model, lr * steps, rtol=1e-11, field=field)
+        flow = cn.gradient_flow(objective, model, lr * steps, solver="tsit5", rtol=1e-11,
+                                field=field)
         error[name] = float(jnp.linalg.norm(_flat(flow.final[0]) - _flat(gd.final[0])))
     assert error["plain"] / error["modified"] >= min_ratio, error
 
@@ -227,8 +228,8 @@ def test_modified_flow_is_second_order_along_the_whole_window(small_linear_probl
         stride = 1000 // steps  # saves every 0.005: every iterate at η = 0.005
         for name, step_lr in (("plain", 0.0), ("modified", lr)):
             field = cn.ModifiedGradientField(step_lr, momentum, weight_decay)
-            flow = cn.gradient_flow(objective, model, window, n_save=1001, rtol=1e-11,
-                                    laws=[THETA], values="all", field=field)
+            flow = cn.gradient_flow(objective, model, window, n_save=1001, solver="tsit5",
+                                    rtol=1e-11, laws=[THETA], values="all", field=field)
             at_steps = np.asarray(flow.values["theta"][0, ::stride])
             if name == "modified":
                 at_steps = at_steps - layer

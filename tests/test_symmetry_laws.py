@@ -104,14 +104,19 @@ def test_fourier_phase_laws_of_cyclic_shifts(getkey):
         assert float(jnp.min(_cosines(laws, plain, model))) >= 1e-3
 
 
-@pytest.mark.parametrize("name", SETTINGS)
+# The decay-heads flow (~14 s) repeats attention_O5_exact's laws with decay: slow, to keep the
+# default suite under 10 min on 2 cores (its laws are still checked pointwise above).
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  if n == "attention_decay_heads_O5_exact" else n
+                                  for n in SETTINGS])
 def test_augmentation_laws_conserved_along_gradient_flow(getkey, name):
     model, xs, group, _ = _setting(name, getkey())
     augmented, _ = _objectives(model, xs, group, getkey())
     ensemble = cn.Ensemble.stack([model, _setting(name, getkey())[0]])
     laws = model.laws() + cn.augmentation_laws(model, group)
     rtol = 1e-10
-    result = cn.gradient_flow(augmented, ensemble, 0.5, rtol=rtol, n_save=11, laws=laws)
+    result = cn.gradient_flow(augmented, ensemble, 0.5, solver="tsit5", rtol=rtol, n_save=11,
+                              laws=laws)
     assert result.status_names() == ["success"] * 2
     for law in laws:
         assert float(jnp.max(result.max_drift[law.name])) <= 10 * rtol, law.name
@@ -180,8 +185,8 @@ def test_monitor_flags_a_law_whose_component_decays_to_round_off():
     data = cn.Dataset(xs, jnp.array([[1.0], [0.5], [-0.3]]))
     objective = cn.make_objective(cn.MSE(), data, model, augment=cn.CyclicShift(3))
     law = cn.CyclicRatioLaw()
-    short = cn.gradient_flow(objective, model, 1.0, laws=[law], rtol=1e-10)
-    long = cn.gradient_flow(objective, model, 40.0, laws=[law], rtol=1e-10)
+    short = cn.gradient_flow(objective, model, 1.0, laws=[law], solver="tsit5", rtol=1e-10)
+    long = cn.gradient_flow(objective, model, 40.0, laws=[law], solver="tsit5", rtol=1e-10)
     assert short.summary()["ill_conditioned"][law.name] == 0
     assert long.summary()["ill_conditioned"][law.name] == 1
     assert float(long.condition[law.name][0, -1]) < 1e-6 < float(short.condition[law.name][0, -1])

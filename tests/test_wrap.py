@@ -55,8 +55,8 @@ def test_pure_function_flow_equals_the_equinox_flow(problem):
     mlp, fmodel, data = problem
     objective = cn.make_objective(cn.MSE(), data, mlp)
     assert objective.moments is None  # a foreign module takes the per-sample path
-    a = cn.gradient_flow(objective, mlp, 1.0, rtol=1e-9, n_save=3)
-    b = cn.gradient_flow(objective, fmodel, 1.0, rtol=1e-9, n_save=3)
+    a = cn.gradient_flow(objective, mlp, 1.0, solver="tsit5", rtol=1e-9, n_save=3)
+    b = cn.gradient_flow(objective, fmodel, 1.0, solver="tsit5", rtol=1e-9, n_save=3)
     assert a.status_names() == b.status_names() == ["success"]
     assert a.values == {} and b.values == {}  # no laws declared: none monitored
     theta_a, theta_b = _flat(a.final[0]), _flat(b.final[0])
