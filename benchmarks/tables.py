@@ -78,9 +78,41 @@ def counting() -> str:
     return "\n".join(rows)
 
 
-def solvers_quick() -> str:
-    report = _load("solvers_quick_cpu.json")
-    attention = report["stiff_attention"]
+def _large_model_rows(large) -> list[str]:
+    if not large:
+        return []
+    p = large["problem"]
+    rows = ["", f"Deep linear {'-'.join(map(str, p['widths']))} ({p['num_params']} "
+            f"parameters), n = {p['n']}, t1 = {p['t1']:g}, rtol = {p['rtol']:g}:", "",
+            "| solver | steps | gradient evaluations | run [s] | loss ÷ start | "
+            "max law drift |",
+            "|---|---|---|---|---|---|"]
+    for name, run in large.items():
+        if name == "problem":
+            continue
+        if isinstance(run, str):
+            rows.append(f"| {name} | {run} | | | | |")
+            continue
+        compile_note = " (with compile)" if run.get("run_includes_compile") else ""
+        rows.append(f"| {name} | {run['steps_mean']:.0f} | {run['grad_evals_mean']:.3g} | "
+                    f"{run['run_s']:.3g}{compile_note} | "
+                    f"{run['final_loss_over_start_max']:.1e} | {run['max_drift']:.1e} |")
+    return rows
+
+
+def solvers_large() -> str:
+    report = _load("solvers_large_model_cpu.json")
+    env = report["environment"]
+    large = report["large_model"]
+    rock, tsit = large["stabilized"], large["tsit5"]
+    return "\n".join(_large_model_rows(large)[1:] + [
+        "", f"ROCK4 ÷ Tsit5: {tsit['grad_evals_mean'] / rock['grad_evals_mean']:.1f}× fewer "
+        f"gradient evaluations, {tsit['run_s'] / rock['run_s']:.1f}× less time, drift "
+        f"{rock['max_drift']:.1e} vs {tsit['max_drift']:.1e}. Machine: {env['device']}, "
+        f"{env['cpu_count']} cores, jax {env['versions']['jax']}."])
+
+
+def _attention_rows(attention) -> list[str]:
     problem = attention["problem"]
     rows = []
     for batch, entry in attention.items():
@@ -101,30 +133,28 @@ def solvers_quick() -> str:
                      + (f", {run['grad_evals_max']:.3g}" if "grad_evals_max" in run else ""))
             rejected = run.get("rejected_fraction")
             status = ", ".join(f"{n} {k}" for k, n in run["status_counts"].items())
+            compile_note = " (with compile)" if run.get("run_includes_compile") else ""
             rows.append(f"| {name} | {run['rtol']:.1e} | {status} | {run['steps_mean']:.0f} | "
                         f"{evals} | {'-' if rejected is None else f'{rejected:.0%}'} | "
-                        f"{run['run_s']:.2f} | {run['max_drift']:.1e} |")
+                        f"{run['run_s']:.3g}{compile_note} | {run['max_drift']:.1e} |")
         t = entry["targets"]
         rows += ["", "Targets: " + "; ".join(
             f"{k.replace('_', ' ')} = {v:.3g}" if isinstance(v, float) else
             f"{k.replace('_', ' ')} = {v}" for k, v in t.items()) + "."]
-    large = report.get("large_model")
-    if large:
-        p = large["problem"]
-        rows += ["", f"Deep linear {'-'.join(map(str, p['widths']))} ({p['num_params']} "
-                 f"parameters), n = {p['n']}, t1 = {p['t1']:g}:", "",
-                 "| solver | steps | gradient evaluations | run [s] | loss ÷ start | "
-                 "max law drift |",
-                 "|---|---|---|---|---|---|"]
-        for name, run in large.items():
-            if name == "problem":
-                continue
-            if isinstance(run, str):
-                rows.append(f"| {name} | {run} | | | | |")
-                continue
-            rows.append(f"| {name} | {run['steps_mean']:.0f} | {run['grad_evals_mean']:.3g} | "
-                        f"{run['run_s']:.3f} | {run['final_loss_over_start_max']:.1e} | "
-                        f"{run['max_drift']:.1e} |")
+    return rows
+
+
+def solvers_attention() -> str:
+    report = _load("solvers_stiff_attention_cpu.json")
+    env = report["environment"]
+    return "\n".join(_attention_rows(report["stiff_attention"]) + [
+        "", f"Machine: {env['device']}, {env['cpu_count']} cores, jax {env['versions']['jax']}."])
+
+
+def solvers_quick() -> str:
+    report = _load("solvers_quick_cpu.json")
+    rows = _attention_rows(report["stiff_attention"])
+    rows += _large_model_rows(report.get("large_model"))
     env = report["environment"]
     rows += ["", f"Machine: {env['device']}, {env['cpu_count']} cores, jax "
              f"{env['versions']['jax']}."]
@@ -138,5 +168,6 @@ def solvers() -> str:
 
 if __name__ == "__main__":
     print({"ensembles": ensembles, "augmentation": augmentation, "counting": counting,
-           "solvers_quick": solvers_quick,
+           "solvers_quick": solvers_quick, "solvers_large": solvers_large,
+           "solvers_attention": solvers_attention,
            "solvers": solvers}[sys.argv[1]]())
