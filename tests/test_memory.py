@@ -74,9 +74,13 @@ def test_peak_live_bytes_of_a_known_program():
 
     n, d = 300, 50
     jaxpr = jax.make_jaxpr(lambda x: jnp.tanh(x @ x.T).sum(0))(jnp.ones((n, d))).jaxpr
-    # x xᵀ and its tanh are alive together (n² float64 each); the input at most beside them.
+    # x xᵀ and its tanh are alive together (n² float64 each); a transpose of x at most beside.
     peak = peak_live_bytes(jaxpr)
     assert 2 * n * n * 8 <= peak <= 2 * n * n * 8 + 2 * n * d * 8
+    # Closed-over data (shared by every member of a batch) are not a member's working set.
+    shared = jnp.ones(10**6)
+    jaxpr = jax.make_jaxpr(lambda y: jnp.sum(shared) * y)(jnp.ones(10)).jaxpr
+    assert peak_live_bytes(jaxpr) < 1000
 
 
 def test_default_batch_fills_the_free_memory_and_no_more(monkeypatch):

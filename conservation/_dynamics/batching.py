@@ -5,8 +5,9 @@ device memory allows (that is what fills it), and no larger (out-of-memory error
 mid-run). A member of a batched solve holds its solver state (~12 parameter vectors for an
 explicit Runge–Kutta method with dense output and error estimate; implicit methods add a dense
 Jacobian and its factorisation, 2·P² numbers), the working set of one gradient evaluation
-(estimated from the gradient's jaxpr with a liveness sweep: an upper bound of what XLA keeps,
-which fuses and reuses buffers), and its saved monitor scalars.
+(estimated from the gradient's jaxpr with a liveness sweep over its intermediates: an upper
+bound of what XLA keeps, which fuses and reuses buffers; the shared data are resident once and
+not counted per member), and its saved monitor scalars.
 """
 
 import math
@@ -51,9 +52,13 @@ def _sub_jaxprs(params):
 
 
 def peak_live_bytes(jaxpr) -> int:
-    """Peak bytes of the values alive at once while `jaxpr` runs in program order (inputs
-    included; nested jaxprs count their own peak at their call): no fusion, no buffer reuse
-    within an operation, so an upper bound of what XLA allocates."""
+    """Peak bytes of the intermediate values alive at once while `jaxpr` runs in program
+    order (nested jaxprs count their own intermediates at their call): no fusion, no buffer
+    reuse within an operation, so an upper bound of what XLA allocates beside the inputs.
+
+    Inputs and closed-over constants are not counted: in a batched flow they are the member's
+    parameters (counted with the solver state) and the data or moments every member shares
+    (resident once, already in the device's used memory)."""
     last_use = {}
     for i, eqn in enumerate(jaxpr.eqns):
         for v in eqn.invars:
@@ -62,8 +67,8 @@ def peak_live_bytes(jaxpr) -> int:
     for v in jaxpr.outvars:
         if isinstance(v, jex.core.Var):
             last_use[v] = len(jaxpr.eqns)
-    live = {v: _nbytes(v.aval) for v in (*jaxpr.invars, *jaxpr.constvars)}
-    current = peak = sum(live.values())
+    live = {}
+    current = peak = 0
     for i, eqn in enumerate(jaxpr.eqns):
         inner = max((peak_live_bytes(j) for j in _sub_jaxprs(eqn.params)), default=0)
         out = sum(_nbytes(v.aval) for v in eqn.outvars)
