@@ -262,10 +262,7 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                                                   indices, group_config)
                     for batch in chunks:
                         padded = batch + [batch[-1]] * (size - len(batch))  # no recompile
-                        members = [make(jax.random.PRNGKey(points[i].get("seed", config.seed)),
-                                        points[i].get("init_scale",
-                                                      group_config.model.init_scale))
-                                   for i in padded]
+                        members = [_member(make, points[i], group_config) for i in padded]
                         ensemble = Ensemble.stack(members)
                         hyperparams = {
                             _HYPERPARAMS[name]: jnp.asarray([points[i][name] for i in padded])
@@ -323,12 +320,15 @@ def _resolve_auto(run, objective, make, points, indices, config):
     from .._dynamics.solvers import choose_solver
     from .runner import _flow_field
 
-    first = points[indices[0]]
-    member = make(jax.random.PRNGKey(first.get("seed", config.seed)),
-                  first.get("init_scale", config.model.init_scale))
-    choice = choose_solver(objective, member, run.t1, max_steps=run.max_steps,
-                           field=_flow_field(run))
+    choice = choose_solver(objective, _member(make, points[indices[0]], config), run.t1,
+                           max_steps=run.max_steps, field=_flow_field(run))
     return run.model_copy(update={"solver": choice.name})
+
+
+def _member(make, point, config):
+    """The initial model of `point` (its seed and init scale, else the config's)."""
+    return make(jax.random.PRNGKey(point.get("seed", config.seed)),
+                point.get("init_scale", config.model.init_scale))
 
 
 def _prepare(out: pathlib.Path, manifest: dict, log) -> None:
