@@ -15,7 +15,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 for var in THREAD_VARS:
     os.environ.setdefault(var, "1")
 os.environ.setdefault(
-    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 os.environ.setdefault("EQX_ON_ERROR", "nan")  # what the diffrax FAQ asks for when timing
 
 import jax  # noqa: E402

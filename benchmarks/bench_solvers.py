@@ -2,39 +2,31 @@
 
     python benchmarks/bench_solvers.py [--quick] [--issue14] [--batch 16 256] [--repeats 1]
         [--sections stiff_attention large_model solvers ensemble] [--tsit5-members 2]
-        [--tight 100 300] [--count-members N] [--batch-size N]
+        [--rock4-members 2] [--tight 100 300] [--count-members N] [--batch-size N]
 
 `--issue14` runs only sections 0 (`stiff_attention`, `large_model`). Sizes of the full problem
-on the 2-core CPU: one gradient of the attention objective took ~1 ms (busy machine), so one
-ROCK4 member (~70 k gradient evaluations) takes ~1 min and a capped Tsit5 member (600 k) ~10
-min. B = 256 is for a GPU; on the CPU run `--issue14 --batch 16 --repeats 0 --tsit5-members 1
---count-members 4 --tight 300` (each solve once, compile included, ~2 h). Tsit5 runs into
-max_steps on every member, so it runs on `--tsit5-members` members only (its count per member
-does not depend on B).
+on the 2-core CPU (one core): one member takes ~7 s with the stabilised solver, ~50 s with
+Kvaerno5, ~95 s with ROCK4 alone and ~150 s with Tsit5 (capped at max_steps). B = 256 is for
+a GPU; on the CPU run `--issue14 --batch 16 --repeats 0 --tsit5-members 1 --rock4-members 2
+--count-members 4 --tight 300 1000` (each solve once, compile included, ~30 min). Tsit5 runs
+into max_steps on every member, so it runs on `--tsit5-members` members only (its count per
+member does not depend on B); ROCK4 alone (the stabilised solver without its RKC steps) on
+`--rock4-members`.
 
 0. Issue 14 targets (`stiff_attention`, `large_model`): the Lightning-Attention flow
    d = 8, 16 tokens, key/value dim 2, n = 64, t1 = 50, rtol = 1e-8, ensembles B = 16 and 256:
-   Tsit5, Kvaerno5 and the stabilised ROCK4 (`solver="stabilized"`): wall time, statuses,
-   steps, gradient evaluations, law drift; and a deep linear 128-256-256-32 (106 k
-   parameters, n = 4096) flowed until loss ≤ 1e-10 × its start: Tsit5 vs ROCK4 (Kvaerno5's
-   dense Jacobian would need D² × 8 B). Gradient evaluations: Tsit5 6 per step attempt;
-   ROCK4 counts its f-evaluations on accepted steps in its state, plus 2 per Jacobian-vector
-   product (forward-over-reverse ≈ two gradients), plus rejected attempts at the mean cost of
-   an accepted step (a separate solve of `--count-members` members with the same solver and
-   controller). Tsit5's need is given two ways: measured (a lower bound, it stops at
-   max_steps) and estimated per member as 6·t1·ρ_max/3.5 (Tsit5's real-axis stability limit
-   h·ρ ≤ 3.5; ρ_max the largest Hessian spectral radius ROCK4's power iteration saw).
-   `--quick`: small sizes, a smoke run only.
-
-1. Solvers on the stiff late-time flow of Lightning Attention (d = 4, r = m = 1, t ∈ [0, 50])
-   and of a quadratic net (3-4-1, t ∈ [0, 200]): Tsit5, Dopri5, Dopri8 (explicit) and
-   Kvaerno5 (implicit), rtol = atol = 1e-8 — run time and steps; peer:
-   jax.experimental.ode.odeint (Dopri5) if this JAX still ships it.
-2. Ensemble throughput: members per second of gradient flow vs ensemble size (deep linear
-   8-16-16-4, t1 = 20), default `batch_size` and fully vmapped.
-Compile time apart, block_until_ready, threads pinned. Writes
-benchmarks/results/solvers_<backend>.json.
-"""
+   Tsit5, Kvaerno5, ROCK4 and the stabilised solver (`solver="stabilized"`, `StabilizedRK`:
+   ROCK4 + RKC): wall time, statuses, steps, gradient evaluations, law drift; and a deep
+   linear 128-256-256-32 (106 k parameters, n = 4096) flowed until loss ≤ 1e-10 × its start:
+   Tsit5 vs the stabilised solver (Kvaerno5's dense Jacobian would need D² × 8 B). Gradient
+   evaluations: Tsit5 6 per step attempt; a Chebyshev solver counts its f-evaluations on
+   accepted steps in its state, plus 2 per Jacobian-vector product (forward-over-reverse ≈ two
+   gradients), plus rejected attempts at the mean cost of an accepted step (a separate solve
+   of `--count-members` members with the same solver and controller). Tsit5's need is given
+   two ways: measured (a lower bound, it stops at max_steps) and estimated per member as
+   6·t1·ρ_max/3.5 (Tsit5's real-axis stability limit h·ρ ≤ 3.5; ρ_max the largest Hessian
+   spectral radius the stabilised solver's power iteration saw). `--quick`: small sizes, a
+   smoke run only."""
 
 import argparse
 
@@ -56,12 +48,13 @@ def _vector_field(objective, static, unravel):
 
 
 @eqx.filter_jit
-def _rock4_counts(params, static, objective, t1, rtol, max_steps, batch):
-    """ROCK4's per-member work on the flow of `objective`: (f-evaluations and jvps on accepted
-    steps, accepted steps, rejected steps, largest spectral-radius estimate)."""
+@eqx.filter_jit
+def _chebyshev_counts(params, static, objective, t1, rtol, max_steps, batch, solver):
+    """A Chebyshev solver's per-member work on the flow of `objective`: (f-evaluations and
+    jvps on accepted steps, accepted steps, rejected steps, largest spectral-radius
+    estimate)."""
     _, unravel = jfu.ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], params))
     term = dfx.ODETerm(_vector_field(objective, static, unravel))
-    solver = cn.ROCK4()
 
     def one(p):
         y0, _ = jfu.ravel_pytree(p)
@@ -76,16 +69,20 @@ def _rock4_counts(params, static, objective, t1, rtol, max_steps, batch):
     return jax.lax.map(one, params, batch_size=batch)
 
 
-def rock4_work(objective, ensemble, t1, rtol, max_steps, members):
-    """Per-member gradient evaluations of ROCK4 on the first `members` members (see the module
-    docstring) and what they say against Tsit5's estimated need."""
+SOLVER_OBJECTS = {"stabilized": cn.StabilizedRK(), "rock4": cn.ROCK4()}
+
+
+def chebyshev_work(objective, ensemble, t1, rtol, max_steps, members, solver="stabilized"):
+    """Per-member gradient evaluations of a Chebyshev solver (`"stabilized"`, `"rock4"`) on
+    the first `members` members (see the module docstring) and what they say against Tsit5's
+    estimated need."""
     members = min(members, ensemble.size)
     params, static = eqx.partition(_first_members(ensemble, members).models,
                                    eqx.is_inexact_array)
     batch = 1 if jax.default_backend() == "cpu" else members
-    n_f, n_jvp, accepted, rejected, rho_max = (np.asarray(x, float) for x in _rock4_counts(
+    n_f, n_jvp, accepted, rejected, rho_max = (np.asarray(x, float) for x in _chebyshev_counts(
         params, static, objective, jnp.asarray(t1, float), jnp.asarray(rtol, float),
-        max_steps, batch))
+        max_steps, batch, SOLVER_OBJECTS[solver]))
     accepted_cost = n_f + 2.0 * n_jvp
     per_step = accepted_cost / np.maximum(accepted, 1.0)
     evals = accepted_cost + rejected * per_step
@@ -122,6 +119,7 @@ def _first_members(ensemble, members):
 
 
 def _timed_flow(objective, ensemble, t1, rtol, solver, max_steps, repeats, batch_size=None):
+    solver = SOLVER_OBJECTS.get(solver, solver)
     timing = _harness.timed(lambda: cn.gradient_flow(
         objective, ensemble, t1, rtol=rtol, solver=solver, n_save=11, max_steps=max_steps,
         batch_size=None if batch_size is None else min(batch_size, ensemble.size)),
@@ -133,8 +131,8 @@ def _timed_flow(objective, ensemble, t1, rtol, solver, max_steps, repeats, batch
 
 
 def stiff_attention(args):
-    """Issue 14: every member reaches t1 with ROCK4, ≥ 10× fewer gradient evaluations than
-    Tsit5, ≤ 0.5× Kvaerno5's wall time, drift no larger."""
+    """Issue 14: every member reaches t1 with the stabilised solver, ≥ 10× fewer gradient
+    evaluations than Tsit5, ≤ 0.5× Kvaerno5's wall time, drift no larger."""
     d, tokens, r, n, t1, rtol = (4, 6, 2, 16, 50.0, 1e-8) if args.quick else (
         8, 16, 2, 64, 50.0, 1e-8)
     sizes = args.batch or ((2,) if args.quick else (16, 256))
@@ -156,12 +154,14 @@ def stiff_attention(args):
                                 "rho_max": choice.rho_max} | timing}
         # Tsit5 stops at max_steps on every member: its count per member does not depend on B,
         # so a few members show it (and its wall time is no target).
-        tsit5_members = min(args.tsit5_members, size)
-        tsit5_ensemble = _first_members(ensemble, tsit5_members)
-        # ROCK4 also at rtol/`--tight`: its law drift sits near rtol, Kvaerno5's 20–50× below,
-        # so "equal or smaller drift" is judged at the loosest rtol that achieves it.
+        tsit5_ensemble = _first_members(ensemble, min(args.tsit5_members, size))
+        rock4_ensemble = _first_members(ensemble, min(args.rock4_members, size))
+        # The stabilised solver also at rtol/`--tight`: its law drift sits near rtol,
+        # Kvaerno5's 20–50× below, so "equal or smaller drift" is judged at the loosest rtol
+        # that achieves it.
         runs = [("stabilized", rtol, ensemble), ("kvaerno5", rtol, ensemble),
-                ("tsit5", rtol, tsit5_ensemble)] + [
+                ("tsit5", rtol, tsit5_ensemble)] + (
+                    [("rock4", rtol, rock4_ensemble)] if args.rock4_members else []) + [
                     ("stabilized", rtol / factor, ensemble) for factor in sorted(args.tight)]
         for solver, tol, members in runs:
             label = solver if tol == rtol else f"{solver}_rtol{tol:.0e}"
@@ -171,9 +171,10 @@ def stiff_attention(args):
             rows[label] = _row(result, timing) | {"rtol": tol, "members": members.size}
             if solver == "tsit5":
                 rows[label]["grad_evals_mean"] = 6.0 * float(jnp.mean(result.num_steps))
-            elif solver == "stabilized":
-                rows[label] |= rock4_work(objective, ensemble, t1, tol, max_steps,
-                                          args.count_members or size)
+            elif solver in SOLVER_OBJECTS:
+                rows[label] |= chebyshev_work(
+                    objective, members, t1, tol, max_steps,
+                    min(args.count_members or size, members.size), solver)
             print("stiff_attention", size, label, rows[label], flush=True)
         s, kv, ts = rows["stabilized"], rows["kvaerno5"], rows["tsit5"]
         matched = [rows[label] for label in rows
@@ -192,6 +193,9 @@ def stiff_attention(args):
                 matched[0]["run_s"] / kv["run_s"] if matched else None),
             "rtol_for_equal_or_smaller_drift": matched[0]["rtol"] if matched else None,
         }
+        if "rock4" in rows:  # per member: ROCK4 alone runs on fewer members
+            rows["targets"]["wall_per_member_rock4_alone_over_stabilized"] = (
+                rows["rock4"]["run_s"] / rows["rock4"]["members"]) / (s["run_s"] / size)
         print("stiff_attention", size, "targets", rows["targets"], flush=True)
         out[f"B{size}"] = rows
     return out
@@ -219,7 +223,7 @@ def large_model(args):
         if solver == "tsit5":
             out[solver]["grad_evals_mean"] = 6.0 * float(jnp.mean(result.num_steps))
         else:
-            out[solver] |= rock4_work(objective, ensemble, t1, rtol, max_steps, 1)
+            out[solver] |= chebyshev_work(objective, ensemble, t1, rtol, max_steps, 1)
         print("large_model", solver, out[solver], flush=True)
     out["kvaerno5"] = (f"not run: its dense Newton Jacobian has D² = {num_params**2:.3g} entries "
                        f"({num_params**2 * 8 / 2**30:.3g} GiB in float64), built from D = "
@@ -325,11 +329,14 @@ def main():
     parser.add_argument("--batch-size", type=int, default=None,
                         help="gradient_flow's batch_size in stiff_attention (default: the "
                         "library's, 1 on CPU; the ensemble size vmaps it all)")
-    # At B = 16 (d = 4) ROCK4's drift at rtol/100 was still 1.6× Kvaerno5's: hence 300 too.
+    parser.add_argument("--rock4-members", type=int, default=2,
+                        help="members ROCK4 alone runs on in stiff_attention (0: none)")
+    # At B = 16 (d = 4) the drift at rtol/100 was still 1.6× Kvaerno5's: hence 300 too.
     parser.add_argument("--tight", type=float, nargs="+", default=[100.0, 300.0],
-                        help="ROCK4 also at rtol / each factor (drift matched to Kvaerno5's)")
+                        help="the stabilised solver also at rtol / each factor (drift matched "
+                        "to Kvaerno5's)")
     parser.add_argument("--count-members", type=int, default=None,
-                        help="members whose ROCK4 work is counted (default: all)")
+                        help="members whose Chebyshev-solver work is counted (default: all)")
     args = parser.parse_args()
     if args.sections is None:
         args.sections = SECTIONS[:2] if (args.issue14 or args.quick) else SECTIONS

@@ -106,7 +106,7 @@ def solvers_large() -> str:
     large = report["large_model"]
     rock, tsit = large["stabilized"], large["tsit5"]
     return "\n".join(_large_model_rows(large)[1:] + [
-        "", f"ROCK4 ÷ Tsit5: {tsit['grad_evals_mean'] / rock['grad_evals_mean']:.1f}× fewer "
+        "", f"Stabilized ÷ Tsit5: {tsit['grad_evals_mean'] / rock['grad_evals_mean']:.1f}× fewer "
         f"gradient evaluations, {tsit['run_s'] / rock['run_s']:.1f}× less time, drift "
         f"{rock['max_drift']:.1e} vs {tsit['max_drift']:.1e}. Machine: {env['device']}, "
         f"{env['cpu_count']} cores, jax {env['versions']['jax']}."])

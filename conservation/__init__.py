@@ -87,10 +87,19 @@ from ._dynamics.mechanics import track_mechanics as track_mechanics
 from ._dynamics.monitor import STATUS_NAMES as STATUS_NAMES
 from ._dynamics.monitor import Result as Result
 from ._dynamics.solvers import (
+    RKC as RKC,
+)
+from ._dynamics.solvers import (
     ROCK4 as ROCK4,
 )
 from ._dynamics.solvers import (
+    AbstractChebyshevSolver as AbstractChebyshevSolver,
+)
+from ._dynamics.solvers import (
     SolverChoice as SolverChoice,
+)
+from ._dynamics.solvers import (
+    StabilizedRK as StabilizedRK,
 )
 from ._dynamics.solvers import (
     choose_solver as choose_solver,

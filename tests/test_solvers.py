@@ -1,6 +1,9 @@
-"""Stabilised explicit solver (ROCK4) and the automatic solver choice."""
+"""Stabilised explicit solvers (ROCK4, RKC, StabilizedRK) and the automatic solver choice."""
+
+import decimal
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +22,10 @@ def _linear_flow(eigenvalues, seed=0):
     return a, rng.normal(size=n)
 
 
-@jax.jit
-def _fixed_step_solve(a, y0, dt, t1):
+@eqx.filter_jit
+def _fixed_step_solve(a, y0, dt, t1, solver=cn.ROCK4()):
     term = dfx.ODETerm(lambda t, y, args: -args @ y)
-    sol = dfx.diffeqsolve(term, cn.ROCK4(), 0.0, t1, dt, y0, args=a,
+    sol = dfx.diffeqsolve(term, solver, 0.0, t1, dt, y0, args=a,
                           stepsize_controller=dfx.ConstantStepSize(), max_steps=4096)
     return sol.ys[-1]
 
@@ -41,13 +44,62 @@ def test_rock4_order_of_convergence_on_linear_gradient_flow():
     assert np.all(orders >= 3.8), (errors, orders)  # claimed order 4
 
 
-def test_rock4_adaptive_dense_output_matches_closed_form():
+def test_rkc_order_of_convergence_on_linear_gradient_flow():
+    # h·ρ·safety ≤ 1.2 keeps every step at RKC's 2-stage member (see the ROCK4 test).
+    a, y0 = _linear_flow(np.logspace(-1, 1.5, 8))
+    t1 = 1.0
+    exact = scipy.linalg.expm(-a * t1) @ y0  # independent reference
+    steps = (32, 64, 128, 256)
+    errors = [np.linalg.norm(np.asarray(_fixed_step_solve(a, y0, t1 / k, t1, cn.RKC())) - exact)
+              for k in steps]
+    orders = np.log2(np.asarray(errors[:-1]) / np.asarray(errors[1:]))
+    assert np.all(orders >= 1.9), (errors, orders)  # claimed order 2
+
+
+def _chebyshev(s, x):
+    """T_s(x), T_s'(x), T_s''(x) by the three-term recurrence, in x's arithmetic."""
+    t, t_prev, d, d_prev, dd, dd_prev = x, 1, 1, 0, 0, 0
+    for _ in range(s - 1):
+        t, t_prev, d, d_prev, dd, dd_prev = (2 * x * t - t_prev, t, 2 * x * d - d_prev + 2 * t,
+                                            d, 2 * x * dd - dd_prev + 4 * d, dd)
+    return t, d, dd
+
+
+def test_rkc_step_is_the_damped_chebyshev_polynomial():
+    # One RKC step on dθ/dt = −diag(λ)θ multiplies each component by R_s(−hλ),
+    # R_s(z) = 1 − b_s T_s(w0) + b_s T_s(w0 + w1 z), w0 = 1 + ε/s², ε = 2/13,
+    # w1 = T_s'(w0)/T_s''(w0), b_s = T_s''(w0)/T_s'(w0)² (Sommeijer et al. 1997, eq. 2.2):
+    # evaluated here in 50-digit decimal arithmetic, not by the solver's stage recurrence.
+    lam = np.array([1.0, 0.7, 0.3, 0.1, 1e-3])
+    for stages in (2, 7, 40, 150):
+        # RKC's rule s = 1 + ⌊√(1 + 1.54·h·ρ)⌋ with ρ = 1.2·λ_max: aim mid-interval.
+        h = ((stages - 0.5) ** 2 - 1.0) / (1.54 * 1.2 * lam[0])
+        term = dfx.ODETerm(lambda t, y, args: -lam * y)
+        solver = cn.RKC(init_iterations=200)
+        state = solver.init(term, 0.0, h, np.ones(5), None)
+        y1, _, _, state, _ = solver.step(term, 0.0, h, np.ones(5), None, state, False)
+        assert int(state[3]) == stages  # s − 1 stages and f(y1)
+        with decimal.localcontext(decimal.Context(prec=50)):
+            w0 = 1 + decimal.Decimal(2) / 13 / stages**2
+            t0, d1, d2 = _chebyshev(stages, w0)
+            w1, b_s = d1 / d2, d2 / d1**2
+            expected = np.array([
+                float(1 - b_s * t0 + b_s * _chebyshev(stages, w0 - w1 * decimal.Decimal(
+                    h) * decimal.Decimal(x))[0]) for x in lam])
+        # Rounding in the s-stage recurrence grows like s²·ε (Verwer et al. 1990).
+        np.testing.assert_allclose(np.asarray(y1), expected, rtol=0,
+                                   atol=10 * stages**2 * np.finfo(float).eps)
+        assert np.all(np.abs(expected) <= 1.0)  # inside the stability interval
+
+
+@pytest.mark.parametrize("solver", [cn.ROCK4(), cn.StabilizedRK()], ids=["rock4", "stabilized"])
+def test_adaptive_dense_output_matches_closed_form(solver):
     a, y0 = _linear_flow(np.logspace(-1, 3, 8), seed=1)
     ts = np.linspace(0.0, 2.0, 9)
     term = dfx.ODETerm(lambda t, y, args: -args @ y)
     rtol = 1e-8
-    sol = dfx.diffeqsolve(term, cn.ROCK4(), 0.0, 2.0, None, y0, args=a,
-                          stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol),
+    sol = dfx.diffeqsolve(term, solver, 0.0, 2.0, None, y0, args=a,
+                          stepsize_controller=cn.step_size_controller(solver, rtol, rtol),
                           saveat=dfx.SaveAt(ts=ts), max_steps=4096)
     exact = np.stack([scipy.linalg.expm(-a * t) @ y0 for t in ts])
     # Save times between steps come from the Hermite interpolant: accurate to tolerance too.
@@ -132,3 +184,49 @@ def test_bad_solver_name_lists_choices(deep_linear):
         cn.gradient_flow(objective, ensemble, 1.0, solver="rock2")
     with pytest.raises(ValueError, match="max_stages"):
         cn.ROCK4(max_stages=500)
+    with pytest.raises(ValueError, match="max_stages"):
+        cn.RKC(max_stages=1)
+    with pytest.raises(ValueError, match="switch"):
+        cn.StabilizedRK(switch=0.0)
+
+
+def _one_step(solver, a, y, h, b):
+    """One step of `solver` on the flow of L = ½(θ − b)ᵀA(θ − b), the gradient evaluated as
+    Aθ − Ab (so it carries float64 rounding ~ε·ρ·|b| at the minimum θ = b)."""
+    ab = a @ b
+    term = dfx.ODETerm(lambda t, y, args: -(a @ y - ab))
+    state = solver.init(term, 0.0, h, y, None)
+    y1, _, _, state, _ = solver.step(term, 0.0, h, y, None, state, False)
+    return y1, state
+
+
+def test_stabilized_takes_rock4_steps_below_switch_and_rkc_steps_above():
+    a, y0 = _linear_flow(np.logspace(-1, 3, 8), seed=2)
+    b = np.zeros_like(y0)
+    rho = 1e3 * cn.StabilizedRK().safety
+    for h, expected, other in ((40.0 / rho, cn.ROCK4(), cn.RKC()),
+                               (400.0 / rho, cn.RKC(), cn.ROCK4())):
+        y_hybrid, state = _one_step(cn.StabilizedRK(), a, y0, h, b)
+        y_alone, state_alone = _one_step(expected, a, y0, h, b)
+        y_other, _ = _one_step(other, a, y0, h, b)
+        # Equal up to the compiler's operation order; the other method's step differs by its
+        # truncation error (≳ 1e-6 at these step sizes).
+        np.testing.assert_allclose(np.asarray(y_hybrid), np.asarray(y_alone), rtol=0, atol=1e-12)
+        assert np.max(np.abs(np.asarray(y_hybrid) - np.asarray(y_other))) > 1e-6
+        assert int(state[3]) == int(state_alone[3])  # the same f-evaluations
+
+
+def test_rkc_steps_do_not_amplify_rounding_at_a_minimum():
+    # At the minimum θ = b only rounding moves θ. ROCK4's finishing procedure amplifies it
+    # like (h·ρ)⁴ (the negative control: ≳ 1e-9 at h·ρ = 440); RKC's recurrence only like
+    # its stage count squared, even at h·ρ = 1e5 (~390 stages).
+    a, _ = _linear_flow(np.logspace(-2, 4, 16), seed=3)
+    b = np.random.default_rng(4).normal(size=16)
+    rho = 1e4 * 1.2
+    moved = {}
+    for name, solver, h_rho in (("rock4", cn.ROCK4(), 440.0), ("rkc", cn.RKC(), 1e5)):
+        y1, state = _one_step(solver, a, b, h_rho / rho, b)
+        moved[name] = float(np.max(np.abs(np.asarray(y1) - b)))
+    stages = 1 + int(np.sqrt(1 + 1.54 * 1e5))
+    assert moved["rkc"] < stages**2 * np.finfo(float).eps * np.max(np.abs(b)), moved
+    assert moved["rock4"] > 100 * moved["rkc"], moved

@@ -30,7 +30,7 @@ from .monitor import (
     show_progress,
     values_to_keep,
 )
-from .solvers import ROCK4, _choose, step_size_controller
+from .solvers import StabilizedRK, _choose, step_size_controller
 
 SOLVERS = {
     "tsit5": dfx.Tsit5,
@@ -38,7 +38,8 @@ SOLVERS = {
     "dopri8": dfx.Dopri8,
     "heun": dfx.Heun,
     "kvaerno5": dfx.Kvaerno5,  # implicit (stiff); dense Jacobian: small parameter counts
-    "stabilized": ROCK4,  # stabilised explicit (stiff gradient flows, any parameter count)
+    # Stabilised explicit (stiff gradient flows, any parameter count): ROCK4 + RKC.
+    "stabilized": StabilizedRK,
 }
 
 
@@ -164,9 +165,9 @@ def gradient_flow(
     - `n_save`: number of evenly spaced save times in [0, t1].
     - `solver`: `"auto"` (default: `conservation.choose_solver` probes the flow's stiffness and
       picks `"tsit5"`, `"stabilized"` or `"kvaerno5"`), `"tsit5"`, `"dopri5"`, `"dopri8"`,
-      `"heun"` (explicit), `"stabilized"` (ROCK4, stabilised explicit: stiff flows at any
-      parameter count), `"kvaerno5"` (implicit, dense Jacobian: small models), or any diffrax
-      solver.
+      `"heun"` (explicit), `"stabilized"` (`StabilizedRK`: ROCK4 + RKC, stabilised explicit:
+      stiff flows at any parameter count), `"kvaerno5"` (implicit, dense Jacobian: small
+      models), or any diffrax solver.
     - `rtol`, `atol`: PID step-size controller tolerances (`atol` defaults to `rtol`).
     - `max_steps`: solver step budget per member; a member that runs out gets status
       `max_steps` and keeps the values saved so far.

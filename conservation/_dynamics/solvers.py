@@ -1,9 +1,9 @@
-"""Stabilised explicit Runge–Kutta (ROCK4) for stiff gradient flows, and the `"auto"` choice.
+"""Stabilised explicit Runge–Kutta (ROCK4, RKC, both) for stiff gradient flows, and `"auto"`.
 
 The Jacobian of gradient flow dθ/dt = −∇L(θ) is −∇²L: symmetric, with its spectrum on the
 negative real axis. Near a minimum its largest eigenvalue ρ fixes the step of an explicit
 method (Tsit5: h·ρ ≲ 3.3) however smooth the trajectory is. Chebyshev-type methods use s
-stages whose stability interval along the negative real axis grows like 0.35·s², so the
+stages whose stability interval along the negative real axis grows like s², so the
 work per unit time grows like √ρ instead of ρ, with nothing but gradient evaluations (no
 Jacobian, no linear solve, usable at any parameter count).
 
@@ -12,9 +12,12 @@ recurrence of orthogonal polynomials followed by a 4-stage finishing procedure, 
 embedded third-order error estimate (A. Abdulle, "Fourth order Chebyshev methods with
 recurrence relation", SIAM J. Sci. Comput. 23 (2002) 2041–2054; the stage choice follows
 Abdulle's ROCK4 code as in Julia's OrdinaryDiffEq.jl). The coefficient tables are in
-`_rock4_coefficients.py`.
-"""
+`rock4_coefficients.py`. `RKC` is the second-order damped Runge–Kutta–Chebyshev method
+(Sommeijer, Shampine & Verwer 1997), whose coefficients are closed-form Chebyshev values.
+`StabilizedRK` (`solver="stabilized"`) takes ROCK4 steps where accuracy limits the step and
+RKC steps where stability does."""
 
+import abc
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -46,60 +49,36 @@ def _unit(x):
     return x / jnp.where(norm > 0, norm, 1.0), norm
 
 
-class ROCK4(dfx.AbstractAdaptiveSolver):
-    """Stabilised explicit Runge–Kutta method ROCK4 (Abdulle 2002): order 4, embedded order 3,
-    5 to 152 stages chosen every step from the Jacobian's spectral radius.
+class AbstractChebyshevSolver(dfx.AbstractAdaptiveSolver):
+    """A stabilised explicit Runge–Kutta (Chebyshev) method for stiff flows whose Jacobian has
+    real (or nearly real) eigenvalues, above all gradient flow, whose Jacobian −∇²L is
+    symmetric: each step's stage count comes from the Jacobian's spectral radius ρ.
 
-    For stiff flows whose Jacobian has real (or nearly real) eigenvalues, above all gradient
-    flow, whose Jacobian −∇²L is symmetric. The spectral radius ρ is estimated by power
-    iteration with Jacobian-vector products (a `jax.jvp` of the vector field, for gradient
-    flow a Hessian-vector product), warm-started from the previous step's vector: one
-    product per step, `init_iterations` at the start; the estimate is multiplied by `safety`.
-    A step with h·ρ beyond the 152-stage stability interval is rejected so that the step-size
-    controller shrinks it. Dense output (for `SaveAt(ts=...)`) is the cubic Hermite
-    interpolant of y and f at both ends of a step.
+    ρ is estimated by power iteration with Jacobian-vector products (a `jax.jvp` of the
+    vector field, for gradient flow a Hessian-vector product), warm-started from the previous
+    step's vector: one product per step (which also returns f(y₀)), `init_iterations` at the
+    start; the estimate is multiplied by `safety`. A step with h·ρ beyond the largest stability
+    interval is rejected so that the step-size controller shrinks it. Dense output (for
+    `SaveAt(ts=...)`) is the cubic Hermite interpolant of y and f at both ends of a step. The
+    solver works on an array state (gradient_flow integrates the flat parameter vector); use it
+    with `step_size_controller`, as `gradient_flow` does.
 
-    The solver works on an array state (gradient_flow integrates the flat parameter vector).
-    Use it with `step_size_controller` (PI control), as `gradient_flow` does.
-
-    **Limits (measured on the stiff attention flow of `benchmarks/bench_solvers.py`).** The
-    finishing procedure is a 4-stage explicit step of length ~h applied after the damping
-    Chebyshev stages, so whatever enters it undamped, the float64 rounding of its input and of
-    the gradient (≈ ε·ρ·|θ|), comes out amplified by its stability polynomial, ≈ 0.02·(h·ρ)⁴.
-    At an equilibrium (‖∇L‖ ≈ 1e-13) one step with h·ρ = 440 moves θ by 2e-8 along the top
-    Hessian eigenvector. So for rtol ≈ 1e-8 the step size is held near h·ρ ≈ 400–450
-    (≈ 36 stages) by rounding, not by truncation, in the late stiff phase where an L-stable
-    implicit method takes steps of h ~ 10; that floor scales like (rtol/ε)^(1/4). Such
-    rounding noise lies along the stiff directions and leaves the conservation laws alone;
-    law drift comes from the early, fast phase, where ROCK4 runs its 5-stage member (order 4,
-    embedded order 3) and ends up with a drift near rtol, ~20–50× that of Kvaerno5 (order 5)
-    at the same rtol.
-
-    **Arguments:**
-
-    - `safety`: factor on the power-iteration estimate (a lower bound of ρ).
-    - `init_iterations`: power iterations at the start of a solve.
-    - `max_stages`: at most this many stages per step (9..152).
+    The state carries (power-iteration vector, ρ, the largest ρ seen, f-evaluations, jvps) —
+    the counts cover accepted steps only (diffrax discards the state of a rejected step).
     """
 
     safety: float = 1.2
     init_iterations: int = 20
-    max_stages: int = _MAX_STAGES
 
     term_structure: ClassVar = dfx.AbstractTerm
     interpolation_cls: ClassVar[Callable[..., dfx.ThirdOrderHermitePolynomialInterpolation]] = (
         dfx.ThirdOrderHermitePolynomialInterpolation
     )
 
-    def __check_init__(self):
-        if not 9 <= self.max_stages <= _MAX_STAGES:
-            raise ValueError(f"`max_stages` must be in [9, {_MAX_STAGES}], got {self.max_stages}.")
-
-    def order(self, terms):
-        return 4
-
-    def error_order(self, terms):
-        return 4  # embedded order 3: local error estimate O(h⁴)
+    @abc.abstractmethod
+    def _advance(self, terms, t0, t1, y0, f0, h_rho, args):
+        """One step from (t0, y0) with f0 = f(t0, y0) and h·ρ = `h_rho` (safety included):
+        (y1, error estimate, f(t1, y1), f-evaluations made, whether h·ρ is out of reach)."""
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
@@ -121,93 +100,271 @@ class ROCK4(dfx.AbstractAdaptiveSolver):
 
         v, rho = jax.lax.fori_loop(0, self.init_iterations, power, (v, jnp.zeros(())))
         zero = jnp.zeros((), jnp.int32)
-        # state: (unit vector, spectral-radius estimate, its running max, f-evaluations,
-        # jvps) — the counts cover accepted steps only (diffrax discards the state of a
-        # rejected step).
         return v, rho, rho, zero, jnp.asarray(self.init_iterations, jnp.int32)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del made_jump  # f(y0) is recomputed every step (the jvp below returns it for free)
         v, _, rho_max, n_f, n_jvp = solver_state
-        h = t1 - t0
         # One warm-started power iteration: ‖J v‖ ≤ ρ for a unit v, tight once v has
         # converged to the top eigenvector; `safety` covers the rest.
         f0, jv = self._jvp(terms, t0, y0, v, args)
         v, rho = _unit(jv)
         rho_max = jnp.maximum(rho_max, rho)
-        rho_safe = self.safety * rho
-        h_rho = h * rho_safe
-        too_stiff = h_rho > 0.353 * self.max_stages**2 - 3.0
-        mdeg = jnp.floor(jnp.sqrt((3.0 + h_rho) / 0.353)).astype(jnp.int32) + 1
-        mdeg = jnp.clip(mdeg, 5, self.max_stages) - 4
-        index = jnp.searchsorted(jnp.asarray(_MS), mdeg, side="left")
-        deg = jnp.asarray(_MS)[index]
-        start = jnp.asarray(_STARTS)[index]
-        recf = jnp.asarray(_RECF)
-
-        # Chebyshev part: y_j = h μ_j f(y_{j−1}) − ν_j y_{j−1} − κ_j y_{j−2}, ν_j = −1 − κ_j.
-        mu1 = recf[start]
-        first = (y0 + h * mu1 * f0, y0, t0 + h * mu1, t0)
-
-        def stage(i, carry):
-            y_1, y_2, t_1, t_2 = carry
-            mu, kappa = recf[start + 2 * i - 3], recf[start + 2 * i - 2]
-            nu = -1.0 - kappa
-            y = h * mu * terms.vf(t_1, y_1, args) - nu * y_1 - kappa * y_2
-            t = h * mu - nu * t_1 - kappa * t_2
-            return y, y_1, t, t_1
-
-        u, _, tu, _ = jax.lax.fori_loop(2, deg + 1, stage, first)
-
-        # 4-stage finishing procedure, then f(y1) for the embedded order-3 companion and the
-        # dense output: five evaluations, looped so that the vector field (a gradient) is
-        # traced, and compiled, once.
-        fpa, b = jnp.asarray(_FPA)[index], jnp.asarray(_FPB)[index]
-        be = jnp.asarray(_FPBE)[index]
-        zero = jnp.zeros_like(b[0])
-        # Row j: coefficients of k_0..k_3 in the input of evaluation j (row 4: y1).
-        a = h * jnp.stack([
-            jnp.stack([zero, zero, zero, zero]),
-            jnp.stack([fpa[0], zero, zero, zero]),
-            jnp.stack([fpa[1], fpa[2], zero, zero]),
-            jnp.stack([fpa[3], fpa[4], fpa[5], zero]),
-            b,
-        ])
-        c = jnp.sum(a, axis=1)
-
-        def finishing(j, ks):
-            y = u + jnp.tensordot(a[j], ks[:4], axes=1)
-            t = jnp.where(j == 4, t1, tu + c[j])
-            return ks.at[j].set(terms.vf(t, y, args))
-
-        ks = jax.lax.fori_loop(0, 5, finishing, jnp.zeros((5, *u.shape), u.dtype))
-        y1 = u + jnp.tensordot(a[4], ks[:4], axes=1)
-        f1 = ks[4]
-        y_error = jnp.tensordot(h * jnp.concatenate([be[:4] - b, be[4:]]), ks, axes=1)
+        y1, y_error, f1, evaluations, too_stiff = self._advance(
+            terms, t0, t1, y0, f0, (t1 - t0) * self.safety * rho, args)
         # Beyond the stability interval the result is meaningless: reject, so that the
         # controller shrinks h (by its largest factor).
         y_error = jnp.where(too_stiff, 1e10 * (1.0 + jnp.abs(y0)), y_error)
+        h = t1 - t0
         dense_info = dict(y0=y0, y1=y1, k0=h * f0, k1=h * f1)
-        # f-evaluations: deg − 1 recurrence stages, 4 finishing, f(y1); the jvp (f0, J v).
-        state = (v, rho, rho_max, n_f + (deg + 4).astype(n_f.dtype), n_jvp + 1)
+        state = (v, rho, rho_max, n_f + evaluations.astype(n_f.dtype), n_jvp + 1)
         return y1, y_error, dense_info, state, dfx.RESULTS.successful
 
 
-ROCK4.__init__.__doc__ = None
+def _chebyshev_advance(terms, t0, t1, y0, f0, h_rho, args, use_rkc, rock4_stages, rkc_stages):
+    """One step of ROCK4 or, where `use_rkc`, of RKC, from (t0, y0) with f0 = f(t0, y0):
+    (y1, error estimate, f(t1, y1), f-evaluations, whether h·ρ = `h_rho` is out of reach).
+
+    Both are a three-term Chebyshev recurrence y_j = α_j·h·f(y_{j−1}) + β_j y_{j−1} +
+    γ_j y_{j−2} + δ_j y0 + ε_j·h·f0 started by y_1 = y0 + μ_1·h·f0, so they share one stage
+    loop, whose coefficients are picked per stage, and one finishing loop (ROCK4: its 4-stage
+    finishing procedure then f(y1); RKC: f(y1) only). Written without `lax.cond`: under vmap
+    a cond runs both branches, and even unbatched it cost ~40% (it blocks XLA's fusion
+    across the branch); here a batch of members pays the largest stage count among them, once.
+
+    - ROCK4 (Abdulle 2002; stage choice as Abdulle's code): degree from (3 + h·ρ) ≤ 0.353·s²,
+      α = μ_j, β = 1 + κ_j, γ = −κ_j, δ = ε = 0 (tabulated μ_j, κ_j); embedded order-3 estimate.
+    - RKC (Sommeijer, Shampine & Verwer 1997, their `step` routine): s = 1 + ⌊√(1 + 1.54·h·ρ)⌋,
+      damping 2/13, α = μ̃_j, β = μ_j, γ = ν_j, δ = 1 − μ_j − ν_j, ε = −μ̃_j·a_{j−1}, from the
+      Chebyshev values T_j, T_j', T_j'' at w0 carried through the loop; RKC's error estimate
+      0.8(y0 − y1) + 0.4·h·(f0 + f1).
+    """
+    h = t1 - t0
+    dtype = y0.dtype
+    # ROCK4: its degree and coefficient rows.
+    mdeg = jnp.floor(jnp.sqrt((3.0 + h_rho) / 0.353)).astype(jnp.int32) + 1
+    mdeg = jnp.clip(mdeg, 5, rock4_stages) - 4
+    index = jnp.searchsorted(jnp.asarray(_MS), mdeg, side="left")
+    deg = jnp.asarray(_MS)[index]
+    start = jnp.asarray(_STARTS)[index]
+    recf = jnp.asarray(_RECF)
+    # RKC: its stage count and the Chebyshev constants w0, w1.
+    stages = 1 + jnp.floor(jnp.sqrt(1.0 + 1.54 * h_rho)).astype(jnp.int32)
+    too_stiff = jnp.where(use_rkc, stages > rkc_stages,
+                          h_rho > 0.353 * rock4_stages**2 - 3.0)
+    stages = jnp.clip(stages, 2, rkc_stages)
+    sf = stages.astype(dtype)
+    w0 = 1.0 + 2.0 / (13.0 * sf**2)
+    temp1 = w0**2 - 1.0
+    temp2 = jnp.sqrt(temp1)
+    arg = sf * jnp.log(w0 + temp2)
+    w1 = jnp.sinh(arg) * temp1 / (jnp.cosh(arg) * sf * temp2 - w0 * jnp.sinh(arg))
+    b1 = 1.0 / (2.0 * w0) ** 2  # b_0 = b_1 = b_2 = T₂''(w0)/T₂'(w0)²
+
+    mu1 = jnp.where(use_rkc, w1 * b1, recf[start])
+    one, zero = jnp.ones_like(w0), jnp.zeros_like(w0)
+    # Carry: y_{j−1}, y_{j−2}, their times (RKC: fractions of h), then RKC's b_{j−1},
+    # b_{j−2}, T, T', T'' at w0 for j − 1 and j − 2.
+    first = (y0 + h * mu1 * f0, y0, jnp.where(use_rkc, mu1, t0 + h * mu1),
+             jnp.where(use_rkc, zero, t0), b1, b1, w0, one, one, zero, zero, zero)
+
+    def stage(j, carry):
+        y_1, y_2, t_1, t_2, b_1, b_2, z_1, z_2, dz_1, dz_2, d2z_1, d2z_2 = carry
+        # RKC's coefficients (Chebyshev recurrences at w0).
+        z = 2.0 * w0 * z_1 - z_2
+        dz = 2.0 * w0 * dz_1 - dz_2 + 2.0 * z_1
+        d2z = 2.0 * w0 * d2z_1 - d2z_2 + 4.0 * dz_1
+        b = d2z / dz**2
+        a_1 = 1.0 - z_1 * b_1
+        mu = 2.0 * w0 * b / b_1
+        nu = -b / b_2
+        mu_tilde = mu * w1 / w0
+        # ROCK4's (tabulated).
+        mu4, kappa = recf[start + 2 * j - 3], recf[start + 2 * j - 2]
+        alpha = jnp.where(use_rkc, mu_tilde, mu4)
+        beta = jnp.where(use_rkc, mu, 1.0 + kappa)
+        gamma = jnp.where(use_rkc, nu, -kappa)
+        delta = jnp.where(use_rkc, 1.0 - mu - nu, 0.0)
+        epsilon = jnp.where(use_rkc, -mu_tilde * a_1, 0.0)
+        f = terms.vf(jnp.where(use_rkc, t0 + h * t_1, t_1), y_1, args)
+        y = h * alpha * f + beta * y_1 + gamma * y_2 + delta * y0 + h * epsilon * f0
+        t = jnp.where(use_rkc, mu * t_1 + nu * t_2 + mu_tilde * (1.0 - a_1),
+                      h * mu4 + (1.0 + kappa) * t_1 - kappa * t_2)
+        return y, y_1, t, t_1, b, b_1, z, z_1, dz, dz_1, d2z, d2z_1
+
+    u, _, tu, *_ = jax.lax.fori_loop(2, jnp.where(use_rkc, stages, deg) + 1, stage, first)
+
+    # ROCK4's 4-stage finishing procedure, then f(y1): evaluations 0..4, looped so that the
+    # vector field (a gradient) is traced, and compiled, once; RKC runs evaluation 4 only,
+    # with y1 = u.
+    fpa, b = jnp.asarray(_FPA)[index], jnp.asarray(_FPB)[index]
+    be = jnp.asarray(_FPBE)[index]
+    zero4 = jnp.zeros_like(b[0])
+    # Row j: coefficients of k_0..k_3 in the input of evaluation j (row 4: y1).
+    a = h * jnp.stack([
+        jnp.stack([zero4, zero4, zero4, zero4]),
+        jnp.stack([fpa[0], zero4, zero4, zero4]),
+        jnp.stack([fpa[1], fpa[2], zero4, zero4]),
+        jnp.stack([fpa[3], fpa[4], fpa[5], zero4]),
+        jnp.where(use_rkc, 0.0, b),
+    ])
+    c = jnp.sum(a, axis=1)
+
+    def finishing(j, ks):
+        y = u + jnp.tensordot(a[j], ks[:4], axes=1)
+        t = jnp.where(j == 4, t1, tu + c[j])
+        return ks.at[j].set(terms.vf(t, y, args))
+
+    ks = jax.lax.fori_loop(jnp.where(use_rkc, 4, 0), 5, finishing,
+                           jnp.zeros((5, *u.shape), dtype))
+    y1 = u + jnp.tensordot(a[4], ks[:4], axes=1)
+    f1 = ks[4]
+    y_error = jnp.where(
+        use_rkc, 0.8 * (y0 - y1) + 0.4 * h * (f0 + f1),
+        jnp.tensordot(h * jnp.concatenate([be[:4] - b, be[4:]]), ks, axes=1))
+    # f-evaluations: RKC s − 1 stages and f(y1); ROCK4 deg − 1 stages, 4 finishing, f(y1).
+    evaluations = jnp.where(use_rkc, stages, deg + 4)
+    return y1, y_error, f1, evaluations, too_stiff
 
 
-# Proportional-integral step control. ROCK4's late stiff steps sit at a rounding limit (see
-# `ROCK4`), where integral-only control (diffrax's default) oscillates around it. On the stiff
+class ROCK4(AbstractChebyshevSolver):
+    """Stabilised explicit Runge–Kutta method ROCK4 (Abdulle 2002): order 4, embedded order 3,
+    5 to 152 stages chosen every step from the Jacobian's spectral radius (see
+    `AbstractChebyshevSolver` for the spectral radius, state and dense output).
+
+    **Limits (measured on the stiff attention flow of `benchmarks/bench_solvers.py`).** The
+    finishing procedure is a 4-stage explicit step of length ~h applied after the damping
+    Chebyshev stages, so whatever enters it undamped, the float64 rounding of its input and of
+    the gradient (≈ ε·ρ·|θ|), comes out amplified by its stability polynomial, ≈ 0.02·(h·ρ)⁴.
+    At an equilibrium (‖∇L‖ ≈ 1e-13) one step with h·ρ = 440 moves θ by 2e-8 along the top
+    Hessian eigenvector. So for rtol ≈ 1e-8 the step size is held near h·ρ ≈ 400–450
+    (≈ 36 stages) by rounding, not by truncation, in the late stiff phase where an L-stable
+    implicit method takes steps of h ~ 10; that floor scales like (rtol/ε)^(1/4). `StabilizedRK`
+    (`solver="stabilized"`) takes RKC steps there instead.
+
+    **Arguments:**
+
+    - `safety`: factor on the power-iteration estimate (a lower bound of ρ).
+    - `init_iterations`: power iterations at the start of a solve.
+    - `max_stages`: at most this many stages per step (9..152).
+    """
+
+    max_stages: int = _MAX_STAGES
+
+    def __check_init__(self):
+        if not 9 <= self.max_stages <= _MAX_STAGES:
+            raise ValueError(f"`max_stages` must be in [9, {_MAX_STAGES}], got {self.max_stages}.")
+
+    def order(self, terms):
+        return 4
+
+    def error_order(self, terms):
+        return 4  # embedded order 3: local error estimate O(h⁴)
+
+    def _advance(self, terms, t0, t1, y0, f0, h_rho, args):
+        return _chebyshev_advance(terms, t0, t1, y0, f0, h_rho, args, False, self.max_stages, 2)
+
+
+class RKC(AbstractChebyshevSolver):
+    """Runge–Kutta–Chebyshev method RKC (Sommeijer, Shampine & Verwer, "RKC: an explicit
+    solver for parabolic PDEs", J. Comput. Appl. Math. 88 (1997) 315–326): order 2, s ≥ 2
+    damped Chebyshev stages (damping 2/13), stability interval ≈ [−0.65·s², 0], s chosen every
+    step as 1 + ⌊√(1 + 1.54·h·ρ)⌋ (see `AbstractChebyshevSolver` for ρ, state, dense output).
+
+    A pure three-term recurrence with no finishing procedure: rounding errors grow only like
+    s² (Verwer, Hundsdorfer & Sommeijer 1990), so, unlike ROCK4, h·ρ has no rounding floor.
+
+    **Arguments:**
+
+    - `safety`: factor on the power-iteration estimate (a lower bound of ρ).
+    - `init_iterations`: power iterations at the start of a solve.
+    - `max_stages`: at most this many stages per step (≥ 2; RKC's own code allows
+      √(rtol/(10ε)): 3000 at rtol 1e-8, 300 at 1e-10).
+    """
+
+    max_stages: int = 1000
+
+    def __check_init__(self):
+        if self.max_stages < 2:
+            raise ValueError(f"`max_stages` must be ≥ 2, got {self.max_stages}.")
+
+    def order(self, terms):
+        return 2
+
+    def error_order(self, terms):
+        return 3  # the estimate is O(h³)
+
+    def _advance(self, terms, t0, t1, y0, f0, h_rho, args):
+        return _chebyshev_advance(terms, t0, t1, y0, f0, h_rho, args, True, 9, self.max_stages)
+
+
+class StabilizedRK(AbstractChebyshevSolver):
+    """The stabilised explicit solver of `solver="stabilized"`: ROCK4 (order 4) on steps with
+    h·ρ ≤ `switch`, RKC (order 2) on stiffer ones.
+
+    Gradient flows of this kind have a fast transient, where steps are limited by accuracy
+    and the conservation laws' drift is set, and a long stiff tail near a minimum, where the
+    step is limited by stability and the solution moves on time scales ≫ 1/ρ. ROCK4 takes the
+    first: order 4 at 5–6 stages. On the tail ROCK4's finishing procedure amplifies float64
+    rounding like (h·ρ)⁴ (see `ROCK4`) and holds h·ρ near 440 at rtol 1e-8; RKC's pure
+    Chebyshev recurrence has no such floor, so its steps grow until accuracy limits them, with
+    √(1.54·h·ρ) stages. On the Lightning-Attention flow of `bench_solvers.py` this cuts
+    ROCK4's work several-fold at the same law drift (the drift is set in the transient; see
+    the README's solver benchmark). The error estimate of either method drives the same PI
+    controller (error order 4). Members of a vmapped batch each take their own method; the
+    batch pays the largest stage count among them (see `_chebyshev_advance`).
+
+    `rtol` is, as for every diffrax solver, a tolerance on each step's local error: over the
+    many small RKC steps of a long stiff tail the global error of slowly moving components
+    can reach ~10–40× rtol (on a linear flow with eigenvalues 0.1…1e4, rtol 1e-8: 4e-7, as
+    Kvaerno5's 4e-7 there).
+
+    **Arguments:**
+
+    - `safety`: factor on the power-iteration estimate (a lower bound of ρ).
+    - `init_iterations`: power iterations at the start of a solve.
+    - `switch`: RKC steps when h·ρ (safety included) exceeds this.
+    - `max_stages`: at most this many RKC stages per step.
+    """
+
+    switch: float = 50.0
+    max_stages: int = 1000
+
+    def __check_init__(self):
+        if not 0 < self.switch <= _MAX_H_RHO:
+            raise ValueError(f"`switch` must be in (0, {_MAX_H_RHO:.0f}], got {self.switch}.")
+        if self.max_stages < 2:
+            raise ValueError(f"`max_stages` must be ≥ 2, got {self.max_stages}.")
+
+    def order(self, terms):
+        return 2  # ROCK4's order 4 holds on the accuracy-limited steps (h·ρ ≤ switch)
+
+    def error_order(self, terms):
+        return 4
+
+    def _advance(self, terms, t0, t1, y0, f0, h_rho, args):
+        return _chebyshev_advance(terms, t0, t1, y0, f0, h_rho, args, h_rho > self.switch,
+                                  _MAX_STAGES, self.max_stages)
+
+
+for _cls in (ROCK4, RKC, StabilizedRK):
+    _cls.__init__.__doc__ = None
+
+
+# Proportional-integral step control for the Chebyshev solvers. ROCK4's late stiff steps sit
+# at a rounding limit (see `ROCK4`), where integral-only control (diffrax's default)
+# oscillates around it. On the stiff
 # attention flow (d = 4, 8 members, rtol 1e-8) 25% of its step attempts were rejected; with
 # these coefficients 16%, and 7% fewer gradient evaluations in all. Stronger smoothing
 # (0.3/0.3: 9%, −10%) slows the step growth after a transient: +28% evaluations on a
 # non-stiff deep linear flow, against +6% with these.
-_ROCK4_PI = dict(pcoeff=0.2, icoeff=0.6)
+_CHEBYSHEV_PI = dict(pcoeff=0.2, icoeff=0.6)
 
 
 def step_size_controller(solver, rtol, atol) -> dfx.PIDController:
     """The step-size controller `gradient_flow` uses with `solver`: PI control
-    (pcoeff = 0.2, icoeff = 0.6) for `ROCK4`, diffrax's default integral control otherwise.
+    (pcoeff = 0.2, icoeff = 0.6) for the Chebyshev solvers (`StabilizedRK`, `ROCK4`, `RKC`),
+    diffrax's default integral control otherwise.
 
     **Arguments:**
 
@@ -216,7 +373,7 @@ def step_size_controller(solver, rtol, atol) -> dfx.PIDController:
 
     **Returns:** a `diffrax.PIDController`.
     """
-    coefficients = _ROCK4_PI if isinstance(solver, ROCK4) else {}
+    coefficients = _CHEBYSHEV_PI if isinstance(solver, AbstractChebyshevSolver) else {}
     return dfx.PIDController(rtol=rtol, atol=atol, **coefficients)
 
 
@@ -224,6 +381,12 @@ def step_size_controller(solver, rtol, atol) -> dfx.PIDController:
 _EXPLICIT_STABILITY = 3.5
 # Below this many stability-limited Tsit5 steps, stiffness costs an explicit solver little.
 _STIFF_STEPS = 5_000
+def _stabilized_max_h_rho():
+    # The largest h·ρ of StabilizedRK's RKC steps: 1 + ⌊√(1 + 1.54·h·ρ)⌋ ≤ max_stages.
+    stages = StabilizedRK().max_stages
+    return ((stages - 1) ** 2 - 1) / 1.54
+
+
 # Kvaerno5's dense Newton solves (O(D³) per Jacobian) only pay off for small D.
 _IMPLICIT_MAX_PARAMS = 2_000
 
@@ -256,6 +419,8 @@ def _probe(params, static, objective, field, t1, rtol, max_steps):
         return field(jax.grad(lambda z: objective(eqx.combine(unravel(z), static))), y)
 
     term = dfx.ODETerm(vector_field)
+    # ROCK4 alone: at the probe's rtol its rounding floor is far off (h·ρ ~ 4000), and it
+    # compiles ~1 s faster than StabilizedRK.
     solver = ROCK4()
     rho0 = solver.init(term, 0.0, t1, y0, None)[1]
     sol = dfx.diffeqsolve(
@@ -280,11 +445,11 @@ def _choose(params, static, objective, field, t1, max_steps, probe_rtol=1e-4,
         name, reason = "tsit5", (
             f"not stiff: Tsit5 needs about {explicit_steps:.3g} steps for stability "
             f"(t1·ρ/3.5, ρ ≤ {rho_max:.3g})")
-    elif (float(t1) * rho_max / _MAX_H_RHO > max_steps / 4
+    elif (float(t1) * rho_max / _stabilized_max_h_rho() > max_steps / 4
           and num_params <= _IMPLICIT_MAX_PARAMS):
         name, reason = "kvaerno5", (
-            f"very stiff (t1·ρ = {float(t1) * rho_max:.3g}) even for a 152-stage stabilised "
-            f"step, and {num_params} parameters make dense Newton solves affordable")
+            f"very stiff (t1·ρ = {float(t1) * rho_max:.3g}) even for the stabilised solver's "
+            f"largest steps, and {num_params} parameters make dense Newton solves affordable")
     else:
         name, reason = "stabilized", (
             f"stiff: Tsit5 would need about {explicit_steps:.3g} steps for stability "
@@ -301,9 +466,10 @@ def choose_solver(objective, model, t1, *, max_steps: int = 100_000, field=None)
     (rtol 1e-4, ≤ 2000 steps) stabilised flow of the first member to `t1`, then picks
 
     - `"tsit5"` when t1·ρ/3.5 (Tsit5's steps for stability alone) ≤ 5000;
-    - `"kvaerno5"` when even 152-stage stabilised steps would need more than max_steps/4
-      steps and the model has ≤ 2000 parameters;
-    - `"stabilized"` (ROCK4) otherwise.
+    - `"kvaerno5"` when even the stabilised solver's largest steps (1000 RKC stages,
+      h·ρ ≈ 6.5e5) would need more than max_steps/4 steps and the model has ≤ 2000
+      parameters;
+    - `"stabilized"` (`StabilizedRK`) otherwise.
 
     **Arguments:**
 
