@@ -8,7 +8,7 @@
 on the 2-core CPU (one core): one member takes ~7 s with the stabilised solver, ~50 s with
 Kvaerno5, ~95 s with ROCK4 alone and ~150 s with Tsit5 (capped at max_steps). B = 256 is for
 a GPU; on the CPU run `--issue14 --batch 16 --repeats 0 --tsit5-members 1 --rock4-members 2
---count-members 4 --tight 300 1000` (each solve once, compile included, ~30 min). Tsit5 runs
+--count-members 4 --tight 300 1000` (each solve once, compile included, ~45 min). Tsit5 runs
 into max_steps on every member, so it runs on `--tsit5-members` members only (its count per
 member does not depend on B); ROCK4 alone (the stabilised solver without its RKC steps) on
 `--rock4-members`.

@@ -134,9 +134,13 @@ def _attention_rows(attention) -> list[str]:
             rejected = run.get("rejected_fraction")
             status = ", ".join(f"{n} {k}" for k, n in run["status_counts"].items())
             compile_note = " (with compile)" if run.get("run_includes_compile") else ""
+            # A member stopped at max_steps saved nothing after its stop: its drift covers a
+            # part of the flow only and must not read as a whole-flow figure.
+            drift = (f"{run['max_drift']:.1e}" if run["all_reached_t1"]
+                     else "- (stopped before t1)")
             rows.append(f"| {name} | {run['rtol']:.1e} | {status} | {run['steps_mean']:.0f} | "
                         f"{evals} | {'-' if rejected is None else f'{rejected:.0%}'} | "
-                        f"{run['run_s']:.3g}{compile_note} | {run['max_drift']:.1e} |")
+                        f"{run['run_s']:.3g}{compile_note} | {drift} |")
         t = entry["targets"]
         rows += ["", "Targets: " + "; ".join(
             f"{k.replace('_', ' ')} = {v:.3g}" if isinstance(v, float) else
