@@ -111,7 +111,6 @@ def test_attention_laws_conserved_along_flow(getkey, loss):
     assert float(jnp.max(result.loss[:, -1] / result.loss[:, 0])) < 0.9  # it actually trained
 
 
-@pytest.mark.slow  # end-to-end; keeps the default suite under 10 min on 2 cores
 def test_exhausted_member_is_reported_others_keep_results(linear_problem):
     ensemble, objective = linear_problem
     # Member 2 starts 40× larger: its flow is stiff and needs far more steps than the others.
