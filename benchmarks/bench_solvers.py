@@ -2,16 +2,21 @@
 
     python benchmarks/bench_solvers.py [--quick] [--issue14] [--batch 16 256] [--repeats 1]
         [--sections stiff_attention large_model solvers ensemble] [--tsit5-members 2]
-        [--rock4-members 2] [--tight 100 300] [--count-members N] [--batch-size N]
+        [--rock4-members 2] [--kvaerno5-members N] [--tight 100 300] [--count-members N]
+        [--batch-size N]
 
 `--issue14` runs only sections 0 (`stiff_attention`, `large_model`). Sizes of the full problem
-on the 2-core CPU (one core): one member takes ~7 s with the stabilised solver, ~50 s with
-Kvaerno5, ~95 s with ROCK4 alone and ~150 s with Tsit5 (capped at max_steps). B = 256 is for
-a GPU; on the CPU run `--issue14 --batch 16 --repeats 0 --tsit5-members 1 --rock4-members 2
---count-members 4 --tight 300 1000` (each solve once, compile included, ~45 min). Tsit5 runs
+on the 2-core CPU (one core): one member takes ~5 s with the stabilised solver, ~55 s with
+Kvaerno5, ~130 s with ROCK4 alone and ~200 s with Tsit5 (capped at max_steps). On the CPU run
+`--sections stiff_attention --batch 16 --repeats 0 --tsit5-members 1 --rock4-members 2
+--count-members 4 --tight 300 1000` (each solve once, compile included, ~45 min) and, for
+B = 256, `--sections stiff_attention --batch 256 --kvaerno5-members 16 --tsit5-members 1
+--rock4-members 0 --count-members 16 --tight 300 --repeats 0` (~50 min; Kvaerno5 and the
+drift-matched runs on the first 16 members, wall targets per member; its own JSON). Tsit5 runs
 into max_steps on every member, so it runs on `--tsit5-members` members only (its count per
 member does not depend on B); ROCK4 alone (the stabilised solver without its RKC steps) on
-`--rock4-members`.
+`--rock4-members`. `--sections auto_probe` times `choose_solver` (what `solver="auto"` costs
+before the solve).
 
 0. Issue 14 targets (`stiff_attention`, `large_model`): the Lightning-Attention flow
    d = 8, 16 tokens, key/value dim 2, n = 64, t1 = 50, rtol = 1e-8, ensembles B = 16 and 256:
@@ -29,6 +34,7 @@ member does not depend on B); ROCK4 alone (the stabilised solver without its RKC
    smoke run only."""
 
 import argparse
+import time
 
 import _harness
 import diffrax as dfx
@@ -321,7 +327,45 @@ def ensemble_throughput(args):
     return out
 
 
-SECTIONS = ("stiff_attention", "large_model", "solvers", "ensemble")
+def auto_probe(args):
+    """What `solver="auto"` costs before the solve: `choose_solver` on the full-size and the
+    smoke-size attention flows of `stiff_attention` and on bench_core's deep linear flow
+    (first call with compile, then warm per member) and where its probe stopped."""
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+
+    def attention(d, tokens, n):
+        def make(key):
+            return cn.LightningAttention.random(d, key=key, key_dim=2, value_dim=2, causal=False)
+        return make, cn.teacher_dataset(make(k[0]), cn.gaussian_inputs(k[1], n, (tokens, d)))
+
+    def deep_linear():
+        def make(key):
+            return cn.DeepLinear.random([16, 32, 32, 8], key=key)
+        return make, cn.teacher_dataset(make(k[0]), cn.gaussian_inputs(k[1], 128, (16,)))
+
+    problems = {"attention_d8": attention(8, 16, 64), "attention_d4": attention(4, 6, 16),
+                "deep_linear_16_32_32_8": deep_linear()}
+    out = {"t1": 50.0, "members": 4}
+    for label, (make, data) in problems.items():
+        ensemble = cn.Ensemble.init(make, k[2], out["members"])
+        objective = cn.make_objective(cn.MSE(), data, ensemble)
+        start = time.perf_counter()
+        first = cn.choose_solver(objective, ensemble[0], out["t1"])
+        first_s = time.perf_counter() - start
+        warm = []
+        for i in range(1, ensemble.size):
+            start = time.perf_counter()
+            choice = cn.choose_solver(objective, ensemble[i], out["t1"])
+            warm.append({"s": time.perf_counter() - start, "name": choice.name,
+                         "rho_max": choice.rho_max, "probe_t": choice.probe_t})
+        out[label] = {"first_call_s": first_s, "name": first.name, "rho_max": first.rho_max,
+                      "probe_t": first.probe_t,
+                      "warm_mean_s": float(np.mean([w["s"] for w in warm])), "warm": warm}
+        print("auto_probe", label, out[label], flush=True)
+    return out
+
+
+SECTIONS = ("stiff_attention", "large_model", "solvers", "ensemble", "auto_probe")
 
 
 def main():
@@ -362,6 +406,8 @@ def main():
         report["solvers"] = small_solvers(args)
     if "ensemble" in args.sections:
         report["ensemble_throughput"] = ensemble_throughput(args)
+    if "auto_probe" in args.sections:
+        report["auto_probe"] = auto_probe(args)
     # solvers[_quick][_<sections>]: a partial run never overwrites a complete one.
     name = "solvers_quick" if args.quick else "solvers"
     if set(args.sections) != set(SECTIONS[:2] if args.quick else SECTIONS):

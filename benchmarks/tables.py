@@ -122,9 +122,9 @@ def _attention_rows(attention) -> list[str]:
                  f"t1 = {problem['t1']:g}, {batch[1:]} members, Tsit5 capped at "
                  f"{problem['max_steps']} steps; `auto` chose `{entry['auto_choice']['name']}`:",
                  "",
-                 "| solver | rtol | status | steps | gradient evaluations / member (mean, max) | "
-                 "rejected | run [s] | max law drift |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "| solver | rtol | members | status | steps | gradient evaluations / member "
+                 "(mean, max) | rejected | run [s] | max law drift |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for name, run in entry.items():
             if name in ("auto_choice", "targets"):
                 continue
@@ -138,7 +138,8 @@ def _attention_rows(attention) -> list[str]:
             # part of the flow only and must not read as a whole-flow figure.
             drift = (f"{run['max_drift']:.1e}" if run["all_reached_t1"]
                      else "- (stopped before t1)")
-            rows.append(f"| {name} | {run['rtol']:.1e} | {status} | {run['steps_mean']:.0f} | "
+            rows.append(f"| {name} | {run['rtol']:.1e} | {run.get('members', '-')} | {status} | "
+                        f"{run['steps_mean']:.0f} | "
                         f"{evals} | {'-' if rejected is None else f'{rejected:.0%}'} | "
                         f"{run['run_s']:.3g}{compile_note} | {drift} |")
         t = entry["targets"]
@@ -149,10 +150,29 @@ def _attention_rows(attention) -> list[str]:
 
 
 def solvers_attention() -> str:
-    report = _load("solvers_stiff_attention_cpu.json")
+    rows = []
+    for name in ("solvers_stiff_attention_cpu.json", "solvers_stiff_attention_B256_cpu.json"):
+        report = _load(name)
+        env = report["environment"]
+        rows += [f"`{name}`:", ""] + _attention_rows(report["stiff_attention"]) + [
+            "", f"Machine: {env['device']}, {env['cpu_count']} cores, jax "
+            f"{env['versions']['jax']}.", ""]
+    return "\n".join(rows).strip()
+
+
+def solvers_auto_probe() -> str:
+    report = _load("solvers_auto_probe_cpu.json")
+    probe = report["auto_probe"]
+    rows = ["| flow (t1 = 50) | choice | ρ_max | probe stopped at t | first call [s] "
+            "(with compile) | warm, per member [s] |", "|---|---|---|---|---|---|"]
+    for label, entry in probe.items():
+        if isinstance(entry, dict):
+            rows.append(f"| {label} | {entry['name']} | {entry['rho_max']:.3g} | "
+                        f"{entry['probe_t']:.3g} | {entry['first_call_s']:.2f} | "
+                        f"{entry['warm_mean_s']:.3f} |")
     env = report["environment"]
-    return "\n".join(_attention_rows(report["stiff_attention"]) + [
-        "", f"Machine: {env['device']}, {env['cpu_count']} cores, jax {env['versions']['jax']}."])
+    return "\n".join(rows + ["", f"Machine: {env['device']}, {env['cpu_count']} cores, jax "
+                             f"{env['versions']['jax']}."])
 
 
 def solvers_quick() -> str:
@@ -173,5 +193,5 @@ def solvers() -> str:
 if __name__ == "__main__":
     print({"ensembles": ensembles, "augmentation": augmentation, "counting": counting,
            "solvers_quick": solvers_quick, "solvers_large": solvers_large,
-           "solvers_attention": solvers_attention,
+           "solvers_attention": solvers_attention, "solvers_auto_probe": solvers_auto_probe,
            "solvers": solvers}[sys.argv[1]]())

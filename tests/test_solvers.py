@@ -188,6 +188,49 @@ def test_auto_picks_stabilized_on_stiff_attention_and_tsit5_on_deep_linear(
     assert choice.name == "tsit5", choice
 
 
+def _least_squares(realizable):
+    """A stiff linear regression (input scales 1…300: Hessian eigenvalues 2.6…1.5e5) and its
+    minimum loss from numpy's least squares (exact targets: 0)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(24, 4)) * np.array([1.0, 10.0, 100.0, 300.0])
+    y = x @ rng.normal(size=(2, 4)).T + (0.0 if realizable else rng.normal(size=(24, 2)))
+    model = cn.DeepLinear.random((4, 2), key=jax.random.PRNGKey(1))
+    objective = cn.make_objective(cn.MSE(), cn.Dataset(jnp.asarray(x), jnp.asarray(y)), model)
+    residual = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+    return model, objective, x, float(np.sum(residual**2) / len(x))
+
+
+@pytest.mark.parametrize("solver", [cn.RKC(), cn.StabilizedRK()], ids=["rkc", "stabilized"])
+def test_steps_past_the_stability_interval_are_rejected_not_accepted(solver):
+    # Once the flow sits at its (non-zero) minimum the controller grows h until h·ρ needs more
+    # than 1000 RKC stages; such a step overflows to inf, and was accepted (diffrax scales the
+    # error by |y1| = inf), so the member "diverged" at its minimum.
+    model, objective, _, minimum = _least_squares(realizable=False)
+    result = cn.gradient_flow(objective, model, 100.0, solver=solver, rtol=1e-4, n_save=5)
+    assert result.status_names() == ["success"], result.status_names()
+    loss = np.asarray(result.loss[0])
+    assert np.all(np.diff(loss) <= 1e-9 * loss[:-1]), loss  # gradient flow never climbs
+    assert abs(loss[-1] - minimum) <= 1e-8 * minimum, (loss[-1], minimum)
+
+
+@pytest.mark.parametrize("realizable", [True, False], ids=["converges", "noisy_targets"])
+def test_auto_probe_stops_at_a_minimum_with_the_hessians_radius(realizable):
+    # Linear regression: a constant Hessian, so ρ is exact (numpy) all along the probe. With
+    # exact targets the loss falls 1e-12 long before t1 and the probe stops there; noisy
+    # targets keep the loss up (negative control: to t1).
+    model, objective, x, _ = _least_squares(realizable)
+    t1 = 100.0
+    choice = cn.choose_solver(objective, model, t1)
+    # L(W) = Σ_samples ‖W x − y‖² / n: Hessian 2 XᵀX/n on each output row.
+    rho = 2.0 * np.linalg.eigvalsh(x.T @ x / len(x)).max()
+    assert choice.name == "stabilized", choice
+    assert 0.99 * rho <= choice.rho_max <= (1 + 1e-9) * rho, (choice.rho_max, rho)
+    if realizable:
+        assert choice.probe_t < 0.1 * t1, choice.probe_t
+    else:
+        assert choice.probe_t == t1, choice.probe_t
+
+
 def test_bad_solver_name_lists_choices(deep_linear):
     ensemble, objective = deep_linear
     with pytest.raises(ValueError, match=r"`solver`.*'auto'.*'stabilized'"):
