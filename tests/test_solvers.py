@@ -188,14 +188,14 @@ def test_auto_picks_stabilized_on_stiff_attention_and_tsit5_on_deep_linear(
     assert choice.name == "tsit5", choice
 
 
-def _least_squares(realizable):
+def _least_squares(realizable, loss=cn.MSE()):
     """A stiff linear regression (input scales 1…300: Hessian eigenvalues 2.6…1.5e5) and its
-    minimum loss from numpy's least squares (exact targets: 0)."""
+    minimum MSE from numpy's least squares (exact targets: 0)."""
     rng = np.random.default_rng(3)
     x = rng.normal(size=(24, 4)) * np.array([1.0, 10.0, 100.0, 300.0])
     y = x @ rng.normal(size=(2, 4)).T + (0.0 if realizable else rng.normal(size=(24, 2)))
     model = cn.DeepLinear.random((4, 2), key=jax.random.PRNGKey(1))
-    objective = cn.make_objective(cn.MSE(), cn.Dataset(jnp.asarray(x), jnp.asarray(y)), model)
+    objective = cn.make_objective(loss, cn.Dataset(jnp.asarray(x), jnp.asarray(y)), model)
     residual = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
     return model, objective, x, float(np.sum(residual**2) / len(x))
 
@@ -229,6 +229,27 @@ def test_auto_probe_stops_at_a_minimum_with_the_hessians_radius(realizable):
         assert choice.probe_t < 0.1 * t1, choice.probe_t
     else:
         assert choice.probe_t == t1, choice.probe_t
+
+
+class _ShiftedMSE(cn.AbstractLoss):
+    """MSE − 1e6: the same flow, a loss below zero from the start."""
+
+    @property
+    def name(self):
+        return "shifted_mse"
+
+    def __call__(self, prediction, target):
+        return jnp.sum((prediction - target) ** 2) - 1e6
+
+
+def test_auto_probe_of_a_loss_starting_below_zero_runs_to_t1():
+    # "Below 1e-12 of its start" means nothing for a start ≤ 0 (it held at once, and the
+    # probe stopped after one step): the probe then runs to t1 and still finds ρ.
+    model, objective, x, _ = _least_squares(True, _ShiftedMSE())
+    choice = cn.choose_solver(objective, model, 100.0)
+    rho = 2.0 * np.linalg.eigvalsh(x.T @ x / len(x)).max()
+    assert choice.probe_t == 100.0, choice.probe_t
+    assert 0.99 * rho <= choice.rho_max <= (1 + 1e-9) * rho, (choice.rho_max, rho)
 
 
 def test_bad_solver_name_lists_choices(deep_linear):

@@ -428,8 +428,9 @@ class SolverChoice(eqx.Module):
     probe_t: float
 
 
-# The probe stops once the loss is below this fraction of its start: the flow is then at a
-# minimum, where the Hessian (and so ρ) no longer changes, and the rest of the way to t1 is
+# The probe stops once the loss (≥ 0 for every shipped loss) is below this fraction of a
+# positive start: the flow is then at a minimum, where the Hessian (and so ρ) no longer
+# changes, and the rest of the way to t1 is
 # the stiff tail whose stages would cost most of the probe (full-size attention flow: the
 # loss falls by 1e-12 by t = 0.05 of t1 = 50; 614 gradient evaluations instead of 10 433,
 # the same ρ_max).
@@ -448,7 +449,8 @@ def _probe(params, static, objective, field, t1, rtol, max_steps):
         return field(jax.grad(loss), y)
 
     def converged(t, y, args, **kwargs):
-        return loss(y) <= _PROBE_CONVERGED * loss0
+        # A start at L ≤ 0 (a custom loss) gives no scale: probe to t1.
+        return (loss0 > 0) & (loss(y) <= _PROBE_CONVERGED * loss0)
 
     term = dfx.ODETerm(vector_field)
     # StabilizedRK, not ROCK4 alone: even at rtol 1e-4 ROCK4's rounding floor holds its
