@@ -11,7 +11,7 @@ Kvaerno5, ~130 s with ROCK4 alone and ~200 s with Tsit5 (capped at max_steps). O
 `--sections stiff_attention --batch 16 --repeats 0 --tsit5-members 1 --rock4-members 2
 --count-members 4 --tight 300 1000` (each solve once, compile included, ~45 min) and, for
 B = 256, `--sections stiff_attention --batch 256 --kvaerno5-members 16 --tsit5-members 1
---rock4-members 0 --count-members 16 --tight 300 --repeats 0` (~50 min; Kvaerno5 and the
+--rock4-members 0 --count-members 16 --tight 300 --repeats 0` (~1 h; Kvaerno5 and the
 drift-matched runs on the first 16 members, wall targets per member; its own JSON). Tsit5 runs
 into max_steps on every member, so it runs on `--tsit5-members` members only (its count per
 member does not depend on B); ROCK4 alone (the stabilised solver without its RKC steps) on
@@ -43,6 +43,7 @@ import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 import numpy as np
+from bench_core import build  # bench_core's deep linear flow (auto_probe)
 
 import conservation as cn
 
@@ -136,6 +137,17 @@ def _timed_flow(objective, ensemble, t1, rtol, solver, max_steps, repeats, batch
     return timing
 
 
+def _attention_problem(d, tokens, r, n):
+    """(member factory, teacher data set, members' key) of the Lightning-Attention flow of
+    `stiff_attention` (non-causal, key/value dim r, n sequences of `tokens` tokens)."""
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+
+    def make(key):
+        return cn.LightningAttention.random(d, key=key, key_dim=r, value_dim=r, causal=False)
+
+    return make, cn.teacher_dataset(make(k[0]), cn.gaussian_inputs(k[1], n, (tokens, d))), k[2]
+
+
 def stiff_attention(args):
     """Issue 14: every member reaches t1 with the stabilised solver, ≥ 10× fewer gradient
     evaluations than Tsit5, ≤ 0.5× Kvaerno5's wall time, drift no larger."""
@@ -143,16 +155,11 @@ def stiff_attention(args):
         8, 16, 2, 64, 50.0, 1e-8)
     sizes = args.batch or ((2,) if args.quick else (16, 256))
     max_steps = 20_000 if args.quick else 100_000  # Tsit5 runs into it either way
-    k = jax.random.split(jax.random.PRNGKey(0), 3)
-
-    def make(key):
-        return cn.LightningAttention.random(d, key=key, key_dim=r, value_dim=r, causal=False)
-
-    data = cn.teacher_dataset(make(k[0]), cn.gaussian_inputs(k[1], n, (tokens, d)))
+    make, data, k_members = _attention_problem(d, tokens, r, n)
     out = {"problem": dict(d=d, tokens=tokens, key_dim=r, value_dim=r, n=n, t1=t1, rtol=rtol,
                            max_steps=max_steps, batch_size=args.batch_size or "default")}
     for size in sizes:
-        ensemble = cn.Ensemble.init(make, k[2], size)
+        ensemble = cn.Ensemble.init(make, k_members, size)
         objective = cn.make_objective(cn.MSE(), data, ensemble)
         timing = _harness.timed(lambda: cn.choose_solver(objective, ensemble, t1), repeats=1)
         choice = timing.pop("output")
@@ -331,31 +338,22 @@ def auto_probe(args):
     """What `solver="auto"` costs before the solve: `choose_solver` on the full-size and the
     smoke-size attention flows of `stiff_attention` and on bench_core's deep linear flow
     (first call with compile, then warm per member) and where its probe stopped."""
-    k = jax.random.split(jax.random.PRNGKey(0), 3)
-
-    def attention(d, tokens, n):
-        def make(key):
-            return cn.LightningAttention.random(d, key=key, key_dim=2, value_dim=2, causal=False)
-        return make, cn.teacher_dataset(make(k[0]), cn.gaussian_inputs(k[1], n, (tokens, d)))
-
-    def deep_linear():
-        def make(key):
-            return cn.DeepLinear.random([16, 32, 32, 8], key=key)
-        return make, cn.teacher_dataset(make(k[0]), cn.gaussian_inputs(k[1], 128, (16,)))
-
-    problems = {"attention_d8": attention(8, 16, 64), "attention_d4": attention(4, 6, 16),
-                "deep_linear_16_32_32_8": deep_linear()}
-    out = {"t1": 50.0, "members": 4}
-    for label, (make, data) in problems.items():
-        ensemble = cn.Ensemble.init(make, k[2], out["members"])
+    members, t1 = 4, 50.0
+    problems = {}
+    for label, (d, tokens, n) in (("attention_d8", (8, 16, 64)), ("attention_d4", (4, 6, 16))):
+        make, data, key = _attention_problem(d, tokens, 2, n)
+        problems[label] = data, cn.Ensemble.init(make, key, members)
+    problems["deep_linear_16_32_32_8"] = build(members)
+    out = {"t1": t1, "members": members}
+    for label, (data, ensemble) in problems.items():
         objective = cn.make_objective(cn.MSE(), data, ensemble)
         start = time.perf_counter()
-        first = cn.choose_solver(objective, ensemble[0], out["t1"])
+        first = cn.choose_solver(objective, ensemble[0], t1)
         first_s = time.perf_counter() - start
         warm = []
         for i in range(1, ensemble.size):
             start = time.perf_counter()
-            choice = cn.choose_solver(objective, ensemble[i], out["t1"])
+            choice = cn.choose_solver(objective, ensemble[i], t1)
             warm.append({"s": time.perf_counter() - start, "name": choice.name,
                          "rho_max": choice.rho_max, "probe_t": choice.probe_t})
         out[label] = {"first_call_s": first_s, "name": first.name, "rho_max": first.rho_max,
