@@ -125,6 +125,55 @@ def test_exhausted_member_is_reported_others_keep_results(linear_problem):
     assert not np.all(np.isfinite(result.loss[2]))  # unreached save times are marked, not faked
 
 
+@pytest.fixture(scope="module")
+def mixed_members(linear_problem):
+    """Five members: two that succeed, one that runs out of steps (40× larger: stiff), one
+    that starts diverged (norm > the 1e8 threshold), one more that succeeds; integrated one
+    at a time, each in its own diffrax solve (the CPU default)."""
+    ensemble, objective = linear_problem
+    big = cn.DeepLinear([40.0 * w for w in ensemble[2].weights])
+    blown = cn.DeepLinear([1e9 * w for w in ensemble[1].weights])
+    mixed = cn.Ensemble.stack([ensemble[0], big, blown, ensemble[1], ensemble[3]])
+    limit = 150
+    with pytest.warns(UserWarning, match="max_steps"):
+        sequential = cn.gradient_flow(objective, mixed, 5.0, solver="tsit5", rtol=1e-8,
+                                      n_save=11, max_steps=limit, values=("balance[1]",))
+    return mixed, objective, limit, sequential
+
+
+def test_lanes_take_each_members_own_steps(mixed_members):
+    """`batch_size=2` on 5 members: two lanes stepping together, each refilled with the next
+    member as its member finishes (whatever its status): every member's steps, saves, final
+    parameters and status equal its own diffrax solve."""
+    mixed, objective, limit, sequential = mixed_members
+    assert sequential.status_names() == ["success", "max_steps", "diverged", "success",
+                                         "success"]
+    assert int(sequential.num_steps[2]) == 0 and int(sequential.num_steps[1]) == limit
+    with pytest.warns(UserWarning, match="max_steps"):
+        lanes = cn.gradient_flow(objective, mixed, 5.0, solver="tsit5", rtol=1e-8, n_save=11,
+                                 max_steps=limit, values=("balance[1]",), batch_size=2)
+    assert lanes.status_names() == sequential.status_names()
+    np.testing.assert_array_equal(lanes.num_steps, sequential.num_steps)
+    # Save times a member never reached are inf in both, the rest equal to round-off.
+    np.testing.assert_array_equal(np.isinf(lanes.loss), np.isinf(sequential.loss))
+    assert np.isinf(lanes.loss[2]).all() and np.isinf(lanes.loss[1, -1])
+    np.testing.assert_allclose(lanes.loss, sequential.loss, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(lanes.values["balance[1]"], sequential.values["balance[1]"],
+                               rtol=1e-12, atol=1e-14)
+    for name in sequential.drift:
+        np.testing.assert_allclose(lanes.drift[name], sequential.drift[name], rtol=1e-9,
+                                   atol=1e-15)
+    # Lanes vmap the gradient (batched products sum in another order): round-off apart,
+    # except in the stiff member, whose Tsit5 steps sit at the stability limit, where the
+    # error estimate amplifies a rounding difference up to the step tolerance (3e-9 here).
+    for a, b in zip(jax.tree_util.tree_leaves(lanes.final.models),
+                    jax.tree_util.tree_leaves(sequential.final.models)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(np.delete(a, 1, 0), np.delete(b, 1, 0), rtol=1e-12,
+                                   atol=1e-14)
+        np.testing.assert_allclose(a[1], b[1], rtol=0, atol=10 * 1e-8 * np.abs(b[1]).max())
+
+
 def test_divergence_threshold_stops_a_member(linear_problem):
     ensemble, objective = linear_problem
     norms = [float(jnp.sqrt(sum(jnp.sum(w**2) for w in ensemble[i].weights))) for i in range(4)]
@@ -217,3 +266,46 @@ def test_one_progress_bar_per_ensemble_flow(linear_problem, capsys):
     assert result.status_names() == ["success"] * 4
     assert err.count("\n") == 1, err  # one bar, closed once (not one per member)
     assert err.rstrip().endswith("]") and "flow: t=5/5, members 4/4" in err, err
+
+
+def _refill_schedule(steps, lanes):
+    """Loop iterations of `lanes` lanes taking members in order, each lane loading the next
+    member in the iteration after its member's last step (list scheduling, simulated)."""
+    free = [0] * lanes  # iteration from which each lane is free
+    for s in steps:
+        lane = min(range(lanes), key=lambda i: (free[i], i))
+        free[lane] += int(s)
+    return max(free)
+
+
+def test_lanes_are_refilled_as_members_finish():
+    """Members of very different difficulty (decay rates 0.5…60 on one linear field): lanes
+    take the next member as soon as theirs finishes, so the loop runs exactly the list
+    schedule of the members' step counts, well under a lockstep of fixed chunks."""
+    from conservation._dynamics.lockstep import solve_lanes
+    from conservation._dynamics.unrolled import Tsit5
+
+    rates = jnp.asarray([60.0, 0.5, 1.0, 30.0, 2.0, 4.0, 0.5])
+    y0 = jnp.diag(jnp.ones(7))  # member i decays at rates[i]
+    ts = jnp.linspace(0.0, 5.0, 6)
+
+    @jax.jit
+    def run(y0):
+        return {lanes: solve_lanes(
+            lambda y: -rates * y, Tsit5(), cn.step_size_controller(Tsit5(), 1e-8, 1e-8),
+            lambda row: (row, None), lambda t, y, aux: y, y0, jnp.asarray(5.0), ts, 0.01,
+            lanes=lanes, max_steps=10_000, diverged=lambda y: ~jnp.all(jnp.isfinite(y)))
+            for lanes in (1, 2, 3)}
+
+    runs = run(y0)
+    steps = np.asarray(runs[1][3])
+    assert len(set(steps.tolist())) >= 4, steps  # the members differ in difficulty
+    for lanes, (saved, final, status, member_steps, iterations) in runs.items():
+        assert np.all(np.asarray(status) == 0)
+        np.testing.assert_array_equal(member_steps, steps)
+        assert int(iterations) == _refill_schedule(steps, lanes), (lanes, iterations)
+        exact = np.exp(-np.outer(np.asarray(ts), np.asarray(rates))).T  # member i, time t
+        np.testing.assert_allclose(np.asarray(saved)[np.arange(7), :, np.arange(7)], exact,
+                                   rtol=0, atol=1e-7)
+    chunked = sum(steps[i:i + 2].max() for i in range(0, 7, 2))  # fixed chunks of 2
+    assert _refill_schedule(steps, 2) < 0.8 * chunked, (steps, chunked)

@@ -155,6 +155,21 @@ def test_stabilized_conserves_deep_linear_laws(deep_linear):
     assert float(jnp.max(result.loss[:, -1] / result.loss[:, 0])) < 1e-3
 
 
+def test_stabilized_in_lanes_equals_one_member_at_a_time(deep_linear):
+    """Three members on two lanes (refilled): the stabilised solver's per-member stage
+    counts, steps and saves are those of each member's own solve."""
+    ensemble, objective = deep_linear
+    third = cn.DeepLinear([1.3 * w for w in ensemble[0].weights])
+    members = cn.Ensemble.stack([ensemble[0], ensemble[1], third])
+    runs = [cn.gradient_flow(objective, members, 20.0, rtol=1e-9, solver="stabilized",
+                             n_save=11, batch_size=b) for b in (1, 2)]
+    assert runs[0].status_names() == runs[1].status_names() == ["success"] * 3
+    np.testing.assert_array_equal(runs[1].num_steps, runs[0].num_steps)
+    # Near the minimum the loss itself is exact to ~1e-16 of its scale (moment fast path).
+    np.testing.assert_allclose(runs[1].loss, runs[0].loss, rtol=1e-10,
+                               atol=1e-14 * float(jnp.max(runs[0].loss[:, 0])))
+
+
 def test_stabilized_conserves_quadratic_net_laws():
     k = jax.random.split(jax.random.PRNGKey(3), 3)
     teacher = cn.PolynomialNet.random((3, 2, 1), key=k[0])
@@ -295,3 +310,33 @@ def test_rkc_steps_do_not_amplify_rounding_at_a_minimum():
     stages = 1 + int(np.sqrt(1 + 1.54 * 1e5))
     assert moved["rkc"] < stages**2 * np.finfo(float).eps * np.max(np.abs(b)), moved
     assert moved["rock4"] > 100 * moved["rkc"], moved
+
+
+@pytest.mark.parametrize("name", ["tsit5", "dopri5", "dopri8"])
+def test_unrolled_explicit_solvers_equal_diffrax_steps_and_match_the_closed_form(name):
+    """`solver="tsit5"` etc. are diffrax's tableaus with the stages unrolled: one step on a
+    nonlinear field gives diffrax's y₁, error estimate, dense output and next f to round-off;
+    on a linear gradient flow the adaptive solve's saved values (dense output between steps
+    included) are within 10·rtol of expm."""
+    from conservation._dynamics.flow import SOLVERS
+    from conservation._dynamics.unrolled import AbstractUnrolledERK
+
+    unrolled = SOLVERS[name]()
+    assert isinstance(unrolled, AbstractUnrolledERK)
+    reference = getattr(dfx, type(unrolled).__name__)()
+    a, y0 = _linear_flow(np.logspace(-1, 2, 6), seed=2)
+    term = dfx.ODETerm(lambda t, y, args: -a @ y - 0.3 * jnp.sin(y))
+    steps = [solver.step(term, 0.0, 0.02, y0, None, solver.init(term, 0.0, 0.02, y0, None),
+                         False) for solver in (unrolled, reference)]
+    (y1, error, dense, f1, _), (y1_, error_, dense_, (_, f1_), _) = steps
+    for x, y in ((y1, y1_), (error, error_), (dense["k"], dense_["k"]), (f1, f1_)):
+        np.testing.assert_allclose(x, y, rtol=1e-14, atol=1e-16)
+
+    ts = np.linspace(0.0, 3.0, 13)
+    rtol = 1e-9
+    sol = dfx.diffeqsolve(dfx.ODETerm(lambda t, y, args: -args @ y), unrolled, 0.0, 3.0, 0.01,
+                          y0, args=a, saveat=dfx.SaveAt(ts=ts),
+                          stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol),
+                          max_steps=10_000)
+    exact = np.stack([scipy.linalg.expm(-a * t) @ y0 for t in ts])  # independent reference
+    assert np.max(np.abs(np.asarray(sol.ys) - exact)) < 10 * rtol * np.max(np.abs(y0))

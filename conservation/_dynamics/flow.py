@@ -19,6 +19,7 @@ from .._data.objective import Objective
 from .._laws.base import check_unique_names
 from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
 from .batching import default_batch_size, free_device_memory
+from .lockstep import solve_lanes
 from .monitor import (
     DIVERGED,
     FAILED,
@@ -31,11 +32,14 @@ from .monitor import (
     values_to_keep,
 )
 from .solvers import StabilizedRK, _choose, step_size_controller
+from .unrolled import Dopri5, Dopri8, Tsit5
 
 SOLVERS = {
-    "tsit5": dfx.Tsit5,
-    "dopri5": dfx.Dopri5,
-    "dopri8": dfx.Dopri8,
+    # diffrax's explicit tableaus, their stages unrolled (`unrolled.py`): same steps, fewer
+    # kernels.
+    "tsit5": Tsit5,
+    "dopri5": Dopri5,
+    "dopri8": Dopri8,
     "heun": dfx.Heun,
     "kvaerno5": dfx.Kvaerno5,  # implicit (stiff); dense Jacobian: small parameter counts
     # Stabilised explicit (stiff gradient flows, any parameter count): ROCK4 + RKC.
@@ -295,6 +299,18 @@ class _FlowBar:
         self.bar.update(float(np.sum(self.fraction)) - self.bar.n)
 
     @staticmethod
+    def update(fraction, finished):
+        """All members at once: t/t1 reached by each and whether it has finished."""
+        self = _FlowBar.active
+        if self is None:
+            return
+        self.fraction[:] = np.where(finished, 1.0, np.maximum(self.fraction, fraction))
+        self.finished[:] = np.asarray(finished)
+        running = self.fraction[~self.finished]
+        self._describe((running.min() if running.size else 1.0) * self.t1)
+        self.bar.update(float(np.sum(self.fraction)) - self.bar.n)
+
+    @staticmethod
     def finish(member):
         self = _FlowBar.active
         if self is None:
@@ -329,12 +345,19 @@ class _MemberProgress(dfx.AbstractProgressMeter):
         jax.debug.callback(_FlowBar.finish, self.member)
 
 
+# diffrax's `diffeqsolve` starts every ODE with this step when given none (its initial-step
+# heuristic is skipped for the wrapped terms it builds); both loops below start with it, so a
+# member takes the same steps whichever runs it.
+_FIRST_STEP = 0.01
+
+
 @eqx.filter_jit
 def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, divergence, n_save,
           max_steps, progress, size, batch, keep, final_values):
     ts = jnp.linspace(0.0, t1, n_save)
     # The solver state is one flat vector per member: diffrax's per-step work is a tree_map
     # over the state, so one leaf instead of one per parameter array is ~20% faster.
+    y0 = jax.vmap(lambda p: jfu.ravel_pytree(p)[0])(params)
     _, unravel = jfu.ravel_pytree(jtu.tree_map(lambda x: x[0], params))
 
     def as_model(y):
@@ -343,50 +366,61 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
     def grad(y):
         return jax.grad(lambda z: objective(as_model(z)))(y)
 
-    def vector_field(t, y, args):
-        del t, args
+    def vector_field(y):
         return field(grad, y)
 
-    def diverged(t, y, args, **kwargs):
-        del t, args, kwargs
+    def diverged(y):
         return ~(jnp.linalg.norm(y) < divergence)  # also true for nan
 
-    def solve_one(args):
-        p0, member = args
-        y0, _ = jfu.ravel_pytree(p0)
-        reference = monitor.reference(as_model(y0))
+    def start(row):
+        return field.start(grad, row), monitor.reference(as_model(row))
 
-        def observe(t, y, args):
-            # Reduce to scalars here: the saved buffers are (n_save,) per law, never
-            # (n_save, *law shape) unless asked for (`keep`).
-            del t, args
-            model = as_model(y)
-            law_values = monitor.values(model)
-            return (objective(model), monitor.drifts(law_values, reference),
-                    monitor.conditions(model), {k: law_values[k] for k in keep})
+    def observe(t, y, reference):
+        # Reduce to scalars here: the saved buffers are (n_save,) per law, never
+        # (n_save, *law shape) unless asked for (`keep`).
+        del t
+        model = as_model(y)
+        law_values = monitor.values(model)
+        return (objective(model), monitor.drifts(law_values, reference),
+                monitor.conditions(model), {k: law_values[k] for k in keep})
 
-        saveat = dfx.SaveAt(subs=[dfx.SubSaveAt(ts=ts, fn=observe), dfx.SubSaveAt(t1=True)])
-        progress_meter = _MemberProgress(member) if progress else dfx.NoProgressMeter()
-        sol = dfx.diffeqsolve(
-            dfx.ODETerm(vector_field), solver, 0.0, t1, None, field.start(grad, y0),
-            saveat=saveat,
-            stepsize_controller=step_size_controller(solver, rtol, atol),
-            max_steps=max_steps,
-            event=dfx.Event(diverged),
-            progress_meter=progress_meter,
-            throw=False,
-        )
-        (loss, drift, condition, values), final = sol.ys
-        last = monitor.values(as_model(final[-1])) if final_values else {}
-        status = jnp.where(
-            sol.result == dfx.RESULTS.successful, SUCCESS,
-            jnp.where(sol.result == dfx.RESULTS.max_steps_reached, MAX_STEPS,
-                      jnp.where(sol.event_mask, DIVERGED, FAILED)))
-        return (loss, values, last, drift, condition, unravel(final[-1]), status,
-                sol.stats["num_steps"])
+    controller = step_size_controller(solver, rtol, atol)
+    if batch == 1:
+        # One member at a time, each in its own diffrax solve (a plain map: `lax.map` with
+        # `batch_size=1` would vmap a batch of one, and run the solve's loops with batched
+        # predicates, selecting over their whole state: ~1.5× slower with 101 saves).
+        def solve_one(args):
+            row, member = args
+            y, reference = start(row)
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(lambda t, y, args: vector_field(y)), solver, 0.0, t1, _FIRST_STEP,
+                y,
+                saveat=dfx.SaveAt(subs=[
+                    dfx.SubSaveAt(ts=ts, fn=lambda t, y, args: observe(t, y, reference)),
+                    dfx.SubSaveAt(t1=True)]),
+                stepsize_controller=controller,
+                max_steps=max_steps,
+                event=dfx.Event(lambda t, y, args, **kwargs: diverged(y)),
+                progress_meter=_MemberProgress(member) if progress else dfx.NoProgressMeter(),
+                throw=False,
+            )
+            saved, final = sol.ys
+            status = jnp.where(
+                sol.result == dfx.RESULTS.successful, SUCCESS,
+                jnp.where(sol.result == dfx.RESULTS.max_steps_reached, MAX_STEPS,
+                          jnp.where(sol.event_mask, DIVERGED, FAILED)))
+            return saved, final[-1], status, sol.stats["num_steps"]
 
-    loss, values, last, drift, condition, final, status, num_steps = jax.lax.map(
-        solve_one, (params, jnp.arange(size)), batch_size=batch)
+        saved, final, status, num_steps = jax.lax.map(solve_one, (y0, jnp.arange(size)))
+    else:
+        # `batch` lanes side by side, refilled from the ensemble as members finish.
+        saved, final, status, num_steps, _ = solve_lanes(
+            vector_field, solver, controller, start, observe, y0, t1, ts, _FIRST_STEP,
+            lanes=batch, max_steps=max_steps, diverged=diverged,
+            report=_FlowBar.update if progress else None)
+    loss, drift, condition, values = saved
+    last = (jax.lax.map(lambda y: monitor.values(as_model(y)), final) if final_values
+            else {})
     return Result(
         t=ts,
         loss=loss,
@@ -394,7 +428,7 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
         drift=drift,
         max_drift={k: finite_max(d) for k, d in drift.items()},
         condition=condition,
-        final=Ensemble(eqx.combine(final, static), size),
+        final=Ensemble(eqx.combine(jax.vmap(unravel)(final), static), size),
         status=status,
         num_steps=num_steps,
         final_values=last,

@@ -1,0 +1,283 @@
+"""Many members of an ensemble in one adaptive loop: lanes that step together, each member with
+its own step size, refilled from the queue of members as they finish.
+
+`jax.vmap` of `diffrax.diffeqsolve` batches its `while_loop` with a per-member predicate, and
+JAX then executes the loop body under a `select` of the *whole* loop state, old against new,
+on every iteration: the solution, the step's dense output (7 stage vectors for Tsit5), the
+last step's dense output kept for events, the solver state and the save buffers. On the
+2-core CPU that made a vmapped Tsit5 step cost 2.1× its six vmapped gradients at B = 64
+(`benchmarks/results/ensembles_cpu.json`), against 1.26× for one member alone.
+
+Here the loop is written for the ensemble: one unbatched `while_loop` over L lanes whose body
+takes one step of the same diffrax solver and step-size controller on every lane
+(`jax.vmap` of `solver.step` and `controller.adapt_step_size`, which are straight-line code,
+so a lane's arithmetic is the one diffrax does for a single member), then keeps each lane's
+step where it was accepted (`where` on the solution and the solver state only), saves where a
+lane's step crossed a save time, and stops a lane at t1, at `max_steps`, on divergence or on a
+failure. A vmapped batch also waits, step after step, for its slowest member (the lockstep
+waste: mean/max steps 0.71 at B = 8192 on the H100); here a lane whose member has finished
+loads the next member of the ensemble, so the lanes stay busy until the queue is empty.
+
+Every member keeps its own step sequence: its numbers do not depend on the lanes (tested
+against one `diffeqsolve` per member).
+"""
+
+from collections.abc import Callable
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from equinox import internal as eqxi
+
+from .._custom_types import Array
+from .monitor import DIVERGED, FAILED, MAX_STEPS, SUCCESS
+
+_RUNNING = -1
+# A save pass serves at most 1/_SAVE_SHARE of the lanes (more passes when more need one).
+_SAVE_SHARE = 4
+
+
+def _where(pred, new, old):
+    """`new` where the per-lane `pred` holds, else `old`, leaf by leaf (lane axis first)."""
+    def pick(a, b):
+        return jnp.where(pred.reshape(pred.shape + (1,) * (jnp.ndim(a) - 1)), a, b)
+    return jtu.tree_map(pick, new, old)
+
+
+def _clip_to_end(tprev, tnext, t1, t1_clip_floor, keep_step):
+    # As diffrax's loop: a step ending within 100 ULPs of t1 ends at t1 (after a rejection,
+    # halfway there), so that no step is too short for a stable dense output.
+    clip = tnext > t1_clip_floor
+    tclip = jnp.where(keep_step, t1, tprev + 0.5 * (t1 - tprev))
+    return jnp.where(clip, tclip, tnext)
+
+
+class _Lanes(eqx.Module):
+    """The state of the L lanes (every leaf has the lane axis first)."""
+
+    member: Array  # the ensemble member a lane holds (−1: none yet)
+    running: Array
+    y: Array
+    tprev: Array
+    tnext: Array
+    solver_state: object
+    controller_state: object
+    aux: object  # per-member data for `observe` (the laws' reference values)
+    steps: Array
+    save_index: Array
+
+
+def solve_lanes(
+    vector_field: Callable[[Array], Array],
+    solver: dfx.AbstractAdaptiveSolver,
+    controller: dfx.AbstractAdaptiveStepSizeController,
+    start: Callable,
+    observe: Callable,
+    y0: Array,
+    t1: Array,
+    ts: Array,
+    dt0: float,
+    *,
+    lanes: int,
+    max_steps: int,
+    diverged: Callable[[Array], Array],
+    report: Callable | None = None,
+):
+    """Integrate dy/dt = `vector_field(y)` from every row of `y0` to `t1` on `lanes` lanes.
+
+    **Arguments:**
+
+    - `vector_field`: the autonomous right-hand side of one member, flat array to flat array.
+    - `solver`, `controller`: a diffrax adaptive solver and step-size controller (each
+      member's steps are the ones `diffrax.diffeqsolve` takes with them).
+    - `start`: `start(y0_row) -> (y_start, aux)`: the state a member's flow starts from and
+      whatever `observe` needs of it (computed when a lane loads the member).
+    - `observe`: `observe(t, y, aux) -> pytree` of arrays, saved at the times `ts`.
+    - `y0`: (B, P) the members' flat parameters.
+    - `t1`, `ts`: final time (the flow starts at 0) and the increasing save times in [0, t1].
+    - `dt0`: the first step size of every member.
+    - `lanes`: members integrated side by side (1 ≤ lanes ≤ B).
+    - `max_steps`: step attempts per member (accepted or rejected, as diffrax counts them).
+    - `diverged`: `diverged(y) -> bool`: the member stops there (checked at the start and
+      after every step, as a diffrax `Event`).
+    - `report`: optional host callback `report(fraction (B,), finished (B,))`, called every
+      20 iterations and at the end (a progress bar).
+
+    **Returns:** (saved: pytree of (B, T, …) arrays, `inf` after a member stopped early;
+    final state (B, P); status (B,) with `monitor`'s codes; step attempts (B,); loop
+    iterations: the lanes' shared step count).
+    """
+    size = y0.shape[0]
+    n_save = ts.shape[0]
+    term = dfx.ODETerm(lambda t, y, args: vector_field(y))
+    error_order = solver.error_order(term)
+    t0 = jnp.zeros((), t1.dtype)
+    t1_clip_floor = t1
+    for _ in range(100):
+        t1_clip_floor = eqxi.prevbefore(t1_clip_floor)
+
+    def load(row):
+        # What diffeqsolve does before its loop: the first step and the solver's and the
+        # controller's initial states.
+        y, aux = start(row)
+        tnext, controller_state = controller.init(term, t0, t1, y, dt0, None, solver.func,
+                                                  error_order)
+        tnext = jnp.minimum(tnext, t1)
+        return y, tnext, solver.init(term, t0, tnext, y, None), controller_state, aux
+
+    def step(y, tprev, tnext, solver_state, controller_state):
+        y1, y_error, dense_info, new_solver_state, solver_result = solver.step(
+            term, tprev, tnext, y, None, solver_state, False)
+        y_error = jnp.where(jnp.isnan(y_error), jnp.inf, y_error)
+        keep, new_tprev, new_tnext, _, new_controller_state, controller_result = (
+            controller.adapt_step_size(tprev, tnext, y, y1, None, y_error, error_order,
+                                       controller_state))
+        new_tprev = jnp.minimum(new_tprev, t1)
+        new_tnext = _clip_to_end(new_tprev, new_tnext, t1, t1_clip_floor, keep)
+        failed = ((keep & (solver_result != dfx.RESULTS.successful))
+                  | (controller_result != dfx.RESULTS.successful))
+        return (jnp.where(keep, y1, y), new_tprev, new_tnext,
+                _where(keep, new_solver_state, solver_state), new_controller_state, keep,
+                dense_info, failed)
+
+    def interpolate(tprev, tnext, dense_info, t):
+        return solver.interpolation_cls(t0=tprev, t1=tnext, **dense_info).evaluate(t)
+
+    # Shapes of one lane's state, to allocate the lanes and the outputs.
+    load_shape = jax.eval_shape(load, y0[0])
+    saved_shape = jax.eval_shape(observe, t0, load_shape[0], load_shape[4])
+
+    def lane_zeros(struct):
+        return jtu.tree_map(lambda s: jnp.zeros((lanes, *s.shape), s.dtype), struct)
+
+    y_l, tnext_l, solver_l, controller_l, aux_l = lane_zeros(load_shape)
+    state = _Lanes(
+        member=jnp.full(lanes, -1, jnp.int32), running=jnp.zeros(lanes, bool), y=y_l,
+        tprev=jnp.zeros(lanes, t1.dtype), tnext=tnext_l, solver_state=solver_l,
+        controller_state=controller_l, aux=aux_l, steps=jnp.zeros(lanes, jnp.int32),
+        save_index=jnp.zeros(lanes, jnp.int32))
+    outputs = dict(
+        saved=jtu.tree_map(lambda s: jnp.full((size, n_save, *s.shape), jnp.inf, s.dtype),
+                           saved_shape),
+        final=jnp.zeros_like(y0),
+        status=jnp.full(size, _RUNNING, jnp.int32),
+        steps=jnp.zeros(size, jnp.int32),
+        fraction=jnp.zeros(size, t1.dtype),
+    )
+
+    def finish(outputs, state, done, status):
+        # The status and step count of the members of the lanes in `done` (others dropped).
+        index = jnp.where(done, state.member, size)
+        return outputs | dict(
+            status=outputs["status"].at[index].set(status, mode="drop"),
+            steps=outputs["steps"].at[index].set(state.steps, mode="drop"))
+
+    def store_final(outputs, state, lanes_to_store):
+        # A finished member's state stays in its lane (frozen) until the lane is refilled or
+        # the loop ends: it is written then, not in every iteration (a full state's traffic).
+        index = jnp.where(lanes_to_store & (state.member >= 0), state.member, size)
+        return outputs | dict(final=outputs["final"].at[index].set(state.y, mode="drop"))
+
+    def refill(carry):
+        state, outputs, queue = carry
+        free = ~state.running
+        member = queue + jnp.cumsum(free, dtype=jnp.int32) - 1
+        take = free & (member < size)
+        outputs = store_final(outputs, state, take)
+        y, tnext, solver_state, controller_state, aux = jax.vmap(load)(
+            y0[jnp.clip(member, 0, size - 1)])
+        fresh = _Lanes(
+            member=member, running=jnp.ones(lanes, bool), y=y, tprev=jnp.zeros_like(tnext),
+            tnext=tnext, solver_state=solver_state, controller_state=controller_state,
+            aux=aux, steps=jnp.zeros(lanes, jnp.int32),
+            save_index=jnp.zeros(lanes, jnp.int32))
+        state = _where(take, fresh, state)
+        # A member that starts diverged stops before its first step (as diffrax's event).
+        bad = take & jax.vmap(diverged)(state.y)
+        outputs = finish(outputs, state, bad, jnp.full(lanes, DIVERGED, jnp.int32))
+        state = eqx.tree_at(lambda s: s.running, state, take & ~bad | state.running & ~take)
+        return state, outputs, queue + jnp.sum(take, dtype=jnp.int32)
+
+    width = max(1, -(-lanes // _SAVE_SHARE))
+
+    def save(state, outputs, keep, tprev, tnext, dense_info):
+        # Every save time a lane's accepted step [tprev, tnext] crossed, from the step's
+        # dense output. Each pass serves up to `width` lanes that have one left, gathered:
+        # a pass over all lanes would evaluate `observe` on every lane, while on average
+        # n_save / (steps per member) of them need it (~1/4 on the deep linear benchmark).
+        def pending(index):
+            return (keep & (index < n_save)
+                    & (ts[jnp.minimum(index, n_save - 1)] <= tnext))
+
+        def body(carry):
+            index, saved = carry
+            need = pending(index)
+            (lane,) = jnp.nonzero(need, size=width, fill_value=0)
+            valid = jnp.arange(width) < jnp.sum(need)
+            at = jnp.minimum(index[lane], n_save - 1)
+
+            def pick(x):
+                return x[lane]
+
+            y = jax.vmap(interpolate)(tprev[lane], tnext[lane],
+                                      jtu.tree_map(pick, dense_info), ts[at])
+            values = jax.vmap(observe)(ts[at], y, jtu.tree_map(pick, state.aux))
+            row = jnp.where(valid, state.member[lane], size)
+            saved = jtu.tree_map(lambda s, v: s.at[row, at].set(v, mode="drop"), saved,
+                                 values)
+            return index.at[lane].add(valid.astype(index.dtype)), saved
+
+        index, saved = jax.lax.while_loop(lambda c: jnp.any(pending(c[0])), body,
+                                          (state.save_index, outputs["saved"]))
+        return eqx.tree_at(lambda s: s.save_index, state, index), outputs | dict(saved=saved)
+
+    def body(carry):
+        state, outputs, queue, iteration = carry
+        state, outputs, queue = jax.lax.cond(
+            (queue < size) & ~jnp.all(state.running), refill, lambda c: c,
+            (state, outputs, queue))
+        running = state.running
+        y, tprev, tnext, solver_state, controller_state, keep, dense_info, failed = jax.vmap(
+            step)(state.y, state.tprev, state.tnext, state.solver_state,
+                  state.controller_state)
+        keep = keep & running
+        step_start, step_end = state.tprev, state.tnext
+        state = eqx.tree_at(
+            lambda s: (s.y, s.tprev, s.tnext, s.solver_state, s.controller_state, s.steps),
+            state,
+            _where(running, (y, tprev, tnext, solver_state, controller_state,
+                             state.steps + 1),
+                   (state.y, state.tprev, state.tnext, state.solver_state,
+                    state.controller_state, state.steps)))
+        state, outputs = save(state, outputs, keep, step_start, step_end, dense_info)
+        blew_up = running & jax.vmap(diverged)(state.y)
+        failed = running & failed
+        reached = running & (state.tprev >= t1)
+        out_of_steps = running & (state.steps >= max_steps)
+        status = jnp.where(blew_up, DIVERGED, jnp.where(failed, FAILED, jnp.where(
+            reached, SUCCESS, MAX_STEPS)))
+        done = blew_up | failed | reached | out_of_steps
+        outputs = finish(outputs, state, done, status)
+        state = eqx.tree_at(lambda s: s.running, state, running & ~done)
+        if report is not None:
+            fraction = outputs["fraction"].at[jnp.where(running, state.member, size)].set(
+                state.tprev / t1, mode="drop")
+            outputs = outputs | dict(fraction=fraction)
+            jax.lax.cond(iteration % 20 == 0,
+                         lambda f, s: jax.debug.callback(report, f, s != _RUNNING),
+                         lambda f, s: None, fraction, outputs["status"])
+        return state, outputs, queue, iteration + 1
+
+    def cond(carry):
+        state, _, queue, _ = carry
+        return jnp.any(state.running) | (queue < size)
+
+    state, outputs, _, iterations = jax.lax.while_loop(
+        cond, body, (state, outputs, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)))
+    outputs = store_final(outputs, state, jnp.ones(lanes, bool))
+    if report is not None:
+        jax.debug.callback(report, outputs["fraction"], outputs["status"] != _RUNNING)
+    return (outputs["saved"], outputs["final"], outputs["status"], outputs["steps"],
+            iterations)

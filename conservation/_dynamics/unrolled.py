@@ -1,0 +1,88 @@
+"""Explicit Runge–Kutta steps with their stages unrolled: diffrax's Tsit5, Dopri5 and Dopri8
+tableaus, in fewer and fused kernels.
+
+diffrax runs the stages of a Runge–Kutta step in a loop (an `equinox.internal.while_loop`,
+so that one code path serves explicit, implicit and stochastic methods): each stage takes
+the tableau's row from a table and contracts it with the whole buffer of stage vectors
+(`tensordot` of a (7,) row with the (7, P) buffer for Tsit5, zeros included), then writes
+its slot back. For an explicit method the tableau is a constant, so here every stage is
+written out: stage i's input is y₀ + Σ_j a_ij k_j with the non-zero a_ij as literals, one
+elementwise expression that XLA fuses into one kernel, and no loop carries the buffer.
+
+Measured on the 2-core CPU (deep linear 16-32-32-8, 16 members, 101 saves, rtol 1e-8):
+one member at a time 0.508 s → 0.468 s; all 16 vmapped in lockstep 0.853 s → 0.544 s. The
+steps taken are the same, and the numbers equal diffrax's solver to round-off (tested).
+"""
+
+from typing import ClassVar
+
+import diffrax as dfx
+import jax.numpy as jnp
+
+
+class AbstractUnrolledERK(dfx.AbstractAdaptiveSolver):
+    """An explicit, first-same-as-last Runge–Kutta method of a diffrax solver (`method`),
+    with the same tableau, error estimate and dense output, its stages unrolled at trace time.
+    Works on array states (`gradient_flow` integrates the flat parameter vector)."""
+
+    method: ClassVar[type[dfx.AbstractERK]]
+    term_structure: ClassVar = dfx.AbstractTerm
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if hasattr(cls, "method"):
+            tableau = cls.method.tableau
+            # The unrolled step uses f(y₁) of the last stage as the next step's f(y₀) and
+            # the last stage's input as y₁.
+            assert tableau.fsal and tableau.ssal and tableau.b_error is not None
+            assert cls.interpolation_cls is cls.method.interpolation_cls
+
+    def order(self, terms):
+        return self.method().order(terms)
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+    def init(self, terms, t0, t1, y0, args):
+        return terms.vf(t0, y0, args)  # f(t0, y0): the first stage of the first step
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        tableau = self.method.tableau
+        f = solver_state
+        if made_jump is not False:  # after a jump the stored f(y0) is stale
+            f = jnp.where(made_jump, terms.vf(t0, y0, args), f)
+        h = terms.contr(t0, t1)
+        ks = [terms.prod(f, h)]
+        for row, c in zip(tableau.a_lower, tableau.c):
+            y = y0 + sum(float(a) * k for a, k in zip(row, ks) if a != 0)
+            f = terms.vf(t0 + float(c) * h, y, args)
+            ks.append(terms.prod(f, h))
+        y_error = sum(float(b) * k for b, k in zip(tableau.b_error, ks) if b != 0)
+        # First same as last: y (the last stage's input) is y₁ and f = f(t1, y₁).
+        dense_info = dict(y0=y0, y1=y, k=jnp.stack(ks))
+        return y, y_error, dense_info, f, dfx.RESULTS.successful
+
+
+class Tsit5(AbstractUnrolledERK):
+    """Tsitouras' 5(4) method (`diffrax.Tsit5`), stages unrolled."""
+
+    method: ClassVar = dfx.Tsit5
+    interpolation_cls: ClassVar = dfx.Tsit5.interpolation_cls
+
+
+class Dopri5(AbstractUnrolledERK):
+    """Dormand–Prince 5(4) (`diffrax.Dopri5`), stages unrolled."""
+
+    method: ClassVar = dfx.Dopri5
+    interpolation_cls: ClassVar = dfx.Dopri5.interpolation_cls
+
+
+class Dopri8(AbstractUnrolledERK):
+    """Dormand–Prince 8(7) (`diffrax.Dopri8`), stages unrolled."""
+
+    method: ClassVar = dfx.Dopri8
+    interpolation_cls: ClassVar = dfx.Dopri8.interpolation_cls
+
+
+for _cls in (Tsit5, Dopri5, Dopri8):
+    _cls.__init__.__doc__ = None
