@@ -38,6 +38,27 @@ def timed(fn, *, repeats: int = 5) -> dict:
             "output": out}
 
 
+def timed_interleaved(fns: dict, *, repeats: int = 5) -> dict:
+    """`timed` for several variants at once: each is called once (trace + compile + run),
+    then `repeats` rounds call every variant once in turn, and each keeps its best round.
+    Interleaving keeps a slow spell of a shared machine from falling on one variant alone
+    (on the 2-core VM here single runs drift by up to ±40% over minutes)."""
+    out = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        result = jax.block_until_ready(fn())
+        out[name] = {"first_call_s": time.perf_counter() - start, "run_s": float("inf"),
+                     "output": result}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out[name]["output"] = jax.block_until_ready(fn())
+            out[name]["run_s"] = min(out[name]["run_s"], time.perf_counter() - start)
+    for entry in out.values():
+        entry["compile_s"] = max(entry["first_call_s"] - entry["run_s"], 0.0)
+    return out
+
+
 def environment() -> dict:
     import diffrax
     import equinox

@@ -3,20 +3,29 @@
     python benchmarks/bench_ensembles.py [--sizes 1 64 1024 8192] [--repeats 2] [--quick]
 
 Problem (as bench_core): deep linear 16-32-32-8, n = 128 teacher samples, t ∈ [0, 50],
-rtol = atol = 1e-8, Tsit5, the whole ensemble integrated in lockstep (`batch_size=B`) — the
-GPU/TPU default. For every B it reports, compile time apart (best of warm calls,
+rtol = atol = 1e-8, Tsit5, 101 saves of the loss and every law's drift and condition, the
+divergence event. For every B it reports, compile time apart (best of warm calls,
 `block_until_ready`):
 
-- `members_per_s` of `conservation.gradient_flow` (101 saves + the divergence event);
-- `bare_solve`: the same diffrax Tsit5 loop saving nothing and with no event;
-- `bare_gradients`: the same number of vmapped gradient evaluations in a plain `fori_loop`
-  (what the solve would cost with zero per-step overhead) and the overhead ratios;
-- `sorted_chunks`: the ensemble split into chunks of members of similar difficulty (sorted by
-  the number of steps each needs), which cuts the lockstep waste (mean/max steps);
+- `lanes`: `conservation.gradient_flow` with all B members side by side (`batch_size=B`,
+  the GPU/TPU default while they fit), its members/s, steps mean/max and lockstep
+  efficiency (mean/max steps: the loop runs the slowest member's steps);
+- `refill`: B/4 lanes, each loading the next member when its own finishes;
+- `one_at_a_time`: `batch_size=1`, the CPU default (CPU only: on a GPU it is B × the B = 1
+  row);
+- `lanes_diffrax_tsit5`, `one_at_a_time_diffrax_tsit5`: the same with diffrax's own Tsit5
+  (its stages in a loop) instead of the library's unrolled one;
+- `diffrax_vmap`: the loop the library used before, `jax.vmap` of one `diffrax.diffeqsolve`
+  per member with diffrax's Tsit5 and the same saves and event, in the same run;
+- `bare_solve`: that vmapped diffrax Tsit5 loop saving nothing and with no event;
+- `bare_gradients`: the same number of vmapped gradient evaluations as the loop makes
+  (6 per step of the slowest member) in a plain `fori_loop`: what the flow would cost with
+  zero per-step overhead, and the overhead ratios;
 - `torchdiffeq`: dopri5 with the ensemble as one batched ODE on the same device (float64, the
   same hand-written gradient as bench_core's scipy peer), when torch + torchdiffeq import.
 
-Run it on the 2-core CPU and on a GPU: it writes benchmarks/results/ensembles_<backend>.json.
+Run it on the 2-core CPU and on a GPU: it writes benchmarks/results/ensembles_<backend>.json
+(`--quick`: ensembles_quick_<backend>.json).
 """
 
 import argparse
@@ -32,6 +41,7 @@ import numpy as np
 from bench_core import RTOL, T1, WIDTHS, N, build  # the same problem as bench_core
 
 import conservation as cn
+from conservation._dynamics.monitor import LawMonitor
 
 
 def _flat(ensemble):
@@ -42,45 +52,57 @@ def _flat(ensemble):
 
 
 def bare_programs(objective, ensemble):
-    """(solve, gradients): a diffrax Tsit5 loop with no saving/event, and a fori_loop of the
-    same vmapped gradient, both over the flat (B, P) state."""
+    """(y0, solve, gradients, previous) over the flat (B, P) state: a vmapped diffrax Tsit5
+    loop with no saving or event; a fori_loop of the same vmapped gradient; and the loop the
+    library ran before the lanes (vmapped diffeqsolve, diffrax's Tsit5, the same saves of
+    loss, drifts and conditions, and the divergence event)."""
     y0, unravel, static = _flat(ensemble)
+    monitor = LawMonitor(tuple(cn.default_laws(ensemble[0])))
+
+    def as_model(y):
+        return eqx.combine(unravel(y), static)
 
     def grad(y):
-        return jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y)
+        return jax.grad(lambda z: objective(as_model(z)))(y)
+
+    def diffrax_solve(y, t1, rtol, saveat, event=None):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -grad(y)), dfx.Tsit5(), 0.0, t1, 0.01, y,
+            saveat=saveat, stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol),
+            max_steps=100_000, throw=False, event=event)
 
     @jax.jit
     def solve(y0, t1, rtol):
         def one(y):
-            sol = dfx.diffeqsolve(
-                dfx.ODETerm(lambda t, y, args: -grad(y)), dfx.Tsit5(), 0.0, t1, None, y,
-                saveat=dfx.SaveAt(t1=True),
-                stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol),
-                max_steps=100_000, throw=False)
+            sol = diffrax_solve(y, t1, rtol, dfx.SaveAt(t1=True))
             return sol.ys[-1], sol.stats["num_steps"]
         return jax.vmap(one)(y0)
 
     @jax.jit
-    def shared(y0, t1, rtol):
-        # The whole ensemble as ONE flat ODE state (B, P) with one step size: the controller
-        # takes the worst member's RMS error, so every member keeps its own tolerance, and no
-        # per-member while-loop predicate turns the step into selects over the whole state.
-        batched = jax.vmap(grad)
-        sol = dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, args: -batched(y)), dfx.Tsit5(), 0.0, t1, None, y0,
-            saveat=dfx.SaveAt(t1=True),
-            stepsize_controller=dfx.PIDController(
-                rtol=rtol, atol=rtol,
-                norm=lambda e: jnp.max(jnp.sqrt(jnp.mean(e**2, axis=-1)))),
-            max_steps=100_000, throw=False)
-        return sol.ys[-1], sol.stats["num_steps"]
+    def previous(y0, t1, rtol):
+        ts = jnp.linspace(0.0, t1, 101)
+
+        def one(y):
+            reference = monitor.reference(as_model(y))
+
+            def observe(t, y, args):
+                values = monitor.values(as_model(y))
+                return (objective(as_model(y)), monitor.drifts(values, reference),
+                        monitor.conditions(as_model(y)))
+
+            sol = diffrax_solve(
+                y, t1, rtol, dfx.SaveAt(subs=[dfx.SubSaveAt(ts=ts, fn=observe),
+                                              dfx.SubSaveAt(t1=True)]),
+                dfx.Event(lambda t, y, args, **kwargs: ~(jnp.linalg.norm(y) < 1e8)))
+            return sol.ys[0][0], sol.stats["num_steps"]
+        return jax.vmap(one)(y0)
 
     @jax.jit
     def gradients(y0, n):
         batched = jax.vmap(grad)
         return jax.lax.fori_loop(0, n, lambda i, y: y - 1e-12 * batched(y), y0)
 
-    return y0, solve, gradients, shared
+    return y0, solve, gradients, previous
 
 
 def torchdiffeq_run(data, ensemble, members_per_s_only=False):
@@ -122,58 +144,65 @@ def torchdiffeq_run(data, ensemble, members_per_s_only=False):
     return {"run_s": seconds, "members_per_s": batch / seconds, "device": device}
 
 
-def one_size(b, repeats, with_torch):
+def one_size(b, repeats, with_torch, cpu):
     data, ensemble = build(b)
     objective = cn.make_objective(cn.MSE(), data, ensemble)
     out = {}
 
-    def flow(members=ensemble):
-        return cn.gradient_flow(objective, members, T1, rtol=RTOL, atol=RTOL, solver="tsit5",
-                                batch_size=len(members))
+    def flow(batch, solver="tsit5"):
+        return cn.gradient_flow(objective, ensemble, T1, rtol=RTOL, atol=RTOL, solver=solver,
+                                batch_size=batch)
 
-    timing = _harness.timed(flow, repeats=repeats)
-    result = timing.pop("output")
-    steps = np.asarray(result.num_steps)
-    out["gradient_flow"] = timing | {
-        "members_per_s": b / timing["run_s"], "steps_mean": float(steps.mean()),
-        "steps_max": int(steps.max()), "lockstep_efficiency": float(steps.mean() / steps.max()),
-        "status": result.summary()["status"],
-        "max_balance_drift": max(float(jnp.max(d)) for d in result.max_drift.values())}
-
-    y0, solve, gradients, shared = bare_programs(objective, ensemble)
+    # label: (lanes, solver); "tsit5" is diffrax's tableau with its stages unrolled, the
+    # `_diffrax_tsit5` rows run diffrax's own Tsit5 (its stage loop) in the same loop.
+    variants = {"lanes": (b, "tsit5"), "lanes_diffrax_tsit5": (b, dfx.Tsit5())}
+    if b >= 16:
+        variants["refill"] = (b // 4, "tsit5")
+    if cpu and b > 1:
+        variants["one_at_a_time"] = (1, "tsit5")
+        variants["one_at_a_time_diffrax_tsit5"] = (1, dfx.Tsit5())
+    y0, solve, gradients, previous = bare_programs(objective, ensemble)
     t1, rtol = jnp.asarray(T1), jnp.asarray(RTOL)
-    bare = _harness.timed(lambda: solve(y0, t1, rtol), repeats=repeats)
-    bare_steps = int(np.max(np.asarray(bare.pop("output")[1])))
+    # The bare gradients replay the evaluations of the slowest member's steps.
+    bare_steps = int(np.max(np.asarray(jax.block_until_ready(solve(y0, t1, rtol))[1])))
     evaluations = 6 * bare_steps + 1  # Tsit5 is FSAL: 6 new gradients per step
-    grads = _harness.timed(lambda: gradients(y0, evaluations), repeats=repeats)
-    grads.pop("output")
+    programs = {label: (lambda batch=batch, solver=solver: flow(batch, solver))
+                for label, (batch, solver) in variants.items()}
+    programs |= {"diffrax_vmap": lambda: previous(y0, t1, rtol),
+                 "bare_solve": lambda: solve(y0, t1, rtol),
+                 "bare_gradients": lambda: gradients(y0, evaluations)}
+    timings = _harness.timed_interleaved(programs, repeats=repeats)
+
+    losses = {}
+    for label, (batch, _) in variants.items():
+        timing = timings[label]
+        result = timing.pop("output")
+        steps = np.asarray(result.num_steps)
+        losses[label] = np.asarray(result.loss)
+        out[label] = timing | {
+            "lanes": batch, "members_per_s": b / timing["run_s"],
+            "steps_mean": float(steps.mean()), "steps_max": int(steps.max()),
+            "status": result.summary()["status"],
+            "max_balance_drift": max(float(jnp.max(d)) for d in result.max_drift.values())}
+    losses["diffrax_vmap"] = np.asarray(timings["diffrax_vmap"].pop("output")[0])
+    old = timings["diffrax_vmap"]
+    out["diffrax_vmap"] = old | {"members_per_s": b / old["run_s"]}
+    for label in losses:  # every variant integrates every member with its own steps
+        out[label]["max_rel_loss_diff_to_lanes"] = float(np.max(
+            np.abs(losses[label] - losses["lanes"]) / losses["lanes"][:, :1]))
+    bare, grads = timings["bare_solve"], timings["bare_gradients"]
+    bare.pop("output"), grads.pop("output")
     out["bare_solve"] = bare | {"steps_max": bare_steps}
-    flat = _harness.timed(lambda: shared(y0, t1, rtol), repeats=repeats)
-    flat_y, flat_steps = flat.pop("output")
-    out["shared_step_bare_solve"] = flat | {
-        "steps": int(flat_steps), "members_per_s": b / flat["run_s"],
-        "max_abs_diff_to_lockstep": float(jnp.max(jnp.abs(flat_y - solve(y0, t1, rtol)[0])))}
     out["bare_gradients"] = grads | {"evaluations": evaluations}
+    lanes = out["lanes"]
+    # All B members start together: the loop runs the slowest member's steps.
+    lanes["lockstep_efficiency"] = lanes["steps_mean"] / lanes["steps_max"]
     out["overhead"] = {
         "bare_solve_over_gradients": bare["run_s"] / grads["run_s"],
-        "flow_over_bare_solve": timing["run_s"] / bare["run_s"],
-        "flow_over_gradients": timing["run_s"] / grads["run_s"],
-        "seconds_per_step_beyond_gradients": (bare["run_s"] - grads["run_s"]) / bare_steps}
-
-    if b >= 64:
-        # Members of similar difficulty together: sort by the steps each needed, run chunks.
-        order = np.argsort(steps)
-        chunks = 4 if b >= 1024 else 2
-        parts = [cn.Ensemble.stack([ensemble[int(i)] for i in part])
-                 for part in np.array_split(order, chunks)]
-
-        def chunked():
-            return [flow(p).num_steps for p in parts]
-
-        sorted_timing = _harness.timed(chunked, repeats=repeats)
-        sorted_timing.pop("output")
-        out["sorted_chunks"] = sorted_timing | {"chunks": chunks,
-                                                "members_per_s": b / sorted_timing["run_s"]}
+        "flow_over_gradients": lanes["run_s"] / grads["run_s"],
+        "diffrax_vmap_over_lanes": old["run_s"] / lanes["run_s"],
+        "seconds_per_step_beyond_gradients":
+            (lanes["run_s"] - grads["run_s"]) / lanes["steps_max"]}
     if with_torch:
         out["torchdiffeq"] = torchdiffeq_run(data, ensemble)
     return out
@@ -186,16 +215,17 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
-    gpu = jax.default_backend() != "cpu"
+    cpu = jax.default_backend() == "cpu"
     sizes = args.sizes or ([8, 64] if args.quick else
-                           [1, 64, 1024, 8192] if gpu else [1, 16, 64])
+                           [1, 16, 64] if cpu else [1, 64, 1024, 8192])
     report = {"problem": {"widths": WIDTHS, "n": N, "t1": T1, "rtol": RTOL, "atol": RTOL,
                           "solver": "tsit5", "lockstep": True}, "sizes": {}}
     for b in sizes:
-        report["sizes"][str(b)] = one_size(b, args.repeats, with_torch=not args.no_torch)
+        report["sizes"][str(b)] = one_size(b, args.repeats, with_torch=not args.no_torch,
+                                           cpu=cpu)
         print(b, {k: (v.get("members_per_s"), v.get("run_s")) if isinstance(v, dict) else v
                   for k, v in report["sizes"][str(b)].items()}, flush=True)
-    print("wrote", _harness.write("ensembles", report))
+    print("wrote", _harness.write("ensembles_quick" if args.quick else "ensembles", report))
 
 
 if __name__ == "__main__":

@@ -185,11 +185,15 @@ def gradient_flow(
       callbacks.
     - `divergence`: a member whose parameter norm exceeds this (or becomes non-finite) is
       stopped and reported as `diverged`; the others carry on.
-    - `batch_size`: members integrated together in one vmapped solve. Batched members step
-      in lockstep until the slowest finishes, so on CPU one at a time (the default there) is
-      fastest; on GPU/TPU the default is as many members as fit in 3/4 of the device's free
-      memory (solver state, one gradient evaluation's working set and the saved scalars per
-      member, see `conservation._dynamics.batching`), at most the whole ensemble.
+    - `batch_size`: members integrated side by side, as lanes of one loop (each member keeps
+      its own step size and takes the steps its own solve would; a lane whose member has
+      finished loads the next one, so `batch_size` < ensemble size wastes no lockstep time
+      on fixed chunks). 1 runs one diffrax solve per member, one after another: on the CPU
+      (the default there) a batched gradient costs as much per member as a single one, so
+      lanes only add the lockstep wait. On GPU/TPU the default is as many members as fit in
+      3/4 of the device's free memory (solver state, one gradient evaluation's working set
+      and the saved scalars per member, see `conservation._dynamics.batching`), at most the
+      whole ensemble.
     - `field`: the right-hand side: `GradientField(weight_decay=λ)` (default λ = 0) or
       `ModifiedGradientField(lr, momentum, weight_decay)` to follow a discrete optimizer
       (with momentum it starts from the effective initial condition θ₀ + δ, see there).
@@ -198,7 +202,7 @@ def gradient_flow(
     `n_save` saves for B members) plus B × (parameters + law sizes) for `final` /
     `final_values`; only `values="all"` (or named laws) stores B·T·(law size), e.g. 27 GB for
     256 members × 101 saves × the two 256×256 balance laws of a 128-256-256-32 deep linear
-    net (P = 106 k). The solver state is ~10 copies of the parameters per member of a batch
+    net (P = 106 k). The solver state is ~10 copies of the parameters per lane
     (`batch_size`).
 
     **Returns:** a `conservation.Result`.

@@ -1,25 +1,29 @@
 """Many members of an ensemble in one adaptive loop: lanes that step together, each member with
 its own step size, refilled from the queue of members as they finish.
 
-`jax.vmap` of `diffrax.diffeqsolve` batches its `while_loop` with a per-member predicate, and
-JAX then executes the loop body under a `select` of the *whole* loop state, old against new,
-on every iteration: the solution, the step's dense output (7 stage vectors for Tsit5), the
-last step's dense output kept for events, the solver state and the save buffers. On the
-2-core CPU that made a vmapped Tsit5 step cost 2.1× its six vmapped gradients at B = 64
-(`benchmarks/results/ensembles_cpu.json`), against 1.26× for one member alone.
+`jax.vmap` of `diffrax.diffeqsolve` batches its loops with per-member predicates, and JAX then
+runs the loop body under a `select` of the whole loop state, old against new, on every
+iteration (the solution, the last step's dense output kept for events, the solver and
+controller states, the save buffers); its save loop evaluates the monitors on every member in
+each pass, though a step crosses a save time for only n_save / (steps per member) of them; and
+the batch waits, step after step, for its slowest member (mean/max steps 0.71 at B = 8192 on
+the H100).
 
 Here the loop is written for the ensemble: one unbatched `while_loop` over L lanes whose body
-takes one step of the same diffrax solver and step-size controller on every lane
-(`jax.vmap` of `solver.step` and `controller.adapt_step_size`, which are straight-line code,
-so a lane's arithmetic is the one diffrax does for a single member), then keeps each lane's
-step where it was accepted (`where` on the solution and the solver state only), saves where a
-lane's step crossed a save time, and stops a lane at t1, at `max_steps`, on divergence or on a
-failure. A vmapped batch also waits, step after step, for its slowest member (the lockstep
-waste: mean/max steps 0.71 at B = 8192 on the H100); here a lane whose member has finished
-loads the next member of the ensemble, so the lanes stay busy until the queue is empty.
+takes one step of the same diffrax solver and step-size controller on every lane (`jax.vmap`
+of `solver.step` and `controller.adapt_step_size`: straight-line code, so a lane's arithmetic
+is the one diffrax does for a single member), keeps each lane's step where it was accepted
+(`where` on the solution and the solver state only), saves where a lane's step crossed a save
+time (a pass serves the lanes that need it, gathered, at most L/4 at a time), and stops a lane
+at t1, at `max_steps`, on divergence or on a failure. A lane whose member has finished loads
+the next member of the ensemble, so an ensemble larger than L keeps every lane busy until the
+queue is empty instead of waiting for the slowest member of each fixed chunk.
 
-Every member keeps its own step sequence: its numbers do not depend on the lanes (tested
-against one `diffeqsolve` per member).
+Every member keeps its own step sequence: its numbers are those of its own diffrax solve, to
+round-off (tested). Measured on the 2-core CPU (`benchmarks/bench_ensembles.py`, deep linear
+16-32-32-8, 101 saves): 1.31× / 1.37× the members/s of the vmapped `diffeqsolve` at B = 16 /
+64 (with the unrolled Tsit5 of `unrolled.py`); on the CPU one member at a time is faster
+still, so lanes are the accelerator default only.
 """
 
 from collections.abc import Callable
