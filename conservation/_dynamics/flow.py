@@ -242,12 +242,22 @@ def gradient_flow(
             params, static, objective, field, LawMonitor(laws), solver,
             *(jnp.asarray(v, float) for v in (t1, rtol, atol, divergence)),
             n_save, max_steps, show, ensemble.size, min(batch_size, ensemble.size), keep,
-            final_values,
+            final_values, _ensemble_mesh(params),
         )
         if show:  # the bar closes when the solve has finished, not when it was dispatched
             result = jax.block_until_ready(result)
     _warn_max_steps(result.status, solver_name, max_steps)
     return result
+
+
+def _ensemble_mesh(params):
+    """(mesh, axis name) when the ensemble axis of `params` is split over several devices
+    (`shard_ensemble`), else None."""
+    sharding = getattr(jtu.tree_leaves(params)[0], "sharding", None)
+    if (isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1
+            and len(sharding.spec) and sharding.spec[0] is not None):
+        return sharding.mesh, sharding.spec[0]
+    return None
 
 
 def _warn_max_steps(status, name, max_steps):
@@ -303,13 +313,15 @@ class _FlowBar:
         self.bar.update(float(np.sum(self.fraction)) - self.bar.n)
 
     @staticmethod
-    def update(fraction, finished):
-        """All members at once: t/t1 reached by each and whether it has finished."""
+    def update(members, fraction, finished):
+        """Several members at once: t/t1 reached by each and whether it has finished."""
         self = _FlowBar.active
         if self is None:
             return
-        self.fraction[:] = np.where(finished, 1.0, np.maximum(self.fraction, fraction))
-        self.finished[:] = np.asarray(finished)
+        members = np.asarray(members)
+        self.fraction[members] = np.where(finished, 1.0,
+                                          np.maximum(self.fraction[members], fraction))
+        self.finished[members] = np.asarray(finished)
         running = self.fraction[~self.finished]
         self._describe((running.min() if running.size else 1.0) * self.t1)
         self.bar.update(float(np.sum(self.fraction)) - self.bar.n)
@@ -357,7 +369,7 @@ _FIRST_STEP = 0.01
 
 @eqx.filter_jit
 def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, divergence, n_save,
-          max_steps, progress, size, batch, keep, final_values):
+          max_steps, progress, size, batch, keep, final_values, mesh):
     ts = jnp.linspace(0.0, t1, n_save)
     # The solver state is one flat vector per member: diffrax's per-step work is a tree_map
     # over the state, so one leaf instead of one per parameter array is ~20% faster.
@@ -389,39 +401,54 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
                 monitor.conditions(model), {k: law_values[k] for k in keep})
 
     controller = step_size_controller(solver, rtol, atol)
-    if batch == 1:
-        # One member at a time, each in its own diffrax solve (a plain map: `lax.map` with
-        # `batch_size=1` would vmap a batch of one, and run the solve's loops with batched
-        # predicates, selecting over their whole state: ~1.5× slower with 101 saves).
-        def solve_one(args):
-            row, member = args
-            y, reference = start(row)
-            sol = dfx.diffeqsolve(
-                dfx.ODETerm(lambda t, y, args: vector_field(y)), solver, 0.0, t1, _FIRST_STEP,
-                y,
-                saveat=dfx.SaveAt(subs=[
-                    dfx.SubSaveAt(ts=ts, fn=lambda t, y, args: observe(t, y, reference)),
-                    dfx.SubSaveAt(t1=True)]),
-                stepsize_controller=controller,
-                max_steps=max_steps,
-                event=dfx.Event(lambda t, y, args, **kwargs: diverged(y)),
-                progress_meter=_MemberProgress(member) if progress else dfx.NoProgressMeter(),
-                throw=False,
-            )
-            saved, final = sol.ys
-            status = jnp.where(
-                sol.result == dfx.RESULTS.successful, SUCCESS,
-                jnp.where(sol.result == dfx.RESULTS.max_steps_reached, MAX_STEPS,
-                          jnp.where(sol.event_mask, DIVERGED, FAILED)))
-            return saved, final[-1], status, sol.stats["num_steps"]
 
-        saved, final, status, num_steps = jax.lax.map(solve_one, (y0, jnp.arange(size)))
-    else:
-        # `batch` lanes side by side, refilled from the ensemble as members finish.
+    def solve_one(args):
+        row, member = args
+        y, reference = start(row)
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: vector_field(y)), solver, 0.0, t1, _FIRST_STEP, y,
+            saveat=dfx.SaveAt(subs=[
+                dfx.SubSaveAt(ts=ts, fn=lambda t, y, args: observe(t, y, reference)),
+                dfx.SubSaveAt(t1=True)]),
+            stepsize_controller=controller,
+            max_steps=max_steps,
+            event=dfx.Event(lambda t, y, args, **kwargs: diverged(y)),
+            progress_meter=_MemberProgress(member) if progress else dfx.NoProgressMeter(),
+            throw=False,
+        )
+        saved, final = sol.ys
+        status = jnp.where(
+            sol.result == dfx.RESULTS.successful, SUCCESS,
+            jnp.where(sol.result == dfx.RESULTS.max_steps_reached, MAX_STEPS,
+                      jnp.where(sol.event_mask, DIVERGED, FAILED)))
+        return saved, final[-1], status, sol.stats["num_steps"]
+
+    def solve(y0, members):
+        if batch == 1:
+            # One member at a time, each in its own diffrax solve (a plain map: `lax.map`
+            # with `batch_size=1` would vmap a batch of one, and run the solve's loops with
+            # batched predicates, selecting over their whole state: ~1.5× slower with 101
+            # saves).
+            return jax.lax.map(solve_one, (y0, members))
+        # `batch` lanes side by side, refilled from the members as they finish.
         saved, final, status, num_steps, _ = solve_lanes(
             vector_field, solver, controller, start, observe, y0, t1, ts, _FIRST_STEP,
-            lanes=batch, max_steps=max_steps, diverged=diverged,
-            report=_FlowBar.update if progress else None)
+            lanes=min(batch, y0.shape[0]), max_steps=max_steps, diverged=diverged,
+            members=members, report=_FlowBar.update if progress else None)
+        return saved, final, status, num_steps
+
+    members = jnp.arange(size)
+    if mesh is None:
+        saved, final, status, num_steps = solve(y0, members)
+    else:
+        # An ensemble split over devices (`shard_ensemble`): every device integrates its own
+        # members, in its own map or lanes. Left to GSPMD, the loop's state (not sharded)
+        # was computed whole on every device.
+        mesh, axis = mesh
+        spec = jax.sharding.PartitionSpec(axis)
+        saved, final, status, num_steps = jax.shard_map(
+            solve, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)(
+            y0, members)
     loss, drift, condition, values = saved
     last = (jax.lax.map(lambda y: monitor.values(as_model(y)), final) if final_values
             else {})

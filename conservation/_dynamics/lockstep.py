@@ -87,6 +87,7 @@ def solve_lanes(
     lanes: int,
     max_steps: int,
     diverged: Callable[[Array], Array],
+    members: Array | None = None,
     report: Callable | None = None,
 ):
     """Integrate dy/dt = `vector_field(y)` from every row of `y0` to `t1` on `lanes` lanes.
@@ -106,8 +107,10 @@ def solve_lanes(
     - `max_steps`: step attempts per member (accepted or rejected, as diffrax counts them).
     - `diverged`: `diverged(y) -> bool`: the member stops there (checked at the start and
       after every step, as a diffrax `Event`).
-    - `report`: optional host callback `report(fraction (B,), finished (B,))`, called every
-      20 iterations and at the end (a progress bar).
+    - `members`: (B,) the members' numbers as `report` names them (default 0…B−1).
+    - `report`: optional host callback `report(members, fraction, finished)` (each (B,):
+      t/t1 reached, finished or not), called every 20 iterations and at the end (a progress
+      bar).
 
     **Returns:** (saved: pytree of (B, T, …) arrays, `inf` after a member stopped early;
     final state (B, P); status (B,) with `monitor`'s codes; step attempts (B,); loop
@@ -115,6 +118,7 @@ def solve_lanes(
     """
     size = y0.shape[0]
     n_save = ts.shape[0]
+    members = jnp.arange(size) if members is None else members
     term = dfx.ODETerm(lambda t, y, args: vector_field(y))
     error_order = solver.error_order(term)
     t0 = jnp.zeros((), t1.dtype)
@@ -270,7 +274,7 @@ def solve_lanes(
                 state.tprev / t1, mode="drop")
             outputs = outputs | dict(fraction=fraction)
             jax.lax.cond(iteration % 20 == 0,
-                         lambda f, s: jax.debug.callback(report, f, s != _RUNNING),
+                         lambda f, s: jax.debug.callback(report, members, f, s != _RUNNING),
                          lambda f, s: None, fraction, outputs["status"])
         return state, outputs, queue, iteration + 1
 
@@ -282,6 +286,7 @@ def solve_lanes(
         cond, body, (state, outputs, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)))
     outputs = store_final(outputs, state, jnp.ones(lanes, bool))
     if report is not None:
-        jax.debug.callback(report, outputs["fraction"], outputs["status"] != _RUNNING)
+        jax.debug.callback(report, members, outputs["fraction"],
+                           outputs["status"] != _RUNNING)
     return (outputs["saved"], outputs["final"], outputs["status"], outputs["steps"],
             iterations)
