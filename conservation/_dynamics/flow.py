@@ -429,29 +429,30 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
             # with `batch_size=1` would vmap a batch of one, and run the solve's loops with
             # batched predicates, selecting over their whole state: ~1.5× slower with 101
             # saves).
-            return jax.lax.map(solve_one, (y0, members))
-        # `batch` lanes side by side, refilled from the members as they finish.
-        saved, final, status, num_steps, _ = solve_lanes(
-            vector_field, solver, controller, start, observe, y0, t1, ts, _FIRST_STEP,
-            lanes=min(batch, y0.shape[0]), max_steps=max_steps, diverged=diverged,
-            members=members, report=_FlowBar.update if progress else None)
-        return saved, final, status, num_steps
+            saved, final, status, num_steps = jax.lax.map(solve_one, (y0, members))
+        else:
+            # `batch` lanes side by side, refilled from the members as they finish.
+            saved, final, status, num_steps, _ = solve_lanes(
+                vector_field, solver, controller, start, observe, y0, t1, ts, _FIRST_STEP,
+                lanes=min(batch, y0.shape[0]), max_steps=max_steps, diverged=diverged,
+                members=members, report=_FlowBar.update if progress else None)
+        last = (jax.lax.map(lambda y: monitor.values(as_model(y)), final) if final_values
+                else {})
+        return saved, final, status, num_steps, last
 
     members = jnp.arange(size)
     if mesh is None:
-        saved, final, status, num_steps = solve(y0, members)
+        saved, final, status, num_steps, last = solve(y0, members)
     else:
         # An ensemble split over devices (`shard_ensemble`): every device integrates its own
         # members, in its own map or lanes. Left to GSPMD, the loop's state (not sharded)
         # was computed whole on every device.
         mesh, axis = mesh
         spec = jax.sharding.PartitionSpec(axis)
-        saved, final, status, num_steps = jax.shard_map(
+        saved, final, status, num_steps, last = jax.shard_map(
             solve, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)(
             y0, members)
     loss, drift, condition, values = saved
-    last = (jax.lax.map(lambda y: monitor.values(as_model(y)), final) if final_values
-            else {})
     return Result(
         t=ts,
         loss=loss,
