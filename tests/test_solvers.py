@@ -155,13 +155,15 @@ def test_stabilized_conserves_deep_linear_laws(deep_linear):
     assert float(jnp.max(result.loss[:, -1] / result.loss[:, 0])) < 1e-3
 
 
-def test_stabilized_in_lanes_equals_one_member_at_a_time(deep_linear):
+@pytest.mark.parametrize("solver", ["stabilized", "kvaerno5"])
+def test_stiff_solvers_in_lanes_equal_one_member_at_a_time(deep_linear, solver):
     """Three members on two lanes (refilled): the stabilised solver's per-member stage
-    counts, steps and saves are those of each member's own solve."""
+    counts, Kvaerno5's Newton solves (its root finder takes the controller's tolerances, as
+    in `diffeqsolve`), steps and saves are those of each member's own solve."""
     ensemble, objective = deep_linear
     third = cn.DeepLinear([1.3 * w for w in ensemble[0].weights])
     members = cn.Ensemble.stack([ensemble[0], ensemble[1], third])
-    runs = [cn.gradient_flow(objective, members, 20.0, rtol=1e-9, solver="stabilized",
+    runs = [cn.gradient_flow(objective, members, 20.0, rtol=1e-9, solver=solver,
                              n_save=11, batch_size=b) for b in (1, 2)]
     assert runs[0].status_names() == runs[1].status_names() == ["success"] * 3
     np.testing.assert_array_equal(runs[1].num_steps, runs[0].num_steps)

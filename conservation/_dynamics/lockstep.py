@@ -39,6 +39,9 @@ from .._custom_types import Array
 from .monitor import DIVERGED, FAILED, MAX_STEPS, SUCCESS
 
 _RUNNING = -1
+# diffrax's marker for an implicit solver's root-finder tolerances "taken from the step-size
+# controller" (`diffeqsolve` substitutes them; so do the lanes).
+_FROM_CONTROLLER = dfx.Kvaerno5().root_finder.rtol
 # A save pass serves at most 1/_SAVE_SHARE of the lanes (more passes when more need one).
 _SAVE_SHARE = 4
 
@@ -119,6 +122,11 @@ def solve_lanes(
     size = y0.shape[0]
     n_save = ts.shape[0]
     members = jnp.arange(size) if members is None else members
+    if isinstance(solver, dfx.AbstractImplicitSolver):
+        taken = [a for a in ("rtol", "atol", "norm")
+                 if getattr(solver.root_finder, a) is _FROM_CONTROLLER]
+        solver = eqx.tree_at(lambda s: [getattr(s.root_finder, a) for a in taken], solver,
+                             [getattr(controller, a) for a in taken])
     term = dfx.ODETerm(lambda t, y, args: vector_field(y))
     error_order = solver.error_order(term)
     t0 = jnp.zeros((), t1.dtype)
