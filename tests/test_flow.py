@@ -1,5 +1,6 @@
 """Gradient flow: laws conserved to tolerance, closed forms matched, statuses reported."""
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -191,6 +192,8 @@ def test_flow_argument_errors(linear_problem):
         cn.gradient_flow(objective, ensemble, 0.0)
     with pytest.raises(ValueError, match="solver"):
         cn.gradient_flow(objective, ensemble, 1.0, solver="rk4")
+    with pytest.raises(ValueError, match="`solver` Euler gives no error estimate"):
+        cn.gradient_flow(objective, ensemble, 1.0, solver=diffrax.Euler())
     with pytest.raises(ValueError, match="batch_size"):
         cn.gradient_flow(objective, ensemble, 1.0, batch_size=0)
     with pytest.raises(TypeError, match="make_objective"):

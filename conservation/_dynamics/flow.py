@@ -121,8 +121,14 @@ class ModifiedGradientField(AbstractVectorField):
 
 
 def _resolve_solver(solver) -> dfx.AbstractSolver:
-    if isinstance(solver, dfx.AbstractSolver):
+    if isinstance(solver, dfx.AbstractAdaptiveSolver):
         return solver
+    if isinstance(solver, dfx.AbstractSolver):
+        raise ValueError(
+            f"`solver` {type(solver).__name__} gives no error estimate, and gradient_flow "
+            "adapts its steps to `rtol`/`atol`; pass an adaptive diffrax solver (e.g. "
+            "diffrax.Heun() instead of diffrax.Euler()) or one of "
+            f"{['auto', *sorted(SOLVERS)]}.")
     if isinstance(solver, str) and solver in SOLVERS:
         return SOLVERS[solver]()
     raise ValueError(

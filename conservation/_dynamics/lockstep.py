@@ -146,7 +146,8 @@ def solve_lanes(
     def step(y, tprev, tnext, solver_state, controller_state):
         y1, y_error, dense_info, new_solver_state, solver_result = solver.step(
             term, tprev, tnext, y, None, solver_state, False)
-        y_error = jnp.where(jnp.isnan(y_error), jnp.inf, y_error)
+        if y_error is not None:  # None: the controller says it needs an error estimate
+            y_error = jnp.where(jnp.isnan(y_error), jnp.inf, y_error)
         keep, new_tprev, new_tnext, _, new_controller_state, controller_result = (
             controller.adapt_step_size(tprev, tnext, y, y1, None, y_error, error_order,
                                        controller_state))
