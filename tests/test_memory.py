@@ -118,7 +118,7 @@ def test_default_batch_fills_the_free_memory_and_no_more(monkeypatch):
     seen = []
 
     def stop(*args):
-        seen.append(args[-3])  # `batch`
+        seen.append(args[-4])  # `batch` (then keep, final_values, mesh)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(flow, "free_device_memory", lambda: 3.5 * per / 0.75)
