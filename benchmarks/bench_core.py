@@ -105,27 +105,33 @@ def main():
         return cn.gradient_flow(objective, model, T1, rtol=RTOL, n_save=51,
                                 batch_size=batch_size)
 
-    variants = (("moments", fast, None), ("moments_vmap_all", fast, args.members),
-                ("per_sample", naive, None))
-    for label, objective, batch in variants:
-        timing = _harness.timed(lambda: flow(objective, ensemble, batch), repeats=args.repeats)
+    members = [ensemble[i] for i in range(len(ensemble))]
+    programs = {
+        "moments": lambda: flow(fast, ensemble),
+        "moments_vmap_all": lambda: flow(fast, ensemble, args.members),
+        "per_sample": lambda: flow(naive, ensemble),
+        "moments_one_at_a_time": lambda: [flow(fast, m) for m in members],
+    }
+    if not args.skip_scipy:
+        programs["scipy_rk45_loop"] = lambda: scipy_ensemble(data, ensemble,
+                                                             np.linspace(0.0, T1, 51))
+    # Interleaved rounds, best of each (this shared VM drifts by up to ±40% over minutes).
+    timings = _harness.timed_interleaved(programs, repeats=args.repeats)
+    for label in ("moments", "moments_vmap_all", "per_sample"):
+        timing = timings[label]
         report[label] = {k: v for k, v in timing.items() if k != "output"} | digest(
             timing["output"])
-        print(label, report[label])
-
-    members = [ensemble[i] for i in range(len(ensemble))]
-    jax.block_until_ready(flow(fast, members[0]))  # compile the one-member program
-    start = time.perf_counter()
-    results = [jax.block_until_ready(flow(fast, m)) for m in members]
+    results = timings["moments_one_at_a_time"]["output"]
     report["moments_one_at_a_time"] = {
-        "run_s": time.perf_counter() - start,
+        "run_s": timings["moments_one_at_a_time"]["run_s"],
         "max_balance_drift": max(max(float(jnp.max(d)) for d in r.max_drift.values())
                                  for r in results)}
-    print("moments_one_at_a_time", report["moments_one_at_a_time"])
-
     if not args.skip_scipy:
-        report["scipy_rk45_loop"] = scipy_ensemble(data, ensemble, np.linspace(0.0, T1, 51))
-        print("scipy_rk45_loop", report["scipy_rk45_loop"])
+        # Its own clock: numpy's time, no compilation.
+        report["scipy_rk45_loop"] = timings["scipy_rk45_loop"]["output"] | {
+            "run_s": timings["scipy_rk45_loop"]["run_s"]}
+    for label in programs:
+        print(label, report[label])
 
     base = report["moments"]["run_s"]
     report["ratios"] = {
