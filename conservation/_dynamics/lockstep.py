@@ -22,9 +22,9 @@ queue is empty instead of waiting for the slowest member of each fixed chunk.
 Every member keeps its own step sequence: its numbers are those of its own diffrax solve, to
 round-off (tested). Measured on the 2-core CPU (`benchmarks/bench_ensembles.py`, deep linear
 16-32-32-8, 101 saves): 1.31× / 1.37× the members/s of the vmapped `diffeqsolve` at B = 16 /
-64 with the unrolled Tsit5 of `unrolled.py`, 0.93× / 1.04× with diffrax's Tsit5 (the CPU
-gains nothing from fewer selects: its steps are compute-bound); one member at a time is
-faster still there, so lanes are the accelerator default only. Not yet measured on a GPU.
+64 with the unrolled Tsit5 of `unrolled.py`, 0.93× / 1.04× with diffrax's Tsit5 (on the CPU
+the loop's own changes neither gain nor lose); one member at a time is faster still there,
+so lanes are the accelerator default only. Not yet measured on a GPU.
 """
 
 from collections.abc import Callable
