@@ -406,7 +406,7 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
         return (objective(model), monitor.drifts(law_values, reference),
                 monitor.conditions(model), {k: law_values[k] for k in keep})
 
-    controller = step_size_controller(solver, rtol, atol)
+    controller = step_size_controller(solver, rtol, atol, save_ts=ts)
 
     def solve_one(args):
         row, member = args

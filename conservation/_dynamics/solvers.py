@@ -248,12 +248,16 @@ class ROCK4(AbstractChebyshevSolver):
     implicit method takes steps of h ~ 10; that floor scales like (rtol/ε)^(1/4). `StabilizedRK`
     (`solver="stabilized"`) takes RKC steps there instead.
 
-    **Dense output at loose tolerance.** Values saved between step ends come from the cubic
-    Hermite interpolant, which multiplies f at both ends by h. ROCK4 leaves stiff components of
-    size ~rtol at its step ends (RKC damps them), so where h·ρ ≫ 1 the interpolant amplifies
-    them by ~h·ρ/4: on a stiff least-squares flow (ρ = 1.5e5) at rtol 1e-4, losses saved inside
-    steps read 175 and 852 against a minimum of 1.80 (step ends right). Use ROCK4 alone at
-    tight tolerances, or `StabilizedRK` (its saved values were right to all digits there).
+    **Dense output.** Values between step ends would come from the cubic Hermite
+    interpolant, which multiplies f at both ends by h. ROCK4 leaves stiff components of size
+    ~rtol at its step ends (its finishing procedure amplifies rounding; RKC damps them), so
+    where h·ρ ≫ 1 the interpolant amplifies them by ~h·ρ/4: on a stiff least-squares flow
+    (ρ = 1.5e5) at rtol 1e-4, losses saved inside steps read up to 10 746 against a minimum
+    of 1.80 (step ends right). So `gradient_flow` (through `step_size_controller(..., save_ts)`)
+    makes ROCK4's steps end on the save times, where the interpolant returns the step's end:
+    at most `n_save` more steps. Calling `diffrax.diffeqsolve` yourself, pass
+    `step_ts=` your save times to the controller likewise. `StabilizedRK` and `RKC` need
+    nothing of the kind (their saved values were right to all digits there).
 
     **Arguments:**
 
@@ -376,19 +380,23 @@ for _cls in (ROCK4, RKC, StabilizedRK):
 _CHEBYSHEV_PI = dict(pcoeff=0.2, icoeff=0.6)
 
 
-def step_size_controller(solver, rtol, atol) -> dfx.PIDController:
+def step_size_controller(solver, rtol, atol, save_ts=None) -> dfx.PIDController:
     """The step-size controller `gradient_flow` uses with `solver`: PI control
     (pcoeff = 0.2, icoeff = 0.6) for the Chebyshev solvers (`StabilizedRK`, `ROCK4`, `RKC`),
-    diffrax's default integral control otherwise.
+    diffrax's default integral control otherwise. `ROCK4`'s steps also end on the save times
+    (its dense output between step ends is unreliable on stiff flows, see `ROCK4`).
 
     **Arguments:**
 
     - `solver`: a diffrax solver.
     - `rtol`, `atol`: tolerances.
+    - `save_ts`: the save times of the solve (optional; used for `ROCK4`).
 
     **Returns:** a `diffrax.PIDController`.
     """
     coefficients = _CHEBYSHEV_PI if isinstance(solver, AbstractChebyshevSolver) else {}
+    if isinstance(solver, ROCK4) and save_ts is not None:
+        coefficients = coefficients | dict(step_ts=save_ts)
     return dfx.PIDController(rtol=rtol, atol=atol, **coefficients)
 
 
