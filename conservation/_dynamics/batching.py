@@ -1,8 +1,9 @@
-"""How many ensemble members one vmapped solve holds: the default `batch_size` on accelerators.
+"""How many ensemble members one solve holds side by side (its lanes): the default `batch_size`
+on accelerators.
 
-Members of a batch step in lockstep, so on an accelerator the batch should be as large as the
+Lanes step in lockstep, so on an accelerator the batch should be as large as the
 device memory allows (that is what fills it), and no larger (out-of-memory errors come from XLA
-mid-run). A member of a batched solve holds its solver state (~12 parameter vectors for an
+mid-run). A lane holds its solver state (~12 parameter vectors for an
 explicit Runge–Kutta method with dense output and error estimate; implicit methods add a dense
 Jacobian and its factorisation, 2·P² numbers), the working set of one gradient evaluation
 (estimated from the gradient's jaxpr with a liveness sweep over its intermediates: an upper
@@ -100,8 +101,8 @@ def member_bytes(grad, y0, solver, n_save: int, n_laws: int) -> int:
 
 def default_batch_size(grad, y0, size: int, solver, n_save: int, n_laws: int,
                        free: float | None) -> int:
-    """Members per vmapped solve: 1 on the CPU (`free` None: lockstep costs more than
-    batching gains there); on an accelerator as many as fit in `_FILL` of the `free` bytes
+    """Lanes per solve: 1 on the CPU (`free` None: lockstep costs more than batching gains
+    there); on an accelerator as many as fit in `_FILL` of the `free` bytes
     (at least 1, at most `size`)."""
     if free is None:
         return 1

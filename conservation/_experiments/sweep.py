@@ -161,8 +161,8 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
     (`jax.distributed.initialize()` before this call; `jax.process_count() > 1`), every
     process must call `run_sweep` with the same config and folder (a shared file system).
     Process 0 holds the folder lock for the group, writes `sweep.json` and removes leftovers;
-    the pending points are dealt round-robin (ensemble members are independent: a vmapped
-    flow steps each member with its own controller, so a point's numbers do not depend on
+    the pending points are dealt round-robin (ensemble members are independent: a flow in
+    lanes steps each member with its own controller, so a point's numbers do not depend on
     its batch companions). Each process computes its share on its local devices only (no
     global arrays, no collectives in the computation), writes its
     own points (atomic files), and process 0 writes the summary and report after all are
