@@ -59,6 +59,22 @@ def timed_interleaved(fns: dict, *, repeats: int = 5) -> dict:
     return out
 
 
+def _commit() -> str | None:
+    """The repository's HEAD commit, with "+dirty" when the work tree has changes (None
+    outside a git checkout): the code the numbers were measured with."""
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def environment() -> dict:
     import diffrax
     import equinox
@@ -66,6 +82,7 @@ def environment() -> dict:
 
     device = jax.devices()[0]
     return {
+        "commit": _commit(),
         "backend": jax.default_backend(),
         "device": getattr(device, "device_kind", str(device)),
         "python": sys.version.split()[0],

@@ -231,6 +231,44 @@ def solvers_quick() -> str:
     return "\n".join(rows)
 
 
+_LANES_FLOWS = {
+    "dln_small": "deep linear 16-32-32-8, n = 128",
+    "attention_small_tsit5": "attention d = 4, 6 tokens, n = 16, t1 = 1",
+    "attention_small_stabilized": "attention d = 4, 6 tokens, n = 16",
+    "attention_small_kvaerno5": "attention d = 4, 6 tokens, n = 16",
+    "attention_stabilized": "attention d = 8, 16 tokens, n = 64",
+    "dln_large": "deep linear 128-256-256-32, n = 4096, t1 = 20",
+}
+
+
+def lanes() -> str:
+    report = _load("lanes_cpu.json")
+    rows = ["| flow | solver | parameters | B | members/s, 1 lane | 2 lanes | 4 lanes | gradient "
+            "cost per member, 2 / 4 lanes ÷ 1 | steps mean/max (1 lane) | final θ, lanes vs 1 |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, flow in report["flows"].items():
+        problem, by = flow["problem"], flow["lanes"]
+
+        def rate(k, by=by):
+            entry = by.get(k)
+            return "-" if entry is None else (
+                f"{entry['members_per_s']:.2f}" if k == "1" else
+                f"{entry['members_per_s']:.2f} ({entry['speedup_over_one_lane']:.2f}×)")
+
+        one = by["1"]
+        diff = max(e["max_final_diff_to_one_lane"] for e in by.values())
+        rows.append(
+            f"| {_LANES_FLOWS.get(name, name)} | {problem['solver']} | {problem['parameters']} | "
+            f"{problem['members']} | {rate('1')} | {rate('2')} | {rate('4')} | "
+            f"{by['2']['gradient_cost_over_one_lane']:.2f} / "
+            f"{by['4']['gradient_cost_over_one_lane']:.2f} | "
+            f"{one['steps_mean']:.0f}/{one['steps_max']} | {diff:.0e} |")
+    env = report["environment"]
+    rows += ["", f"Machine: {env['device']}, {env['cpu_count']} cores, jax "
+             f"{env['versions']['jax']}."]
+    return "\n".join(rows)
+
+
 def solvers() -> str:
     report = _load("solvers_cpu.json")
     return json.dumps({k: v for k, v in report.items() if k != "environment"}, indent=1)
@@ -240,4 +278,4 @@ if __name__ == "__main__":
     print({"core": core, "ensembles": ensembles, "augmentation": augmentation, "counting": counting,
            "solvers_quick": solvers_quick, "solvers_large": solvers_large,
            "solvers_attention": solvers_attention, "solvers_auto_probe": solvers_auto_probe,
-           "solvers": solvers}[sys.argv[1]]())
+           "solvers": solvers, "lanes": lanes}[sys.argv[1]]())

@@ -107,7 +107,11 @@ def test_default_batch_fills_the_free_memory_and_no_more(monkeypatch):
     assert per >= 12 * y0.size * 8 + n * widths[1] * 8
     implicit = member_bytes(grad, y0, dfx.Kvaerno5(), 101, 2)
     assert implicit - per == 2 * y0.size ** 2 * 8  # dense Jacobian and its factors
-    assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, None) == 1  # CPU
+    # The CPU: 2 lanes, 4 for an implicit solver (bench_lanes.py), never more than the members.
+    assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, None) == 2
+    assert default_batch_size(grad, y0, 7, cn.StabilizedRK(), 101, 2, None) == 2
+    assert default_batch_size(grad, y0, 7, dfx.Kvaerno5(), 101, 2, None) == 4
+    assert default_batch_size(grad, y0, 1, dfx.Kvaerno5(), 101, 2, None) == 1
     for fit in (1, 3, 7):
         free = (fit + 0.5) * per / 0.75
         assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, free) == fit
@@ -117,8 +121,8 @@ def test_default_batch_fills_the_free_memory_and_no_more(monkeypatch):
     # gradient_flow takes it from the device's free memory (here a fake accelerator).
     seen = []
 
-    def stop(*args):
-        seen.append(args[-4])  # `batch` (then keep, final_values, mesh)
+    def stop(*args, batch, **kwargs):
+        seen.append(batch)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(flow, "free_device_memory", lambda: 3.5 * per / 0.75)
@@ -128,3 +132,11 @@ def test_default_batch_fills_the_free_memory_and_no_more(monkeypatch):
         cn.gradient_flow(objective, ensemble, 1.0, solver="tsit5", n_save=101,
                          laws=model.laws()[:2], progress=False)
     assert seen == [3]
+
+    # On the CPU (no memory statistics); one model runs alone whatever the solver.
+    monkeypatch.setattr(flow, "free_device_memory", lambda: None)
+    for solver, model_or_ensemble in (("tsit5", ensemble), ("stabilized", ensemble),
+                                      ("kvaerno5", ensemble), ("kvaerno5", model)):
+        with pytest.raises(KeyboardInterrupt):
+            cn.gradient_flow(objective, model_or_ensemble, 1.0, solver=solver, progress=False)
+    assert seen == [3, 2, 2, 4, 1]

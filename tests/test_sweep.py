@@ -151,17 +151,21 @@ seed = [0, 1]
 def test_flow_sweep_over_rtol_and_seed_compiles_once(tmp_path, monkeypatch):
     import diffrax
 
+    import conservation._dynamics.flow as flow
     from conservation._experiments.config import load_config
     from conservation._experiments.sweep import _groups, sweep_points
 
     traces = []
-    real = diffrax.diffeqsolve
 
-    def counting(*args, **kwargs):  # runs once per trace of the compiled solve
-        traces.append(1)
-        return real(*args, **kwargs)
+    def counting(real):
+        def call(*args, **kwargs):  # runs once per trace of the compiled solve
+            traces.append(1)
+            return real(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(diffrax, "diffeqsolve", counting)
+    # One member at a time runs diffrax's solve, lanes (the CPU default) their own loop.
+    monkeypatch.setattr(diffrax, "diffeqsolve", counting(diffrax.diffeqsolve))
+    monkeypatch.setattr(flow, "solve_lanes", counting(flow.solve_lanes))
     path = _write(tmp_path, FLOW_SWEEP)
     config = load_config(path)
     groups = _groups(sweep_points(config), config.dynamics[0])

@@ -1,14 +1,14 @@
-"""How many ensemble members one solve holds side by side (its lanes): the default `batch_size`
-on accelerators.
+"""How many ensemble members one solve holds side by side (its lanes): the default `batch_size`.
 
-Lanes step in lockstep, so on an accelerator the batch should be as large as the
-device memory allows (that is what fills it), and no larger (out-of-memory errors come from XLA
-mid-run). A lane holds its solver state (~12 parameter vectors for an
-explicit Runge–Kutta method with dense output and error estimate; implicit methods add a dense
-Jacobian and its factorisation, 2·P² numbers), the working set of one gradient evaluation
-(estimated from the gradient's jaxpr with a liveness sweep over its intermediates: an upper
-bound of what XLA keeps, which fuses and reuses buffers; the shared data are resident once and
-not counted per member), and its saved monitor scalars.
+On the CPU 2 lanes (4 for an implicit solver), as `benchmarks/bench_lanes.py` measured. On an
+accelerator, where lanes step in lockstep, the batch should be as large as the device memory
+allows (that is what fills it), and no larger (out-of-memory errors come from XLA mid-run). A
+lane holds its solver state (~12 parameter vectors for an explicit Runge–Kutta method with
+dense output and error estimate; implicit methods add a dense Jacobian and its factorisation,
+2·P² numbers), the working set of one gradient evaluation (estimated from the gradient's jaxpr
+with a liveness sweep over its intermediates: an upper bound of what XLA keeps, which fuses and
+reuses buffers; the shared data are resident once and not counted per member), and its saved
+monitor scalars.
 """
 
 import math
@@ -20,6 +20,16 @@ import numpy as np
 
 _STATE_COPIES = 12  # y, y₁, error, ~7 RK stages / dense-output coefficients, PID history
 _FILL = 0.75  # of the free device memory: XLA's temporaries beyond the estimate, fragmentation
+# Lanes on the CPU (`benchmarks/bench_lanes.py`, 2-core CPU, members/s against one member at a
+# time). Lanes share a gradient's per-operation overhead and the loop's per-iteration overhead
+# (a Chebyshev solver's stage loop, an implicit one's Newton iterations), which dominate small
+# models: with 2 lanes attention d = 4 gains 3.0× (Tsit5), 1.62× (stabilised), 1.14×
+# (Kvaerno5), d = 8 2.16× (stabilised), deep linear 16-32-32-8 1.13×. Where a gradient is a few
+# large products there is little to share and the lanes' selects cost it back (deep linear
+# 128-256-256-32: 0.86×). 4 lanes gain more on the smallest flows (Tsit5 4.24×, Kvaerno5
+# 1.46×) and lose more on the deep linear ones (0.94×, 0.79×): 4 for an implicit solver only.
+_CPU_LANES = 2
+_CPU_LANES_IMPLICIT = 4
 
 
 def free_device_memory(device=None) -> float | None:
@@ -101,10 +111,10 @@ def member_bytes(grad, y0, solver, n_save: int, n_laws: int) -> int:
 
 def default_batch_size(grad, y0, size: int, solver, n_save: int, n_laws: int,
                        free: float | None) -> int:
-    """Lanes per solve: 1 on the CPU (`free` None: lockstep costs more than batching gains
-    there); on an accelerator as many as fit in `_FILL` of the `free` bytes
-    (at least 1, at most `size`)."""
+    """Lanes per solve (at least 1, at most `size`): on the CPU (`free` None) 2, 4 for an
+    implicit solver; on an accelerator as many as fit in `_FILL` of the `free` bytes."""
     if free is None:
-        return 1
+        implicit = isinstance(solver, dfx.AbstractImplicitSolver)
+        return min(size, _CPU_LANES_IMPLICIT if implicit else _CPU_LANES)
     fit = int(_FILL * free // member_bytes(grad, y0, solver, n_save, n_laws))
     return max(1, min(size, fit))
