@@ -60,16 +60,19 @@ def timed_interleaved(fns: dict, *, repeats: int = 5) -> dict:
 
 
 def _commit() -> str | None:
-    """The repository's HEAD commit, with "+dirty" when the work tree has changes (None
-    outside a git checkout): the code the numbers were measured with."""
+    """The repository's HEAD commit, with "+dirty" when the measured code (the package, the
+    benchmark scripts, pyproject.toml) has uncommitted changes (None outside a git checkout):
+    the code the numbers were measured with."""
     import subprocess
 
     root = pathlib.Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "conservation",
+             "benchmarks/*.py", "pyproject.toml"],
+            cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty.strip() else "")
