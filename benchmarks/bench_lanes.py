@@ -1,6 +1,6 @@
 """How many lanes on the CPU: members/s of `gradient_flow` with `batch_size` = 1, 2, 4 lanes.
 
-    python benchmarks/bench_lanes.py [--repeats 2] [--flows dln_small attention_stabilized ...]
+    python benchmarks/bench_lanes.py [--repeats 2] [--flows dln_small ...] [--quick]
 
 The evidence behind the CPU default `batch_size` (`conservation._dynamics.batching`). Flows
 (t1 = 50 unless stated, rtol = atol = 1e-8, 101 saves, the divergence event):
@@ -22,7 +22,7 @@ of one batched gradient evaluation at that width (a `fori_loop` of vmapped gradi
 lanes share a gradient's per-operation overhead and its reads of what every member reads
 alike (the data's moments), and one pass of the loop's own per-iteration overhead.
 
-Writes benchmarks/results/lanes_<backend>.json.
+Writes benchmarks/results/lanes_<backend>.json (`--quick`: lanes_quick_<backend>.json).
 """
 
 import argparse
@@ -131,14 +131,18 @@ FLOWS = ("dln_small", "attention_small_tsit5", "attention_small_stabilized",
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--flows", nargs="+", choices=FLOWS, default=list(FLOWS))
+    parser.add_argument("--flows", nargs="+", choices=FLOWS, default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="the two smallest flows, one round, to lanes_quick_<backend>.json")
     args = parser.parse_args()
+    flows = args.flows or (["dln_small", "attention_small_tsit5"] if args.quick else FLOWS)
+    repeats = 1 if args.quick else args.repeats
     report = {"lanes": list(LANES), "flows": {}}
-    for name in args.flows:
-        report["flows"][name] = one_flow(name, args.repeats)
+    for name in flows:
+        report["flows"][name] = one_flow(name, repeats)
         print(name, {k: round(v["speedup_over_one_lane"], 2)
                      for k, v in report["flows"][name]["lanes"].items()}, flush=True)
-    print("wrote", _harness.write("lanes", report))
+    print("wrote", _harness.write("lanes_quick" if args.quick else "lanes", report))
 
 
 if __name__ == "__main__":
