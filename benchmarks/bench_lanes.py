@@ -31,10 +31,10 @@ import time
 import _harness  # noqa: F401  (pins threads before numpy/jax load)
 import equinox as eqx
 import jax
-import jax.flatten_util as jfu
 import jax.numpy as jnp
 import numpy as np
 from bench_core import build
+from bench_ensembles import _flat, bare_programs
 from bench_solvers import _attention_problem
 
 import conservation as cn
@@ -65,26 +65,20 @@ def _problem(name):
 
 
 def _gradient_cost(objective, ensemble, width):
-    """Seconds per member of one vmapped gradient evaluation over `width` members."""
-    params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
-    y0 = jax.vmap(lambda p: jfu.ravel_pytree(p)[0])(params)[:width]
-    _, unravel = jfu.ravel_pytree(jax.tree_util.tree_map(lambda x: x[0], params))
-
-    def grad(y):
-        return jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y)
-
-    run = jax.jit(lambda y, n: jax.lax.fori_loop(
-        0, n, lambda _, y: y - 1e-9 * jax.vmap(grad)(y), y))
+    """Seconds per member of one vmapped gradient evaluation over `width` members (the bare
+    gradients of bench_ensembles)."""
+    y0, _, gradients, _ = bare_programs(objective, ensemble)
+    y0 = y0[:width]
 
     def seconds(n):
         best = float("inf")
         for _ in range(5):
             start = time.perf_counter()
-            jax.block_until_ready(run(y0, n))
+            jax.block_until_ready(gradients(y0, n))
             best = min(best, time.perf_counter() - start)
         return best
 
-    jax.block_until_ready(run(y0, 1))
+    jax.block_until_ready(gradients(y0, 1))
     # Enough evaluations for ~0.2 s: microsecond gradients are lost in the timer's noise.
     n = max(10, int(0.2 / max(seconds(10) / 10, 1e-9)))
     return seconds(n) / (n * width)
@@ -104,8 +98,7 @@ def one_flow(name, repeats):
            "lanes": {}}
     for lanes, timing in timings.items():
         result = timing.pop("output")
-        finals[lanes] = np.asarray(jax.vmap(lambda p: jfu.ravel_pytree(p)[0])(
-            eqx.filter(result.final.models, eqx.is_inexact_array)))
+        finals[lanes] = np.asarray(_flat(result.final)[0])
         steps = np.asarray(result.num_steps)
         out["lanes"][str(lanes)] = timing | {
             "members_per_s": size / timing["run_s"],

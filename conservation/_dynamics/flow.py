@@ -309,6 +309,11 @@ class _FlowBar:
             f"flow: t={t:.3g}/{self.t1:.3g}, members {int(self.finished.sum())}/{self.size}",
             refresh=False)
 
+    def _redraw(self, t):
+        # The bar's count is the members' summed progress (a member = 1).
+        self._describe(t)
+        self.bar.update(float(np.sum(self.fraction)) - self.bar.n)
+
     @staticmethod
     def report(member, progress):
         self = _FlowBar.active
@@ -317,8 +322,7 @@ class _FlowBar:
         # Under vmap the callback may see one member or a batch of them.
         for m, p in zip(np.atleast_1d(member), np.atleast_1d(progress)):
             self.fraction[int(m)] = max(self.fraction[int(m)], float(p))
-        self._describe(float(np.atleast_1d(progress).min()) * self.t1)
-        self.bar.update(float(np.sum(self.fraction)) - self.bar.n)
+        self._redraw(float(np.atleast_1d(progress).min()) * self.t1)
 
     @staticmethod
     def update(members, fraction, finished):
@@ -331,8 +335,7 @@ class _FlowBar:
                                           np.maximum(self.fraction[members], fraction))
         self.finished[members] = np.asarray(finished)
         running = self.fraction[~self.finished]
-        self._describe((running.min() if running.size else 1.0) * self.t1)
-        self.bar.update(float(np.sum(self.fraction)) - self.bar.n)
+        self._redraw((running.min() if running.size else 1.0) * self.t1)
 
     @staticmethod
     def finish(member):
@@ -341,8 +344,7 @@ class _FlowBar:
             return
         for m in np.atleast_1d(member):
             self.fraction[int(m)], self.finished[int(m)] = 1.0, True
-        self._describe(self.t1)
-        self.bar.update(float(np.sum(self.fraction)) - self.bar.n)
+        self._redraw(self.t1)
 
 
 class _MemberProgress(dfx.AbstractProgressMeter):
