@@ -163,7 +163,10 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
     Process 0 holds the folder lock for the group, writes `sweep.json` and removes leftovers;
     the pending points are dealt round-robin (ensemble members are independent: a flow in
     lanes steps each member with its own controller, so a point's numbers do not depend on
-    its batch companions). Each process computes its share on its local devices only (no
+    its batch companions; a chunk of one member runs diffrax's solve, a larger one lanes,
+    which agree to round-off, or to ≤ rtol where a flow's steps sit at a stability limit, so
+    the number of processes can move a stiff point's numbers within its tolerance). Each
+    process computes its share on its local devices only (no
     global arrays, no collectives in the computation), writes its
     own points (atomic files), and process 0 writes the summary and report after all are
     done. `devices = N` then shards each process's chunks over N of its local devices."""
