@@ -255,13 +255,16 @@ def lanes() -> str:
                 f"{entry['members_per_s']:.2f}" if k == "1" else
                 f"{entry['members_per_s']:.2f} ({entry['speedup_over_one_lane']:.2f}×)")
 
+        def cost(k, by=by):  # a flow with fewer than 4 members has no 4-lane entry
+            entry = by.get(k)
+            return "-" if entry is None else f"{entry['gradient_cost_over_one_lane']:.2f}"
+
         one = by["1"]
         diff = max(e["max_final_diff_to_one_lane"] for e in by.values())
         rows.append(
             f"| {_LANES_FLOWS.get(name, name)} | {problem['solver']} | {problem['parameters']} | "
             f"{problem['members']} | {rate('1')} | {rate('2')} | {rate('4')} | "
-            f"{by['2']['gradient_cost_over_one_lane']:.2f} / "
-            f"{by['4']['gradient_cost_over_one_lane']:.2f} | "
+            f"{cost('2')} / {cost('4')} | "
             f"{one['steps_mean']:.0f}/{one['steps_max']} | {diff:.0e} |")
     env = report["environment"]
     rows += ["", f"Machine: {env['device']}, {env['cpu_count']} cores, jax "

@@ -215,6 +215,10 @@ def test_run_resumes_skipping_finished_entries_bit_identically(tmp_path, monkeyp
             np.testing.assert_array_equal(resumed[name][key], value, err_msg=f"{name}:{key}")
     # Strict JSON, the same per-entry results, readable by others (umask 022 → 0644).
     summary, expected = _strict(out / "summary.json"), _strict(tiny_reference / "summary.json")
+    # The flow records the solver "auto" chose and its lanes (read back from the npz of the
+    # skipped entry); a discrete run has neither.
+    assert [(r.get("solver"), r.get("batch_size")) for r in summary["runs"]] == [
+        ("tsit5", 2), (None, None)]
     for got, want in zip(summary["runs"], expected["runs"]):
         assert {k: v for k, v in got.items() if k != "seconds"} == {
             k: v for k, v in want.items() if k != "seconds"}
@@ -266,6 +270,11 @@ def test_format_summary_reports_each_laws_worst_drift():
     assert "1.10e-05" in row and "4.50e-15" in row and "3 success, 1 diverged" in row
     long = format_summary(summary, max_columns=1).splitlines()
     assert len(long) == 3 and "4.50e-15" in long[2] and "range[QKV] abs" in long[2]
+    assert "solver" not in header  # no flow among the runs
+    summary["runs"].append(summary["runs"][0] | {"label": "flow", "solver": "stabilized"})
+    header, gd, flow = format_summary(summary).splitlines()
+    column = header.index("solver")  # left-aligned columns: cells start where headers do
+    assert gd[column:].startswith("- ") and flow[column:].startswith("stabilized "), (gd, flow)
 
 
 def _user_error_cases(tmp_path):

@@ -86,10 +86,12 @@ def _arrays(folder) -> dict[str, dict[str, np.ndarray]]:
 
 
 def _assert_same(got, want):
+    """Every stored array equal (numbers to 1e-12), except `batch_size`: how a point ran
+    depends on its chunk's size, which depends on the number of processes."""
     assert got.keys() == want.keys()
     for name in want:
         assert got[name].keys() == want[name].keys(), name
-        for k in want[name]:
+        for k in set(want[name]) - {"batch_size"}:
             if want[name][k].dtype.kind in "USO":  # e.g. the solver a point ran
                 np.testing.assert_array_equal(got[name][k], want[name][k], err_msg=f"{name}:{k}")
             else:
@@ -112,7 +114,13 @@ def test_two_process_sweep_equals_one_process(tmp_path, text):
     # 4 distinct files written and 4 computations in all: each point computed exactly once,
     # and the work really was shared.
     assert sum(counts) == 4 and min(counts) > 0, counts
-    _assert_same(_arrays(tmp_path / "two"), want)
+    got = _arrays(tmp_path / "two")
+    _assert_same(got, want)
+    if text is FLOW:
+        # One process ran each rtol's two seeds as 2 lanes, two processes ran one point
+        # per chunk in diffrax's own solve (as recorded): the two loops agree to 1e-12 here.
+        assert {int(a["batch_size"]) for a in want.values()} == {2}
+        assert {int(a["batch_size"]) for a in got.values()} == {1}
     assert (tmp_path / "two" / "summary.json").exists()
     assert (tmp_path / "two" / "report.png").stat().st_size > 0
     assert (tmp_path / "two" / "sweep.json").read_text() == \

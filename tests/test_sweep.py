@@ -304,7 +304,7 @@ ensemble = cn.Ensemble.init(lambda k: cn.DeepLinear.random((4, 6, 3), key=k, ini
                             jax.random.PRNGKey(2), 8)
 objective = cn.make_objective(cn.MSE(), data, ensemble)
 split = cn.shard_ensemble(ensemble, 4)
-for batch in (1, 2):
+for batch in (1, 4):
     whole = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-9, solver="tsit5", n_save=11,
                              batch_size=batch)
     parts = cn.gradient_flow(objective, split, 5.0, rtol=1e-9, solver="tsit5", n_save=11,
@@ -314,6 +314,9 @@ for batch in (1, 2):
         assert out.sharding.spec == jax.sharding.PartitionSpec("ensemble"), out.sharding
         assert len(out.sharding.device_set) == 4
     np.testing.assert_array_equal(parts.num_steps, whole.num_steps)
+    # The result records the lanes each device ran (it holds 2 members), not the request.
+    assert (whole.batch_size, parts.batch_size) == (batch, min(batch, 2)), (
+        whole.batch_size, parts.batch_size)
     np.testing.assert_allclose(parts.loss, whole.loss, rtol=1e-12, atol=1e-15)
     for name in whole.drift:
         np.testing.assert_allclose(parts.drift[name], whole.drift[name], rtol=1e-9,
@@ -324,8 +327,8 @@ print("ok")
 
 def test_a_sharded_flow_runs_each_devices_members_there():
     """An ensemble split over 4 (forced CPU) devices: every device runs its members in its own
-    map (batch_size=1) or lanes (batch_size=2); the same numbers as unsplit, and the results
-    stay split (left to GSPMD, the loop ran whole, replicated, on every device)."""
+    map (batch_size=1) or lanes (batch_size=4: 2 per device); the same numbers as unsplit, and
+    the results stay split (left to GSPMD, the loop ran whole, replicated, on every device)."""
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                         "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", _SHARDED_FLOW], env=env, cwd=ROOT,

@@ -1,6 +1,7 @@
 """Gradient flow dθ/dt = −∇L(θ), integrated with diffrax for a whole ensemble at once."""
 
 import abc
+import dataclasses
 import warnings
 from collections.abc import Callable
 
@@ -245,17 +246,22 @@ def gradient_flow(
             lambda y: jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y), y0,
             ensemble.size, solver, n_save, len(laws), free_device_memory())
     show = show_progress(progress)
+    mesh = _ensemble_mesh(params)
+    batch = min(batch_size, ensemble.size)
     with _FlowBar(ensemble.size, t1, show):
         result = _flow(
             params, static, objective, field, LawMonitor(laws), solver,
             *(jnp.asarray(v, float) for v in (t1, rtol, atol, divergence)),
-            n_save, max_steps, show, ensemble.size, batch=min(batch_size, ensemble.size),
-            keep=keep, final_values=final_values, mesh=_ensemble_mesh(params),
+            n_save, max_steps, show, ensemble.size, batch=batch,
+            keep=keep, final_values=final_values, mesh=mesh,
         )
         if show:  # the bar closes when the solve has finished, not when it was dispatched
             result = jax.block_until_ready(result)
     _warn_max_steps(result.status, solver_name, max_steps)
-    return result
+    if mesh is not None:  # every device runs its own share of the members in its own lanes
+        axes = mesh[1] if isinstance(mesh[1], tuple) else (mesh[1],)
+        batch = min(batch, ensemble.size // int(np.prod([mesh[0].shape[a] for a in axes])))
+    return dataclasses.replace(result, solver=solver_name, batch_size=batch)
 
 
 def _ensemble_mesh(params):

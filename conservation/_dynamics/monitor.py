@@ -63,6 +63,10 @@ class Result(eqx.Module):
       `values="none"`).
     - `status`: per member, 0 success, 1 max_steps, 2 diverged, 3 failed (see `status_names`).
     - `num_steps`: solver steps (flow) or optimizer steps taken (discrete), per member.
+    - `solver`: the solver a flow ran with (`"auto"` resolved to what `choose_solver` picked;
+      a diffrax solver object by its class name); None for discrete runs.
+    - `batch_size`: members a flow integrated side by side (its `batch_size`, the default
+      resolved, per device when the ensemble is sharded); None for discrete runs.
 
     Entries after a member stopped (diverged / max_steps) are `inf` or frozen, never silently
     mixed into the other members' numbers.
@@ -78,6 +82,8 @@ class Result(eqx.Module):
     status: Int[Array, " B"]
     num_steps: Int[Array, " B"]
     final_values: dict[str, Array] = eqx.field(default_factory=dict)
+    solver: str | None = eqx.field(static=True, default=None)
+    batch_size: int | None = eqx.field(static=True, default=None)
 
     def status_names(self) -> list[str]:
         """The status of each member as a word."""
@@ -101,6 +107,8 @@ class Result(eqx.Module):
                 for name, c in self.condition.items()
             },
             "num_steps_max": int(np.max(np.asarray(self.num_steps))),
+            **({"solver": self.solver} if self.solver is not None else {}),
+            **({"batch_size": self.batch_size} if self.batch_size is not None else {}),
         }
 
 

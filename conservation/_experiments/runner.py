@@ -420,10 +420,15 @@ def config_dict(config) -> dict:
 def result_arrays(result: Result, laws=None, *, final: bool = True) -> dict[str, np.ndarray]:
     """Flat name → numpy array view of a result, as stored in the npz files: `t`, `loss`,
     `status`, `num_steps`; per law `condition/`, `drift/`, `max_drift/`, `values/` and
-    `relative/` (whether the drift is relative to the law's scale); with `final`, the final
-    parameters as `final/<path>` (leading axis: member; see `final_ensemble`)."""
+    `relative/` (whether the drift is relative to the law's scale); a flow's `solver` and
+    `batch_size`; with `final`, the final parameters as `final/<path>` (leading axis: member;
+    see `final_ensemble`). The keys in `SHARED` hold no member axis."""
     arrays = {"t": result.t, "loss": result.loss, "status": result.status,
               "num_steps": result.num_steps}
+    if result.solver is not None:
+        arrays["solver"] = np.asarray(result.solver)
+    if result.batch_size is not None:
+        arrays["batch_size"] = np.asarray(result.batch_size)
     relative = {law.name: getattr(law, "relative", True) for law in laws or ()}
     for name in result.drift:
         arrays[f"condition/{name}"] = result.condition[name]
@@ -440,6 +445,10 @@ def result_arrays(result: Result, laws=None, *, final: bool = True) -> dict[str,
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             arrays[f"final{jax.tree_util.keystr(path)}"] = leaf
     return {k: np.asarray(v) for k, v in arrays.items()}
+
+
+# result_arrays' keys without a member axis (besides relative/<law>)
+SHARED = ("t", "solver", "batch_size")
 
 
 def final_ensemble(arrays: dict[str, np.ndarray], template: Ensemble) -> Ensemble:
@@ -470,7 +479,9 @@ def result_from_arrays(arrays: dict[str, np.ndarray], template: Ensemble | None 
     return Result(t=arrays["t"], loss=arrays["loss"], values=group("values/"),
                   drift=group("drift/"), max_drift=group("max_drift/"),
                   condition=group("condition/"), final=final, status=arrays["status"],
-                  num_steps=arrays["num_steps"], final_values=group("final_values/"))
+                  num_steps=arrays["num_steps"], final_values=group("final_values/"),
+                  solver=str(arrays["solver"]) if "solver" in arrays else None,
+                  batch_size=int(arrays["batch_size"]) if "batch_size" in arrays else None)
 
 
 def _mechanics_arrays(mechanics: MechanicsResult) -> dict[str, np.ndarray]:
@@ -691,9 +702,10 @@ def _has_two_parameters(ensemble) -> bool:
 
 def format_summary(summary: dict, *, max_columns: int = 4) -> str:
     """A plain-text table of a run summary: per run its statuses, median final loss, steps,
-    time and the worst drift of EACH law over its successful members (one column per law; with
-    more than `max_columns` laws, one row per run and law). Drifts marked "abs" are absolute
-    (subspace, phase and ratio laws), the others relative to the law's scale."""
+    time, a flow's solver and the worst drift of EACH law over its successful members (one
+    column per law; with more than `max_columns` laws, one row per run and law). Drifts marked
+    "abs" are absolute (subspace, phase and ratio laws), the others relative to the law's
+    scale."""
     relative = summary.get("relative_drift", {})
     laws = list(dict.fromkeys(n for run in summary["runs"] for n in run["max_drift"]))
 
@@ -704,14 +716,17 @@ def format_summary(summary: dict, *, max_columns: int = 4) -> str:
         value = run["max_drift"].get(name)
         return "-" if value is None else f"{value:.2e}"
 
+    flows = any("solver" in run for run in summary["runs"])
+
     def common(run):
         status = ", ".join(f"{n} {k}" for k, n in run["status"].items() if n)
         loss = run["final_loss_median"]
         seconds = run.get("seconds")
         return (run["label"], status, "-" if loss is None else f"{loss:.3e}",
-                str(run["num_steps_max"]), "-" if seconds is None else f"{seconds:.2f}")
+                str(run["num_steps_max"]), "-" if seconds is None else f"{seconds:.2f}",
+                *((run.get("solver", "-"),) if flows else ()))
 
-    head = ("run", "status", "final loss", "steps", "time [s]")
+    head = ("run", "status", "final loss", "steps", "time [s]", *(("solver",) if flows else ()))
     if len(laws) <= max_columns:
         rows = [head + tuple(f"max drift {header(n)}" for n in laws)]
         rows += [common(run) + tuple(drift(run, n) for n in laws) for run in summary["runs"]]

@@ -136,7 +136,6 @@ def _agree(ok: bool) -> bool:
     """A barrier of all processes that also tells each whether every process got there
     without an error (so none waits forever for a failed peer). Host-local values only:
     `process_allgather` of one integer per process."""
-    import numpy as np
     from jax.experimental import multihost_utils
 
     flags = multihost_utils.process_allgather(np.asarray([int(ok)], dtype=np.int32))
@@ -170,7 +169,7 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
     global arrays, no collectives in the computation), writes its
     own points (atomic files), and process 0 writes the summary and report after all are
     done. `devices = N` then shards each process's chunks over N of its local devices."""
-    from .runner import build, config_dict, execute_with, model_factory, result_arrays
+    from .runner import SHARED, build, config_dict, execute_with, model_factory, result_arrays
 
     if config.sweep is None:
         raise ConfigError("this config has no [sweep] table; use `conservation run`.")
@@ -278,10 +277,8 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                             point_run, objective, ensemble, laws=laws,
                             hyperparams=hyperparams, key=jax.random.PRNGKey(config.seed)))
                         arrays = result_arrays(result, laws)
-                        if point_run.kind in FLOW_KINDS:
-                            arrays["solver"] = np.asarray(point_run.solver)
                         for j, i in enumerate(batch):
-                            member = {k: (v if k in ("t", "solver") or k.startswith("relative/")
+                            member = {k: (v if k in SHARED or k.startswith("relative/")
                                           else v[j])
                                       for k, v in arrays.items()}
                             save_npz(out / "points" / f"{i}.npz", member)
