@@ -119,9 +119,12 @@ def test_exhausted_member_is_reported_others_keep_results(linear_problem):
     # Member 2 starts 40× larger: its flow is stiff and needs far more steps than the others.
     big = cn.DeepLinear([40.0 * w for w in ensemble[2].weights])
     mixed = cn.Ensemble.stack([ensemble[0], ensemble[1], big, ensemble[3]])
-    reference = cn.gradient_flow(objective, ensemble, 5.0, rtol=1e-8, n_save=11)
+    # A named solver: "auto" would probe each ensemble (tested in test_solvers).
+    reference = cn.gradient_flow(objective, ensemble, 5.0, solver="tsit5", rtol=1e-8, n_save=11)
     limit = int(jnp.max(reference.num_steps)) + 20
-    result = cn.gradient_flow(objective, mixed, 5.0, rtol=1e-8, n_save=11, max_steps=limit)
+    with pytest.warns(UserWarning, match="1 member.*max_steps"):
+        result = cn.gradient_flow(objective, mixed, 5.0, solver="tsit5", rtol=1e-8, n_save=11,
+                                  max_steps=limit)
     assert result.status_names() == ["success", "success", "max_steps", "success"]
     for i in (0, 1, 3):
         np.testing.assert_allclose(result.loss[i], reference.loss[i], rtol=1e-12)
@@ -132,7 +135,8 @@ def test_exhausted_member_is_reported_others_keep_results(linear_problem):
 def mixed_members(linear_problem):
     """Five members: two that succeed, one that runs out of steps (40× larger: stiff), one
     that starts diverged (norm > the 1e8 threshold), one more that succeeds; integrated one
-    at a time, each in its own diffrax solve (the CPU default)."""
+    at a time, each in its own diffrax solve (`batch_size=1`; the CPU default is 2 lanes, which
+    made this reference the lanes it checks)."""
     ensemble, objective = linear_problem
     big = cn.DeepLinear([40.0 * w for w in ensemble[2].weights])
     blown = cn.DeepLinear([1e9 * w for w in ensemble[1].weights])
@@ -140,7 +144,9 @@ def mixed_members(linear_problem):
     limit = 150
     with pytest.warns(UserWarning, match="max_steps"):
         sequential = cn.gradient_flow(objective, mixed, 5.0, solver="tsit5", rtol=1e-8,
-                                      n_save=11, max_steps=limit, values=("balance[1]",))
+                                      n_save=11, max_steps=limit, values=("balance[1]",),
+                                      batch_size=1)
+    assert sequential.batch_size == 1
     return mixed, objective, limit, sequential
 
 
