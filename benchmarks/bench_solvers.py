@@ -119,6 +119,7 @@ def _row(result, timing):
         "max_drift": max(float(jnp.max(jnp.where(jnp.isfinite(d), d, 0.0)))
                          for d in result.max_drift.values()),
         "final_loss_over_start_max": float(jnp.max(result.loss[:, -1] / result.loss[:, 0])),
+        "batch_size": result.batch_size,  # the lanes it ran in (the default resolved)
     }
 
 
