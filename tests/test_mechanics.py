@@ -101,7 +101,9 @@ def test_continuous_theory_is_first_order_in_the_learning_rate(getkey, momentum)
 def test_gradient_flow_keeps_the_laws(getkey):
     ensemble, objective, laws = _problem(getkey(), activation="linear")
     rtol = 1e-9
-    result = cn.gradient_flow(objective, ensemble, 5.0, solver="tsit5", rtol=rtol, laws=laws)
+    # values="all" in both runs: one compiled solve (the weight decay is traced).
+    result = cn.gradient_flow(objective, ensemble, 5.0, solver="tsit5", rtol=rtol, laws=laws,
+                              values="all")
     assert result.status_names() == ["success"] * 2
     assert max(float(jnp.max(d)) for d in result.max_drift.values()) <= 10 * rtol
     decayed = cn.gradient_flow(objective, ensemble, 5.0, solver="tsit5", rtol=rtol, laws=laws,

@@ -395,6 +395,9 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
     def as_model(y):
         return eqx.combine(unravel(y), static)
 
+    # Traced once and then called: the solvers evaluate the gradient at ~25 places in their
+    # loop bodies (stages, saves, diffrax's shape checks), each a fresh trace without the jit.
+    @jax.jit
     def grad(y):
         return jax.grad(lambda z: objective(as_model(z)))(y)
 

@@ -453,8 +453,10 @@ def _probe(params, static, objective, field, t1, rtol, max_steps):
     def loss(y):
         return objective(eqx.combine(unravel(y), static))
 
+    grad = jax.jit(jax.grad(loss))  # traced once, not at each of the solver's calls
+
     def vector_field(t, y, args):
-        return field(jax.grad(loss), y)
+        return field(grad, y)
 
     def converged(t, y, args, **kwargs):
         # A start at L ≤ 0 (a custom loss) gives no scale: probe to t1.
