@@ -15,7 +15,8 @@ written atomically as each chunk finishes, `summary.json` / `summary.csv` (one r
 Re-running the same sweep skips finished points and never rewrites them. The ensemble axis can
 be sharded over a device mesh (`devices`); see `shard_ensemble`. A flow's `solver = "auto"` is
 resolved once per call of the solve, from its first point (not per chunk), and every point
-records the solver it ran with (`solver` in its npz and in the summary).
+records the solver it ran with (`solver` in its npz and in the summary) and the lanes it ran in
+(`batch_size` in its npz: it follows its chunk's size, see `gradient_flow`).
 """
 
 import contextlib
