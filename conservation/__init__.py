@@ -255,6 +255,7 @@ from ._models.polynomial import (
     PolynomialNet as PolynomialNet,
 )
 from ._models.wrap import FunctionModel as FunctionModel
+from ._validation import ArgumentError as ArgumentError
 
 try:
     __version__ = importlib.metadata.version("conservation")

@@ -11,6 +11,7 @@ import pathlib
 import sys
 import traceback
 
+from .._validation import ArgumentError
 from .config import ConfigError, load_config
 from .store import UserError, interrupt_guard, read_config_text, read_json
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conservation: interrupted{saved}; rerun the same command to resume",
               file=sys.stderr)
         return 130
-    except (ConfigError, UserError) as e:
+    except (ArgumentError, UserError) as e:
         if args.debug:
             traceback.print_exc()
         kind = "config error" if isinstance(e, ConfigError) else "error"

@@ -32,9 +32,12 @@ from pydantic import (
     ValidationError,
 )
 
+from .._validation import ArgumentError
 
-class ConfigError(ValueError):
-    """A config problem; the message names the field and says how to fix it."""
+
+class ConfigError(ArgumentError):
+    """A config problem; the message names the field and says how to fix it (an
+    `ArgumentError`, like every bad argument of the API)."""
 
 
 # ----------------------------------------------------------------------------- field helpers

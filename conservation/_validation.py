@@ -1,0 +1,151 @@
+"""The validation layer: one exception type and the rules every public function checks its
+arguments with, at the boundary (the API and the config alike).
+
+Everything behind the boundary trusts typed, checked objects. A rule raises `ArgumentError`,
+whose message names the argument, the value it got and the fix. `ArgumentError` subclasses both
+`ValueError` and `TypeError`, so code that caught either before keeps working.
+"""
+
+import math
+import numbers
+import warnings
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+
+class ArgumentError(ValueError, TypeError):
+    """A bad argument to a public function (or a bad config value): the message names the
+    argument, the value and how to fix it. The CLI turns it into one line and exit status 2."""
+
+
+# Tolerances at or above this cannot give a meaningful drift: a relative local error of 1 %
+# per step moves a conserved quantity by more than any law's drift could reveal, and the
+# adaptive controller no longer keeps the flow near the exact one (a loss that should fall
+# rises). Shared with the config (`dynamics.rtol`, `dynamics.atol`).
+MAX_RTOL = 1e-2
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def fail(name: str, value, must: str, fix: str = "") -> ArgumentError:
+    """The error for argument `name`: "`name` must …, got value[; fix]." (returned, to be
+    raised by the caller so that tracebacks point at the boundary)."""
+    tail = f"; {fix}" if fix else ""
+    return ArgumentError(f"`{name}` {must}, got {_shown(value)}{tail}.")
+
+
+def is_traced(value) -> bool:
+    """True inside jit / vmap / eval_shape, where values cannot be inspected."""
+    return any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(value))
+
+
+def integer(name: str, value, *, minimum: int | None = None, maximum: int | None = None,
+            fix: str = "") -> int:
+    """A Python or numpy integer (not a bool, not a float such as 3.0) within the bounds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise fail(name, value, "must be an int" + _bounds_text(minimum, maximum), fix)
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise fail(name, value, "must be an int" + _bounds_text(minimum, maximum), fix)
+    return value
+
+
+def _bounds_text(minimum, maximum) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" ≥ {minimum}"
+    if maximum is not None:
+        return f" ≤ {maximum}"
+    return ""
+
+
+_INTERVALS = {
+    ">0": (lambda v: v > 0, "> 0"),
+    ">=0": (lambda v: v >= 0, "≥ 0"),
+    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "rtol": (lambda v: 0 < v < MAX_RTOL, f"in (0, {MAX_RTOL:g}) (a tolerance of {MAX_RTOL:g} "
+             "or more cannot give a meaningful drift)"),
+    "": (lambda v: True, ""),
+}
+
+
+def number(name: str, value, bound: str = "", *, fix: str = "", array: bool = False):
+    """A real, finite number (Python, numpy or a 0-d JAX array; with `array=True` any array,
+    checked entry-wise) satisfying `bound` (a key of `_INTERVALS`: '>0', '>=0', '(0,1]',
+    '[0,1)', '(0,1)', 'rtol', ''). Returns it unchanged. Traced values pass unchecked."""
+    predicate, text = _INTERVALS[bound]
+    must = "must be a finite real number" + (f" {text}" if text else "")
+    if is_traced(value):
+        return value
+    if isinstance(value, bool) or isinstance(value, str | bytes):
+        raise fail(name, value, must, fix)
+    try:
+        a = np.asarray(value)
+    except Exception:  # noqa: BLE001 — anything numpy cannot read is not a number
+        raise fail(name, value, must, fix) from None
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number)) or np.iscomplexobj(a):
+        raise fail(name, value, must, fix)
+    if a.ndim and not array:
+        raise fail(name, value, "must be a scalar" + (f" {text}" if text else ""), fix)
+    if not (np.all(np.isfinite(a)) and np.all(predicate(a))):
+        raise fail(name, value, must, fix)
+    return value
+
+
+def choice(name: str, value, options) -> str:
+    """One of `options` (strings)."""
+    if not isinstance(value, str) or value not in options:
+        raise fail(name, value, f"must be one of {list(options)}")
+    return value
+
+
+def model_parameters(model, name: str = "model"):
+    """`model` with every floating-point parameter in float64 (conservation's precision).
+
+    Parameters of another float dtype (float32, float16, bfloat16) are converted, with one
+    warning naming the dtypes: conservation compares drifts with tolerances far below float32
+    resolution, so a silent float32 run would report its round-off as physics. Complex
+    parameters are refused (gradient flow on them is not defined by `jax.grad`).
+    """
+    leaves = [x for x in jtu.tree_leaves(model) if isinstance(x, jax.Array | np.ndarray)]
+    if any(jnp.iscomplexobj(x) for x in leaves):
+        raise ArgumentError(
+            f"`{name}` has complex parameters; conservation trains real parameters only: "
+            "split each complex array into its real and imaginary parts.")
+    others = sorted({str(x.dtype) for x in leaves
+                     if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.float64})
+    if not others:
+        return model
+    if not jax.config.jax_enable_x64:
+        raise ArgumentError(
+            f"`{name}` has {'/'.join(others)} parameters and JAX's float64 mode is off; "
+            "enable it with jax.config.update('jax_enable_x64', True) (importing "
+            "conservation does) before building the model.")
+    warnings.warn(
+        f"`{name}` has {'/'.join(others)} parameters; converted to float64 (conservation's "
+        "drifts need float64: build the model after importing conservation, or cast it with "
+        "jax.tree.map(lambda x: x.astype('float64'), model)).", stacklevel=3)
+
+    def cast(x):
+        if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.asarray(x, jnp.float64)
+        return x
+
+    return jtu.tree_map(cast, model)
+
+
+def finite_float(value) -> float:
+    """`float(value)`, for messages (nan/inf kept)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
