@@ -11,6 +11,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+from ._cache import enable_compilation_cache as enable_compilation_cache
 from ._data.augmentation import Augmentation as Augmentation
 from ._data.dataset import (
     Dataset as Dataset,
@@ -210,6 +211,7 @@ from ._laws.symmetry import (
 from ._laws.symmetry import (
     isotypic_components as isotypic_components,
 )
+from ._memory import InsufficientMemory as InsufficientMemory
 from ._models.attention import LightningAttention as LightningAttention
 from ._models.base import (
     AbstractModel as AbstractModel,

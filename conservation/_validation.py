@@ -69,11 +69,13 @@ def _bounds_text(minimum, maximum) -> str:
 _INTERVALS = {
     ">0": (lambda v: v > 0, "> 0"),
     ">=0": (lambda v: v >= 0, "≥ 0"),
-    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "rtol": (lambda v: 0 < v < MAX_RTOL, f"in (0, {MAX_RTOL:g}) (a tolerance of {MAX_RTOL:g} "
-             "or more cannot give a meaningful drift)"),
+    # `&`, not chained comparisons: `v` may be an array (`number(..., array=True)`).
+    "(0,1]": (lambda v: (0 < v) & (v <= 1), "in (0, 1]"),
+    "[0,1)": (lambda v: (0 <= v) & (v < 1), "in [0, 1)"),
+    "(0,1)": (lambda v: (0 < v) & (v < 1), "in (0, 1)"),
+    "rtol": (lambda v: (0 < v) & (v < MAX_RTOL),
+             f"in (0, {MAX_RTOL:g}) (a tolerance of {MAX_RTOL:g} or more cannot give a "
+             "meaningful drift)"),
     "": (lambda v: True, ""),
 }
 
@@ -149,3 +151,33 @@ def finite_float(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def prng_key(name: str, value, *, optional: bool = False):
+    """A JAX PRNG key: `jax.random.PRNGKey(seed)` (uint32, shape (2,)) or `jax.random.key(seed)`
+    (a scalar typed key); None passes when `optional`. Traced keys pass unchecked."""
+    if value is None and optional:
+        return value
+    if is_traced(value):
+        return value
+    fix = "make one with jax.random.PRNGKey(0)"
+    if not isinstance(value, jax.Array | np.ndarray):
+        raise fail(name, value, "must be a JAX PRNG key", fix)
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        if value.ndim:
+            raise fail(name, value, "must be a single PRNG key (shape ())", fix)
+        return value
+    if value.dtype != np.uint32 or value.shape != (2,):
+        raise fail(name, value, "must be a JAX PRNG key (uint32, shape (2,))", fix)
+    return value
+
+
+def shape(name: str, value, *, minimum: int = 1, fix: str = "") -> tuple[int, ...]:
+    """A shape: a tuple (or list) of ints ≥ `minimum` (not a bare int, not floats)."""
+    fix = fix or "give a tuple of ints such as (3,)"
+    if isinstance(value, str | bytes) or not isinstance(value, tuple | list):
+        raise fail(name, value, "must be a tuple of ints", fix)
+    for n in value:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < minimum:
+            raise fail(name, value, f"must be a tuple of ints ≥ {minimum}", fix)
+    return tuple(int(n) for n in value)

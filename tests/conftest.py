@@ -7,16 +7,36 @@ os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true"]).strip()
 
+# One persistent compilation cache for the whole run: the xdist workers and the CLI's
+# subprocesses (which inherit the variable) load each other's compiled programs instead of
+# compiling them again. A fresh folder per run (the controller makes it before the workers
+# start), so no program of an earlier checkout is ever reused.
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "CONSERVATION_CACHE_DIR" not in os.environ:
+    os.environ["CONSERVATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="conservation-test-cache-")
+    _OWN_CACHE = os.environ["CONSERVATION_CACHE_DIR"]
+else:
+    _OWN_CACHE = None
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 import conservation as cn  # noqa: E402
 
+cn.enable_compilation_cache()
+
 
 def pytest_configure(config):
     # float64 is the package default; make any silent rank promotion an error in tests.
     jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:  # the process that made the folder (xdist's controller)
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture

@@ -245,7 +245,7 @@ BAD = [
     ("sweep-init-scale-0", _config(sweep={"init_scale": [0.0, 1.0]}),
      "model.init_scale` must be > 0"),
     ("sweep-rtol-inf", _config(dynamics=[dict(_FLOW)], sweep={"rtol": [1e-6, math.inf]}),
-     "dynamics[0].rtol` must be a finite number > 0, got inf"),
+     "dynamics[0].rtol` must be a finite number > 0 and < 0.01"),
     ("sweep-lr-on-flow", _config(dynamics=[dict(_FLOW)], sweep={"lr": [0.1]}),
      "axis `sweep.lr` does not apply"),
     ("sweep-group-without-augmentation", _config(sweep={"group": ["cyclic_shift"]}),
@@ -260,7 +260,7 @@ BAD = [
      "exactly one [[dynamics]]"),
     # -- non-finite numbers
     ("rtol-inf", _config(dynamics=[_FLOW | {"rtol": math.inf}]),
-     "field `dynamics[0].rtol` must be a finite number > 0, got inf"),
+     "field `dynamics[0].rtol` must be a finite number > 0 and < 0.01"),
     ("t1-inf", _config(dynamics=[_FLOW | {"t1": math.inf}]), "field `dynamics[0].t1` must be a"),
     ("lr-inf", _config(dynamics=[_GD | {"lr": math.inf}]), "field `dynamics[0].lr` must be a"),
     ("lr-nan", _config(dynamics=[_GD | {"lr": math.nan}]), "field `dynamics[0].lr` must be a"),
@@ -336,7 +336,9 @@ BAD = [
      "reduce `model.widths`"),
     ("memory-ensemble", _config(ensemble={"size": 10 ** 11}), "this run needs ~"),
     ("memory-samples", _config(data={"n": 10 ** 11}), "reduce `data.n`"),
-    ("memory-n-save", _config(dynamics=[_GD | {"n_save": 10 ** 12}]), "`n_save`"),
+    # (a flow saves n_save points; a 3-step GD run saves at most its 4 steps)
+    ("memory-n-save", _config(dynamics=[{"kind": "flow", "t1": 1.0, "n_save": 10 ** 12}]),
+     "`n_save`"),
     ("model-factory-raises", _config(model={"kind": "python", "factory": "math:sqrt",
                                             "input_shape": [3]}),
      "field `model.factory`: math:sqrt(key, **kwargs) raised TypeError"),
@@ -467,3 +469,52 @@ def test_shipped_configs_validate_against_the_json_schema():
     bad = _config(dynamics=[_FLOW | {"rtol": -1.0}])
     assert list(validator.iter_errors(bad))
     assert list(validator.iter_errors(_config(model={"kind": "deep_linear", "widht": [3]})))
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("name",), "../../x", "plain file name"),
+    (("name",), "a/b", "plain file name"),
+    (("name",), "..", "plain file name"),
+    (("name",), "   ", "plain file name"),
+    (("name",), "n" * 300, "300 bytes long"),
+    (("output",), "results/" + "o" * 300, "over the 255-byte limit"),
+    (("output",), "results/a\0b", "NUL"),
+    (("dynamics", 0, "label"), "l" * 300, "at most 200 characters"),
+])
+def test_names_and_paths_the_file_system_cannot_take_are_config_errors(path, value, message):
+    """`name` names the folder results/<name> (a plain name, never a path out of results/),
+    `output` is a folder, a label names a file: each must fit the file system."""
+    with pytest.raises(ConfigError, match=message) as error:
+        parse_config(_with(path, value))
+    assert "\n" not in str(error.value) and len(str(error.value)) < 400
+    assert parse_config(_with(("name",), "n" * 255)).output == "results/" + "n" * 255
+
+
+def test_a_python_factory_beside_the_config_is_found_without_pythonpath(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the config's folder is added
+    module = f"beside_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text(
+        "from conservation import DeepLinear\n\n"
+        "def make(key, widths):\n    return DeepLinear.random(widths, key=key)\n")
+    config = tmp_path / "python.toml"
+    config.write_text(f"""
+[model]
+kind = "python"
+factory = "{module}:make"
+kwargs = {{widths = [2, 3, 1]}}
+input_shape = [2]
+[data]
+n = 8
+[[dynamics]]
+kind = "gd"
+lr = 0.1
+steps = 5
+""")
+    assert load_config(config).model.factory == f"{module}:make"
+    assert sys.modules[module].__file__ == str(tmp_path / f"{module}.py")
+    config.write_text(config.read_text().replace(f"{module}:make", "not_beside_it:make"))
+    with pytest.raises(ConfigError, match="in the config's folder") as error:
+        load_config(config)
+    assert str(tmp_path) in str(error.value) and "model.factory" in str(error.value)

@@ -137,3 +137,41 @@ def test_a_ctrl_c_swallowed_by_a_finaliser_is_raised_at_the_next_check(capsys):
             check_interrupted()
     check_interrupted()  # cleared on exit
     assert "Exception ignored" not in capsys.readouterr().err
+
+
+def test_a_full_disk_is_a_user_error_naming_the_file_and_leaves_no_temporary(tmp_path):
+    import errno
+
+    from conservation._experiments.store import WriteError
+
+    def full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(UserError) as error:
+        atomic_write(tmp_path / "0-gd.npz", full)
+    assert isinstance(error.value, WriteError)
+    message = str(error.value)
+    assert str(tmp_path / "0-gd.npz") in message and "No space left" in message
+    assert "free some space" in message and "resume" in message
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary
+    # A name the file system cannot hold: named as such before anything is written.
+    with pytest.raises(UserError, match="255-byte limit"):
+        prepare_output(tmp_path / ("x" * 300))
+
+
+def test_sigterm_is_handled_like_ctrl_c(capsys):
+    import signal
+
+    from conservation._experiments.store import Terminated, check_interrupted, interrupt_guard
+
+    with interrupt_guard():
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs at the next bytecode boundary
+                pass
+        with pytest.raises(Terminated):  # recorded: raised again at the next check
+            check_interrupted()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert issubclass(Terminated, KeyboardInterrupt)
+

@@ -104,6 +104,8 @@ def test_sharded_sweep_over_four_cpu_devices_matches_unsharded(tmp_path):
     assert len(plain) == len(split) == 64
     for name, arrays in plain.items():
         for key, value in arrays.items():
+            if key == "identity":  # the point's fingerprint names its config, which differs
+                continue
             np.testing.assert_allclose(split[name][key], value, rtol=1e-12, atol=1e-15)
 
 

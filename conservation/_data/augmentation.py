@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from .._custom_types import Array
 from .._models.base import AbstractTensorizableModel, Ensemble
+from .._validation import ArgumentError
 from .dataset import Dataset
 from .groups import AbstractFiniteGroup, AbstractGroup, OrthogonalGroup
 
@@ -34,7 +35,11 @@ class Augmentation(eqx.Module):
 
     def __check_init__(self):
         if not isinstance(self.group, AbstractGroup):
-            raise TypeError(f"`group` must be a conservation group, got {self.group!r}.")
+            raise ArgumentError(f"`group` must be a conservation group, got {self.group!r}; "
+                                "e.g. conservation.CyclicShift(3).")
+        if not isinstance(self.equivariant, bool):
+            raise ArgumentError(f"`equivariant` must be True or False, got "
+                                f"{self.equivariant!r}.")
 
     @property
     def name(self) -> str:
@@ -43,7 +48,7 @@ class Augmentation(eqx.Module):
     def apply(self, data: Dataset) -> Dataset:
         """The orbit-expanded data set {(g·x_i, ρ(g) y_i)}: |G| · N samples (g-major)."""
         if not isinstance(self.group, AbstractFiniteGroup):
-            raise ValueError(f"{self.group.name} has no finite orbits to expand; use the exact "
+            raise ArgumentError(f"{self.group.name} has no finite orbits to expand; use the exact "
                              "moment symmetrisation (MSE on a tensorizable model) or `samples=`.")
         g = self.group.matrices()  # exact O(d) raises here: it has no finite orbits
         _check_dims(self, data)
@@ -62,12 +67,12 @@ class Augmentation(eqx.Module):
         degrees = model.feature_degrees
         sizes = [d**k for k in degrees]
         if sum(sizes) != moments.M.shape[0]:
-            raise ValueError(f"{type(model).__name__}'s features have {moments.M.shape[0]} "
+            raise ArgumentError(f"{type(model).__name__}'s features have {moments.M.shape[0]} "
                              f"columns, not Σ_k {d}^k over degrees {degrees}: the group "
                              f"dimension {d} does not match the model's input.")
         m = moments.B.shape[1]
         if self.equivariant and m != d:
-            raise ValueError(f"equivariant targets need output dimension {d} (the group's), "
+            raise ArgumentError(f"equivariant targets need output dimension {d} (the group's), "
                              f"got {m}.")
         design = _factor_design(self.group, max(degrees), m, self.equivariant,
                                 moments.R.shape[0])
@@ -172,18 +177,19 @@ def _stacked_factor(r, matrices, degrees, d, equivariant):
 def _tensorizable(model):
     model = model[0] if isinstance(model, Ensemble) else model
     if not isinstance(model, AbstractTensorizableModel):
-        raise TypeError(f"{type(model).__name__} is not tensorizable: moments cannot be "
-                        "symmetrised; augment the data by orbit expansion instead.")
+        raise ArgumentError(f"`model` ({type(model).__name__}) is not tensorizable: moments "
+                            "cannot be symmetrised; augment the data by orbit expansion "
+                            "instead.")
     return model
 
 
 def _check_dims(augmentation, data):
     d = augmentation.group.dim
     if data.x.shape[-1] != d:
-        raise ValueError(f"{augmentation.group.name} acts on R^{d} but the inputs' last axis "
+        raise ArgumentError(f"{augmentation.group.name} acts on R^{d} but the inputs' last axis "
                          f"has size {data.x.shape[-1]}.")
     if augmentation.equivariant and data.y.shape[-1] != d:
-        raise ValueError(f"equivariant targets need y's last axis of size {d}, got "
+        raise ArgumentError(f"equivariant targets need y's last axis of size {d}, got "
                          f"{data.y.shape[-1]}.")
 
 
@@ -193,5 +199,6 @@ def as_augmentation(augment) -> Augmentation | None:
         return augment
     if isinstance(augment, AbstractGroup):
         return Augmentation(augment)
-    raise TypeError(f"`augment` must be a group or an `Augmentation`, got {augment!r}.")
+    raise ArgumentError(f"`augment` must be a group or an `Augmentation`, got {augment!r}; "
+                        "e.g. augment=conservation.CyclicShift(3).")
 

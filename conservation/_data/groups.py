@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._custom_types import Array, Float
+from .._validation import ArgumentError, integer
 
 
 class AbstractGroup(eqx.Module):
@@ -105,7 +106,7 @@ class Permutations(AbstractFiniteGroup):
     def __init__(self, n: int):
         self.dim = _check_int("n", n, 2)
         if n > 8:
-            raise ValueError(f"`n` = {n}: S_n has n! elements; use n ≤ 8.")
+            raise ArgumentError(f"`n` = {n}: S_n has n! elements; use n ≤ 8.")
 
     @property
     def name(self) -> str:
@@ -143,7 +144,7 @@ class SignFlips(AbstractFiniteGroup):
     def __init__(self, d: int):
         self.dim = _check_int("d", d, 1)
         if d > 12:
-            raise ValueError(f"`d` = {d}: (Z₂)^d has 2^d elements; use d ≤ 12.")
+            raise ArgumentError(f"`d` = {d}: (Z₂)^d has 2^d elements; use d ≤ 12.")
 
     @property
     def name(self) -> str:
@@ -228,11 +229,12 @@ class OrthogonalGroup(AbstractFiniteGroup):
 
     def __init__(self, d: int, samples: int | None = None, seed: int = 0):
         self.dim = _check_int("d", d, 1)
-        if samples is not None and (not isinstance(samples, int) or samples < 2
-                                    or samples % 2):
-            raise ValueError(f"`samples` must be None (exact) or an even int ≥ 2, got {samples!r}.")
+        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
+                                    or samples < 2 or samples % 2):
+            raise ArgumentError(f"`samples` must be None (exact) or an even int ≥ 2, got "
+                                f"{samples!r}.")
         self.samples = samples
-        self.seed = seed
+        self.seed = _check_int("seed", seed, 0)
 
     @property
     def name(self) -> str:
@@ -411,9 +413,7 @@ def _brauer_projection(tensor, n_axes, d):
 
 
 def _check_int(name: str, value, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"`{name}` must be an int ≥ {minimum}, got {value!r}.")
-    return value
+    return integer(name, value, minimum=minimum)
 
 
 GROUPS = {

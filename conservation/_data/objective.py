@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from .._custom_types import Array, Float, Scalar
+from .._memory import check_moments
 from .._models.base import AbstractModel, AbstractTensorizableModel, Ensemble
+from .._validation import ArgumentError, fail, integer, model_parameters
 from .augmentation import Augmentation, _check_dims, as_augmentation
-from .dataset import Dataset, check_model_data
+from .dataset import Dataset, check_model_data, targets_fit
 from .losses import MSE, AbstractLoss
 
 
@@ -54,7 +56,12 @@ class Moments(eqx.Module):
         if isinstance(model, Ensemble):
             model = model[0]
         if not isinstance(model, AbstractTensorizableModel):
-            raise TypeError(f"{type(model).__name__} is not tensorizable: no moment fast path.")
+            raise ArgumentError(f"`model` ({type(model).__name__}) is not tensorizable: no "
+                                "moment fast path; evaluate the loss per sample.")
+        if not isinstance(data, Dataset):
+            raise fail("data", data, "must be a `conservation.Dataset`")
+        chunk_size = integer("chunk_size", chunk_size, minimum=1)
+        check_model_data(model, data)
         return _accumulate_moments(model, data, min(chunk_size, len(data)))
 
     @classmethod
@@ -63,6 +70,12 @@ class Moments(eqx.Module):
         """Moments from (M, B, C) alone, with R from an eigendecomposition of the (symmetrised)
         Gram matrix, negative round-off eigenvalues set to 0 (so `risk` ≥ 0; its absolute
         error is ~1e-16 · ‖[[M, B], [Bᵀ, C]]‖ · ‖[Φ; −I]‖², as for the expanded form)."""
+        n = integer("n", n, minimum=1)
+        M, B, C = (jnp.asarray(a) for a in (M, B, C))
+        if not (M.ndim == B.ndim == C.ndim == 2 and M.shape == (B.shape[0],) * 2
+                and C.shape == (B.shape[1],) * 2):
+            raise ArgumentError(f"`M`, `B`, `C` must have shapes (p, p), (p, m), (m, m), got "
+                                f"{M.shape}, {B.shape}, {C.shape}.")
         M = 0.5 * (M + M.T)
         C = 0.5 * (C + C.T)
         return cls(M, B, C, _gram_factor(M, B, C), n)
@@ -129,15 +142,47 @@ class Objective(eqx.Module):
     augmentation: Augmentation | None = None
 
     def __call__(self, model: AbstractModel) -> Scalar:
+        """L(θ) of one model (not an ensemble: `jax.vmap` over its members, or index it).
+        Parameters of another float dtype are converted to float64, with a warning."""
+        model = _member(model)
         if self.moments is not None:
-            return self.moments.risk(model.tensorize())
-        return self.sample_risk(model)
+            if not isinstance(model, AbstractTensorizableModel):
+                raise ArgumentError(
+                    f"`model` ({type(model).__name__}) is not tensorizable but this objective "
+                    "evaluates through the moments of a tensorizable model: build the "
+                    "objective for this model with make_objective(loss, data, model).")
+            phi = model.tensorize()
+            if phi.shape != self.moments.B.shape:
+                raise ArgumentError(
+                    f"`model` ({type(model).__name__}) has a parameter map Φ of shape "
+                    f"{phi.shape} but this objective's moments are for shape "
+                    f"{self.moments.B.shape}: it was built for another architecture; build "
+                    "it for this model with make_objective(loss, data, model).")
+            return self.moments.risk(phi)
+        return self._sample_risk(model)
 
     def sample_risk(self, model: AbstractModel) -> Scalar:
         """The per-sample evaluation mean_i ℓ(f(θ, x_i), y_i) over the (augmented) data,
         never using the moments."""
+        return self._sample_risk(_member(model))
+
+    def _sample_risk(self, model):
         data = self.data if self.augmentation is None else self.augmentation.apply(self.data)
-        predictions = jax.vmap(model)(data.x)
+        try:
+            predictions = jax.vmap(model)(data.x)
+        except ArgumentError:
+            raise
+        except Exception as e:  # noqa: BLE001 — shapes are static: a failure here is a mismatch
+            raise ArgumentError(
+                f"`model` ({type(model).__name__}) cannot take this objective's inputs of shape "
+                f"{tuple(data.x.shape[1:])} ({type(e).__name__}: {str(e)[:200]}); the "
+                "objective was built for another architecture or data.") from None
+        if not targets_fit(predictions.shape[1:], data.y.shape[1:], self.loss):
+            # Broadcasting would silently give another number.
+            raise ArgumentError(
+                f"`model` ({type(model).__name__}) outputs shape {predictions.shape[1:]} but "
+                f"this objective's targets have shape {data.y.shape[1:]}; the objective was "
+                "built for another architecture or data.")
         return jnp.mean(jax.vmap(self.loss)(predictions, data.y))
 
     def on(self, index: Array) -> "Objective":
@@ -171,23 +216,27 @@ def make_objective(
     **Returns:** an `Objective`, callable as `objective(model) -> L(θ)`.
     """
     if not isinstance(loss, AbstractLoss):
-        raise TypeError(f"`loss` must be a conservation loss such as `MSE()`, got {loss!r}.")
+        raise ArgumentError(f"`loss` must be a conservation loss such as `MSE()`, got "
+                            f"{loss!r}.")
     if not isinstance(data, Dataset):
-        raise TypeError(f"`data` must be a `conservation.Dataset`, got {type(data).__name__}.")
-    if moments not in ("auto", True, False):
-        raise ValueError(f"`moments` must be 'auto', True or False, got {moments!r}.")
+        raise ArgumentError(f"`data` must be a `conservation.Dataset`, got "
+                            f"{type(data).__name__}; build one with Dataset(x, y).")
+    if not (isinstance(moments, bool) or (isinstance(moments, str) and moments == "auto")):
+        raise fail("moments", moments, "must be 'auto', True or False")
     member = model[0] if isinstance(model, Ensemble) else model
     if member is not None:
-        check_model_data(member, data)
+        member = _member(member)
+        check_model_data(member, data, loss)
     possible = isinstance(loss, MSE) and isinstance(member, AbstractTensorizableModel)
     if moments is True and not possible:
-        raise ValueError(
+        raise ArgumentError(
             "`moments=True` needs the MSE loss and a tensorizable model (DeepLinear, "
             f"PolynomialNet, LightningAttention); got loss {loss.name!r} and model "
             f"{type(member).__name__}. Use `moments='auto'`."
         )
     augmentation = as_augmentation(augment)
     if possible and moments is not False:
+        check_moments(member, data, symmetrized=augment is not None)  # before building them
         base = Moments.from_data(member, data)
         if augmentation is not None:
             _check_dims(augmentation, data)
@@ -196,3 +245,16 @@ def make_objective(
     if augmentation is not None:
         augmentation.apply(data.subset(jnp.arange(1)))  # fail now, not inside a run
     return Objective(loss, data, augmentation=augmentation)
+
+
+def _member(model):
+    """One model, in float64: the checks an objective needs of what it is evaluated on (static
+    structure and dtypes: at trace time, inside `jit` as well)."""
+    if isinstance(model, Ensemble):
+        raise ArgumentError(
+            f"`model` is an Ensemble of {model.size}; an objective evaluates one model: "
+            "pass ensemble[i], or jax.vmap the objective over ensemble.models.")
+    if not isinstance(model, eqx.Module):
+        raise fail("model", model, "must be an `equinox.Module`",
+                   "wrap a function f(params, x) as conservation.FunctionModel(f, params)")
+    return model_parameters(model)

@@ -11,14 +11,29 @@ reuses buffers; the shared data are resident once and not counted per member), a
 monitor scalars.
 """
 
-import math
-
 import diffrax as dfx
+import equinox as eqx
 import jax
-import jax.extend as jex
-import numpy as np
+import jax.numpy as jnp
+import jax.tree_util as jtu
 
-_STATE_COPIES = 12  # y, y₁, error, ~7 RK stages / dense-output coefficients, PID history
+from .._memory import (
+    FLOW_RESIDENT_COPIES,
+    FLOW_STATE_COPIES,
+    TRAIN_STEP_COPIES,
+    MemoryEstimate,
+    check,
+    free_device_memory,
+    peak_live_bytes,
+    run_estimate,
+    tree_bytes,
+    tree_size,
+)
+
+__all__ = ["free_device_memory", "peak_live_bytes", "member_bytes", "default_batch_size",
+           "check_flow_memory", "check_train_memory"]
+
+_STATE_COPIES = FLOW_STATE_COPIES  # y, y₁, error, ~7 RK stages / dense-output coefficients
 _FILL = 0.75  # of the free device memory: XLA's temporaries beyond the estimate, fragmentation
 # Lanes on the CPU (`benchmarks/bench_lanes.py`, 2-core CPU, members/s against one member at a
 # time). Lanes share a gradient's per-operation overhead and the loop's per-iteration overhead
@@ -30,70 +45,6 @@ _FILL = 0.75  # of the free device memory: XLA's temporaries beyond the estimate
 # 1.46×) and lose more on the deep linear ones (0.94×, 0.79×): 4 for an implicit solver only.
 _CPU_LANES = 2
 _CPU_LANES_IMPLICIT = 4
-
-
-def free_device_memory(device=None) -> float | None:
-    """Bytes free on `device` (default: JAX's first device) by its allocator's statistics, or
-    None where the backend reports none (the CPU)."""
-    device = jax.devices()[0] if device is None else device
-    if device.platform == "cpu":
-        return None
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:  # noqa: BLE001 — some backends have no memory_stats
-        return None
-    limit = stats.get("bytes_limit")
-    return float(limit - stats.get("bytes_in_use", 0)) if limit else None
-
-
-def _nbytes(aval) -> int:
-    shape = getattr(aval, "shape", None)
-    if shape is None:
-        return 0
-    return math.prod(shape) * np.dtype(aval.dtype).itemsize
-
-
-def _sub_jaxprs(params):
-    for value in params.values():
-        for item in value if isinstance(value, tuple | list) else (value,):
-            if isinstance(item, jex.core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, jex.core.Jaxpr):
-                yield item
-
-
-def peak_live_bytes(jaxpr) -> int:
-    """Peak bytes of the intermediate values alive at once while `jaxpr` runs in program
-    order (nested jaxprs count their own intermediates at their call): no fusion, no buffer
-    reuse within an operation, so an upper bound of what XLA allocates beside the inputs.
-
-    Inputs and closed-over constants are not counted: in a batched flow they are the member's
-    parameters (counted with the solver state) and the data or moments every member shares
-    (resident once, already in the device's used memory)."""
-    last_use = {}
-    for i, eqn in enumerate(jaxpr.eqns):
-        for v in eqn.invars:
-            if isinstance(v, jex.core.Var):
-                last_use[v] = i
-    for v in jaxpr.outvars:
-        if isinstance(v, jex.core.Var):
-            last_use[v] = len(jaxpr.eqns)
-    live = {}
-    current = peak = 0
-    for i, eqn in enumerate(jaxpr.eqns):
-        inner = max((peak_live_bytes(j) for j in _sub_jaxprs(eqn.params)), default=0)
-        out = sum(_nbytes(v.aval) for v in eqn.outvars)
-        peak = max(peak, current + max(out, inner))
-        for v in eqn.outvars:
-            live[v] = _nbytes(v.aval)
-        current += out
-        for v in {v for v in eqn.invars if isinstance(v, jex.core.Var)}:
-            if last_use.get(v) == i and v in live:
-                current -= live.pop(v)
-        for v in eqn.outvars:  # never read
-            if v not in last_use and v in live:
-                current -= live.pop(v)
-    return peak
 
 
 def member_bytes(grad, y0, solver, n_save: int, n_laws: int) -> int:
@@ -118,3 +69,139 @@ def default_batch_size(grad, y0, size: int, solver, n_save: int, n_laws: int,
         return min(size, _CPU_LANES_IMPLICIT if implicit else _CPU_LANES)
     fit = int(_FILL * free // member_bytes(grad, y0, solver, n_save, n_laws))
     return max(1, min(size, fit))
+
+
+# ------------------------------------------------------------- the memory check of a run
+
+
+def _member_shapes(params):
+    """One member's parameter shapes (`params` carries the ensemble axis first)."""
+    return jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+
+
+def _law_sizes(laws, params, static) -> dict[str, int]:
+    """Numbers in each law's value for one member, from shapes alone (0 where a law cannot
+    be evaluated: the run reports that itself)."""
+    def values(p):
+        model = eqx.combine(p, static)
+        return {law.name: law(model) for law in laws}
+
+    try:
+        return {k: tree_size(v) for k, v in
+                jax.eval_shape(values, _member_shapes(params)).items()}
+    except Exception:  # noqa: BLE001 — a broken law is the run's error to report, not ours
+        return {}
+
+
+def _working(loss, params, static) -> int:
+    """`peak_live_bytes` of one member's gradient of `loss(model)`, traced from shapes alone
+    (0 where it cannot be traced: the run reports that itself)."""
+    def grad(p):
+        return jax.grad(lambda q: loss(eqx.combine(q, static)))(p)
+
+    try:
+        return peak_live_bytes(jax.make_jaxpr(grad)(_member_shapes(params)).jaxpr)
+    except Exception:  # noqa: BLE001 — as above
+        return 0
+
+
+def _members_here(params, size: int) -> int:
+    """Members one device holds: an ensemble split over accelerators (`shard_ensemble`)
+    puts size/devices on each, checked against each device's free memory. (CPU devices
+    share the host's memory: all members count.)"""
+    try:
+        devices = len(jtu.tree_leaves(params)[0].sharding.device_set)
+    except Exception:  # noqa: BLE001 — traced or plain arrays: one device
+        devices = 1
+    if devices > 1 and free_device_memory() is not None:
+        return -(-size // devices)
+    return size
+
+
+def _implicit(solver, parameters: int) -> bool:
+    """Whether `solver` (a name, "auto" or a diffrax solver) holds a dense Jacobian; "auto"
+    picks the implicit Kvaerno5 only for small models (`solvers._IMPLICIT_MAX_PARAMS`)."""
+    from .solvers import _IMPLICIT_MAX_PARAMS
+
+    if isinstance(solver, dfx.AbstractImplicitSolver):
+        return True
+    if isinstance(solver, str):
+        return solver == "kvaerno5" or (solver == "auto" and parameters <= _IMPLICIT_MAX_PARAMS)
+    return False
+
+
+def check_flow_memory(objective, params, static, laws, keep, final_values: bool, solver,
+                      n_save: int, batch_size: int | None, size: int) -> MemoryEstimate:
+    """Refuse (`conservation.InsufficientMemory`, an `ArgumentError`) a `gradient_flow` whose
+    estimate (`conservation._memory.run_estimate`) exceeds the available memory, before
+    anything of it is allocated; return the estimate otherwise.
+
+    Lanes: `batch_size`, else the CPU default (2, 4 for an implicit solver); on an
+    accelerator the default batch takes what fits, so one lane is checked. The gradient's
+    working set per lane comes from the liveness sweep of its jaxpr."""
+    parameters = tree_size(_member_shapes(params))
+    implicit = _implicit(solver, parameters)
+    size = _members_here(params, size)
+    if batch_size is None:
+        lanes = (_CPU_LANES_IMPLICIT if implicit else _CPU_LANES) \
+            if free_device_memory() is None else 1
+    else:
+        lanes = batch_size
+    lanes = min(lanes, size)
+    sizes = _law_sizes(laws, params, static)
+    estimate = run_estimate(
+        members=size, parameters=parameters, lanes=lanes, state_copies=FLOW_STATE_COPIES,
+        resident_copies=FLOW_RESIDENT_COPIES, implicit=implicit,
+        working=_working(objective, params, static), n_save=n_save, n_laws=len(laws),
+        law_entries=sum(sizes.values()) if final_values else 0,
+        kept_entries=sum(sizes.get(k, 0) for k in keep))
+    members = "fewer members (an ensemble in several calls)"
+    return check(estimate, {
+        "parameters": f"{members} or a smaller model",
+        "solver state": "a smaller `batch_size` (members integrated side by side)"
+                        + (" or an explicit `solver` (an implicit one holds a dense "
+                           "Jacobian per lane)" if implicit else "") + f", or {members}",
+        "gradient working set": "a smaller `batch_size` (members integrated side by side) "
+                                "or fewer samples",
+        "saved values": 'values="final" or "none" (law values at every save are kept only '
+                        'with values="all" or names), a smaller `n_save`, or ' + members,
+    }, what=f"this flow ({size} members of {parameters} parameters)")
+
+
+def check_train_memory(objective, params, static, laws, keep, final_values: bool, optim,
+                       steps: int, n_save: int, batch_size: int | None, size: int
+                       ) -> MemoryEstimate:
+    """Refuse (`conservation.InsufficientMemory`) a `train` run whose estimate exceeds the
+    available memory, before anything of it is allocated; return the estimate otherwise.
+
+    Every member steps at once (vmapped): each holds its parameters and optimizer state
+    (twice: a chunk's inputs and outputs), a step's gradient, updates and new parameters,
+    and one gradient evaluation's working set (of a `batch_size` minibatch when given)."""
+    member = _member_shapes(params)
+    parameters = tree_size(member)
+    size = _members_here(params, size)
+    try:
+        slots = tree_bytes(jax.eval_shape(optim.init, member)) / max(1, tree_bytes(member))
+    except Exception:  # noqa: BLE001 — an optimizer that cannot init fails in the run itself
+        slots = 0.0
+    if batch_size is None:
+        loss = objective
+    else:
+        def loss(model):
+            return objective.on(jnp.arange(batch_size))(model)
+    sizes = _law_sizes(laws, params, static)
+    chunk = -(-steps // (n_save - 1))
+    estimate = run_estimate(
+        members=size, parameters=parameters, lanes=size,
+        state_copies=TRAIN_STEP_COPIES + slots, resident_copies=2 * (1 + slots),
+        working=_working(loss, params, static), n_save=-(-steps // chunk) + 1,
+        n_laws=len(laws), law_entries=sum(sizes.values()), final_copies=2 if final_values
+        else 1, kept_entries=sum(sizes.get(k, 0) for k in keep))
+    members = "fewer members per call (an ensemble in several calls)"
+    return check(estimate, {
+        "parameters": f"{members} or a smaller model",
+        "solver state": f"{members}, or an optimizer with less state",
+        "gradient working set": f"`batch_size` (a minibatch per step) or {members}",
+        "saved values": 'values="final" or "none" (law values at every save are kept only '
+                        'with values="all" or names), a smaller `n_save`, or ' + members,
+    }, what=f"this training run ({size} members of {parameters} parameters)")

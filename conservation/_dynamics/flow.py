@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 
 from .._custom_types import Array, ScalarLike
 from .._data.objective import Objective
-from .._laws.base import check_unique_names
+from .._laws.base import check_laws
 from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
-from .batching import default_batch_size, free_device_memory
+from .._validation import ArgumentError, fail, integer, is_traced, number
+from .batching import check_flow_memory, default_batch_size, free_device_memory
 from .lockstep import solve_lanes
 from .monitor import (
     DIVERGED,
@@ -29,6 +30,7 @@ from .monitor import (
     LawMonitor,
     Result,
     finite_max,
+    mark_loss_increased,
     show_progress,
     values_to_keep,
 )
@@ -46,6 +48,11 @@ SOLVERS = {
     # Stabilised explicit (stiff gradient flows, any parameter count): ROCK4 + RKC.
     "stabilized": StabilizedRK,
 }
+
+
+def _shown(x):
+    """A field's concrete array as plain numbers (for messages); traced values as they are."""
+    return x if is_traced(x) else np.asarray(x).tolist()
 
 
 class AbstractVectorField(eqx.Module):
@@ -66,6 +73,9 @@ class GradientField(AbstractVectorField):
 
     # Arrays, not Python floats: a new value must not recompile the solve.
     weight_decay: Array = eqx.field(default=0.0, converter=jnp.asarray)
+
+    def __check_init__(self):
+        number("weight_decay", _shown(self.weight_decay), ">=0", array=True)
 
     def __call__(self, grad, y):
         return -(grad(y) + self.weight_decay * y)
@@ -109,6 +119,14 @@ class ModifiedGradientField(AbstractVectorField):
     weight_decay: Array = eqx.field(default=0.0, converter=jnp.asarray)
     effective_start: bool = eqx.field(default=True, static=True)
 
+    def __check_init__(self):
+        # η = 0 is allowed: the η → 0 limit, the plain (heavy-ball) flow −g/(1 − β).
+        number("lr", _shown(self.lr), ">=0", array=True,
+               fix="the learning rate η the flow follows")
+        number("momentum", _shown(self.momentum), "[0,1)", array=True,
+               fix="β ≥ 1 never forgets a gradient (no slow manifold to follow)")
+        number("weight_decay", _shown(self.weight_decay), ">=0", array=True)
+
     def __call__(self, grad, y):
         beta, lam = self.momentum, self.weight_decay
         g, hg = jax.jvp(lambda z: grad(z) + lam * z, (y,), (grad(y) + lam * y,))
@@ -121,26 +139,34 @@ class ModifiedGradientField(AbstractVectorField):
         return y + self.lr * beta / (1 - beta) ** 2 * (grad(y) + self.weight_decay * y)
 
 
-def _resolve_solver(solver) -> dfx.AbstractSolver:
+def _check_solver(solver) -> None:
+    """`solver`: "auto", a name of `SOLVERS` or an adaptive diffrax solver."""
     if isinstance(solver, dfx.AbstractAdaptiveSolver):
-        return solver
+        return
     if isinstance(solver, dfx.AbstractSolver):
-        raise ValueError(
+        raise ArgumentError(
             f"`solver` {type(solver).__name__} gives no error estimate, and gradient_flow "
             "adapts its steps to `rtol`/`atol`; pass an adaptive diffrax solver (e.g. "
             "diffrax.Heun() instead of diffrax.Euler()) or one of "
             f"{['auto', *sorted(SOLVERS)]}.")
-    if isinstance(solver, str) and solver in SOLVERS:
-        return SOLVERS[solver]()
-    raise ValueError(
-        f"unknown `solver` {solver!r}; choose one of {['auto', *sorted(SOLVERS)]} or pass a "
-        "diffrax solver."
-    )
+    if not (isinstance(solver, str) and (solver == "auto" or solver in SOLVERS)):
+        raise fail("solver", solver, f"must be one of {['auto', *sorted(SOLVERS)]} or an "
+                   "adaptive diffrax solver")
 
 
-def _check_positive(name, value):
-    if not np.all(np.asarray(value) > 0):  # numpy: checkable under jax.eval_shape too
-        raise ValueError(f"`{name}` must be > 0, got {value}.")
+def _resolve_solver(solver) -> dfx.AbstractSolver:
+    _check_solver(solver)
+    return solver if isinstance(solver, dfx.AbstractSolver) else SOLVERS[solver]()
+
+
+def _is_posinf(value) -> bool:
+    """`value` is the number +inf (a concrete scalar)."""
+    if isinstance(value, str | bytes | bool) or is_traced(value) or np.ndim(value) != 0:
+        return False
+    try:
+        return bool(np.isposinf(float(value)))
+    except (TypeError, ValueError):
+        return False
 
 
 def gradient_flow(
@@ -172,14 +198,16 @@ def gradient_flow(
 
     - `objective`: from `conservation.make_objective`.
     - `model`: a model or an `Ensemble`.
-    - `t1`: final time (the flow starts at t = 0).
+    - `t1`: final time, a finite number > 0 (the flow starts at t = 0).
     - `n_save`: number of evenly spaced save times in [0, t1].
     - `solver`: `"auto"` (default: `conservation.choose_solver` probes the flow's stiffness and
       picks `"tsit5"`, `"stabilized"` or `"kvaerno5"`), `"tsit5"`, `"dopri5"`, `"dopri8"`,
       `"heun"` (explicit), `"stabilized"` (`StabilizedRK`: ROCK4 + RKC, stabilised explicit:
       stiff flows at any parameter count), `"kvaerno5"` (implicit, dense Jacobian: small
       models), or any diffrax solver.
-    - `rtol`, `atol`: PID step-size controller tolerances (`atol` defaults to `rtol`).
+    - `rtol`, `atol`: PID step-size controller tolerances (`atol` defaults to `rtol`), in
+      (0, 0.01): a tolerance of 1 % or more cannot give a meaningful drift (the controller no
+      longer keeps the solution near the flow: a loss that should fall rises).
     - `max_steps`: solver step budget per member; a member that runs out gets status
       `max_steps` and keeps the values saved so far.
     - `laws`: laws to monitor; default `model.laws()` (the architecture laws).
@@ -190,8 +218,11 @@ def gradient_flow(
     - `progress`: one progress bar for the whole ensemble (t/t1 and members finished);
       `None` (default) shows it only when stderr is a terminal. Off, the solve has no host
       callbacks.
-    - `divergence`: a member whose parameter norm exceeds this (or becomes non-finite) is
-      stopped and reported as `diverged`; the others carry on.
+    - `divergence`: a number > 0, or inf: a member whose parameter norm exceeds this, or
+      whose state or loss becomes non-finite, is stopped and reported as `diverged`, at the
+      step it happens (a member starting with a non-finite loss or parameters takes 0 steps;
+      where the gradient is NaN the step size shrinks to ≤ 1e-12·max(1, |t|) first, see
+      `StopOnNonFinite`); the others carry on.
     - `batch_size`: members integrated side by side, as lanes of one loop (each member keeps
       its own step size and takes the steps its own solve would; a lane whose member has
       finished loads the next one, so `batch_size` < ensemble size wastes no lockstep time
@@ -212,29 +243,43 @@ def gradient_flow(
     `final_values`; only `values="all"` (or named laws) stores B·T·(law size), e.g. 27 GB for
     256 members × 101 saves × the two 256×256 balance laws of a 128-256-256-32 deep linear
     net (P = 106 k). The solver state is ~10 copies of the parameters per lane
-    (`batch_size`).
+    (`batch_size`). Refuses a run whose estimate exceeds the available memory
+    (`conservation.InsufficientMemory`, an `ArgumentError`).
 
-    **Returns:** a `conservation.Result`.
+    **Returns:** a `conservation.Result`. Status per member: `success`; `max_steps`;
+    `diverged` (above); `failed` (a solver failure); `loss_increased`: the flow reached t1
+    with its final loss above 10× its initial loss (only the end point counts; see `Result`).
+
+    Bad arguments raise `conservation.ArgumentError`, naming the argument.
     """
     ensemble = as_ensemble(model)
     if not isinstance(objective, Objective):
-        raise TypeError("`objective` must come from `conservation.make_objective(...)`.")
-    if not isinstance(n_save, int) or n_save < 2:
-        raise ValueError(f"`n_save` must be an int ≥ 2, got {n_save!r}.")
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be a positive int, got {max_steps!r}.")
-    atol = rtol if atol is None else atol
-    for name, value in (("t1", t1), ("rtol", rtol), ("atol", atol), ("divergence", divergence)):
-        _check_positive(name, value)
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"`batch_size` must be a positive int or None, got {batch_size!r}.")
+        raise fail("objective", objective, "must come from `conservation.make_objective(...)`",
+                   "e.g. make_objective(conservation.MSE(), data, model)")
+    t1 = number("t1", t1, ">0", fix="the final time of the flow (it starts at t = 0)")
+    n_save = integer("n_save", n_save, minimum=2, fix="the number of save times in [0, t1]")
+    max_steps = integer("max_steps", max_steps, minimum=1)
+    rtol = number("rtol", rtol, "rtol", array=True, fix="e.g. rtol=1e-8 (the default)")
+    atol = rtol if atol is None else number("atol", atol, "rtol", array=True,
+                                            fix="e.g. atol=1e-8, or None (= rtol)")
+    if not _is_posinf(divergence):  # inf: only a non-finite state counts as diverged
+        number("divergence", divergence, ">0",
+               fix="the parameter norm beyond which a member counts as diverged (inf: never)")
+    if batch_size is not None:
+        batch_size = integer("batch_size", batch_size, minimum=1,
+                             fix="the members integrated side by side, or None (default)")
+    _check_solver(solver)
+    if progress is not None and not isinstance(progress, bool | np.bool_):
+        raise fail("progress", progress, "must be True, False or None (only on a terminal)")
     field = GradientField() if field is None else field
     if not isinstance(field, AbstractVectorField):
-        raise TypeError(f"`field` must be a `GradientField` or `ModifiedGradientField`, "
-                        f"got {field!r}.")
-    laws = check_unique_names(default_laws(ensemble[0]) if laws is None else laws)
+        raise fail("field", field, "must be a `GradientField` or `ModifiedGradientField`",
+                   "e.g. field=conservation.GradientField(weight_decay=1e-3)")
+    laws = check_laws(default_laws(ensemble[0]) if laws is None else laws, ensemble)
     keep, final_values = values_to_keep(values, laws)
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
+    check_flow_memory(objective, params, static, laws, keep, final_values, solver, n_save,
+                      batch_size, ensemble.size)  # before anything is allocated
     if isinstance(solver, str) and solver == "auto":
         solver = _choose(*eqx.partition(ensemble[0], eqx.is_inexact_array), objective, field,
                          t1, max_steps).name
@@ -275,15 +320,18 @@ def _ensemble_mesh(params):
 
 
 def _warn_max_steps(status, name, max_steps):
+    """Warn about members that ran out of steps (`max_steps` only: a member whose loss or
+    state went non-finite is `diverged`, stopped where it happened, and not a stiff flow)."""
     if isinstance(status, jax.core.Tracer):  # inside jit / eval_shape: nothing to inspect yet
         return
     hit = int(jnp.sum(status == MAX_STEPS))
     if hit:
+        advice = ("raise `max_steps`" if name in ("stabilized", "kvaerno5") else
+                  "a stiff flow (large Hessian eigenvalues) needs `solver=\"stabilized\"` (or "
+                  "`\"kvaerno5\"` for small models), otherwise raise `max_steps`")
         warnings.warn(
             f"{hit} member(s) hit `max_steps` = {max_steps} before t1 with solver {name!r}; "
-            "a stiff flow (large Hessian eigenvalues) needs `solver=\"stabilized\"` (or "
-            "`\"kvaerno5\"` for small models), otherwise raise `max_steps`.",
-            stacklevel=3)
+            f"{advice}.", stacklevel=3)
 
 
 class _FlowBar:
@@ -408,7 +456,12 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
         return ~(jnp.linalg.norm(y) < divergence)  # also true for nan
 
     def start(row):
-        return field.start(grad, row), monitor.reference(as_model(row))
+        # A member whose loss is non-finite at its start has no flow: its state is made
+        # non-finite, so that the divergence check stops it before its first step (0 steps,
+        # `diverged`; its `final` is restored to `row` below).
+        y = field.start(grad, row)
+        y = jnp.where(jnp.isfinite(objective(as_model(row))), y, jnp.nan)
+        return y, monitor.reference(as_model(row))
 
     def observe(t, y, reference):
         # Reduce to scalars here: the saved buffers are (n_save,) per law, never
@@ -472,6 +525,13 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
             solve, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)(
             y0, members)
     loss, drift, condition, values = saved
+    # A member stopped before its first step (diverged at its start) ends where it started.
+    final = jnp.where((num_steps == 0)[:, None], y0, final)
+    # A loss that is non-finite at a save time whose gradient stayed finite (the flow went
+    # on): not a success.
+    status = jnp.where((status == SUCCESS) & ~jnp.all(jnp.isfinite(loss), axis=1), DIVERGED,
+                       status)
+    status = mark_loss_increased(loss, status)
     return Result(
         t=ts,
         loss=loss,

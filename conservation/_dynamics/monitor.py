@@ -1,6 +1,7 @@
 """Monitors: law values and drifts evaluated inside a run, and the `Result` of a run."""
 
 import sys
+from collections.abc import Iterable
 
 import equinox as eqx
 import jax
@@ -10,10 +11,71 @@ import numpy as np
 from .._custom_types import Array, Float, Int
 from .._laws.base import AbstractLaw
 from .._models.base import Ensemble
+from .._validation import ArgumentError, fail
 
-STATUS_NAMES = ("success", "max_steps", "diverged", "failed")
+STATUS_NAMES = ("success", "max_steps", "diverged", "failed", "loss_increased")
 ILL_CONDITIONED = 1e-6  # a law's `condition` below this: its drift is round-off noise
-SUCCESS, MAX_STEPS, DIVERGED, FAILED = range(4)
+SUCCESS, MAX_STEPS, DIVERGED, FAILED, LOSS_INCREASED = range(5)
+# A run that reached its end with its final loss above this multiple of its initial loss gets
+# status `loss_increased` (see `mark_loss_increased`).
+LOSS_INCREASE_FACTOR = 10.0
+# A final loss below this multiple of the initial loss is below the accuracy every objective
+# guarantees (see `below_accuracy`).
+ACCURACY_FLOOR = 1e-14
+
+
+def mark_loss_increased(loss, status):
+    """The statuses of a run with the loss-increase rule applied (flows and discrete runs).
+
+    A member whose run ended with status `success`, whose initial loss `loss[:, 0]` is finite
+    and ≥ 0, and whose final loss `loss[:, -1]` is finite and more than `LOSS_INCREASE_FACTOR`
+    (10) times the initial one gets status `LOSS_INCREASED` ("loss_increased"); every other
+    status is returned unchanged. Only the end point is compared with the start, so a transient
+    spike that comes back (a catapult at the edge of stability) is not flagged. The status
+    records what was measured — the (un-regularised) loss ended above 10× its start — not a
+    fault: weight decay, or a modified flow, can legitimately raise the loss.
+
+    **Arguments:** `loss`, shape (B, T) (T ≥ 1 saves, the first at the start and the last at
+    the end of the run); `status`, shape (B,), integer codes of `STATUS_NAMES`.
+
+    **Returns:** the statuses, shape (B,), as a JAX array of `status`'s dtype (works under
+    `jit`).
+    """
+    loss = jnp.asarray(loss)
+    status = jnp.asarray(status)
+    first, last = loss[..., 0], loss[..., -1]
+    increased = (jnp.isfinite(first) & jnp.isfinite(last) & (first >= 0)
+                 & (last > LOSS_INCREASE_FACTOR * first))
+    return jnp.where((status == SUCCESS) & increased,
+                     jnp.asarray(LOSS_INCREASED, status.dtype), status)
+
+
+def below_accuracy(loss) -> np.ndarray:
+    """Whether each member's final loss is below the accuracy every objective guarantees:
+    |L_final| < `ACCURACY_FLOOR` · |L_0| = 1e-14 · |L_0| (both finite, L_0 ≠ 0).
+
+    Why 1e-14 · L_0: a loss computed in float64 as a sum of terms that cancel carries an
+    absolute rounding error of at least ε·S (unit round-off ε = 1.1e-16, each operation
+    rounding to ε relative; S the size of the terms), however small the result. In the
+    objective forms whose terms do not shrink near a fit — the expanded moments
+    c + tr(ΦᵀMΦ) − 2tr(BᵀΦ) (terms ~ ‖M‖‖Φ‖² + c, about the initial loss L_0 of an
+    initialisation near the data's scale; README: "off by ~1e-16·c absolute"), log-cosh or
+    cross-entropy near a perfect fit (log of 1 + a number below ε) — S ~ |L_0|, and a sum of a
+    few hundred rounded terms accumulates ~10²ε. So below 1e-14·|L_0| such a loss has a
+    relative error of order 1 (≥ 1 % even with no accumulation): its digits are noise. The
+    default MSE form (squares of residuals, ‖R[Φ; −I]‖²) resolves further (relative error
+    ~1e-16·√(c/L)), so a flagged value may still be right there; the flag says the value is
+    beyond what holds for every objective, not that it is wrong.
+
+    **Arguments:** `loss`: shape (..., T), the first save at the start, the last at the end.
+
+    **Returns:** a numpy bool array, shape (...).
+    """
+    loss = np.asarray(loss)
+    first, last = loss[..., 0], loss[..., -1]
+    with np.errstate(invalid="ignore"):
+        return (np.isfinite(first) & np.isfinite(last) & (first != 0)
+                & (np.abs(last) < ACCURACY_FLOOR * np.abs(first)))
 
 
 class LawMonitor(eqx.Module):
@@ -61,7 +123,18 @@ class Result(eqx.Module):
     - `final`: the ensemble at the end of the run.
     - `final_values`: law name → Q(`final`), shape (B, *law shape) (empty with
       `values="none"`).
-    - `status`: per member, 0 success, 1 max_steps, 2 diverged, 3 failed (see `status_names`).
+    - `status`: per member, 0 success, 1 max_steps, 2 diverged, 3 failed, 4 loss_increased
+      (see `status_names`). `diverged`: the parameter norm exceeded `divergence`, or the
+      parameters or the loss became non-finite (in a flow: the gradient, so that no step
+      could be taken) — at the step it happened; a member that starts there is `diverged`
+      after 0 steps. (A flow whose gradient stayed finite while its loss at a save time did
+      not is `diverged` too, with the steps it took.)
+      `loss_increased`: the run reached its end (it would have been `success`) with a finite
+      final loss more than 10× its finite, non-negative initial loss (`loss[:, -1] >
+      10 · loss[:, 0]`); only the end is compared with the start, so a transient spike that
+      comes back (a catapult at the edge of stability) is not flagged. It records what was
+      measured, not a fault: weight decay or a modified flow can raise the un-regularised
+      loss legitimately.
     - `num_steps`: solver steps (flow) or optimizer steps taken (discrete), per member.
     - `solver`: the solver a flow ran with (`"auto"` resolved to what `choose_solver` picked;
       a diffrax solver object by its class name); None for discrete runs.
@@ -90,7 +163,9 @@ class Result(eqx.Module):
         return [STATUS_NAMES[int(s)] for s in np.asarray(self.status)]
 
     def summary(self) -> dict:
-        """JSON-ready digest: per-law worst drift over successful members, statuses, steps."""
+        """JSON-ready digest: per-law worst drift over successful members, statuses, steps,
+        and `final_loss_below_accuracy`: how many members' final loss is below 1e-14 × their
+        initial loss, beyond the accuracy every objective guarantees (see `below_accuracy`)."""
         status = np.asarray(self.status)
         ok = status == SUCCESS
         loss = np.asarray(self.loss)
@@ -98,6 +173,7 @@ class Result(eqx.Module):
             "members": int(status.size),
             "status": {name: int(np.sum(status == i)) for i, name in enumerate(STATUS_NAMES)},
             "final_loss_median": _finite_median(loss[ok, -1]) if ok.any() else None,
+            "final_loss_below_accuracy": int(np.sum(below_accuracy(loss))),
             "max_drift": {
                 name: float(np.max(np.asarray(d)[ok])) if ok.any() else None
                 for name, d in self.max_drift.items()
@@ -115,17 +191,19 @@ class Result(eqx.Module):
 def values_to_keep(values, laws) -> tuple[tuple[str, ...], bool]:
     """Parse a run's `values` argument: (law names kept at every save, keep final values)."""
     names = tuple(law.name for law in laws)
+    must = "must be 'none', 'final', 'all' or a sequence of law names"
     if isinstance(values, str):
         modes = {"none": ((), False), "final": ((), True), "all": (names, True)}
         if values not in modes:
-            raise ValueError(f"`values` must be 'none', 'final', 'all' or a sequence of law "
-                             f"names, got {values!r}.")
+            raise fail("values", values, must, f"the monitored laws are {list(names)}")
         return modes[values]
+    if not isinstance(values, Iterable) or isinstance(values, bytes):
+        raise fail("values", values, must)
     values = tuple(values)
-    unknown = [v for v in values if v not in names]
+    unknown = [v for v in values if not isinstance(v, str) or v not in names]
     if unknown:
-        raise ValueError(f"`values` names {unknown} that are not monitored laws; choose from "
-                         f"{list(names)}.")
+        raise ArgumentError(f"`values` names {unknown} that are not monitored laws; choose "
+                            f"from {list(names)}.")
     return tuple(n for n in names if n in values), True
 
 

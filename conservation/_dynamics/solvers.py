@@ -116,9 +116,16 @@ class AbstractChebyshevSolver(dfx.AbstractAdaptiveSolver):
         # controller shrinks h (by its largest factor). y1 goes back to y0 too: diffrax scales
         # the error by rtol·max(|y0|, |y1|), so an overflowed y1 (1000 RKC stages past their
         # interval reach inf) would make any error look like zero and the step be accepted.
-        reject = too_stiff | ~jnp.all(jnp.isfinite(y1))
-        y1, f1 = jnp.where(reject, y0, y1), jnp.where(reject, f0, f1)
-        y_error = jnp.where(reject, 1e10 * (1.0 + jnp.abs(y0)), y_error)
+        y1, f1 = jnp.where(too_stiff, y0, y1), jnp.where(too_stiff, f0, f1)
+        y_error = jnp.where(too_stiff, 1e10 * (1.0 + jnp.abs(y0)), y_error)
+        # Within it, a non-finite result (the field is non-finite at y0 or near it: a NaN
+        # loss) is returned as NaN with an infinite error: diffrax's controller rejects it
+        # (it scales the error by y0 where y1 has a NaN; an inf y1 would make any error look
+        # like zero), and `StopOnNonFinite` lets it through once the step is tiny, so that
+        # the run stops as diverged instead of rejecting every step.
+        bad = ~too_stiff & ~jnp.all(jnp.isfinite(y1)) | ~jnp.all(jnp.isfinite(f0))
+        y1, f1 = jnp.where(bad, jnp.nan, y1), jnp.where(bad, f0, f1)
+        y_error = jnp.where(bad, jnp.inf, y_error)
         h = t1 - t0
         dense_info = dict(y0=y0, y1=y1, k0=h * f0, k1=h * f1)
         state = (v, rho, rho_max, n_f + evaluations.astype(n_f.dtype), n_jvp + 1)
@@ -380,11 +387,13 @@ for _cls in (ROCK4, RKC, StabilizedRK):
 _CHEBYSHEV_PI = dict(pcoeff=0.2, icoeff=0.6)
 
 
-def step_size_controller(solver, rtol, atol, save_ts=None) -> dfx.PIDController:
+def step_size_controller(solver, rtol, atol, save_ts=None) -> "StopOnNonFinite":
     """The step-size controller `gradient_flow` uses with `solver`: PI control
     (pcoeff = 0.2, icoeff = 0.6) for the Chebyshev solvers (`StabilizedRK`, `ROCK4`, `RKC`),
     diffrax's default integral control otherwise. `ROCK4`'s steps also end on the save times
-    (its dense output between step ends is unreliable on stiff flows, see `ROCK4`).
+    (its dense output between step ends is unreliable on stiff flows, see `ROCK4`). Wrapped in
+    `StopOnNonFinite`, so that a flow whose vector field is non-finite stops (as diverged)
+    instead of shrinking its step forever.
 
     **Arguments:**
 
@@ -392,12 +401,89 @@ def step_size_controller(solver, rtol, atol, save_ts=None) -> dfx.PIDController:
     - `rtol`, `atol`: tolerances.
     - `save_ts`: the save times of the solve (optional; used for `ROCK4`).
 
-    **Returns:** a `diffrax.PIDController`.
+    **Returns:** a `StopOnNonFinite` around a `diffrax.PIDController` (a diffrax adaptive
+    step-size controller: pass it to `diffrax.diffeqsolve`).
     """
     coefficients = _CHEBYSHEV_PI if isinstance(solver, AbstractChebyshevSolver) else {}
     if isinstance(solver, ROCK4) and save_ts is not None:
         coefficients = coefficients | dict(step_ts=save_ts)
-    return dfx.PIDController(rtol=rtol, atol=atol, **coefficients)
+    return StopOnNonFinite(dfx.PIDController(rtol=rtol, atol=atol, **coefficients))
+
+
+# `StopOnNonFinite` accepts a non-finite step of size h ≤ this · max(1, |t|).
+NONFINITE_STEP_FLOOR = 1e-12
+
+
+class StopOnNonFinite(dfx.AbstractAdaptiveStepSizeController):
+    """An adaptive step-size controller that lets a flow stop where its vector field is not
+    finite, instead of shrinking its step forever.
+
+    A step whose result y1 is non-finite (NaN or inf: a NaN loss or gradient, or a stage that
+    overflowed) has a non-finite error estimate; `controller` rejects it and shrinks the step
+    (by its `factormin`, 5× for diffrax's `PIDController`). When the field is non-finite at
+    the current state itself (a loss that is NaN at finite parameters), no step size helps,
+    and before this wrapper the step shrank to zero and the run spun to `max_steps` (100 000
+    rejected steps), reported as a stiff flow. Here such a step is *accepted* once its size h
+    is at most `floor` · max(1, |t|) (`NONFINITE_STEP_FLOOR` = 1e-12): the state becomes
+    non-finite, and the run's divergence check (a diffrax `Event` on a non-finite state)
+    stops the member as diverged, ~15 rejected steps after the field went bad (from h ~ 0.01
+    at 5× per rejection).
+
+    Why 1e-12 · max(1, |t|): a genuine overflow from a too-large step of an explicit solver
+    needs the stages to grow by ~1e300, i.e. h·ρ ≫ 1 (ρ: the Jacobian's spectral radius), and
+    a too-large step of a finite, smooth field is rejected with a *finite*, large error long
+    before. A step of h ≤ 1e-12 moves y by 1e-12·|f(y)|; for it to produce a non-finite
+    result the field must be non-finite at y or within that distance of it (a flow that ends
+    in finite time, e.g. at a singularity of the loss). Continuing past such a point would
+    take ≥ 1e12 steps per unit time (per |t| for |t| > 1) — far beyond any step budget — so
+    stopping there loses no run that could have finished; and no step is accepted that is
+    *finite* and wrong: only non-finite candidates are accepted, which stops the member.
+    Steps with finite results are controlled exactly as by `controller` (same sizes, same
+    accept/reject decisions).
+
+    - `controller`: the wrapped adaptive controller (its `rtol`, `atol` and `norm` are this
+      controller's, e.g. for an implicit solver's root finder).
+    - `floor`: the relative step size below which a non-finite step is accepted.
+    """
+
+    controller: dfx.AbstractAdaptiveStepSizeController
+    floor: float = eqx.field(static=True, default=NONFINITE_STEP_FLOOR)
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):
+        return self.controller.norm
+
+    def wrap(self, direction):
+        return eqx.tree_at(lambda c: c.controller, self, self.controller.wrap(direction))
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        return self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order,
+                        controller_state):
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                    for x in jtu.tree_leaves(y1_candidate)]))
+        # The wrapped controller sees a non-finite candidate as NaN with an infinite error:
+        # a rejection by its largest factor. (diffrax scales the error by max(|y0|, |y1|)
+        # after replacing a NaN y1 by y0, but not an inf one: inf/inf would make the next
+        # step size NaN.)
+        y1_seen = jtu.tree_map(lambda x: jnp.where(finite, x, jnp.nan), y1_candidate)
+        error_seen = jtu.tree_map(lambda e: jnp.where(finite, e, jnp.inf), y_error)
+        keep, next_t0, next_t1, made_jump, controller_state, result = (
+            self.controller.adapt_step_size(t0, t1, y0, y1_seen, args, error_seen,
+                                            error_order, controller_state))
+        h = t1 - t0
+        stop = ~keep & ~finite & (h <= self.floor * jnp.maximum(1.0, jnp.abs(t0)))
+        return (keep | stop, jnp.where(stop, t1, next_t0), jnp.where(stop, t1 + h, next_t1),
+                made_jump, controller_state, result)
 
 
 # Real-axis stability boundary of Tsit5 (|R(z)| ≤ 1 for z ∈ [−3.5, 0]).
@@ -459,8 +545,10 @@ def _probe(params, static, objective, field, t1, rtol, max_steps):
         return field(grad, y)
 
     def converged(t, y, args, **kwargs):
-        # A start at L ≤ 0 (a custom loss) gives no scale: probe to t1.
-        return (loss0 > 0) & (loss(y) <= _PROBE_CONVERGED * loss0)
+        # A start at L ≤ 0 (a custom loss) gives no scale: probe to t1. A non-finite state
+        # (a NaN loss, let through by `StopOnNonFinite`) ends the probe too.
+        return ((loss0 > 0) & (loss(y) <= _PROBE_CONVERGED * loss0)
+                | ~jnp.all(jnp.isfinite(y)))
 
     term = dfx.ODETerm(vector_field)
     # StabilizedRK, not ROCK4 alone: even at rtol 1e-4 ROCK4's rounding floor holds its

@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 import optax
 from tqdm.auto import tqdm
 
@@ -11,7 +12,21 @@ from .._custom_types import Array, Key, ScalarLike
 from .._data.objective import Objective
 from .._laws.base import check_unique_names
 from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
-from .monitor import DIVERGED, SUCCESS, LawMonitor, Result, show_progress, values_to_keep
+from .._validation import ArgumentError, choice, fail, integer, is_traced, number, prng_key
+from .batching import check_train_memory
+from .monitor import (
+    DIVERGED,
+    SUCCESS,
+    LawMonitor,
+    Result,
+    mark_loss_increased,
+    show_progress,
+    values_to_keep,
+)
+
+KINDS = ("gd", "sgd", "momentum", "adam")
+# The bound each injected hyperparameter must satisfy (`optimizer` and `train(hyperparams=)`).
+_BOUNDS = {"learning_rate": ">0", "momentum": "[0,1)", "weight_decay": ">=0"}
 
 
 def optimizer(
@@ -22,7 +37,7 @@ def optimizer(
     weight_decay: ScalarLike = 0.0,
     b1: float = 0.9,
     b2: float = 0.999,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """An optax optimizer whose hyperparameters live in its state (`optax.inject_hyperparams`),
     so changing them never recompiles.
 
@@ -30,23 +45,80 @@ def optimizer(
       Kunin et al.); minibatching is chosen by `train(batch_size=...)`.
     - `"momentum"`: heavy ball v ← βv + g + λθ, θ ← θ − ηv (PyTorch convention).
     - `"adam"`: Adam, or AdamW (decoupled decay) when `weight_decay` > 0.
+
+    **Arguments:** `kind` (above); `lr` η > 0; `momentum` β in [0, 1) (only with
+    `kind="momentum"`); `weight_decay` λ ≥ 0; `b1`, `b2` in [0, 1) (Adam's decay rates,
+    compile-time constants). `lr`, `momentum` and `weight_decay` may be arrays or traced values
+    (they are checked when concrete); bad values raise `conservation.ArgumentError`.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs` (`init`, `update`), the same
+    transformation as `optax.inject_hyperparams` builds. Its `init` and `update` are equinox
+    modules that compare equal for equal `kind`, `b1` and `b2`, and carry `lr`, `momentum`,
+    `weight_decay` as arrays: an optimizer made again, with the same or other values, reuses
+    `train`'s compiled program.
     """
-    if kind in ("gd", "sgd", "momentum"):
-        def make(learning_rate, momentum, weight_decay):
-            return optax.chain(
-                optax.add_decayed_weights(weight_decay),
-                optax.trace(decay=momentum),
-                optax.scale_by_learning_rate(learning_rate),
-            )
-        if kind != "momentum" and momentum != 0.0:
-            raise ValueError(f"`momentum` is only used by kind='momentum', not {kind!r}.")
-        return optax.inject_hyperparams(make)(lr, momentum, weight_decay)
+    choice("kind", kind, KINDS)
+    lr = number("lr", lr, ">0", array=True, fix="the learning rate η must be positive")
+    momentum = number("momentum", momentum, "[0,1)", array=True,
+                      fix="β ≥ 1 never forgets a gradient (the heavy ball diverges)")
+    weight_decay = number("weight_decay", weight_decay, ">=0", array=True)
+    b1 = float(number("b1", b1, "[0,1)"))
+    b2 = float(number("b2", b2, "[0,1)"))
+    if kind != "momentum" and (is_traced(momentum) or np.any(np.asarray(momentum) != 0.0)):
+        raise fail("momentum", momentum, f"is only used by kind='momentum', not {kind!r}",
+                   "use optimizer('momentum', lr=..., momentum=...)")
+    hyperparams = {"learning_rate": lr, "weight_decay": weight_decay}
+    if kind != "adam":
+        hyperparams["momentum"] = momentum
+    betas = (b1, b2) if kind == "adam" else ()
+    hyperparams = {k: jnp.asarray(v, float) for k, v in hyperparams.items()}
+    return optax.GradientTransformationExtraArgs(
+        _Init(kind, betas, hyperparams), _Update(kind, betas))
+
+
+def _heavy_ball(learning_rate, momentum, weight_decay):
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.trace(decay=momentum),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def _injected(kind: str, betas: tuple[float, ...]):
+    """`optax.inject_hyperparams` of the factory of `kind` (built per call: the closures it
+    returns compare by identity, the modules below by value)."""
     if kind == "adam":
+        b1, b2 = betas
+
         def make(learning_rate, weight_decay):
             return optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
-        return optax.inject_hyperparams(make)(lr, weight_decay)
-    raise ValueError(f"unknown optimizer `kind` {kind!r}; choose 'gd', 'sgd', 'momentum' or "
-                     "'adam'.")
+
+        return optax.inject_hyperparams(make)
+    return optax.inject_hyperparams(_heavy_ball)
+
+
+class _Init(eqx.Module):
+    """`init` of `optimizer(...)`: the hyperparameters are array leaves (traced under `jit`),
+    the kind and Adam's betas static fields, so equal optimizers hash equal."""
+
+    kind: str = eqx.field(static=True)
+    betas: tuple[float, ...] = eqx.field(static=True)
+    hyperparams: dict[str, Array]
+
+    def __call__(self, params):
+        return _injected(self.kind, self.betas)(**self.hyperparams).init(params)
+
+
+class _Update(eqx.Module):
+    """`update` of `optimizer(...)`: `optax.inject_hyperparams`'s update reads the numeric
+    hyperparameters from the state, so none are stored here."""
+
+    kind: str = eqx.field(static=True)
+    betas: tuple[float, ...] = eqx.field(static=True)
+
+    def __call__(self, updates, state, params=None, **extra_args):
+        transform = _injected(self.kind, self.betas)(**state.hyperparams)
+        return transform.update(updates, state, params, **extra_args)
 
 
 def _minibatch(objective: Objective, key: Key, step, batch_size: int | None) -> Objective:
@@ -83,8 +155,11 @@ def train(
     - `objective`: from `conservation.make_objective`.
     - `model`: a model or an `Ensemble`.
     - `optim`: any optax `GradientTransformation`, e.g. `conservation.optimizer("gd", lr=0.01)`.
-      Reuse the same object between calls to reuse the compiled program.
-    - `steps`: number of optimizer steps.
+      `conservation.optimizer`s of one kind share the compiled program whatever their
+      learning rate, momentum and weight decay; another optax transformation reuses it only
+      when the same object is passed again.
+    - `steps`: number of optimizer steps (exactly this many are taken by every member that
+      does not diverge).
     - `batch_size`: minibatch size for SGD (fresh random batch per step and member, without
       replacement); `None` uses the full objective (moment fast path if available).
     - `key`: PRNG key for the minibatches (required with `batch_size`): member i uses
@@ -98,8 +173,10 @@ def train(
     - `step_time`: the time one step represents on `Result.t` (e.g. the learning rate η, to
       overlay with gradient flow at t = ηk).
     - `progress`: show one progress bar; `None` (default): only when stderr is a terminal.
-    - `divergence`: a member whose parameter norm exceeds this or whose loss is non-finite is
-      frozen at its last good step and reported as `diverged`.
+    - `divergence`: a number > 0 (or inf): a member whose parameter norm exceeds this or
+      whose loss is non-finite is frozen at its last good step and reported as `diverged`,
+      at the step it happens (a member that starts with non-finite parameters or loss takes
+      0 steps).
     - `hyperparams`: per-member values of `optim`'s injected hyperparameters, e.g.
       `{"learning_rate": lrs}` with `lrs` of shape (B,): a whole learning-rate sweep runs as
       one compiled program (`conservation.optimizer` injects `learning_rate`, `momentum`,
@@ -107,28 +184,31 @@ def train(
 
     **Memory:** B·T scalars per law (loss, drift, condition at T ≈ `n_save` saves) plus the
     final parameters and `final_values` (B × law size); B·T·law size only for laws kept with
-    `values`.
+    `values`. Refuses a run whose estimate exceeds the available memory
+    (`conservation.InsufficientMemory`, an `ArgumentError`).
 
     **Returns:** a `conservation.Result` with `t` = steps × `step_time` at the save points.
+    Status per member: `diverged` (above), `loss_increased` when the run ended with its loss
+    above 10× its initial loss (as in `gradient_flow`; only the end point counts,
+    so a transient catapult that comes back stays `success`), else `success`.
+
+    Bad arguments raise `conservation.ArgumentError`, naming the argument.
     """
     ensemble = as_ensemble(model)
-    if not isinstance(objective, Objective):
-        raise TypeError("`objective` must come from `conservation.make_objective(...)`.")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
-    if not isinstance(n_save, int) or n_save < 2:
-        raise ValueError(f"`n_save` must be an int ≥ 2, got {n_save!r}.")
-    if batch_size is not None:
-        if not isinstance(batch_size, int) or not 1 <= batch_size <= len(objective.data):
-            raise ValueError(
-                f"`batch_size` must be an int in [1, {len(objective.data)}], got {batch_size!r}.")
-        if key is None:
-            raise ValueError("`batch_size` needs a `key` to draw minibatches.")
+    check_run_arguments(objective, steps=steps, batch_size=batch_size, key=key,
+                        divergence=divergence)
+    optim = check_optimizer(optim)
+    n_save = integer("n_save", n_save, minimum=2)
+    step_time = number("step_time", step_time, ">0",
+                       fix="the time one step represents (e.g. the learning rate)")
+    hyperparams = _check_hyperparams(hyperparams, ensemble.size)
     key = jax.random.PRNGKey(0) if key is None else key
     laws = check_unique_names(default_laws(ensemble[0]) if laws is None else laws)
     keep, final_values = values_to_keep(values, laws)
     monitor = LawMonitor(laws)
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
+    check_train_memory(objective, params, static, laws, keep, final_values, optim, steps,
+                       n_save, batch_size, ensemble.size)  # before anything is allocated
 
     chunk = -(-steps // (n_save - 1))
     n_chunks = -(-steps // chunk)
@@ -150,6 +230,7 @@ def train(
 
     params, _, _, status, count, max_drift, _ = carry
     loss = jnp.stack([h[0] for h in history], axis=1)
+    status = final_status(loss, status)
     values = {k: jnp.stack([h[1][k] for h in history], axis=1) for k in history[0][1]}
     drift = {k: jnp.stack([h[2][k] for h in history], axis=1) for k in history[0][2]}
     condition = {k: jnp.stack([h[3][k] for h in history], axis=1) for k in history[0][3]}
@@ -161,6 +242,74 @@ def train(
         status=status, num_steps=count, final_values=last,
     )
 
+
+
+def check_run_arguments(objective, *, steps, batch_size, key, divergence) -> None:
+    """The arguments `train` and `track_mechanics` share, checked at the boundary (each bad
+    one raises `conservation.ArgumentError` naming it)."""
+    if not isinstance(objective, Objective):
+        raise fail("objective", objective, "must come from `conservation.make_objective(...)`",
+                   "e.g. make_objective(conservation.MSE(), data, model)")
+    integer("steps", steps, minimum=1, fix="the number of optimizer steps")
+    if batch_size is not None:
+        integer("batch_size", batch_size, minimum=1, maximum=len(objective.data),
+                fix=f"a minibatch of at most the {len(objective.data)} examples, or None "
+                    "for full-batch steps")
+        if key is None:
+            raise ArgumentError("`batch_size` needs a `key` to draw minibatches: pass "
+                                "key=jax.random.PRNGKey(seed).")
+    prng_key("key", key, optional=True)
+    if not _is_inf(divergence):
+        number("divergence", divergence, ">0",
+               fix="the parameter norm beyond which a member counts as diverged (inf: never)")
+
+
+def _is_inf(value) -> bool:
+    if isinstance(value, str | bytes | bool) or is_traced(value) or np.ndim(value) != 0:
+        return False
+    try:
+        return bool(np.isposinf(float(value)))
+    except (TypeError, ValueError):
+        return False
+
+
+def check_optimizer(optim):
+    """An optax `GradientTransformation` (anything with callable `init` and `update`)."""
+    if not (callable(getattr(optim, "init", None)) and callable(getattr(optim, "update", None))):
+        raise fail("optim", optim, "must be an optax GradientTransformation",
+                   "e.g. conservation.optimizer('gd', lr=0.01)")
+    return optim
+
+
+def _check_hyperparams(hyperparams, size: int) -> dict[str, Array] | None:
+    """`train(hyperparams=)`: a dict name → scalar or (B,) values, finite and within the bound
+    of the name's hyperparameter (learning rate > 0, momentum in [0, 1), weight decay ≥ 0)."""
+    if hyperparams is None:
+        return None
+    if not isinstance(hyperparams, dict) or not all(isinstance(k, str) for k in hyperparams):
+        raise fail("hyperparams", hyperparams, "must be a dict of hyperparameter name → values",
+                   "e.g. {'learning_rate': lrs} with lrs of shape (B,)")
+    out = {}
+    for k, v in hyperparams.items():
+        name = f"hyperparams[{k!r}]"
+        # Arrays spread over several hosts cannot be read here; the config checked them.
+        if getattr(v, "is_fully_addressable", True):
+            number(name, v, _BOUNDS.get(k, ""), array=True)
+        if np.ndim(v) not in (0, 1) or np.ndim(v) == 1 and np.shape(v)[0] != size:
+            raise fail(name, v, f"must be a scalar or have shape ({size},) (one value per "
+                       "member)")
+        out[k] = v
+    return out
+
+
+def final_status(loss, status):
+    """The statuses of a finished discrete run (shared with `track_mechanics`): a member
+    still `success` whose final loss is non-finite is `diverged` (the last step led there:
+    the step loop only checks the loss it differentiates); one whose final loss is above 10×
+    its initial loss is `loss_increased` (`monitor.mark_loss_increased`)."""
+    status = jnp.where((status == SUCCESS) & ~jnp.isfinite(loss[:, -1]),
+                       jnp.asarray(DIVERGED, status.dtype), status)
+    return mark_loss_increased(loss, status)
 
 
 TRACES = 0  # number of times the training step program was traced (see `_run_chunk`)
@@ -175,8 +324,10 @@ def _start(params, static, objective, monitor, optim, keys, overrides, keep):
         state = optim.init(p)
         if override:
             if not hasattr(state, "hyperparams") or set(override) - set(state.hyperparams):
-                raise ValueError(f"`hyperparams` {sorted(override)} are not injected "
-                                 "hyperparameters of `optim` (use optax.inject_hyperparams).")
+                raise ArgumentError(
+                    f"`hyperparams` {sorted(override)} are not all injected hyperparameters of "
+                    f"`optim` ({sorted(getattr(state, 'hyperparams', {}))}); use "
+                    "conservation.optimizer or optax.inject_hyperparams.")
             state = state._replace(hyperparams={
                 k: override.get(k, v).astype(jnp.asarray(v).dtype)
                 for k, v in state.hyperparams.items()})

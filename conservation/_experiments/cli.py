@@ -1,19 +1,36 @@
 """Command line: `conservation run|count|sweep|report`.
 
 Anything a user can cause (a bad config, an unusable `--out`, a folder holding other results, a
-corrupted file) ends with ONE line `conservation: error: …` and exit status 2; Ctrl-C with one
-line and status 130 (finished entries are kept; the same command resumes); an unexpected
-failure with one line and status 1. `--debug` adds the Python traceback.
+corrupted file, a full disk) ends with ONE line `conservation: error: …` and exit status 2;
+Ctrl-C with one line and status 130, SIGTERM likewise with status 143 (finished entries are
+kept; the same command resumes; a second Ctrl-C while the process exits is ignored); a closed
+stdout (`conservation run … | head`) ends quietly with status 141, like a command killed by
+SIGPIPE (the results are complete: the table is printed last); an unexpected failure with one
+line and status 1. `--debug` adds the Python traceback.
 """
 
 import argparse
+import errno
+import os
 import pathlib
+import signal
 import sys
 import traceback
 
 from .._validation import ArgumentError
 from .config import ConfigError, load_config
-from .store import UserError, interrupt_guard, read_config_text, read_json
+from .store import (
+    Terminated,
+    UserError,
+    WriteError,
+    interrupt_guard,
+    read_config_text,
+    read_json,
+)
+
+# Errors only a write gets (a full disk or quota, a read-only file system, a name or file too
+# long): the user's to fix, wherever they surface.
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EFBIG)
 
 
 def _version() -> str:
@@ -26,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: keeps `conservation --debug run`
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the Python traceback of an error")
+    common.add_argument("--no-cache", action="store_true",
+                        help="do not use JAX's persistent compilation cache (default: on, in "
+                             "$CONSERVATION_CACHE_DIR or ~/.cache/conservation/jax; "
+                             "CONSERVATION_NO_CACHE=1 also turns it off)")
     bars = argparse.ArgumentParser(add_help=False)
     bars.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     bars.add_argument("--progress", action="store_true",
@@ -61,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
              "shape group; finished points are never recomputed)")
     sweep.add_argument("config", help="path to a TOML config with a [sweep] table")
     sweep.add_argument("--out", help="sweep folder (default: the config's output)")
+    sweep.add_argument("--force", action="store_true",
+                       help="replace the results of a different sweep in the output folder")
     multi = sweep.add_argument_group(
         "multi-host", "run one sweep across the processes of JAX's distributed runtime "
         "(every process runs the same command on a shared --out folder)")
@@ -82,33 +105,96 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `conservation` command; returns the exit status. `argv=None` (the command itself)
+    also makes the exiting process ignore a second Ctrl-C / SIGTERM after the first was
+    handled (JAX's exit handlers would print a traceback); a call with `argv` leaves the
+    caller's signal handlers alone."""
+    program = argv is None
     args = _parser().parse_args(argv)
+    if not getattr(args, "no_cache", False):
+        _compilation_cache()
     where: dict = {}
     try:
         with interrupt_guard():
             return _dispatch(args, where)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if program:
+            _ignore_signals()
         if args.debug:
             traceback.print_exc()
         saved = f"; finished results are saved in {where['out']}/" if "out" in where else ""
-        print(f"conservation: interrupted{saved}; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        _say(f"conservation: {what}{saved}; rerun the same command to resume")
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    except BrokenPipeError:  # `conservation run | head`: the reader left; end quietly
+        _silence_closed_streams()
+        return 128 + signal.SIGPIPE
     except (ArgumentError, UserError) as e:
         if args.debug:
             traceback.print_exc()
         kind = "config error" if isinstance(e, ConfigError) else "error"
-        print(f"conservation: {kind}: {_one_line(e)}", file=sys.stderr)
+        _say(f"conservation: {kind}: {_one_line(e)}")
         return 2
     except Exception as e:  # noqa: BLE001 — the last resort: one line, not a traceback
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS and e.filename:
+            # A file system refusing a write we did not wrap (a folder, the lock): the disk's
+            # fault, which the user can fix.
+            if args.debug:
+                traceback.print_exc()
+            _say(f"conservation: error: {_one_line(WriteError(e.filename, e))}")
+            return 2
         if args.debug:
             traceback.print_exc()
             hint = ""
         else:
             hint = " (rerun with --debug for the traceback)"
-        print(f"conservation: internal error: {type(e).__name__}: {_one_line(e)}{hint}",
-              file=sys.stderr)
+        _say(f"conservation: internal error: {type(e).__name__}: {_one_line(e)}{hint}")
         return 1
+
+
+def _say(line: str) -> None:
+    """One line to stderr; nothing if stderr is closed (`2>&1 | head`)."""
+    try:
+        print(line, file=sys.stderr)
+    except (BrokenPipeError, ValueError):
+        _silence_closed_streams()
+
+
+def _ignore_signals() -> None:
+    """The process is exiting after an interrupt: a second Ctrl-C (or SIGTERM) would only
+    raise inside JAX's atexit clean-up and print its traceback."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _silence_closed_streams() -> None:
+    """Point stdout/stderr at /dev/null where the reader has gone, so that Python's final
+    flush does not print "Exception ignored … BrokenPipeError"."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, stream.fileno())
+                os.close(null)
+            except (OSError, ValueError, AttributeError):  # not a real file (a test's capture)
+                pass
+        except OSError:
+            pass
+
+
+def _compilation_cache() -> None:
+    """JAX's persistent compilation cache, on by default for the command: a second run of a
+    config loads its compiled programs instead of compiling them (a cached program is the
+    same executable, so the numbers are the same bit for bit). An unusable cache folder
+    costs only the speed-up."""
+    from .._cache import enable_compilation_cache
+
+    try:
+        enable_compilation_cache()
+    except ArgumentError as e:
+        _say(f"conservation: note: running without the compilation cache: {_one_line(e)}")
 
 
 def _one_line(error: BaseException) -> str:
@@ -165,7 +251,7 @@ def _dispatch(args, where) -> int:
     if args.command == "sweep":
         from .sweep import run_sweep
 
-        summary = run_sweep(config, out_dir=out, progress=progress, log=log)
+        summary = run_sweep(config, out_dir=out, progress=progress, log=log, force=args.force)
         print(f"{summary['finished']}/{summary['points']} points in {out}/ "
               f"({summary['computed']} computed now; sweep.json, points/, summary.csv, "
               "report.png)")
@@ -184,7 +270,9 @@ def _report(folder: pathlib.Path) -> int:
 
     if folder.is_dir() and not (folder / "sweep.json").exists() and (
             (folder / "run.json").exists() and (folder / "summary.json").exists()):
-        print(format_summary(read_json(folder / "summary.json")))
+        print(format_summary(read_json(
+            folder / "summary.json", fix="rerun `conservation run` with its config and the "
+            "same `--out` to rewrite it")))
         return 0
     summary = write_report(folder)
     print(format_sweep_summary(summary))

@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import pathlib
+import sys
 import tomllib
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -32,7 +33,8 @@ from pydantic import (
     ValidationError,
 )
 
-from .._validation import ArgumentError
+from .._validation import MAX_RTOL, ArgumentError
+from .store import NAME_MAX, path_problem
 
 
 class ConfigError(ArgumentError):
@@ -71,6 +73,11 @@ def _num(bound: str, *, type_=float, example: str = "", schema=None):
         "[0,1)": (lambda v: 0 <= v < 1, "must lie in [0, 1)",
                   {"minimum": 0, "exclusiveMaximum": 1}),
         "": (lambda v: True, "", {}),
+        "rtol": (lambda v: 0 < v < MAX_RTOL, f"must be > 0 and < {MAX_RTOL:g} (a tolerance "
+                 f"of {MAX_RTOL:g} or more cannot give a meaningful drift)",
+                 {"exclusiveMinimum": 0, "exclusiveMaximum": MAX_RTOL}),
+        "atol": (lambda v: 0 <= v < MAX_RTOL, f"must be ≥ 0 and < {MAX_RTOL:g} (0: same as "
+                 "rtol)", {"minimum": 0, "exclusiveMaximum": MAX_RTOL}),
     }
     predicate, text, extra = predicates[bound]
     return Annotated[type_, _check(predicate, text), _Rule(text, example=example),
@@ -281,8 +288,8 @@ class _DynamicsBase(_Table):
 class _FlowBase(_DynamicsBase):
     t1: _num(">0", example="50.0")
     solver: Literal[SOLVER_NAMES] = "auto"
-    rtol: _num(">0") = 1e-8
-    atol: _num(">=0") = 0.0  # 0: same as rtol
+    rtol: _num("rtol") = 1e-8
+    atol: _num("atol") = 0.0  # 0: same as rtol
     max_steps: _num(">0", type_=int) = 100_000
     weight_decay: _num(">=0") = 0.0
 
@@ -549,22 +556,63 @@ def _parse(raw: dict, default_name: str, base: str) -> Config:
         dynamics.append(run.model_copy(update={"label": run.label or _default_label(run)}))
     labels = [run.label for run in dynamics]
     for i, label in enumerate(labels):
+        _check_label(label, i)
         if labels.index(label) != i:
             raise ConfigError(f"`dynamics[{i}].label` = {label!r} is used twice; labels name the "
                               "output files, so give each run its own `label`.")
+    name = top.name or default_name
+    _check_name(name, given=bool(top.name))
+    _check_output(top.output)
     _check_data_source(data, model, base)
     _check_consistency(model, data, loss, dynamics)
     sweep = _read_sweep(raw["sweep"], dynamics, model, augmentation) if "sweep" in raw else None
     _check_explicit(model, data, ensemble)
     if augmentation is not None:
         _check_augmentation(augmentation, model, loss)
-    name = top.name or default_name
     config = Config.model_construct(
         name=name, seed=top.seed, output=top.output or f"results/{name}", model=model,
         data=data, loss=loss, ensemble=ensemble, augmentation=augmentation, laws=laws,
         sweep=sweep, dynamics=tuple(dynamics), base=base)
     config._raw = raw
     return config
+
+
+# A label names its run's file, `<i>-<label>.npz` (" · plain"/" · augmented" appended with
+# [augmentation]); this many characters keep that name under the file systems' NAME_MAX.
+LABEL_MAX = 200
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 60 else repr(text[:57]) + "…"
+
+
+def _check_name(name: str, *, given: bool) -> None:
+    """`name` is a plain file name: it names the default output folder, results/<name>."""
+    field = "field `name`" if given else f"the config file's name {name!r} (the default `name`)"
+    if name in (".", "..") or any(c in name for c in "/\\\0") or not name.strip():
+        raise ConfigError(f"{field} must be a plain file name (it names the output folder "
+                          f"results/<name>): no '/', '\\', NUL, not '.' or '..', not blank; got "
+                          f"{_short(name)}. Set e.g. name = \"run1\", and `output` for "
+                          "another folder.")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > NAME_MAX:
+        raise ConfigError(f"{field} is {size} bytes long; it names the output folder, and a "
+                          f"file-system name holds at most {NAME_MAX} bytes: shorten it (got "
+                          f"{_short(name)}).")
+
+
+def _check_output(output: str) -> None:
+    problem = path_problem(output) if output else None
+    if problem is not None:
+        raise ConfigError(f"field `output` = {_short(output)} cannot be a folder: {problem}; "
+                          "choose a shorter path.")
+
+
+def _check_label(label: str, i: int) -> None:
+    if len(label) > LABEL_MAX or "\0" in label:
+        raise ConfigError(f"field `dynamics[{i}].label` ({len(label)} characters, "
+                          f"{_short(label)}) names the run's file <i>-<label>.npz: use at most "
+                          f"{LABEL_MAX} characters and no NUL.")
 
 
 def _default_label(run):
@@ -684,7 +732,7 @@ def _check_data_source(data, model, base):
         raise ConfigError('`data.inputs` = \'python\' needs `data.factory`, e.g. '
                           'factory = "mypackage.data:load".')
     if data.inputs == "python":
-        resolve_factory(data.factory, "data.factory")
+        resolve_factory(data.factory, "data.factory", base)
     for source in ("file", "python"):
         if data.targets == source and data.inputs != source:
             raise ConfigError(f"`data.targets` = {source!r} needs `data.inputs` = {source!r} "
@@ -693,26 +741,39 @@ def _check_data_source(data, model, base):
             != ".npz":
         raise ConfigError("`data.targets` = 'file' needs an .npz `data.path` with keys x and y.")
     if model.kind == "python":
-        resolve_factory(model.factory, "model.factory")
+        resolve_factory(model.factory, "model.factory", base)
         if data.inputs in ("gaussian", "whitened") and not model.input_shape:
             raise ConfigError("`model.input_shape` is required for python models with "
                               "generated data, e.g. input_shape = [8].")
 
 
-def resolve_factory(spec: str, field: str):
-    """Import `package.module:function`; errors name `field`."""
+def resolve_factory(spec: str, field: str, base: str | pathlib.Path | None = None):
+    """Import `package.module:function`; errors name `field`.
+
+    `base` (the config file's folder) is appended to `sys.path` first (and stays there, as a
+    script's folder does), so a factory module lying beside the config is found without
+    PYTHONPATH; an installed module of the same name takes precedence."""
     module_name, _, attribute = spec.partition(":")
+    folder = None
+    if base is not None:
+        folder = str(pathlib.Path(base).resolve())
+        if folder not in sys.path:
+            sys.path.append(folder)
+            importlib.invalidate_caches()
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"field `{field}`: cannot import module {module_name!r} ({e}); "
-                          "check the name and that it is on PYTHONPATH.") from None
+        beside = f"in the config's folder {folder} nor " if folder else ""
+        raise ConfigError(f"field `{field}`: cannot import module {module_name!r} ({e}): it is "
+                          f"neither {beside}on PYTHONPATH; check the name, or put the module "
+                          "beside the config file.") from None
     except Exception as e:  # a module that fails while importing: the user's code
         raise ConfigError(f"field `{field}`: importing {module_name!r} failed: "
                           f"{type(e).__name__}: {e}") from None
     if not hasattr(module, attribute):
+        where = getattr(module, "__file__", None)
         raise ConfigError(f"field `{field}`: module {module_name!r} has no attribute "
-                          f"{attribute!r}.")
+                          f"{attribute!r}" + (f" (the module read is {where})." if where else "."))
     function = getattr(module, attribute)
     if not callable(function):
         raise ConfigError(f"field `{field}`: {spec!r} is not callable.")

@@ -1,37 +1,46 @@
-"""Memory estimate of a run, checked before anything is allocated or compiled.
+"""Memory estimate of a config's run, checked before anything is allocated or compiled.
 
-The estimate counts what a run holds at once, in float64 (8 bytes): the parameters of every
-member (initial, solver state and ~8 Runge–Kutta stages or optimizer state), the teacher, the
-data (orbit-expanded in `orbit` mode), the moment matrices of the fast path (p² for p features),
-and the saved values (loss, every law's drift and condition at `n_save` times per member, and
-every law's value at the final time; the values at every save only on request,
-`values="all"`). It is a lower bound on the peak (XLA adds temporaries), so the refusal threshold
-is the machine's memory, not a fraction of it.
+The run itself is sized by `conservation._memory.run_estimate`, the function `gradient_flow`
+and `train` check themselves with (members × parameters × solver or optimizer copies, the
+lanes' solver state, the saved values), here from the `[model]` table alone; to it come the
+parts a config builds before any run: the teacher, the data (orbit-expanded in `orbit` mode)
+and the moment path's matrices, sized by the exact feature count p of the model (rows × p
+features per sample: a deep polynomial net's p is Σ d^k over every degree k its output
+reaches, 5⁸ for widths [5, 7, 7, 7, 3] with a quadratic σ). The gradient's working set is
+not known before the objective exists: `gradient_flow` / `train` measure it and check again
+when they start. Available memory: `conservation._memory.available_memory` (the device's free
+memory, else the host's MemAvailable or the room under `ulimit -v`).
 """
 
 import math
-import os
 
+import jax
+
+from .._memory import (
+    BYTES,
+    FLOW_RESIDENT_COPIES,
+    FLOW_STATE_COPIES,
+    TRAIN_STEP_COPIES,
+    InsufficientMemory,
+    MemoryEstimate,
+    check,
+    free_device_memory,
+    gb,
+    moments_bytes,
+    run_estimate,
+    tree_bytes,
+)
 from .config import ConfigError, input_dim
 
-_BYTES = 8
-_STAGES = 8  # RK stages + state + error estimate held per member by an adaptive solver
+__all__ = ["MemoryEstimate", "MemoryConfigError", "parameter_count", "feature_shape",
+           "law_entries", "estimate", "check_memory"]
+
+_gb = gb  # the name older code imports
 
 
-class MemoryEstimate:
-    """Bytes per part of a run (`parts`) and their `total`."""
-
-    def __init__(self, parts: dict[str, float]):
-        self.parts = {k: float(v) for k, v in parts.items()}
-        self.total = sum(self.parts.values())
-
-    def __repr__(self):
-        parts = ", ".join(f"{k} {_gb(v)}" for k, v in self.parts.items())
-        return f"MemoryEstimate({_gb(self.total)}: {parts})"
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.3g} GB"
+class MemoryConfigError(ConfigError, InsufficientMemory):
+    """A config whose run does not fit in the available memory (a `ConfigError` and an
+    `InsufficientMemory`)."""
 
 
 def parameter_count(model) -> int:
@@ -52,21 +61,43 @@ def parameter_count(model) -> int:
     return 0
 
 
-def feature_count(model, tokens: int) -> int:
-    """Size p of the tensorized features Ψ(x) on the moment path (0 when not applicable)."""
+def _degrees(model) -> tuple[int, ...]:
+    """The feature degrees of a polynomial net or neuron, read off the model class itself
+    from shapes alone (`jax.eval_shape`: nothing is allocated)."""
+    from .._models.polynomial import Neuron, PolynomialNet
+
+    key = jax.random.PRNGKey(0)
+    if model.kind == "polynomial":
+        net = jax.eval_shape(lambda: PolynomialNet.random(model.widths, key=key,
+                                                          activation=model.activation))
+        return net.degrees
+    neuron = jax.eval_shape(lambda: Neuron.random(model.dim, key=key,
+                                                  activation=model.activation))
+    return neuron.feature_degrees
+
+
+def feature_shape(model, tokens: int) -> tuple[int, int]:
+    """(rows, p): the shape of one sample's tensorized features ψ(x) on the moment path
+    ((0, 0) where there is none: MLPs; python models, whose moments `make_objective` sizes).
+
+    Deep linear: (1, d). Polynomial nets: (1, Σ_k d^k) over the degrees k of f (full tensor
+    powers x^{⊗k}, every degree the layers reach: [5, 7, 7, 7, 3] quadratic has k = 8 only,
+    p = 5⁸). Neuron: (1, Σ_k d^k) over the nonzero coefficients s_k of σ. Attention:
+    (tokens, d³)."""
     kind = model.kind
-    d = input_dim(model)
     if kind == "deep_linear":
-        return d
-    if kind == "polynomial":
-        degree = 2 if isinstance(model.activation, str) and model.activation == "quadratic" \
-            else (6 if isinstance(model.activation, str) else len(model.activation) - 1)
-        return math.comb(d + degree - 1, degree) if degree > 1 else d
-    if kind == "neuron":
-        return math.comb(d + 5, 6)
+        return 1, model.widths[0]
+    if kind in ("polynomial", "neuron"):
+        d = input_dim(model)
+        return 1, sum(d ** k for k in _degrees(model))
     if kind == "lightning_attention":
-        return d ** 3  # cubic in the tokens: the paper's 512×512 moments at d = 8
-    return 0
+        return max(tokens, 1), model.dim ** 3
+    return 0, 0
+
+
+def feature_count(model, tokens: int) -> int:
+    """p, the number of features per row (`feature_shape`)."""
+    return feature_shape(model, tokens)[1]
 
 
 def law_entries(model) -> tuple[int, int]:
@@ -95,18 +126,49 @@ def _orbit_size(augmentation, d: int) -> int:
     return max(1, sizes[group])
 
 
-def _saves(run) -> int:
-    """Save points of a `[[dynamics]]` entry (the runner's default when `n_save` is unset)."""
-    if run.n_save is not None:
-        return run.n_save
-    steps = getattr(run, "steps", None)
-    return steps + 1 if steps is not None and steps <= 1000 else 101
+def _optimizer_slots(run, parameters: int) -> float:
+    """Copies of the parameters in the optimizer state of a discrete `run` (from
+    `optimizer(...).init` on shapes alone, as `train` measures it)."""
+    import jax.numpy as jnp
+
+    from .._dynamics.train import optimizer
+
+    kind = "gd" if run.kind == "sgd" else run.kind
+    optim = optimizer(kind, lr=1.0, momentum=0.5 if kind == "momentum" else 0.0)
+    flat = jax.ShapeDtypeStruct((max(parameters, 1),), jnp.float64)
+    return tree_bytes(jax.eval_shape(optim.init, flat)) / tree_bytes(flat)
+
+
+def _run(config, run, members: int, parameters: int) -> MemoryEstimate:
+    """One `[[dynamics]]` entry by `run_estimate`, as `gradient_flow` / `train` size it
+    (without the gradient's working set, measured when they start)."""
+    from .._dynamics.batching import _CPU_LANES, _CPU_LANES_IMPLICIT, _implicit
+    from .runner import default_n_save
+
+    entries, count = law_entries(config.model)
+    n_save = default_n_save(run)
+    if run.kind in ("flow", "modified_flow"):
+        implicit = _implicit(run.solver, parameters)
+        lanes = (_CPU_LANES_IMPLICIT if implicit else _CPU_LANES) \
+            if free_device_memory() is None else 1
+        return run_estimate(
+            members=members, parameters=parameters, lanes=min(lanes, members),
+            state_copies=FLOW_STATE_COPIES, resident_copies=FLOW_RESIDENT_COPIES,
+            implicit=implicit, n_save=n_save, n_laws=count, law_entries=entries)
+    slots = _optimizer_slots(run, parameters)
+    chunk = -(-run.steps // (n_save - 1))
+    return run_estimate(
+        members=members, parameters=parameters, lanes=members,
+        state_copies=TRAIN_STEP_COPIES + slots, resident_copies=2 * (1 + slots),
+        n_save=-(-run.steps // chunk) + 1, n_laws=count, law_entries=entries, final_copies=2)
 
 
 def estimate(config, *, members: int | None = None, parameters: int | None = None) \
         -> MemoryEstimate:
     """What a run of `config` holds at once, with `members` ensemble members (default
-    `ensemble.size`) and `parameters` per member (default from the `[model]` table)."""
+    `ensemble.size`) and `parameters` per member (default from the `[model]` table): the
+    largest `[[dynamics]]` entry (`run_estimate`) plus the teacher, the data and the
+    moments."""
     B = members or config.ensemble.size
     P = parameters if parameters is not None else parameter_count(config.model)
     data = config.data
@@ -114,62 +176,44 @@ def estimate(config, *, members: int | None = None, parameters: int | None = Non
     d = input_dim(config.model)
     tokens = data.tokens or 1
     out = config.model.widths[-1] if "widths" in config.model else max(d, 1)
+    if config.model.kind == "lightning_attention":
+        model = config.model  # no output projection: the heads' values side by side
+        out = model.out_dim or model.heads * model.value_dim
     orbit = _orbit_size(config.augmentation, d)
     orbit_mode = config.augmentation is not None and config.augmentation.mode == "orbit"
     samples = n * (orbit if orbit_mode else 1)
-    entries, count = law_entries(config.model)
-    n_save = max((_saves(run) for run in config.dynamics), default=2)
-    flows = any(run.kind in ("flow", "modified_flow") for run in config.dynamics)
-    p = feature_count(config.model, tokens)
+    rows, p = feature_shape(config.model, tokens)
     moments = config.loss.kind == "mse" and config.loss.moments is not False and p > 0
-    parts = {
-        "parameters": P * B * ((_STAGES + 2) if flows else 4) * _BYTES,
-        "teacher": P * _BYTES,
-        "data": samples * (d * tokens + out) * _BYTES,
-        "moments": (p * p + p * out) * _BYTES * (2 if config.augmentation else 1)
-        if moments else 0,
-        # loss, every law's drift and condition at each save time of each member, and the
-        # laws' values at the end (what `gradient_flow`/`train` keep by default)
-        "saved values": B * (n_save * (1 + 2 * count) + entries) * _BYTES,
-    }
-    return MemoryEstimate(parts)
-
-
-def available_memory() -> tuple[float, str]:
-    """(bytes, where) the run can use: the accelerator's free memory when JAX runs on one,
-    else the machine's physical memory."""
-    import jax
-
-    from .._dynamics.batching import free_device_memory
-
-    free = free_device_memory()
-    if free is not None:
-        return free, f"the {jax.devices()[0].device_kind}"
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "the machine"
-    except (ValueError, OSError, AttributeError):
-        return math.inf, "the machine"
+    if moments:  # the same function as `make_objective` checks itself with
+        matrices = moments_bytes(p, out, rows, samples,
+                                 symmetrized=config.augmentation is not None)
+    runs = [_run(config, run, B, P) for run in config.dynamics] or \
+        [run_estimate(members=B, parameters=P, lanes=0, state_copies=0, resident_copies=1,
+                      n_save=0, n_laws=0, law_entries=0)]
+    largest = max(runs, key=lambda e: e.total)
+    return MemoryEstimate(largest.parts | {
+        "teacher": P * BYTES,
+        "data": samples * (d * tokens + out * tokens) * BYTES,
+        "moments": matrices if moments else 0,
+    })
 
 
 def check_memory(config, *, members: int | None = None, parameters: int | None = None,
                  available: float | None = None) -> MemoryEstimate:
-    """Refuse (ConfigError) a run whose estimate exceeds the available memory, with the
-    number and the fix; return the estimate otherwise."""
+    """Refuse (`MemoryConfigError`: a ConfigError and an InsufficientMemory) a run whose
+    estimate exceeds the available memory, with the number and the fix; return the estimate
+    otherwise."""
     est = estimate(config, members=members, parameters=parameters)
-    where = "the machine"
-    if available is None:
-        available, where = available_memory()
-    if est.total > available:
-        biggest = max(est.parts, key=est.parts.get)
-        fixes = {"parameters": "reduce `model.widths` or `ensemble.size` (sweeps: `sweep.chunk`)",
-                 "teacher": "reduce `model.widths`",
-                 "data": "reduce `data.n`" + (" or use `augmentation.mode` = 'auto'"
-                                              if config.augmentation is not None else ""),
-                 "moments": "reduce the input size (`model.widths[0]` / `model.dim`) or set "
-                            "`loss.moments` = false",
-                 "saved values": "reduce `model.widths` (law values such as balance matrices "
-                                 "grow with them), `n_save` or `ensemble.size`"}
-        raise ConfigError(
-            f"this run needs ~{_gb(est.total)} ({biggest}: {_gb(est.parts[biggest])}), "
-            f"{where} has {_gb(available)}: {fixes[biggest]}.")
-    return est
+    members = "`ensemble.size` (sweeps: `sweep.chunk`)"
+    fixes = {"parameters": f"reduce `model.widths` or {members}",
+             "solver state": f"reduce `model.widths` or {members}",
+             "gradient working set": f"reduce `data.n` or {members}",
+             "teacher": "reduce `model.widths`",
+             "data": "reduce `data.n`" + (" or use `augmentation.mode` = 'auto'"
+                                          if config.augmentation is not None else ""),
+             "moments": "reduce the input size (`model.widths[0]` / `model.dim`), the "
+                        "polynomial degree (fewer layers, a lower-degree activation) or set "
+                        "`loss.moments` = false",
+             "saved values": "reduce `model.widths` (law values such as balance matrices "
+                             f"grow with them), `n_save` or {members}"}
+    return check(est, fixes, available=available, error=MemoryConfigError)

@@ -17,7 +17,7 @@ import matplotlib.transforms as mtransforms
 import numpy as np
 
 _FLOOR = 1e-17  # drifts below double-precision resolution are drawn at this level
-_STATUS = ("success", "max_steps", "diverged", "failed")
+_STATUS = ("success", "max_steps", "diverged", "failed", "loss_increased")  # = STATUS_NAMES
 
 
 def drift_label(relative: bool) -> str:

@@ -44,6 +44,7 @@ from .._models.base import Ensemble, default_laws, flat_parameters
 from .._models.linear import DeepLinear
 from .._models.mlp import MLP, AbstractMechanicsLaw, mechanics_laws
 from .._models.polynomial import Neuron, PolynomialNet
+from .._text import text_table
 from .config import Config, ConfigError, input_dim, resolve_factory
 from .memory import check_memory
 from .plot import plot_landscapes, plot_mechanics, plot_results
@@ -52,7 +53,10 @@ from .store import (
     UserError,
     atomic_write,
     check_interrupted,
+    fingerprint,
     folder_lock,
+    identity,
+    identity_array,
     load_npz,
     prepare_output,
     read_json,
@@ -63,8 +67,9 @@ from .store import (
 )
 
 
-def model_factory(spec) -> Callable:
-    """`(key, init_scale) -> model` for a validated `[model]` table."""
+def model_factory(spec, base: str | os.PathLike | None = None) -> Callable:
+    """`(key, init_scale) -> model` for a validated `[model]` table (`base`: the config file's
+    folder, where a `kind = "python"` factory module may lie)."""
     kind = spec.kind
     if kind == "deep_linear":
         return lambda key, scale: DeepLinear.random(spec.widths, key=key, init_scale=scale)
@@ -85,7 +90,7 @@ def model_factory(spec) -> Callable:
         return lambda key, scale: Neuron.random(
             spec.dim, key=key, activation=spec.activation, init_scale=scale)
     if kind == "python":
-        factory = resolve_factory(spec.factory, "model.factory")
+        factory = resolve_factory(spec.factory, "model.factory", base)
 
         def make(key, scale):
             del scale  # init_scale does not apply to user models
@@ -197,7 +202,7 @@ def load_inputs(config: Config, key) -> tuple[jax.Array, jax.Array | None, str]:
                     y = loaded["y"]
     elif data.inputs == "python":
         field = "data.factory"
-        factory = resolve_factory(data.factory, field)
+        factory = resolve_factory(data.factory, field, config.base)
         try:
             out = factory()
         except Exception as e:  # the user's code
@@ -256,7 +261,7 @@ def build(config: Config, *, members: int | None = None) -> tuple[Ensemble, dict
     Problems found while building (shapes of explicit data, laws that do not apply, groups too
     large) are `ConfigError`s naming the field."""
     k_model, k_teacher, k_x, k_y = jax.random.split(jax.random.PRNGKey(config.seed), 4)
-    make = model_factory(config.model)
+    make = model_factory(config.model, config.base)
     parameters = None
     if config.model.kind == "python":  # the size is only known once the factory has run
         parameters = flat_parameters(make(k_model, 1.0)).size
@@ -271,12 +276,15 @@ def build(config: Config, *, members: int | None = None) -> tuple[Ensemble, dict
         raise ConfigError(f"`{source}`: the model cannot take inputs of shape {x.shape[1:]} "
                           f"({type(e).__name__}: {e})") from None
     classify = config.loss.kind == "cross_entropy"
+    loss = LOSSES[config.loss.kind]()
+    target_field = source
     if y is not None:
         pass
     elif data_spec.targets == "explicit":
+        target_field = "data.y"
         y = jnp.asarray(data_spec.y, float)
         y = y[:, None] if y.ndim == 1 else y
-        if y.shape[1:] != out_shape:
+        if not loss.fits(out_shape, y.shape[1:]):
             raise ConfigError(f"`data.y` rows have shape {y.shape[1:]} but the model's output "
                               f"has shape {out_shape}.")
     elif data_spec.targets == "teacher":
@@ -288,14 +296,14 @@ def build(config: Config, *, members: int | None = None) -> tuple[Ensemble, dict
         if classify:
             y = ((y > 0).astype(float) if out_shape[-1] == 1 else
                  jax.nn.one_hot(jnp.argmax(y, -1), out_shape[-1]))
-    if y.shape[1:] != out_shape:
+    if not loss.fits(out_shape, y.shape[1:]):  # cross-entropy also takes class labels
         raise ConfigError(f"`{source}` targets have shape {y.shape[1:]} per sample but the "
                           f"model's output has shape {out_shape}.")
     try:
+        loss.check_targets(y, out_shape)
         data = Dataset(x, y)
     except ValueError as e:
-        raise ConfigError(f"`{source}`: {e}") from None
-    loss = LOSSES[config.loss.kind]()
+        raise ConfigError(f"`{target_field}`: {e}") from None
     try:
         plain = make_objective(loss, data, ensemble, moments=config.loss.moments)
     except ValueError as e:
@@ -383,8 +391,9 @@ def execute_with(run, objective: Objective, ensemble: Ensemble, *, laws, hyperpa
         return execute(run, objective, ensemble, key=key, progress=False, laws=laws)
     kind = "gd" if run.kind == "sgd" else run.kind
     size = len(ensemble)
-    defaults = {"learning_rate": run.lr, "weight_decay": run.weight_decay,
-                "momentum": run.get("momentum", 0.0)}
+    defaults = {"learning_rate": run.lr, "weight_decay": run.weight_decay}
+    if kind != "adam":  # Adam injects no momentum (its β₁ is fixed)
+        defaults["momentum"] = run.get("momentum", 0.0)
     full = {k: hyperparams.get(k, jnp.full((size,), v)) for k, v in defaults.items()}
     return train(objective, ensemble, _sweep_optimizer(kind), run.steps,
                  batch_size=run.get("batch_size") or None, key=key, laws=laws,
@@ -510,32 +519,84 @@ _OUR_FILES = (MANIFEST, "summary.json", "plot.png", "landscape.png", "mechanics.
 _ENTRY_FILE = re.compile(r"^\d+-[a-z0-9.-]*\.npz$")
 
 
-def _claim_folder(out: pathlib.Path, config_json: dict, *, force: bool,
-                  log: Callable[[str], None]) -> bool:
-    """Check, before any compute, that `out` may hold the run of `config_json`: a folder with
-    the same config resumes (returns True), a different one is refused unless `force` (which
-    deletes our files there, never foreign ones); a new folder returns False."""
+_REPLACE = "pass `--force` to replace the results in that folder, or choose another `--out`"
+
+
+def _previous(out: pathlib.Path) -> tuple[dict | None, set[str]]:
+    """The config recorded in `out` (None: no manifest) and the entry files it lists.
+    **Raises:** `CorruptFile` if the manifest is damaged (a rerun would not repair it)."""
+    path = out / MANIFEST
+    if not path.exists():
+        path = out / "summary.json"  # a folder written before run.json existed
+        if not path.exists():
+            return None, set()
+    manifest = read_json(path, fix=_REPLACE)
+    listed = manifest.get("jobs" if path.name == MANIFEST else "runs")
+    config = manifest.get("config")
+    if not isinstance(config, dict) or not isinstance(listed, list) or not all(
+            isinstance(job, dict) for job in listed):
+        raise CorruptFile(path, "not a manifest of conservation", fix=_REPLACE)
+    # Only plain names of ours: a damaged manifest must not make us delete anything else.
+    files = {job.get("file") for job in listed}
+    return config, {f for f in files if isinstance(f, str) and _ENTRY_FILE.match(f)}
+
+
+def _claim_folder(out: pathlib.Path, config_json: dict, files: set[str], *, force: bool,
+                  log: Callable[[str], None]) -> tuple[bool, set[str]]:
+    """Check, before any compute, that `out` may hold the run of `config_json`, whose entry
+    files are `files`. Returns (resume, the entry files the folder's manifest lists).
+
+    A folder with the same config resumes. A different one (or a damaged manifest) is refused
+    unless `force`, which deletes the files the old manifest lists (never others). A file with
+    one of our names in a folder without our manifest is someone else's: refused unless
+    `force`, and then replaced with a log line naming it (never deleted silently)."""
     if (out / "sweep.json").exists():
         raise UserError(f"{out} holds a sweep (sweep.json); choose another `--out` folder.")
-    previous = None
-    if (out / MANIFEST).exists():
-        previous = read_json(out / MANIFEST).get("config")
-    elif (out / "summary.json").exists():  # a folder written before run.json existed
-        previous = read_json(out / "summary.json").get("config")
-    if previous is None or previous == config_json:
-        return previous is not None
+    try:
+        previous, listed = _previous(out)
+    except CorruptFile as e:
+        if not force:
+            raise
+        log(f"--force: {e.path} is corrupted ({e.reason}); replacing the results in {out}")
+        previous, listed = None, set()
+    if previous is not None and previous == config_json:
+        foreign = sorted(f for f in files if f not in listed and (out / f).exists())
+        _refuse_foreign(out, foreign, force=force, log=log)
+        return True, listed
+    if previous is not None:
+        if not force:
+            raise UserError(f"{out} holds results of a different config; choose another `--out` "
+                            "folder, or pass `--force` to replace them.")
+        log(f"--force: replacing the results in {out}")
+        for name in sorted(listed | set(_OUR_FILES)):
+            (out / name).unlink(missing_ok=True)
+    foreign = sorted(f for f in files | set(_OUR_FILES) if (out / f).exists())
+    _refuse_foreign(out, foreign, force=force, log=log)
+    return False, set()
+
+
+def _refuse_foreign(out, names, *, force, log) -> None:
+    """Files named like ours that our manifest does not list: never overwritten unasked."""
+    if not names:
+        return
+    why = (f"{out}/{MANIFEST} does not list it" if (out / MANIFEST).exists() else
+           f"{out} holds no run.json of conservation")
     if not force:
-        raise UserError(f"{out} holds results of a different config; choose another `--out` "
-                        "folder, or pass `--force` to replace them.")
-    log(f"--force: replacing the results in {out}")
-    for path in out.iterdir():
-        if path.name in _OUR_FILES or _ENTRY_FILE.match(path.name):
-            path.unlink()
-    return False
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        raise UserError(f"{out / names[0]}{more} was not written by this run of conservation "
+                        f"({why}); choose another `--out`, or pass `--force` to replace it.")
+    for name in names:
+        log(f"--force: replacing {out / name}, not listed by a run.json of conservation")
 
 
-def _load_finished(path: pathlib.Path, template: Ensemble, log) -> dict | None:
-    """The arrays of a finished entry, or None if absent or corrupted (then recomputed)."""
+def _entry_identity(config_json: dict, index: int, label: str) -> dict:
+    """What identifies entry `index` of a run: its config's fingerprint, index and label."""
+    return {"config": fingerprint(config_json), "entry": index, "label": label}
+
+
+def _load_finished(path: pathlib.Path, template: Ensemble, expected: dict, log) -> dict | None:
+    """The arrays of a finished entry, or None if absent, corrupted or recording another
+    entry (a file copied over it): then it is recomputed, with a log line."""
     if not path.exists():
         return None
     try:
@@ -543,6 +604,16 @@ def _load_finished(path: pathlib.Path, template: Ensemble, log) -> dict | None:
         result_from_arrays(arrays, template)
     except (CorruptFile, KeyError, ValueError) as e:
         log(f"{path} cannot be read back ({e}); recomputing it")
+        path.unlink(missing_ok=True)
+        return None
+    recorded = identity(arrays)
+    if recorded != expected:
+        what = ("records no entry (written by an older version)" if recorded is None else
+                f"holds entry {recorded.get('entry')} ({recorded.get('label')!r}) of "
+                f"{'this' if recorded.get('config') == expected['config'] else 'another'} "
+                "config")
+        log(f"warning: {path} {what}, not entry {expected['entry']} ({expected['label']!r}); "
+            "recomputing it")
         path.unlink(missing_ok=True)
         return None
     return arrays
@@ -574,7 +645,14 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
         log(f"removed {orphan.name}, left by an interrupted write")
     start = time.perf_counter()
     config_json = config_dict(config)
-    ours = _claim_folder(out, config_json, force=force, log=log)
+    # The entry files follow from the config alone: claim the folder before building.
+    labels = []
+    for run in config.dynamics:
+        variants = [""] if config.augmentation is None else (
+            ["plain", "augmented"] if config.augmentation.compare else ["augmented"])
+        labels += [f"{_get(run, 'label')} · {v}" if v else _get(run, "label") for v in variants]
+    names = {f"{i}-{_slug(label)}.npz" for i, label in enumerate(labels)}
+    ours, listed = _claim_folder(out, config_json, names, force=force, log=log)
     previous_runs = {}
     if ours and (out / "summary.json").exists():
         with contextlib.suppress(UserError, AttributeError, TypeError, KeyError):
@@ -588,9 +666,9 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
     manifest = {"config": config_json,
                 "jobs": [{"label": job[3], "file": job[4]} for job in jobs]}
     files = {job[4] for job in jobs}
-    for path in out.iterdir() if ours else ():
-        if _ENTRY_FILE.match(path.name) and path.name not in files:  # ours, but stale
-            path.unlink()
+    assert files == names, (files, names)  # _claim_folder checked these very names
+    for name in listed - files:  # ours (listed by our manifest), but stale
+        (out / name).unlink(missing_ok=True)
     if not ours or not (out / MANIFEST).exists():
         write_json(out / MANIFEST, manifest)
     summary = {
@@ -617,7 +695,8 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
         if discrete:
             step_times[label] = _get(run, "lr")
         check_interrupted()
-        stored = _load_finished(out / filename, ensemble, log)
+        expected = _entry_identity(config_json, i, label)
+        stored = _load_finished(out / filename, ensemble, expected, log) if ours else None
         if stored is not None:
             log(f"[{i + 1}/{len(jobs)}] {label}: finished earlier, skipped")
             result = result_from_arrays(stored, ensemble)
@@ -639,6 +718,7 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
             arrays = result_arrays(result, laws)
             if mechanics is not None:
                 arrays |= _mechanics_arrays(mechanics)
+            arrays["identity"] = identity_array(expected)  # a copied-over file is detected
             save_npz(out / filename, arrays)
             check_interrupted()  # a Ctrl-C swallowed during the run: stop now it is saved
         finished.append((label, result))
@@ -682,7 +762,7 @@ def count_table(config: Config, *, max_depth: int = 4, early_stop: bool = True) 
         rows.append((name, loss.name, str(c.parameters), str(c.laws),
                      str(c.laws - plain.laws), ",".join(map(str, c.rank_by_depth)),
                      f"{c.gap:.1e}", c.verdict))
-    table = _text_table(rows)
+    table = text_table(rows)
     shipped = ", ".join(law.name for law in laws) or "none"
     lines = [table, f"monitored laws of this config: {shipped}"]
     for name, c in classes:
@@ -717,12 +797,14 @@ def format_summary(summary: dict, *, max_columns: int = 4) -> str:
         return "-" if value is None else f"{value:.2e}"
 
     flows = any("solver" in run for run in summary["runs"])
+    noisy = [run["label"] for run in summary["runs"] if run.get("final_loss_below_accuracy")]
 
     def common(run):
         status = ", ".join(f"{n} {k}" for k, n in run["status"].items() if n)
         loss = run["final_loss_median"]
         seconds = run.get("seconds")
-        return (run["label"], status, "-" if loss is None else f"{loss:.3e}",
+        mark = "*" if run["label"] in noisy else ""
+        return (run["label"], status, "-" if loss is None else f"{loss:.3e}{mark}",
                 str(run["num_steps_max"]), "-" if seconds is None else f"{seconds:.2f}",
                 *((run.get("solver", "-"),) if flows else ()))
 
@@ -737,10 +819,13 @@ def format_summary(summary: dict, *, max_columns: int = 4) -> str:
             for j, name in enumerate(n for n in laws if n in run["max_drift"]):
                 rows.append((first if j == 0 else ("",) * len(first))
                             + (header(name), drift(run, name)))
-    return _text_table(rows)
+    return text_table(rows) + (_BELOW_ACCURACY_NOTE if noisy else "")
 
 
-def _text_table(rows) -> str:
-    """Left-aligned columns, two spaces apart."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+# `Result.summary()["final_loss_below_accuracy"]` / `monitor.below_accuracy`: the rule.
+_BELOW_ACCURACY_NOTE = (
+    "\n* some members' final loss is below 1e-14 × their initial loss, the accuracy every "
+    "objective guarantees in float64: those digits are round-off noise (see "
+    "conservation._dynamics.monitor.below_accuracy)")
+
+

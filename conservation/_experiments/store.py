@@ -31,12 +31,57 @@ class UserError(Exception):
 
 
 class CorruptFile(UserError):
-    """A result file that cannot be read back (truncated or damaged)."""
+    """A result file that cannot be read back (truncated or damaged); `fix` says what works
+    (for a result file: rerunning recomputes it; for a folder's manifest it does not)."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str,
+                 fix: str = "delete it or rerun the same command to recompute it"):
         self.path = pathlib.Path(path)
-        super().__init__(f"{self.path} is corrupted ({reason}); delete it or rerun the same "
-                         "command to recompute it.")
+        self.reason = reason
+        super().__init__(f"{self.path} is corrupted ({reason}); {fix}.")
+
+
+class WriteError(UserError):
+    """A result file that cannot be written (disk full, quota, name too long, read-only): names
+    the file and the fix. Finished results stay on disk; the same command resumes."""
+
+    def __init__(self, path, error: OSError):
+        self.path = pathlib.Path(path)
+        reason = error.strerror or type(error).__name__
+        code = error.errno
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            fix = ("free some space, then rerun the same command to resume (finished results "
+                   "are kept), or choose another `--out` on a disk with room")
+        elif code == errno.ENAMETOOLONG:
+            fix = ("the name is too long for the file system: choose a shorter `--out` (or "
+                   "config `name`, `output`, `label`)")
+        elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "the folder is not writable: choose another `--out`"
+        else:
+            fix = ("check the file system, then rerun the same command to resume (finished "
+                   "results are kept), or choose another `--out`")
+        super().__init__(f"cannot write {self.path} ({reason}); {fix}.")
+
+
+# The longest file or folder name (bytes) the common file systems take (ext4, XFS, btrfs,
+# APFS, ZFS: 255); longer ones fail with ENAMETOOLONG only when written.
+NAME_MAX = 255
+PATH_MAX = 4095
+
+
+def path_problem(path) -> str | None:
+    """Why `path` cannot be a file-system path (a NUL byte, a component over `NAME_MAX` bytes,
+    the whole over `PATH_MAX`), or None."""
+    text = str(path)
+    if "\0" in text:
+        return "it contains a NUL byte"
+    for part in pathlib.PurePath(text).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            return (f"its component {part[:40]!r}… is {len(os.fsencode(part))} bytes long, over "
+                    f"the {NAME_MAX}-byte limit of file names")
+    if len(os.fsencode(text)) > PATH_MAX:
+        return f"it is {len(os.fsencode(text))} bytes long, over the {PATH_MAX}-byte path limit"
+    return None
 
 
 LOCK_NAME = ".conservation.lock"
@@ -61,7 +106,10 @@ def atomic_write(path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write `path` by calling `write(binary_file)` on a temporary sibling, then renaming it
     over `path` (readers never see a partial file). The file gets `0o666 & ~umask`."""
     path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(path, e) from None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
@@ -69,9 +117,36 @@ def atomic_write(path, write: Callable[[io.BufferedWriter], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         pathlib.Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:  # the disk's fault, not ours
+            raise WriteError(path, e) from None
         raise
+
+
+def fingerprint(obj) -> str:
+    """A short stable digest of a JSON-able object (a resolved config), recorded in result
+    files so that a file copied from another run or folder is recognised as foreign."""
+    import hashlib
+
+    text = json.dumps(jsonable(obj), sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def identity(arrays: dict) -> dict | None:
+    """The identity record `arrays["identity"]` (JSON text) of a stored result, or None."""
+    if "identity" not in arrays:
+        return None
+    try:
+        value = json.loads(str(arrays["identity"]))
+    except (json.JSONDecodeError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def identity_array(record: dict) -> np.ndarray:
+    """`record` as the 0-d string array stored under "identity" (see `identity`)."""
+    return np.asarray(json.dumps(jsonable(record), sort_keys=True, allow_nan=False))
 
 
 def jsonable(obj):
@@ -100,13 +175,18 @@ def write_json(path, obj) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
-def read_json(path) -> dict:
-    """A JSON file we wrote; a damaged one is reported by name."""
+def read_json(path, *, fix: str | None = None) -> dict:
+    """A JSON object file we wrote; a damaged one is a `CorruptFile` naming it (with `fix`,
+    what to do, when rerunning would not recompute it)."""
     path = pathlib.Path(path)
+    extra = {} if fix is None else {"fix": fix}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFile(path, f"not valid JSON: {e}") from None
+        raise CorruptFile(path, f"not valid JSON: {e}", **extra) from None
+    if not isinstance(data, dict):
+        raise CorruptFile(path, f"a JSON {type(data).__name__}, not an object", **extra)
+    return data
 
 
 def save_npz(path, arrays: dict[str, np.ndarray]) -> None:
@@ -182,13 +262,21 @@ def prepare_output(path, *, option: str = "--out") -> pathlib.Path:
     it. **Raises:** `UserError` naming the path if it is a file, lies under a file, or is not
     writable."""
     path = pathlib.Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"`{option}` {path} is a file, not a folder; choose a folder.")
-    ancestor = path
-    while not ancestor.exists():
-        if ancestor.parent == ancestor:
-            break
-        ancestor = ancestor.parent
+    problem = path_problem(path)
+    if problem is not None:
+        raise UserError(f"`{option}` {str(path)[:80]!r} cannot be a folder: {problem}; choose a "
+                        "shorter path.")
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"`{option}` {path} is a file, not a folder; choose a folder.")
+        ancestor = path
+        while not ancestor.exists():
+            if ancestor.parent == ancestor:
+                break
+            ancestor = ancestor.parent
+    except OSError as e:  # e.g. ENAMETOOLONG on a file system with a lower limit
+        raise UserError(f"`{option}` {path} cannot be used ({e.strerror}); choose another "
+                        "folder.") from None
     if ancestor.exists() and not ancestor.is_dir():
         raise UserError(f"`{option}` {path} lies under the file {ancestor}; choose a folder "
                         "whose parents are folders.")
@@ -231,25 +319,41 @@ def read_config_text(path) -> str:
 
 
 _INTERRUPTED = threading.Event()
+_SIGNAL = [0]  # the signal number of the recorded interrupt
 
 
-def _on_sigint(signum, frame):
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop request), handled like Ctrl-C: finished results
+    are kept and the same command resumes. The CLI exits with 143 (128 + SIGTERM)."""
+
+    signum = 15
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    import signal
+
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_signal(signum, frame):
+    _SIGNAL[0] = signum
     _INTERRUPTED.set()
-    raise KeyboardInterrupt
+    raise _interrupt(signum)
 
 
 @contextlib.contextmanager
 def interrupt_guard() -> Iterator[None]:
-    """Make Ctrl-C stick: Python drops a KeyboardInterrupt raised inside a garbage-collector
-    callback or `__del__` (JAX runs some), so the handler also records it, and
-    `check_interrupted` (called between entries and batches) raises it again."""
+    """Make Ctrl-C (SIGINT) and SIGTERM stick: Python drops a KeyboardInterrupt raised inside a
+    garbage-collector callback or `__del__` (JAX runs some), so the handler also records it,
+    and `check_interrupted` (called between entries and batches) raises it again. SIGTERM
+    raises `Terminated`, a KeyboardInterrupt."""
     import signal
 
     _INTERRUPTED.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, _on_sigint)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     hook = sys.unraisablehook
 
     def quiet_interrupts(unraisable):  # recorded above: no "Exception ignored" traceback
@@ -260,12 +364,14 @@ def interrupt_guard() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         sys.unraisablehook = hook
         _INTERRUPTED.clear()
 
 
 def check_interrupted() -> None:
-    """Raise `KeyboardInterrupt` if Ctrl-C was pressed (see `interrupt_guard`)."""
+    """Raise `KeyboardInterrupt` (`Terminated` for SIGTERM) if Ctrl-C was pressed or SIGTERM
+    received (see `interrupt_guard`)."""
     if _INTERRUPTED.is_set():
-        raise KeyboardInterrupt
+        raise _interrupt(_SIGNAL[0])

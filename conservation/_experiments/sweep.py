@@ -32,16 +32,19 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .._dynamics.monitor import STATUS_NAMES
+from .._dynamics.monitor import STATUS_NAMES, below_accuracy
 from .._models.base import Ensemble
+from .._text import text_table
 from .config import AXES, FLOW_KINDS, Config, ConfigError, sweep_point_dicts
 from .store import (
     CorruptFile,
     UserError,
     atomic_write,
     check_interrupted,
+    fingerprint,
     folder_lock,
-    is_readable_npz,
+    identity,
+    identity_array,
     jsonable,
     load_npz,
     prepare_output,
@@ -149,11 +152,16 @@ def _mine(items: list, dealt: int, rank: int, world: int) -> list:
     return [x for n, x in enumerate(items, start=dealt) if n % world == rank]
 
 
-def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print) -> dict:
+def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print,
+              force: bool = False) -> dict:
     """Run (or resume) the sweep of `config`; returns the summary (also written to disk).
 
     The folder is locked for the whole call (a second process on it waits, then finds the
-    points done); points whose file is missing or cannot be read back are (re)computed.
+    points done); points whose file is missing, cannot be read back or records another point
+    (`points/<i>.npz` stores its index, axis values and the sweep's fingerprint) are
+    (re)computed. A folder holding a different sweep (or a damaged `sweep.json`) is refused
+    unless `force`, which replaces its results; files named like ours in a folder without
+    `sweep.json` are never overwritten unless `force` (then with a log line each).
     `summary["computed"]` counts the points this call computed (`summary["computed_points"]`
     lists them).
 
@@ -198,7 +206,7 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
         error = None
         if rank == 0:
             try:
-                _prepare(out, manifest, log)
+                _prepare(out, manifest, log, force=force)
             except Exception as e:  # noqa: BLE001 — told to the peers, then raised
                 error = e
         if world > 1 and not _agree(error is None):
@@ -253,6 +261,8 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                 # substitutes the group's static values (a new shape, loss, group or data
                 # set) into the config.
                 group_config = config.at(group.static) if group.static else config
+                # `[ensemble]` is ignored (each point is one member): build no ensemble of it.
+                group_config = group_config.model_copy(update={"ensemble": type(config.ensemble)()})
                 _, objectives, laws = build(group_config, members=size)
                 objective = objectives.get("augmented", objectives.get(""))
                 make = model_factory(group_config.model)
@@ -282,6 +292,8 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print)
                             member = {k: (v if k in SHARED or k.startswith("relative/")
                                           else v[j])
                                       for k, v in arrays.items()}
+                            member["identity"] = identity_array(
+                                _point_identity(manifest, i))
                             save_npz(out / "points" / f"{i}.npz", member)
                         computed += batch
                         bar.update(len(batch))
@@ -332,25 +344,96 @@ def _member(make, point, config):
                 point.get("init_scale", config.model.init_scale))
 
 
-def _prepare(out: pathlib.Path, manifest: dict, log) -> None:
+_OUR_FILES = ("sweep.json", "summary.json", "summary.csv", "report.png")
+_REPLACE = "pass `--force` to replace the sweep in that folder, or choose another `--out`"
+
+
+def _point_identity(manifest: dict, index: int) -> dict:
+    """What a point file records about itself: the sweep's fingerprint (its resolved config),
+    the point's index and its axis values (JSON, as in sweep.json)."""
+    return {"sweep": fingerprint(manifest["config"]), "point": index,
+            "values": manifest["points"][index]}
+
+
+def _point_problem(arrays: dict, manifest: dict, index: int) -> str | None:
+    """Why the stored `arrays` are not point `index` of this sweep (None: they are)."""
+    recorded = identity(arrays)
+    if recorded == _point_identity(manifest, index):
+        return None
+    if recorded is None:
+        return "records no point (written by an older version)"
+    other = "this" if recorded.get("sweep") == fingerprint(manifest["config"]) else "another"
+    values = ", ".join(f"{k} = {v}" for k, v in (recorded.get("values") or {}).items())
+    return f"holds point {recorded.get('point')} ({values}) of {other} sweep"
+
+
+def _point_files(out: pathlib.Path) -> list[pathlib.Path]:
+    folder = out / "points"
+    return sorted(folder.glob("*.npz")) if folder.is_dir() else []
+
+
+def _prepare(out: pathlib.Path, manifest: dict, log, *, force: bool = False) -> None:
     """Under the folder lock, before any point is computed: remove leftovers of killed
-    writes, write or check `sweep.json`, and delete point files that cannot be read back."""
+    writes, write or check `sweep.json` (a different or damaged one: refused unless `force`),
+    refuse files named like ours that no sweep.json accounts for (unless `force`), and delete
+    point files that cannot be read back or record another point (a file copied over it)."""
     for orphan in remove_orphans(out):
         log(f"removed {orphan.name}, left by an interrupted write")
-    (out / "points").mkdir(exist_ok=True)
     manifest_path = out / "sweep.json"
+    previous = None
     if manifest_path.exists():
-        if read_json(manifest_path) != manifest:
-            raise UserError(f"{out} holds a different sweep; choose another `--out` folder.")
-    else:
-        if (out / "run.json").exists():
-            raise UserError(f"{out} holds the results of `conservation run`; choose another "
-                            "`--out` folder.")
+        try:
+            previous = read_json(manifest_path, fix=_REPLACE)
+            if not isinstance(previous.get("points"), list):
+                raise CorruptFile(manifest_path, "not a sweep manifest", fix=_REPLACE)
+        except CorruptFile as e:
+            if not force:
+                raise
+            log(f"--force: {manifest_path} is corrupted ({e.reason}); replacing the sweep in "
+                f"{out}")
+            previous = {"points": []}
+        if previous != manifest:
+            if not force:
+                raise UserError(f"{out} holds a different sweep; choose another `--out` folder, "
+                                "or pass `--force` to replace it.")
+            log(f"--force: replacing the sweep in {out}")
+            # Ours: the files the old sweep.json accounts for (never any other file).
+            for i in range(len(previous["points"])):
+                (out / "points" / f"{i}.npz").unlink(missing_ok=True)
+            for name in _OUR_FILES:
+                (out / name).unlink(missing_ok=True)
+            previous = None
+    elif (out / "run.json").exists():
+        raise UserError(f"{out} holds the results of `conservation run`; choose another "
+                        "`--out` folder.")
+    count = len(manifest["points"])
+    if previous is None:
+        # A new sweep: any file with our names is someone else's.
+        foreign = [out / n for n in _OUR_FILES if (out / n).exists()] + [
+            p for p in _point_files(out) if p.stem.isdigit() and int(p.stem) < count]
+        if foreign and not force:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise UserError(f"{foreign[0]}{more} was not written by this sweep ({out} has no "
+                            "sweep.json); choose another `--out`, or pass `--force` to "
+                            "replace it.")
+        for path in foreign:
+            log(f"--force: replacing {path}, which conservation did not write")
+            path.unlink()
+        (out / "points").mkdir(exist_ok=True)
         write_json(manifest_path, manifest)
-    for i in range(len(manifest["points"])):
+    (out / "points").mkdir(exist_ok=True)
+    for i in range(count):
         path = out / "points" / f"{i}.npz"
-        if path.exists() and not is_readable_npz(path):
-            log(f"{path} is corrupted; recomputing it")
+        if not path.exists():
+            continue
+        try:
+            problem = _point_problem(load_npz(path), manifest, i)
+        except CorruptFile as e:
+            log(f"{path} is corrupted ({e.reason}); recomputing it")
+            path.unlink()
+            continue
+        if problem is not None:
+            log(f"warning: {path} {problem}, not point {i}; recomputing it")
             path.unlink()
 
 
@@ -372,7 +455,8 @@ def write_report(out) -> dict:
 def _report(out: pathlib.Path) -> dict:
     from .plot import plot_sweep
 
-    manifest = read_json(out / "sweep.json")
+    manifest = read_json(out / "sweep.json", fix="rerun `conservation sweep` with its config "
+                         "and `--force` to replace the sweep, or choose another `--out`")
     rows, relative, corrupted = [], {}, []
     for i, point in enumerate(manifest["points"]):
         path = out / "points" / f"{i}.npz"
@@ -381,6 +465,8 @@ def _report(out: pathlib.Path) -> dict:
             continue
         try:
             arrays = load_npz(path)
+            if _point_problem(arrays, manifest, i) is not None:  # another point's file
+                raise CorruptFile(path, _point_problem(arrays, manifest, i))
         except CorruptFile:
             corrupted.append(path)
             rows.append({"point": i, **_flat(point), "status": "corrupted"})
@@ -393,6 +479,8 @@ def _report(out: pathlib.Path) -> dict:
         rows.append({"point": i, **_flat(point), **solver,
                      "status": STATUS_NAMES[int(arrays["status"])],
                      "final_loss": float(arrays["loss"][-1]),
+                     # beyond float64's guaranteed accuracy: digits are noise (`below_accuracy`)
+                     **({"below_accuracy": True} if below_accuracy(arrays["loss"]) else {}),
                      **{f"max_drift[{k}]": v for k, v in drifts.items()}})
     finished = sum(r["status"] not in ("missing", "corrupted") for r in rows)
     summary = {"points": len(rows), "finished": finished,
@@ -415,8 +503,6 @@ def _report(out: pathlib.Path) -> dict:
 def format_sweep_summary(summary: dict) -> str:
     """The summary table of a sweep (one row per point: axes, status, final loss and each
     law's worst drift, "rel"ative or "abs"olute)."""
-    from .runner import _text_table
-
     rows = summary["rows"]
     relative = summary.get("relative_drift", {})
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -436,7 +522,7 @@ def format_sweep_summary(summary: dict) -> str:
 
     table = [tuple(header(c) for c in columns)]
     table += [tuple(cell(c, r.get(c)) for c in columns) for r in rows]
-    return _text_table(table)
+    return text_table(table)
 
 
 def _flat(point):

@@ -16,6 +16,7 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 
 from .._custom_types import Array, Float, Scalar
+from .._validation import ArgumentError, fail, integer, model_parameters
 
 
 class AbstractLaw(eqx.Module):
@@ -33,6 +34,13 @@ class AbstractLaw(eqx.Module):
     @abc.abstractmethod
     def __call__(self, model) -> Array:
         """The value Q(θ)."""
+
+    def check(self, model) -> None:
+        """Raise an `ArgumentError` when this law cannot be evaluated on `model` (one model,
+        not an ensemble): static checks of its structure and shapes, so they also run at
+        trace time inside `jit`. Every evaluation of a built-in law makes them; the default
+        checks nothing (`check_laws` then evaluates the law abstractly instead)."""
+        del model
 
     def scale(self, model) -> Array:
         """Magnitude that the drift |Q(t) − Q(0)| is divided by (broadcasts against Q)."""
@@ -60,10 +68,12 @@ class AbstractGramLaw(AbstractLaw):
         """The blocks (A, B) with AᵀA and BBᵀ both k×k."""
 
     def __call__(self, model) -> Float[Array, "k k"]:
+        self.check(model)
         a, b = self.blocks(model)
         return a.T @ a - b @ b.T
 
     def scale(self, model) -> Scalar:
+        self.check(model)
         a, b = self.blocks(model)
         return jnp.linalg.norm(a.T @ a) + jnp.linalg.norm(b @ b.T)
 
@@ -73,9 +83,15 @@ class BalanceLaw(AbstractGramLaw):
 
     layer: int = eqx.field(static=True)
 
+    def __check_init__(self):
+        integer("layer", self.layer, minimum=0)
+
     @property
     def name(self) -> str:
         return f"balance[{self.layer}]"
+
+    def check(self, model) -> None:
+        _check_layer(self, model, self.layer + 1)
 
     def blocks(self, model):
         return model.weights[self.layer + 1], model.weights[self.layer]
@@ -86,9 +102,15 @@ class AttentionQKLaw(AbstractGramLaw):
 
     head: int = eqx.field(static=True)
 
+    def __check_init__(self):
+        integer("head", self.head, minimum=0)
+
     @property
     def name(self) -> str:
         return f"qk[{self.head}]"
+
+    def check(self, model) -> None:
+        _check_head(self, model, ("query", "key"))
 
     def blocks(self, model):
         return model.query[self.head], model.key[self.head].T
@@ -99,9 +121,15 @@ class AttentionVOLaw(AbstractGramLaw):
 
     head: int = eqx.field(static=True)
 
+    def __check_init__(self):
+        integer("head", self.head, minimum=0)
+
     @property
     def name(self) -> str:
         return f"vo[{self.head}]"
+
+    def check(self, model) -> None:
+        _check_head(self, model, ("value", "out"))
 
     def blocks(self, model):
         return model.value[self.head], model.out[self.head]
@@ -118,11 +146,19 @@ class NeuronRescaleLaw(AbstractLaw):
     layer: int = eqx.field(static=True)
     degree: int = eqx.field(static=True)
 
+    def __check_init__(self):
+        integer("layer", self.layer, minimum=0)
+        integer("degree", self.degree, minimum=1)
+
     @property
     def name(self) -> str:
         return f"rescale[{self.layer}]"
 
+    def check(self, model) -> None:
+        _check_layer(self, model, self.layer + 1)
+
     def _terms(self, model):
+        self.check(model)
         incoming = jnp.sum(model.weights[self.layer] ** 2, axis=1)
         outgoing = jnp.sum(model.weights[self.layer + 1] ** 2, axis=0)
         return incoming, self.degree * outgoing
@@ -141,14 +177,22 @@ class AttentionKVLaw(AbstractLaw):
 
     head: int = eqx.field(static=True)
 
+    def __check_init__(self):
+        integer("head", self.head, minimum=0)
+
     @property
     def name(self) -> str:
         return f"kv[{self.head}]"
 
+    def check(self, model) -> None:
+        _check_head(self, model, ("key", "value"))
+
     def __call__(self, model) -> Scalar:
+        self.check(model)
         return jnp.sum(model.key[self.head] ** 2) - jnp.sum(model.value[self.head] ** 2)
 
     def scale(self, model) -> Scalar:
+        self.check(model)
         return jnp.sum(model.key[self.head] ** 2) + jnp.sum(model.value[self.head] ** 2)
 
 
@@ -162,6 +206,14 @@ class FunctionLaw(AbstractLaw):
     label: str = eqx.field(static=True)
     scale_fn: Callable | None = eqx.field(static=True, default=None)
 
+    def __check_init__(self):
+        if not callable(self.fn):
+            raise fail("fn", self.fn, "must be a function model -> Array")
+        if not isinstance(self.label, str) or not self.label:
+            raise fail("label", self.label, "must be a non-empty string (the law's name)")
+        if self.scale_fn is not None and not callable(self.scale_fn):
+            raise fail("scale_fn", self.scale_fn, "must be None or a function model -> Array")
+
     @property
     def name(self) -> str:
         return self.label
@@ -173,20 +225,87 @@ class FunctionLaw(AbstractLaw):
         return jnp.ones(()) if self.scale_fn is None else self.scale_fn(model)
 
 
+def law_mismatch(law: AbstractLaw, model, why: str, fix: str = "") -> ArgumentError:
+    """The error for a law that does not fit `model`: names `laws`, the law and the model."""
+    fix = fix or "pass laws of this model (e.g. model.laws(), or leave `laws` out)"
+    return ArgumentError(f"`laws` holds {law.name!r} ({type(law).__name__}), which cannot be "
+                         f"evaluated on `model` ({type(model).__name__}): {why}; {fix}.")
+
+
+def _check_layer(law, model, last: int) -> None:
+    """`model.weights` exists and has a layer `last` (the deepest one the law reads)."""
+    weights = getattr(model, "weights", None)
+    if not isinstance(weights, tuple | list):
+        raise law_mismatch(law, model, "it has no `weights` tuple of layers")
+    if last >= len(weights):
+        raise law_mismatch(law, model, f"it reads layer {last} but the model has "
+                                       f"{len(weights)} layers (0 to {len(weights) - 1})")
+
+
+def _check_head(law, model, blocks) -> None:
+    """`model` has the attention blocks `blocks` and a head `law.head`."""
+    for name in blocks:
+        if getattr(model, name, None) is None:
+            raise law_mismatch(law, model, f"it has no `{name}` projection"
+                               + (" (built without `out`)" if name == "out" else ""))
+    heads = model.query.shape[-3] if hasattr(model, "query") else getattr(model, blocks[0]).shape[0]
+    if law.head >= heads:
+        raise law_mismatch(law, model, f"it reads head {law.head} but the model has {heads} "
+                                       "heads")
+
+
 def check_unique_names(laws) -> tuple[AbstractLaw, ...]:
     """Validate a sequence of laws (type and unique names) and return it as a tuple."""
+    if isinstance(laws, AbstractLaw) or isinstance(laws, str) or not hasattr(laws, "__iter__"):
+        raise fail("laws", laws, "must be a list of laws", "wrap a single law as [law]")
     laws = tuple(laws)
     seen = set()
     for law in laws:
         if not isinstance(law, AbstractLaw):
-            raise TypeError(
+            raise ArgumentError(
                 f"`laws` must contain `AbstractLaw`s, got {type(law).__name__}; wrap a function "
                 "as `conservation.FunctionLaw(fn, 'name')`."
             )
         if law.name in seen:
-            raise ValueError(f"two laws are named {law.name!r}: law names must be unique.")
+            raise ArgumentError(f"two laws are named {law.name!r}: law names must be unique.")
         seen.add(law.name)
     return laws
+
+
+def check_laws(laws, model) -> tuple[AbstractLaw, ...]:
+    """Validate `laws` for `model` (a model or an `Ensemble`) at the boundary of a run: each
+    is an `AbstractLaw`, names are unique, and each can be evaluated on one member of `model`
+    — its static `check`, or for laws without one (`FunctionLaw`s, user subclasses) an
+    abstract evaluation (`jax.eval_shape`, nothing computed). Raises an `ArgumentError` naming
+    the law; returns the laws as a tuple."""
+    laws = check_unique_names(laws)
+    if not laws:
+        return laws
+    member = _abstract_member(model)
+    for law in laws:
+        law.check(member)
+        if type(law).check is not AbstractLaw.check:
+            continue
+        try:
+            for method in (law, law.scale, law.condition):
+                eqx.filter_eval_shape(method, member)
+        except ArgumentError:
+            raise
+        except Exception as e:  # noqa: BLE001 — the user's law cannot take this model
+            raise law_mismatch(law, member, f"{type(e).__name__}: {str(e)[:200]}",
+                               "fix the law's function or pass laws of this model") from e
+    return laws
+
+
+def _abstract_member(model):
+    """One member of `model` (a model, or an ensemble's first) with abstract leaves."""
+    from .._models.base import Ensemble  # models import laws: import here, not at the top
+
+    if isinstance(model, Ensemble):
+        return eqx.filter_eval_shape(lambda e: e[0], model)
+    if not isinstance(model, eqx.Module):
+        raise fail("model", model, "must be an `equinox.Module` or an `Ensemble`")
+    return model
 
 
 def pointwise_check(law: AbstractLaw, objective, model) -> Scalar:
@@ -194,8 +313,28 @@ def pointwise_check(law: AbstractLaw, objective, model) -> Scalar:
 
     Q is conserved by the gradient flow of `objective` iff this vanishes everywhere
     (dQ/dt = −⟨∇Q, ∇L⟩). Components whose gradient vanishes at this point are skipped.
+    `model` is one model (not an ensemble); parameters of another float dtype are converted
+    to float64, with a warning.
     """
+    if not isinstance(law, AbstractLaw):
+        raise fail("law", law, "must be an `AbstractLaw`",
+                   "wrap a function as conservation.FunctionLaw(fn, 'name')")
+    if not callable(objective):
+        raise fail("objective", objective, "must be callable as objective(model)",
+                   "build one with conservation.make_objective(loss, data, model)")
+    from .._models.base import Ensemble
+
+    if isinstance(model, Ensemble):
+        raise ArgumentError(f"`model` is an Ensemble of {model.size}; pointwise_check takes "
+                            "one model: pass ensemble[i].")
+    if not isinstance(model, eqx.Module):
+        raise fail("model", model, "must be an `equinox.Module`")
+    model = model_parameters(model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
+    if not jax.tree_util.tree_leaves(params):
+        raise ArgumentError(f"`model` ({type(model).__name__}) has no floating-point "
+                            "parameters: there is no gradient to check against.")
+    check_laws((law,), model)
     flat, unravel = jfu.ravel_pytree(params)
 
     def loss(p):

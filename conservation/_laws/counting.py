@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._data.augmentation import as_augmentation
-from .._data.dataset import Dataset
+from .._data.dataset import Dataset, check_model_data
 from .._data.losses import AbstractLoss, CrossEntropy
 from .._data.objective import make_objective
 from .._models.base import Ensemble, flat_parameters
+from .._validation import ArgumentError, fail, integer, model_parameters, number, prng_key, shape
 from .base import FunctionLaw
 
 _SCALES = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -132,9 +133,37 @@ class LawCount:
 
 
 def _check_count(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an int ≥ {minimum}, got {value!r}.")
-    return int(value)
+    return integer(name, value, minimum=minimum)
+
+
+def _check_model(model, loss, input_shape, key, tol):
+    """The boundary checks shared by `count_laws` and `find_polynomial_laws`: one float64
+    model with parameters, a loss, a PRNG key, a tolerance, and an input shape the model
+    takes (inferred for conservation's vector and token models). Returns (model,
+    input_shape)."""
+    model = model[0] if isinstance(model, Ensemble) else model
+    if not isinstance(model, eqx.Module):
+        raise fail("model", model, "must be an `equinox.Module`",
+                   "wrap a function f(params, x) as conservation.FunctionModel(f, params)")
+    model = model_parameters(model)
+    if not jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array)):
+        raise ArgumentError(f"`model` ({type(model).__name__}) has no floating-point "
+                            "parameters: there are no laws to count.")
+    if not isinstance(loss, AbstractLoss):
+        raise fail("loss", loss, "must be a conservation loss", "e.g. conservation.MSE()")
+    prng_key("key", key, optional=True)
+    number("tol", tol, "(0,1)", fix="a relative singular-value threshold such as 1e-9")
+    if input_shape is None:
+        input_shape = _input_shape(model)
+    else:
+        input_shape = shape("input_shape", input_shape)
+    try:
+        jax.eval_shape(model, jax.ShapeDtypeStruct(input_shape, jnp.float64))
+    except Exception as e:  # noqa: BLE001 — any failure means the model cannot take it
+        raise ArgumentError(
+            f"`input_shape` {input_shape} is not an input the model {type(model).__name__} "
+            f"takes ({type(e).__name__}: {str(e)[:200]}); pass the shape of one input.") from None
+    return model, input_shape
 
 
 @eqx.filter_jit
@@ -254,12 +283,12 @@ def _pad_linear(model, pad_to):
 
     layers, width = pad_to
     if not isinstance(model, DeepLinear):
-        raise ValueError("`pad_to` embeds a `DeepLinear` only; pass `pad_to=None` for "
-                         f"{type(model).__name__}.")
+        raise ArgumentError("`pad_to` embeds a `DeepLinear` only; pass `pad_to=None` for "
+                            f"{type(model).__name__}.")
     if len(model.weights) > layers or max(model.widths) > width:
-        raise ValueError(f"`pad_to` = {pad_to} is smaller than the model (widths "
-                         f"{model.widths}); pass at least ({len(model.weights)}, "
-                         f"{max(model.widths)}).")
+        raise ArgumentError(f"`pad_to` = {pad_to} is smaller than the model (widths "
+                            f"{model.widths}); pass at least ({len(model.weights)}, "
+                            f"{max(model.widths)}).")
     weights, masks = [], []
     for w in model.weights:
         weights.append(jnp.zeros((width, width)).at[:w.shape[0], :w.shape[1]].set(w))
@@ -535,9 +564,23 @@ def count_laws(
     this weighting. The count also runs on JAX's CPU backend whatever the default device (a
     rank decision on small float64 matrices, cheap there).
     """
-    model = model[0] if isinstance(model, Ensemble) else model
+    model, input_shape = _check_model(model, loss, input_shape, key, tol)
+    if augment is not None:
+        as_augmentation(augment)  # named error now, not after the model's compile
+    if isinstance(scales, str) or np.ndim(scales) != 1 or not len(scales):
+        raise fail("scales", scales, "must be a non-empty tuple of input scales > 0")
+    for s_ in scales:
+        number("scales", s_, ">0", fix="every scale is a finite number > 0")
+    probe_size = _check_count("probe_size", probe_size, 1)
+    for name_, flag_ in (("early_stop", early_stop), ("known_laws", known_laws)):
+        if not isinstance(flag_, bool):
+            raise fail(name_, flag_, "must be True or False")
+    if pad_to is not None:
+        if not isinstance(pad_to, tuple | list) or len(pad_to) != 2:
+            raise fail("pad_to", pad_to, "must be None or a pair (layers, width) of ints ≥ 1")
+        pad_to = (_check_count("pad_to", pad_to[0], 1), _check_count("pad_to", pad_to[1], 1))
     if not _on_cpu():
-        args = {k: v for k, v in locals().items() if k != "model"}
+        args = {k: v for k, v in locals().items() if k not in ("model", "s_", "name_", "flag_")}
         cpu = jax.devices("cpu")[0]
         with jax.default_device(cpu):
             return count_laws(jax.device_put(model, cpu), **{
@@ -548,13 +591,14 @@ def count_laws(
     patience = _check_count("patience", patience, 0)
     max_rounds = _check_count("max_rounds", max_rounds, 1)
     if not (data is None or isinstance(data, Dataset) or callable(data)):
-        raise TypeError(f"`data` must be None, a `Dataset` or a sampler (key, n) -> inputs, "
-                        f"got {type(data).__name__}.")
+        raise ArgumentError(f"`data` must be None, a `Dataset` or a sampler (key, n) -> "
+                            f"inputs, got {type(data).__name__}.")
+    if isinstance(data, Dataset):
+        check_model_data(model, data, loss)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     theta, _ = jfu.ravel_pytree(params)
     dim = theta.size
     key = jax.random.PRNGKey(0) if key is None else key
-    input_shape = _input_shape(model) if input_shape is None else tuple(input_shape)
     n_sets = dim + 4 if n_sets is None else _check_count("n_sets", n_sets, 1)
     brackets_per_depth = (2 * dim if brackets_per_depth is None
                           else _check_count("brackets_per_depth", brackets_per_depth, 1))
@@ -565,8 +609,8 @@ def count_laws(
 
     if pad_to is not None:
         if augmentation is not None:
-            raise ValueError("`pad_to` needs `augment=None` (a group acts on the real input "
-                             "dimensions only).")
+            raise ArgumentError("`pad_to` needs `augment=None` (a group acts on the real "
+                                "input dimensions only).")
         padded, mask, keep = _pad_linear(model, tuple(pad_to))
         eval_params, eval_static = eqx.partition(padded, eqx.is_inexact_array)
     else:
@@ -668,11 +712,19 @@ def count_laws(
 
 
 def _input_shape(model) -> tuple[int, ...]:
-    if hasattr(model, "query"):
-        return (3, model.query.shape[-2])
-    if hasattr(model, "weight"):
-        return (model.weight.shape[0],)
-    return (model.weights[0].shape[-1],)
+    """One input's shape for conservation's models (3 tokens for attention), read from
+    their first layer (`query`, `weight` or `weights[0]`)."""
+    query, weight = getattr(model, "query", None), getattr(model, "weight", None)
+    weights = getattr(model, "weights", None)
+    if isinstance(query, jax.Array) and query.ndim == 3:
+        return (3, query.shape[-2])
+    if isinstance(weight, jax.Array) and weight.ndim == 1:
+        return (weight.shape[0],)
+    if isinstance(weights, tuple | list) and weights and getattr(weights[0], "ndim", 0) == 2:
+        return (weights[0].shape[-1],)
+    raise ArgumentError(f"`input_shape` is needed for a {type(model).__name__}: it cannot be "
+                        "inferred from the model; pass the shape of one input, e.g. "
+                        "input_shape=(2,).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -772,7 +824,15 @@ def find_polynomial_laws(
 
     **Returns:** a `PolynomialLaws` (basis, readable `describe()`, `laws` for the monitors).
     """
-    model = model[0] if isinstance(model, Ensemble) else model
+    model, input_shape = _check_model(model, loss, input_shape, key, tol)
+    degree = _check_count("degree", degree, 1)
+    set_size = _check_count("set_size", set_size, 1)
+    if n_points is not None:
+        n_points = _check_count("n_points", n_points, 1)
+    if n_sets is not None:
+        n_sets = _check_count("n_sets", n_sets, 1)
+    if augment is not None:
+        as_augmentation(augment)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     theta0, unravel = jfu.ravel_pytree(params)
     dim = theta0.size
@@ -782,7 +842,6 @@ def find_polynomial_laws(
     k_data, k_points = jax.random.split(key)
     n_sets = 8 if n_sets is None else n_sets
     n_points = max(4, -(-2 * len(monomials) // n_sets)) if n_points is None else n_points
-    input_shape = _input_shape(model) if input_shape is None else tuple(input_shape)
     rng = np.random.default_rng(int(jax.random.randint(k_data, (), 0, 2**31 - 1)))
     sampler = _Sampler(model, loss, None, (1.0,), input_shape, set_size, rng)
     x, y = sampler(n_sets)

@@ -32,11 +32,14 @@ import jax.tree_util as jtu
 import numpy as np
 
 from .._custom_types import Array, Float, Key
-from .._data.dataset import Dataset
+from .._data.dataset import Dataset, check_model_data
 from .._data.losses import AbstractLoss
 from .._data.objective import Objective
-from .._models.base import Ensemble, flat_parameters
+from .._models.base import Ensemble
 from .._models.mlp import AbstractMechanicsLaw
+from .._text import text_table
+from .._validation import ArgumentError, fail, integer, model_parameters, number, prng_key
+from .base import law_mismatch
 
 
 class AbstractMaskLaw(AbstractMechanicsLaw):
@@ -54,11 +57,18 @@ class AbstractMaskLaw(AbstractMechanicsLaw):
     def name(self) -> str:
         return self.label
 
-    def mask(self, model) -> Float[Array, "c D"]:
-        size = flat_parameters(model).shape[-1]
+    def check(self, model) -> None:
+        # Shapes and dtypes only (the leaves may be abstract, as in `check_laws`).
+        size = sum(math.prod(x.shape) for x in jtu.tree_leaves(model)
+                   if isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
+                   and jnp.issubdtype(x.dtype, jnp.inexact))
         if size != self.size:
-            raise ValueError(f"law {self.label!r} was found for {self.size} parameters but the "
-                             f"`model` has {size}: find the laws again for this architecture.")
+            raise law_mismatch(self, model, f"it was found for {self.size} parameters but the "
+                                            f"model has {size}",
+                               "find the laws again for this architecture (find_symmetries)")
+
+    def mask(self, model) -> Float[Array, "c D"]:
+        self.check(model)
         mask = np.zeros((self.components, self.size))
         mask[np.asarray(self.rows, int), np.asarray(self.cols, int)] = self.signs
         return jnp.asarray(mask)
@@ -150,8 +160,6 @@ class SymmetrySearch:
     def describe(self, full: bool = False) -> str:
         """A table per family and layer: candidates tested / accepted, the worst residual of
         the accepted and the smallest of the rejected ones (`full=True`: every candidate)."""
-        from .._experiments.runner import _text_table
-
         rows = [("family", "layer", "tested", "accepted", "worst accepted", "best rejected",
                  "why rejected")]
         if full:
@@ -173,7 +181,7 @@ class SymmetrySearch:
                              _fmt(max(acc)) if acc else "-",
                              _fmt(min((c.residual for c in rej), default=math.nan))
                              if rej else "-", ", ".join(reasons) or "-"))
-        lines = [_text_table(rows), "",
+        lines = [text_table(rows), "",
                  f"{self.n_laws} law components ({self.independent} independent) over "
                  f"{self.parameters} parameters, probed at {self.points} (point, batch) pairs, "
                  f"tol {self.tol:g}."]
@@ -320,19 +328,34 @@ def find_symmetries(
     if isinstance(model, Ensemble):
         model = model[0]
     if not isinstance(model, eqx.Module):
-        raise TypeError(f"`model` must be an `equinox.Module` (wrap a function as "
-                        f"`conservation.FunctionModel(fn, params)`), got {type(model).__name__}.")
+        raise ArgumentError(f"`model` must be an `equinox.Module` (wrap a function as "
+                            f"`conservation.FunctionModel(fn, params)`), got "
+                            f"{type(model).__name__}.")
+    model = model_parameters(model)
+    if not jtu.tree_leaves(eqx.filter(model, eqx.is_inexact_array)):
+        raise ArgumentError(f"`model` ({type(model).__name__}) has no floating-point "
+                            "parameters: there are no symmetries of parameters to find.")
     if not isinstance(loss, AbstractLoss):
-        raise TypeError(f"`loss` must be a conservation loss such as `CrossEntropy()`, got "
-                        f"{loss!r}.")
+        raise ArgumentError(f"`loss` must be a conservation loss such as `CrossEntropy()`, got "
+                            f"{loss!r}.")
     if isinstance(data, tuple):
+        if len(data) != 2:
+            raise fail("data", data, "must be a `conservation.Dataset` or an (x, y) pair")
         data = Dataset(*data)
     if not isinstance(data, Dataset):
-        raise TypeError(f"`data` must be a `conservation.Dataset` or an (x, y) pair, got "
-                        f"{type(data).__name__}.")
-    if not isinstance(points, int) or points < 2:
-        raise ValueError(f"`points` must be an int ≥ 2 (a law is confirmed at several "
-                         f"points), got {points!r}.")
+        raise ArgumentError(f"`data` must be a `conservation.Dataset` or an (x, y) pair, got "
+                            f"{type(data).__name__}.")
+    check_model_data(model, data, loss)
+    prng_key("key", key, optional=True)
+    points = integer("points", points, minimum=2,
+                     fix="a law is confirmed at several points")
+    max_points = integer("max_points", max_points, minimum=1)
+    batch_size = integer("batch_size", batch_size, minimum=1,
+                         fix="the number of samples per probed batch")
+    number("tol", tol, "(0,1)", fix="a relative residual threshold such as 1e-10")
+    if count is not None and not isinstance(count, bool):
+        raise fail("count", count, "must be True, False or None")
+    count_max_parameters = integer("count_max_parameters", count_max_parameters, minimum=0)
     key = jax.random.PRNGKey(0) if key is None else key
     params, static = eqx.partition(model, eqx.is_inexact_array)
     theta0, unravel = jfu.ravel_pytree(params)

@@ -24,15 +24,40 @@ from .._data.groups import (
     PlanarRotations,
     _brauer_supported,
 )
-from .base import AbstractLaw
+from .._validation import ArgumentError, fail, integer
+from .base import AbstractLaw, law_mismatch
 
 
 def _first_layer(model) -> Float[Array, "h d"]:
-    if hasattr(model, "weights"):
-        return model.weights[0]
-    if hasattr(model, "weight"):
+    weights = getattr(model, "weights", None)
+    if isinstance(weights, tuple | list) and weights:
+        return weights[0]
+    if getattr(model, "weight", None) is not None:
         return model.weight[None, :]
-    raise TypeError(f"{type(model).__name__} has no first weight layer.")
+    raise ArgumentError(f"`model` ({type(model).__name__}) has no first weight layer "
+                        "(`weights[0]` or `weight`).")
+
+
+def _check_first_layer(law, model, rows: int | None = None, columns: int | None = None):
+    """The first layer exists, is a matrix, and has `rows` rows / `columns` columns."""
+    # Shapes only: `model`'s leaves may be abstract (`check_laws`).
+    weights, weight = getattr(model, "weights", None), getattr(model, "weight", None)
+    if isinstance(weights, tuple | list) and weights:
+        shape = tuple(weights[0].shape)
+    elif weight is not None and len(weight.shape) == 1:
+        shape = (1, weight.shape[0])
+    else:
+        raise law_mismatch(law, model, "it has no first weight layer (`weights[0]` or "
+                                       "`weight`)")
+    if len(shape) != 2:
+        raise law_mismatch(law, model, f"its first layer has shape {shape}, not a matrix")
+    if rows is not None and shape[0] != rows:
+        raise law_mismatch(law, model, f"the law needs a first layer of {rows} row(s), the "
+                                       f"model's has shape {shape}")
+    if columns is not None and shape[1] != columns:
+        raise law_mismatch(law, model, f"the law needs a first layer of {columns} columns, the "
+                                       f"model's has shape {shape}")
+    return shape
 
 
 class AbstractSubspaceLaw(AbstractLaw):
@@ -50,6 +75,7 @@ class AbstractSubspaceLaw(AbstractLaw):
         """Norm of the parameters P is cut from (what round-off is relative to)."""
 
     def __call__(self, model) -> Float[Array, "p p"]:
+        self.check(model)
         p = self.block(model)
         return p @ jnp.linalg.solve(p.T @ p, p.T)
 
@@ -58,6 +84,7 @@ class AbstractSubspaceLaw(AbstractLaw):
         return jnp.linalg.norm(value - reference)
 
     def condition(self, model) -> Scalar:
+        self.check(model)
         singular = jnp.linalg.svd(self.block(model), compute_uv=False)
         return singular[-1] / self.source_norm(model)
 
@@ -71,9 +98,19 @@ class RowSpaceLaw(AbstractSubspaceLaw):
     basis: Float[Array, "d q"] | None
     label: str = eqx.field(static=True, default="")
 
+    def __check_init__(self):
+        if self.basis is not None and getattr(self.basis, "ndim", None) != 2:
+            raise fail("basis", self.basis, "must be None or a matrix (d × q)")
+        if not isinstance(self.label, str):
+            raise fail("label", self.label, "must be a string")
+
     @property
     def name(self) -> str:
         return f"rowspace[W1{'·' + self.label if self.label else ''}]"
+
+    def check(self, model) -> None:
+        _check_first_layer(self, model,
+                           columns=None if self.basis is None else self.basis.shape[0])
 
     def block(self, model):
         w = _first_layer(model)
@@ -90,6 +127,12 @@ class AttentionRangeLaw(AbstractSubspaceLaw):
     @property
     def name(self) -> str:
         return "range[QKV]"
+
+    def check(self, model) -> None:
+        for name in ("query", "key", "value"):
+            if getattr(model, name, None) is None:
+                raise law_mismatch(self, model, f"it has no `{name}` projection (the law is "
+                                                "Lightning Attention's)")
 
     def block(self, model):
         blocks = [model.query, model.key, model.value]  # each (H, d, ·)
@@ -109,6 +152,13 @@ def _equivariant_parts(model):
     return w @ perp - s * perp, perp @ w @ jnp.ones(n)
 
 
+def _check_square(law, model):
+    shape = _check_first_layer(law, model)
+    if shape[0] != shape[1] or shape[0] < 2:
+        raise law_mismatch(law, model, f"the law needs one square layer (n × n, n ≥ 2), the "
+                                       f"model's first layer has shape {shape}")
+
+
 class EquivariantResidualLaw(AbstractSubspaceLaw):
     """Direction (mod sign) of R = WΠ⊥ − sΠ⊥ for one S_n-equivariant linear layer
     W ∈ R^{n×n} (inputs and targets permuted together): with MSE the augmented loss only
@@ -117,6 +167,9 @@ class EquivariantResidualLaw(AbstractSubspaceLaw):
     @property
     def name(self) -> str:
         return "equivariant[R]"
+
+    def check(self, model) -> None:
+        _check_square(self, model)
 
     def block(self, model):
         return _equivariant_parts(model)[0].reshape(-1, 1)
@@ -133,6 +186,9 @@ class EquivariantRowSumLaw(AbstractSubspaceLaw):
     def name(self) -> str:
         return "equivariant[r]"
 
+    def check(self, model) -> None:
+        _check_square(self, model)
+
     def block(self, model):
         return _equivariant_parts(model)[1][:, None]
 
@@ -148,11 +204,21 @@ class FourierPhaseLaw(AbstractLaw):
 
     frequency: int = eqx.field(static=True)
 
+    def __check_init__(self):
+        integer("frequency", self.frequency, minimum=1)
+
     @property
     def name(self) -> str:
         return f"phase[{self.frequency}]"
 
+    def check(self, model) -> None:
+        shape = _check_first_layer(self, model, rows=1)
+        if not self.frequency < shape[1]:
+            raise law_mismatch(self, model, f"frequency {self.frequency} needs 1 ≤ j < n for "
+                                            f"the model's n = {shape[1]} inputs")
+
     def _coefficient(self, model):
+        self.check(model)
         w = _first_layer(model)[0]
         n = w.shape[0]
         angle = -2.0 * jnp.pi * self.frequency * jnp.arange(n) / n
@@ -182,11 +248,16 @@ class CyclicRatioLaw(AbstractLaw):
     def name(self) -> str:
         return "ratio[I(W)]"
 
+    def check(self, model) -> None:
+        _check_first_layer(self, model, rows=1, columns=3)
+
     def __call__(self, model) -> Scalar:
+        self.check(model)
         w = _first_layer(model)[0]
         return (w[0] - w[1]) / (w[0] + w[1] - 2.0 * w[2])
 
     def condition(self, model) -> Scalar:
+        self.check(model)
         w = _first_layer(model)[0]
         return jnp.abs(w[0] + w[1] - 2.0 * w[2]) / jnp.linalg.norm(w)
 
@@ -198,8 +269,12 @@ def isotypic_components(group, *, seed: int = 0) -> list[tuple[np.ndarray, bool]
     whether every symmetric matrix commuting with G is a multiple of the identity on it (true
     for an irreducible of multiplicity one — the case with a Grassmannian law).
     """
+    integer("seed", seed, minimum=0)
     if isinstance(group, OrthogonalGroup):
         return [(np.eye(group.dim), True)] if group.dim > 1 else []
+    if not isinstance(group, AbstractFiniteGroup):
+        raise fail("group", group, "must be a finite conservation group or OrthogonalGroup",
+                   "e.g. conservation.CyclicShift(3)")
     g = np.asarray(group.matrices())
     d = group.dim
     rng = np.random.default_rng(seed)

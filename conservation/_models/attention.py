@@ -16,9 +16,20 @@ import jax.numpy as jnp
 
 from .._custom_types import Array, Float, Key
 from .._laws.base import AttentionKVLaw, AttentionQKLaw, AttentionVOLaw
+from .._validation import ArgumentError, choice, fail, integer, number
 from .base import AbstractTensorizableModel
+from .linear import _check_random
 
 Form = Literal["parallel", "tiled", "recurrent"]
+
+
+def _array(name, a) -> Array:
+    try:
+        a = jnp.asarray(a)
+    except TypeError:
+        raise fail(name, a, "must be a float array") from None
+    # Integer entries would not be parameters (only inexact leaves train): make them float.
+    return a if jnp.issubdtype(a.dtype, jnp.inexact) else a.astype(float)
 
 
 class LightningAttention(AbstractTensorizableModel):
@@ -60,26 +71,28 @@ class LightningAttention(AbstractTensorizableModel):
         - `form`: how `__call__` evaluates: `"parallel"`, `"tiled"` or `"recurrent"`.
         - `block_size`: the tile size of the tiled form.
         """
-        query, key, value = (jnp.asarray(a) for a in (query, key, value))
+        query, key, value = (_array(n, a) for n, a in (("query", query), ("key", key),
+                                                       ("value", value)))
         if query.ndim != 3 or key.shape != query.shape:
-            raise ValueError(
+            raise ArgumentError(
                 f"`query` and `key` must both have shape (heads, d, r); got {query.shape} and "
                 f"{key.shape}."
             )
         if value.ndim != 3 or value.shape[:2] != query.shape[:2]:
-            raise ValueError(f"`value` must have shape (heads, d, dv) = {query.shape[:2]} + (dv,).")
+            raise ArgumentError(f"`value` must have shape (heads, d, dv) = {query.shape[:2]} + "
+                                f"(dv,), got {value.shape}.")
         if out is not None:
-            out = jnp.asarray(out)
+            out = _array("out", out)
             if out.ndim != 3 or out.shape[:2] != (value.shape[0], value.shape[2]):
-                raise ValueError(f"`out` must have shape (heads, dv, m); got {out.shape}.")
-        if not 0.0 < decay <= 1.0:
-            raise ValueError(f"`decay` must lie in (0, 1], got {decay}.")
+                raise ArgumentError(f"`out` must have shape (heads, dv, m) = "
+                                    f"{(value.shape[0], value.shape[2])} + (m,); got {out.shape}.")
+        number("decay", decay, "(0,1]")
+        if not isinstance(causal, bool):
+            raise fail("causal", causal, "must be True or False")
         if not causal and decay != 1.0:
-            raise ValueError("`causal=False` needs `decay=1.0`: a decay mask is only causal.")
-        if form not in ("parallel", "tiled", "recurrent"):
-            raise ValueError(f"`form` must be 'parallel', 'tiled' or 'recurrent', got {form!r}.")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+            raise ArgumentError("`causal=False` needs `decay=1.0`: a decay mask is only causal.")
+        choice("form", form, ("parallel", "tiled", "recurrent"))
+        block_size = integer("block_size", block_size, minimum=1)
         self.query, self.key, self.value, self.out = query, key, value, out
         self.decay, self.causal, self.form, self.block_size = float(decay), causal, form, block_size
 
@@ -102,8 +115,10 @@ class LightningAttention(AbstractTensorizableModel):
         """
         for name, v in (("dim", dim), ("key_dim", key_dim), ("value_dim", value_dim),
                         ("heads", heads)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {v!r}.")
+            integer(name, v, minimum=1)
+        if out_dim is not None:
+            integer("out_dim", out_dim, minimum=1)
+        _check_random(key, init_scale)
         kq, kk, kv, ko = jax.random.split(key, 4)
         std = init_scale / jnp.sqrt(dim)
         query = std * jax.random.normal(kq, (heads, dim, key_dim))

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._custom_types import Array, Float, Key
+from .._memory import check_members
+from .._validation import ArgumentError, fail, integer, model_parameters, prng_key
 
 
 class AbstractModel(eqx.Module):
@@ -74,24 +76,44 @@ class Ensemble(eqx.Module):
     @classmethod
     def init(cls, factory: Callable[[Key], eqx.Module], key: Key, size: int) -> "Ensemble":
         """`size` models `factory(k)` built from independent keys split from `key` (any
-        `equinox.Module` factory, e.g. `lambda k: eqx.nn.MLP(2, 1, 8, 1, key=k)`)."""
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"`size` must be a positive int, got {size!r}.")
-        return cls(eqx.filter_vmap(factory)(jax.random.split(key, size)), size)
+        `equinox.Module` factory, e.g. `lambda k: eqx.nn.MLP(2, 1, 8, 1, key=k)`). Parameters
+        of another float dtype are converted to float64 (with a warning)."""
+        if not callable(factory):
+            raise fail("factory", factory, "must be a function key -> model",
+                       "e.g. lambda k: conservation.DeepLinear.random([3, 2], key=k)")
+        prng_key("key", key)
+        size = integer("size", size, minimum=1)
+        check_members(factory, key, size)  # refuse before any member is built
+        models = eqx.filter_vmap(factory)(jax.random.split(key, size))
+        return cls(model_parameters(models, "factory(key)"), size)
 
     @classmethod
     def stack(cls, models: Sequence[eqx.Module]) -> "Ensemble":
-        """Stack models of identical architecture into an ensemble."""
+        """Stack models of identical architecture into an ensemble (parameters of another
+        float dtype are converted to float64, with a warning)."""
+        if isinstance(models, eqx.Module | str) or not hasattr(models, "__iter__"):
+            raise fail("models", models, "must be a list of models",
+                       "wrap a single model as [model] or use `conservation.as_ensemble(model)`")
         models = list(models)
         if not models:
-            raise ValueError("`models` is empty: an ensemble needs at least one model.")
+            raise ArgumentError("`models` is empty: an ensemble needs at least one model.")
+        for i, m in enumerate(models):
+            if not isinstance(m, eqx.Module):
+                raise fail(f"models[{i}]", m, "must be an `equinox.Module`")
         params = [eqx.filter(m, eqx.is_array) for m in models]
         static = eqx.filter(models[0], eqx.is_array, inverse=True)
         for i, m in enumerate(models[1:], 1):
             if not eqx.tree_equal(eqx.filter(m, eqx.is_array, inverse=True), static):
-                raise ValueError(f"`models[{i}]` has a different architecture from `models[0]`.")
+                raise ArgumentError(f"`models[{i}]` has a different architecture from "
+                                    "`models[0]`; an ensemble stacks models of one architecture.")
+        shapes = [[jnp.shape(x) for x in jtu.tree_leaves(p)] for p in params]
+        for i, s in enumerate(shapes[1:], 1):
+            if s != shapes[0]:
+                raise ArgumentError(f"`models[{i}]` has parameters of other shapes than "
+                                    "`models[0]`; an ensemble stacks models of one "
+                                    "architecture.")
         stacked = jtu.tree_map(lambda *xs: jnp.stack(xs), *params)
-        return cls(eqx.combine(stacked, static), len(models))
+        return cls(model_parameters(eqx.combine(stacked, static), "models"), len(models))
 
     def __len__(self) -> int:
         return self.size
@@ -106,20 +128,22 @@ def as_ensemble(model: eqx.Module | Ensemble) -> Ensemble:
 
     Any `equinox.Module` is a model (its inexact-array leaves are the parameters), e.g.
     `equinox.nn.MLP`; wrap a pure function `f(params, x)` as `conservation.FunctionModel`.
+    Parameters of another float dtype (float32, float16) are converted to float64, with one
+    warning; complex parameters are refused.
     """
     if isinstance(model, Ensemble):
-        return model
+        return model_parameters(model, "model")
     if isinstance(model, eqx.Module):
         if not jtu.tree_leaves(eqx.filter(model, eqx.is_inexact_array)):
-            raise ValueError(f"`model` ({type(model).__name__}) has no floating-point array "
-                             "leaves: there are no parameters to train.")
-        return Ensemble.stack([model])
+            raise ArgumentError(f"`model` ({type(model).__name__}) has no floating-point array "
+                                "leaves: there are no parameters to train.")
+        return Ensemble.stack([model_parameters(model, "model")])
     if callable(model):
-        raise TypeError(
+        raise ArgumentError(
             "`model` is a plain function; wrap it with its parameters as "
             "`conservation.FunctionModel(fn, params)` (fn(params, x) -> output)."
         )
-    raise TypeError(
+    raise ArgumentError(
         f"`model` must be an `equinox.Module` or `Ensemble`, got {type(model).__name__}. "
         "Build one with e.g. `conservation.DeepLinear.random(widths, key=key)`."
     )

@@ -1,5 +1,6 @@
 """Deep linear networks f(x) = W_L ⋯ W_1 x."""
 
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -7,17 +8,41 @@ import jax.numpy as jnp
 
 from .._custom_types import Array, Float, Key
 from .._laws.base import BalanceLaw
+from .._validation import ArgumentError, fail, number, prng_key
 from .base import AbstractTensorizableModel
 
 
 def _check_widths(widths: Sequence[int], minimum_layers: int = 1) -> tuple[int, ...]:
-    widths = tuple(widths)
-    if len(widths) < minimum_layers + 1 or not all(isinstance(w, int) and w > 0 for w in widths):
-        raise ValueError(
-            f"`widths` must list at least {minimum_layers + 1} positive ints "
-            f"(input, hidden..., output), got {widths!r}."
-        )
-    return widths
+    must = f"must list at least {minimum_layers + 1} positive ints (input, hidden..., output)"
+    if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
+        raise fail("widths", widths, must, "e.g. widths=[3, 4, 2]")
+    if len(widths) < minimum_layers + 1 or not all(
+            isinstance(w, numbers.Integral) and not isinstance(w, bool) and w > 0
+            for w in widths):
+        raise fail("widths", widths, must, "e.g. widths=[3, 4, 2]")
+    return tuple(int(w) for w in widths)
+
+
+def _check_random(key, init_scale) -> None:
+    prng_key("key", key)
+    number("init_scale", init_scale, ">0")
+
+
+def _matrices(weights, minimum: int) -> tuple[Array, ...]:
+    """`weights` as a tuple of ≥ `minimum` 2-D arrays (float: integers are converted; another
+    float dtype is converted to float64 where a model enters a run)."""
+    must = (f"must be a sequence of at least {minimum} 2-D matrices (W_1, …, W_L"
+            + ("; at least one hidden layer)" if minimum > 1 else ")"))
+    if isinstance(weights, str | bytes) or not isinstance(weights, Sequence):
+        raise fail("weights", weights, must)
+    try:
+        weights = tuple(jnp.asarray(w) for w in weights)
+    except TypeError:
+        raise fail("weights", weights, must) from None
+    if len(weights) < minimum or any(w.ndim != 2 for w in weights):
+        raise ArgumentError(f"`weights` {must}, got shapes {[w.shape for w in weights]}.")
+    # Integer entries would not be parameters (only inexact leaves train): make them float.
+    return tuple(w if jnp.issubdtype(w.dtype, jnp.inexact) else w.astype(float) for w in weights)
 
 
 def _random_weights(widths, key, init_scale):
@@ -40,12 +65,10 @@ class DeepLinear(AbstractTensorizableModel):
 
     def __init__(self, weights: Sequence[Array]):
         """**Arguments:** `weights`: the layer matrices W_1, …, W_L (shapes n_l × n_{l−1})."""
-        weights = tuple(jnp.asarray(w) for w in weights)
-        if not weights or any(w.ndim != 2 for w in weights):
-            raise ValueError("`weights` must be a non-empty sequence of 2-D matrices.")
+        weights = _matrices(weights, 1)
         for i, (a, b) in enumerate(zip(weights[:-1], weights[1:])):
             if b.shape[1] != a.shape[0]:
-                raise ValueError(
+                raise ArgumentError(
                     f"`weights[{i + 1}]` has shape {b.shape} but `weights[{i}]` outputs "
                     f"{a.shape[0]} features: layer shapes must chain."
                 )
@@ -54,7 +77,9 @@ class DeepLinear(AbstractTensorizableModel):
     @classmethod
     def random(cls, widths: Sequence[int], *, key: Key, init_scale: float = 1.0) -> "DeepLinear":
         """Random Gaussian layers for `widths` = (n_0, …, n_L), std `init_scale`/√fan_in."""
-        return cls(_random_weights(_check_widths(widths), key, init_scale))
+        widths = _check_widths(widths)
+        _check_random(key, init_scale)
+        return cls(_random_weights(widths, key, init_scale))
 
     @property
     def widths(self) -> tuple[int, ...]:

@@ -21,7 +21,8 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 
 from .._custom_types import Array, Float, Key
-from .._laws.base import AbstractLaw
+from .._laws.base import AbstractLaw, law_mismatch
+from .._validation import ArgumentError, choice, integer, number, prng_key
 from .base import AbstractModel, flat_parameters
 from .linear import _check_widths
 
@@ -48,13 +49,16 @@ class MLP(AbstractModel):
     normalize: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
-        if self.activation not in ACTIVATIONS_MLP:
-            raise ValueError(f"unknown `activation` {self.activation!r}; choose one of "
-                             f"{sorted(ACTIVATIONS_MLP)} (homogeneous activations).")
-        if len(self.weights) < 2 or (self.biases is not None
-                                     and len(self.weights) != len(self.biases)):
-            raise ValueError("`weights` and `biases` need the same number (≥ 2) of layers; "
-                             "pass `biases=None` for a bias-free network.")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS_MLP:
+            raise ArgumentError(f"unknown `activation` {self.activation!r}; choose one of "
+                                f"{sorted(ACTIVATIONS_MLP)} (homogeneous activations).")
+        if not isinstance(self.normalize, bool):
+            raise ArgumentError(f"`normalize` must be True or False, got {self.normalize!r}.")
+        if (not isinstance(self.weights, tuple | list) or len(self.weights) < 2
+                or (self.biases is not None and (not isinstance(self.biases, tuple | list)
+                                                 or len(self.weights) != len(self.biases)))):
+            raise ArgumentError("`weights` and `biases` need the same number (≥ 2) of layers; "
+                                "pass `biases=None` for a bias-free network.")
 
     @classmethod
     def random(cls, widths: Sequence[int], *, key: Key, activation: str = "relu",
@@ -62,6 +66,12 @@ class MLP(AbstractModel):
         """He-style Gaussian weights (std `init_scale`·√(2/fan_in)) and small biases
         (`bias=False`: none; the weights are drawn from the same keys either way)."""
         widths = _check_widths(widths, minimum_layers=2)
+        prng_key("key", key)
+        choice("activation", activation, sorted(ACTIVATIONS_MLP))
+        number("init_scale", init_scale, ">0")
+        for name, flag in (("normalize", normalize), ("bias", bias)):
+            if not isinstance(flag, bool):
+                raise ArgumentError(f"`{name}` must be True or False, got {flag!r}.")
         keys = jax.random.split(key, 2 * (len(widths) - 1))
         weights, biases = [], []
         for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
@@ -115,15 +125,31 @@ class AbstractMechanicsLaw(AbstractLaw):
         """Coefficients m_c over the flattened trainable parameters (ravel_pytree order)."""
 
     def __call__(self, model) -> Float[Array, " c"]:
+        self.check(model)
         flat = flat_parameters(model)
         return self.mask(model) @ (flat**2 if self.quadratic else flat)
 
     def scale(self, model) -> Array:
+        self.check(model)
         flat = flat_parameters(model)
         # Natural size: Σ |m| θ² for quadratic laws, the norm of the involved entries else.
         if self.quadratic:
             return jnp.abs(self.mask(model)) @ flat**2
         return jnp.sqrt(jnp.abs(self.mask(model)) @ flat**2)
+
+
+def _check_mlp(law, model, last: int) -> None:
+    """`model` has `weights` (with a layer `last`) and `biases` (a tuple or None), as `MLP`."""
+    weights = getattr(model, "weights", None)
+    if not isinstance(weights, tuple | list) or not hasattr(model, "biases"):
+        fix = ("for a DeepLinear use BalanceLaw(l) (whose diagonal this is)"
+               if isinstance(weights, tuple | list) else
+               "find the laws of another architecture with conservation.find_symmetries")
+        raise law_mismatch(law, model, "it reads the `weights` and `biases` of a "
+                                       "conservation.MLP, which the model does not have", fix)
+    if last >= len(weights):
+        raise law_mismatch(law, model, f"it reads layer {last} but the model has "
+                                       f"{len(weights)} layers (0 to {len(weights) - 1})")
 
 
 def _zeros(model):
@@ -142,7 +168,11 @@ class TranslationLaw(AbstractMechanicsLaw):
     def name(self) -> str:
         return "translation"
 
+    def check(self, model) -> None:
+        _check_mlp(self, model, 0)
+
     def mask(self, model):
+        self.check(model)
         w = model.weights[-1]
         if model.biases is None:
             def column(j):
@@ -170,11 +200,18 @@ class ScaleLaw(AbstractMechanicsLaw):
     layer: int = eqx.field(static=True)
     quadratic = True
 
+    def __check_init__(self):
+        integer("layer", self.layer, minimum=0)
+
     @property
     def name(self) -> str:
         return f"scale[{self.layer}]"
 
+    def check(self, model) -> None:
+        _check_mlp(self, model, self.layer)
+
     def mask(self, model):
+        self.check(model)
         if model.biases is None:
             ones = eqx.tree_at(lambda m: m.weights[self.layer], _zeros(model),
                                jnp.ones_like(model.weights[self.layer]))
@@ -192,11 +229,18 @@ class RescaleLaw(AbstractMechanicsLaw):
     layer: int = eqx.field(static=True)
     quadratic = True
 
+    def __check_init__(self):
+        integer("layer", self.layer, minimum=0)
+
     @property
     def name(self) -> str:
         return f"rescale[{self.layer}]"
 
+    def check(self, model) -> None:
+        _check_mlp(self, model, self.layer + 1)  # a hidden layer feeds the next one
+
     def mask(self, model):
+        self.check(model)
         l = self.layer
         w_in, w_out = model.weights[l], model.weights[l + 1]
         if model.biases is None:
@@ -225,6 +269,9 @@ def mechanics_laws(model, loss=None) -> tuple[AbstractMechanicsLaw, ...]:
     ≥ 2 classes."""
     from .._data.losses import CrossEntropy
 
+    if not isinstance(model, MLP):
+        raise ArgumentError(f"`model` must be a conservation.MLP, got {type(model).__name__}; "
+                            "find the laws of other models with conservation.find_symmetries.")
     laws = tuple(model.laws())
     if isinstance(loss, CrossEntropy) and model.weights[-1].shape[0] >= 2:
         laws += (TranslationLaw(),)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 
 from .._custom_types import Array, Float, Key
 from .._laws.base import BalanceLaw, NeuronRescaleLaw
+from .._validation import ArgumentError, fail, integer, number
 from .base import AbstractTensorizableModel
-from .linear import _check_widths, _random_weights
+from .linear import _check_random, _check_widths, _matrices, _random_weights
 
 ACTIVATIONS: dict[str, tuple[float, ...]] = {
     "linear": (0.0, 1.0),
@@ -24,16 +25,20 @@ ACTIVATIONS: dict[str, tuple[float, ...]] = {
 def _resolve_activation(activation) -> tuple[float, ...]:
     if isinstance(activation, str):
         if activation not in ACTIVATIONS:
-            raise ValueError(
+            raise ArgumentError(
                 f"unknown `activation` {activation!r}; choose one of {sorted(ACTIVATIONS)} "
                 "or pass the coefficients (s_0, s_1, …) of σ(z) = Σ_k s_k z^k."
             )
         return ACTIVATIONS[activation]
-    coefficients = tuple(float(c) for c in activation)
+    if not isinstance(activation, tuple | list):
+        raise fail("activation", activation, f"must be one of {sorted(ACTIVATIONS)} or a tuple "
+                   "of coefficients (s_0, s_1, …) of σ(z) = Σ_k s_k z^k")
+    coefficients = tuple(float(number("activation", c, fix="coefficients are finite reals"))
+                         for c in activation)
     while coefficients and coefficients[-1] == 0.0:
         coefficients = coefficients[:-1]
     if not coefficients:
-        raise ValueError("`activation` coefficients are all zero: σ would be identically 0.")
+        raise ArgumentError("`activation` coefficients are all zero: σ would be identically 0.")
     return coefficients
 
 
@@ -82,12 +87,10 @@ class PolynomialNet(AbstractTensorizableModel):
         - `activation`: a preset name (`"quadratic"`, `"cubic"`, `"sextic"`, `"linear"`) or the
           coefficients (s_0, s_1, …, s_K) of σ(z) = Σ_k s_k z^k.
         """
-        weights = tuple(jnp.asarray(w) for w in weights)
-        if len(weights) < 2 or any(w.ndim != 2 for w in weights):
-            raise ValueError("`weights` must hold at least two 2-D matrices (one hidden layer).")
+        weights = _matrices(weights, 2)  # two: one hidden layer
         for i, (a, b) in enumerate(zip(weights[:-1], weights[1:])):
             if b.shape[1] != a.shape[0]:
-                raise ValueError(f"`weights[{i + 1}]` has shape {b.shape}: layer shapes must "
+                raise ArgumentError(f"`weights[{i + 1}]` has shape {b.shape}: layer shapes must "
                                  "chain.")
         self.weights = weights
         self.coefficients = _resolve_activation(activation)
@@ -98,6 +101,7 @@ class PolynomialNet(AbstractTensorizableModel):
     ) -> "PolynomialNet":
         """Random Gaussian layers for `widths` = (d, h_1, …, m), std `init_scale`/√fan_in."""
         widths = _check_widths(widths, minimum_layers=2)
+        _check_random(key, init_scale)
         return cls(_random_weights(widths, key, init_scale), activation)
 
     @property
@@ -169,9 +173,14 @@ class Neuron(AbstractTensorizableModel):
 
     def __init__(self, weight: Array, activation="sextic"):
         """**Arguments:** `weight` w ∈ R^d; `activation` as for `PolynomialNet`."""
-        weight = jnp.asarray(weight)
+        try:
+            weight = jnp.asarray(weight)
+        except TypeError:
+            raise fail("weight", weight, "must be a vector of floats") from None
         if weight.ndim != 1:
-            raise ValueError(f"`weight` must be a vector, got shape {weight.shape}.")
+            raise ArgumentError(f"`weight` must be a vector, got shape {weight.shape}.")
+        if not jnp.issubdtype(weight.dtype, jnp.inexact):  # else it would not be a parameter
+            weight = weight.astype(float)
         self.weight = weight
         self.coefficients = _resolve_activation(activation)
 
@@ -179,6 +188,8 @@ class Neuron(AbstractTensorizableModel):
     def random(cls, d: int, *, key: Key, activation="sextic", init_scale: float = 1.0
                ) -> "Neuron":
         """w ~ N(0, init_scale²/d)."""
+        d = integer("d", d, minimum=1)
+        _check_random(key, init_scale)
         return cls(init_scale * jax.random.normal(key, (d,)) / math.sqrt(d), activation)
 
     def __call__(self, x: Float[Array, " d"]) -> Float[Array, " 1"]:

@@ -14,6 +14,7 @@ import equinox as eqx
 import jax.tree_util as jtu
 
 from .._custom_types import Array
+from .._validation import ArgumentError
 
 
 class FunctionModel(eqx.Module):
@@ -29,10 +30,10 @@ class FunctionModel(eqx.Module):
 
     def __check_init__(self):
         if not callable(self.fn):
-            raise TypeError(f"`fn` must be a function fn(params, x), got {self.fn!r}.")
+            raise ArgumentError(f"`fn` must be a function fn(params, x), got {self.fn!r}.")
         leaves = jtu.tree_leaves(eqx.filter(self.params, eqx.is_inexact_array))
         if not leaves:
-            raise ValueError("`params` has no floating-point arrays: pass the parameter "
+            raise ArgumentError("`params` has no floating-point arrays: pass the parameter "
                              "pytree (e.g. a dict of jnp arrays) as `params`.")
 
     def __call__(self, x: Array) -> Array:
