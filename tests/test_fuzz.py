@@ -69,44 +69,66 @@ def numbers(valid):
     return st.one_of(st.sampled_from(valid), st.sampled_from(BAD_NUMBERS))
 
 
+def arguments(valid: dict, bad: dict):
+    """Keyword arguments: every one drawn from its valid values, then up to two of them
+    replaced by bad ones (so that about half the calls run and half are refused)."""
+    names = sorted(bad)
+    return st.tuples(
+        st.fixed_dictionaries({k: st.sampled_from(v) for k, v in valid.items()}),
+        st.lists(st.sampled_from(names), max_size=2, unique=True).flatmap(
+            lambda chosen: st.fixed_dictionaries({k: st.sampled_from(bad[k]) for k in chosen})),
+    ).map(lambda pair: pair[0] | pair[1])
+
+
+FLOW_VALID = {
+    "t1": [0.5, 3.0, 50.0], "rtol": [1e-9, 1e-6, 1e-3, 9e-3], "n_save": [3],
+    "max_steps": [400], "divergence": [1e8, 1.5, math.inf], "batch_size": [None, 1],
+    "values": ["final"], "laws": [None],
+    # the start: as drawn, a large init (fast, stiff), NaN parameters in member 0
+    "scale": [1.0, 1.0, 40.0, math.nan]}
+FLOW_BAD = {
+    "t1": BAD_NUMBERS, "rtol": [1e-2, 0.02, 10.0, *BAD_NUMBERS], "n_save": [1, 0, 3.0, "3"],
+    "max_steps": [0, -5, 1.5], "divergence": [0, -1.0, math.nan, "1e8"],
+    "batch_size": [0, -1, "2", 2.0], "values": ["bogus", ("nope",), 3],
+    "laws": ["bogus", (cn.BalanceLaw(5),), (cn.RescaleLaw(0),)]}
+
+
 @FUZZ
-@given(t1=numbers([0.5, 3.0, 50.0]), rtol=numbers([1e-9, 1e-6, 1e-3, 5e-3, 0.02, 10.0]),
-       n_save=st.sampled_from([3, 3, 1, 0, 3.0, "3", None]),
-       max_steps=st.sampled_from([400, 400, 0, -5, 1.5]),
-       divergence=numbers([1e8, 1e8, 1.5]),
-       batch_size=st.sampled_from([None, 1, 0, -1, "2", 2.0]),
-       values=st.sampled_from(["final", "none", "bogus", ("balance[0]",), ("nope",)]),
-       laws=st.sampled_from([None, (cn.BalanceLaw(0),), "bogus", (cn.BalanceLaw(5),)]),
-       scale=st.sampled_from([1.0, 1.0, 40.0, math.nan]))
-def test_gradient_flow_fuzz(problem, t1, rtol, n_save, max_steps, divergence, batch_size,
-                            values, laws, scale):
+@given(kwargs=arguments(FLOW_VALID, FLOW_BAD))
+def test_gradient_flow_fuzz(problem, kwargs):
     objective, ensemble = problem
-    if scale != 1.0:  # a large init (fast, stiff) or NaN parameters in member 0
+    scale = kwargs.pop("scale")
+    if scale != 1.0:
         ensemble = jax.tree.map(lambda x: x.at[0].multiply(scale), ensemble)
-    result = call(cn.gradient_flow, objective, ensemble, t1, rtol=rtol, n_save=n_save,
-                  max_steps=max_steps, divergence=divergence, batch_size=batch_size,
-                  values=values, laws=laws, solver="tsit5", progress=False)
+    t1 = kwargs.pop("t1")
+    result = call(cn.gradient_flow, objective, ensemble, t1, solver="tsit5", progress=False,
+                  **kwargs)
     if result is not None:
         assert_truthful(result)
         if math.isnan(scale):
             assert result.status_names()[0] == "diverged"
 
 
+TRAIN_VALID = {"kind": ["gd", "gd", "momentum", "adam"], "lr": [1e-3, 0.1, 0.1, 3.0, 100.0],
+               "momentum": [0.0, 0.9], "steps": [7], "step_time": [1.0, 0.1],
+               "divergence": [1e8, 2.0, math.inf]}
+TRAIN_BAD = {"kind": ["bogus", 3], "lr": BAD_NUMBERS, "momentum": [1.0, 1.5, -0.1, math.nan],
+             "steps": [0, -1, 2.5], "step_time": BAD_NUMBERS,
+             "divergence": [0, -1.0, math.nan]}
+
+
 @FUZZ
-@given(kind=st.sampled_from(["gd", "gd", "momentum", "adam", "bogus", 3]),
-       lr=numbers([1e-3, 0.1, 0.1, 3.0, 100.0]),
-       momentum=st.sampled_from([0.0, 0.0, 0.9, 1.5, -0.1, math.nan]),
-       steps=st.sampled_from([7, 7, 0, -1, 2.5]),
-       step_time=numbers([1.0, 0.1]),
-       divergence=numbers([1e8, 1e8, 2.0]))
-def test_train_fuzz(problem, kind, lr, momentum, steps, step_time, divergence):
+@given(kwargs=arguments(TRAIN_VALID, TRAIN_BAD))
+def test_train_fuzz(problem, kwargs):
     objective, ensemble = problem
-    optim = call(cn.optimizer, kind, lr=lr,
-                 **({"momentum": momentum} if kind == "momentum" else {}))
+    kind, momentum = kwargs.pop("kind"), kwargs.pop("momentum")
+    extra = {"momentum": momentum} if kind == "momentum" or momentum != 0.0 else {}
+    optim = call(cn.optimizer, kind, lr=kwargs.pop("lr"), **extra)
     if optim is None:
         return
-    result = call(cn.train, objective, ensemble, optim, steps, n_save=3, step_time=step_time,
-                  divergence=divergence, progress=False)
+    steps = kwargs.pop("steps")
+    result = call(cn.train, objective, ensemble, optim, steps, n_save=3, progress=False,
+                  **kwargs)
     if result is not None:
         assert_truthful(result)
 
