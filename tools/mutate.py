@@ -1,0 +1,158 @@
+"""Mutation testing of the numeric core: plant one small bug at a time, run the tests that cover
+its file, and count the bugs the tests catch (the "mutation score").
+
+    python tools/mutate.py --sample 40 --seed 0 --out benchmarks/results/mutation.json
+
+Works on a copy of the repository (a `git worktree` of HEAD in a temporary folder), so the
+checkout is never modified. A mutant is one token of one line of code (strings and comments
+excluded) replaced by a plausible mistake:
+
+- comparisons  `<`↔`<=`, `>`↔`>=`, `==`↔`!=`;
+- arithmetic   `+`↔`-`, `*`↔`/`, `**` → `*`;
+- numbers      an int n → n + 1, a float x → 2x;
+- names        `max`↔`min`, `all`↔`any`, `True`↔`False`.
+
+Each mutant runs the test files that cover its module (`COVERING`, the default test command's
+markers: slow tests excluded) with `-x`; it is *killed* if they fail or time out, *survived*
+if they pass. The score is killed / (killed + survived); the survivors are listed with their
+line, to be judged equivalent (no observable change) or not. `--sample` draws that many
+mutants at random (seeded) from all of them: the full set is thousands of mutants, each a
+test run of tens of seconds.
+"""
+
+import argparse
+import io
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import tokenize
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Module → the test files whose failure counts (those that exercise it directly).
+COVERING = {
+    "conservation/_laws/base.py": ["tests/test_laws.py", "tests/test_two_sided.py"],
+    "conservation/_laws/symmetry.py": ["tests/test_symmetry_laws.py"],
+    "conservation/_laws/counting.py": ["tests/test_counting.py"],
+    "conservation/_laws/discovery.py": ["tests/test_discovery.py"],
+    "conservation/_dynamics/flow.py": ["tests/test_flow.py", "tests/test_statuses.py",
+                                       "tests/test_two_sided.py"],
+    "conservation/_dynamics/train.py": ["tests/test_train.py", "tests/test_train_guards.py",
+                                        "tests/test_two_sided.py"],
+    "conservation/_dynamics/monitor.py": ["tests/test_statuses.py", "tests/test_two_sided.py",
+                                          "tests/test_train_guards.py"],
+    "conservation/_dynamics/solvers.py": ["tests/test_solvers.py", "tests/test_statuses.py"],
+    "conservation/_dynamics/lockstep.py": ["tests/test_flow.py", "tests/test_statuses.py"],
+    "conservation/_dynamics/unrolled.py": ["tests/test_solvers.py", "tests/test_flow.py"],
+    "conservation/_dynamics/mechanics.py": ["tests/test_mechanics.py"],
+    "conservation/_data/objective.py": ["tests/test_objective.py", "tests/test_augmentation.py"],
+    "conservation/_data/groups.py": ["tests/test_groups.py"],
+}
+
+SWAPS = {"<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=", "!=": "==", "+": "-",
+         "-": "+", "*": "/", "/": "*", "**": "*"}
+NAMES = {"max": "min", "min": "max", "all": "any", "any": "all", "True": "False",
+         "False": "True"}
+
+
+def mutants(path: pathlib.Path, relative: str):
+    """Every mutant of one file: (file, line, column, old token, new token)."""
+    source = path.read_text()
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    out = []
+    for tok in tokens:
+        kind, text, (line, col) = tok.type, tok.string, tok.start
+        new = None
+        if kind == tokenize.OP and text in SWAPS:
+            new = SWAPS[text]
+        elif kind == tokenize.NAME and text in NAMES:
+            new = NAMES[text]
+        elif kind == tokenize.NUMBER and text.isdigit():
+            new = str(int(text) + 1)
+        elif kind == tokenize.NUMBER and text.replace(".", "", 1).replace("e-", "", 1) \
+                .replace("e", "", 1).isdigit():
+            new = repr(2 * float(text))
+        if new is not None:
+            out.append({"file": relative, "line": line, "col": col, "old": text, "new": new})
+    return out
+
+
+def apply(source: str, m: dict) -> str:
+    lines = source.splitlines(keepends=True)
+    text = lines[m["line"] - 1]
+    assert text[m["col"]:m["col"] + len(m["old"])] == m["old"]
+    lines[m["line"] - 1] = text[:m["col"]] + m["new"] + text[m["col"] + len(m["old"]):]
+    return "".join(lines)
+
+
+def run_tests(work: pathlib.Path, tests: list[str], timeout: float, cache: pathlib.Path) -> str:
+    # One compilation cache for every mutant: programs the mutant does not change are loaded,
+    # the mutated ones (a different program) compile afresh.
+    env = {**os.environ, "PYTHONPATH": str(work), "CONSERVATION_CACHE_DIR": str(cache)}
+    env.pop("CONSERVATION_NO_CACHE", None)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly",
+                               "-p", "no:cacheprovider", *tests], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    return "passed" if proc.returncode == 0 else "failed"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sample", type=int, default=40, help="mutants to run (0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per mutant")
+    parser.add_argument("--files", nargs="*", default=sorted(COVERING),
+                        help="modules to mutate (default: the numeric core)")
+    parser.add_argument("--out", default="benchmarks/results/mutation.json")
+    args = parser.parse_args(argv)
+
+    everything = [m for f in args.files for m in mutants(ROOT / f, f)]
+    chosen = (everything if not args.sample else
+              random.Random(args.seed).sample(everything, min(args.sample, len(everything))))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = pathlib.Path(tmp) / "work"
+        subprocess.run(["git", "worktree", "add", "--detach", str(work), "HEAD"], cwd=ROOT,
+                       check=True, capture_output=True)
+        try:
+            for i, m in enumerate(chosen, 1):
+                target = work / m["file"]
+                original = target.read_text()
+                target.write_text(apply(original, m))
+                start = time.perf_counter()
+                verdict = run_tests(work, COVERING[m["file"]], args.timeout,
+                                    pathlib.Path(tmp) / "cache")
+                target.write_text(original)
+                m |= {"result": "survived" if verdict == "passed" else "killed",
+                      "how": verdict, "seconds": round(time.perf_counter() - start, 1),
+                      "code": original.splitlines()[m["line"] - 1].strip()}
+                results.append(m)
+                print(f"[{i}/{len(chosen)}] {m['result']:8s} {m['file']}:{m['line']} "
+                      f"{m['old']!r} -> {m['new']!r}  {m['code'][:70]}", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(work)], cwd=ROOT,
+                           capture_output=True)
+    killed = sum(r["result"] == "killed" for r in results)
+    report = {"commit": commit, "population": len(everything), "sampled": len(results),
+              "seed": args.seed, "killed": killed, "survived": len(results) - killed,
+              "score": killed / len(results) if results else None, "mutants": results}
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"mutation score {killed}/{len(results)} = {report['score']:.2f} "
+          f"(population {len(everything)}); {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
