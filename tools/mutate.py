@@ -9,7 +9,7 @@ excluded) replaced by a plausible mistake:
 
 - comparisons  `<`↔`<=`, `>`↔`>=`, `==`↔`!=`;
 - arithmetic   `+`↔`-`, `*`↔`/`, `**` → `*`;
-- numbers      an int n → n + 1, a float x → 2x;
+- numbers      an int n → n + 1, a float x → 2x (0.0 → 1.0);
 - names        `max`↔`min`, `all`↔`any`, `True`↔`False`.
 
 Each mutant runs the test files that cover its module (`COVERING`, the default test command's
@@ -76,7 +76,7 @@ def mutants(path: pathlib.Path, relative: str):
             new = str(int(text) + 1)
         elif kind == tokenize.NUMBER and text.replace(".", "", 1).replace("e-", "", 1) \
                 .replace("e", "", 1).isdigit():
-            new = repr(2 * float(text))
+            new = repr(2 * float(text)) if float(text) else "1.0"
         if new is not None:
             out.append({"file": relative, "line": line, "col": col, "old": text, "new": new})
     return out
