@@ -114,9 +114,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/mutation.json")
     args = parser.parse_args(argv)
 
-    everything = [m for f in args.files for m in mutants(ROOT / f, f)]
-    chosen = (everything if not args.sample else
-              random.Random(args.seed).sample(everything, min(args.sample, len(everything))))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     results = []
@@ -125,6 +122,10 @@ def main(argv=None) -> int:
         subprocess.run(["git", "worktree", "add", "--detach", str(work), "HEAD"], cwd=ROOT,
                        check=True, capture_output=True)
         try:
+            # The committed code (HEAD), not the checkout's uncommitted edits.
+            everything = [m for f in args.files for m in mutants(work / f, f)]
+            chosen = (everything if not args.sample else random.Random(args.seed).sample(
+                everything, min(args.sample, len(everything))))
             for i, m in enumerate(chosen, 1):
                 target = work / m["file"]
                 original = target.read_text()
