@@ -259,6 +259,30 @@ from ._models.polynomial import (
 from ._models.wrap import FunctionModel as FunctionModel
 from ._validation import ArgumentError as ArgumentError
 
+# The public API: exactly the names re-exported above (the API reference documents each).
+__all__ = [
+    "enable_compilation_cache", "Augmentation", "Dataset", "gaussian_inputs",
+    "teacher_dataset", "whiten", "AbstractFiniteGroup", "AbstractGroup", "CyclicShift",
+    "Icosahedral", "Octahedral", "OrthogonalGroup", "Permutations", "PlanarRotations",
+    "SignFlips", "MSE", "AbstractLoss", "CrossEntropy", "LogCosh", "Quartic", "Moments",
+    "Objective", "make_objective", "saxe_balanced_mode", "AbstractVectorField",
+    "GradientField", "ModifiedGradientField", "gradient_flow", "MechanicsResult",
+    "track_mechanics", "STATUS_NAMES", "Result", "RKC", "ROCK4", "AbstractChebyshevSolver",
+    "SolverChoice", "StabilizedRK", "choose_solver", "step_size_controller", "optimizer",
+    "train", "Config", "ConfigError", "config_schema", "load_config", "parse_config",
+    "run_sweep", "shard_ensemble", "AbstractGramLaw", "AbstractLaw", "AttentionKVLaw",
+    "AttentionQKLaw", "AttentionVOLaw", "BalanceLaw", "FunctionLaw", "NeuronRescaleLaw",
+    "pointwise_check", "LawCount", "PolynomialLaws", "count_laws", "find_polynomial_laws",
+    "AbstractMaskLaw", "Candidate", "LinearMaskLaw", "QuadraticMaskLaw", "SymmetrySearch",
+    "find_symmetries", "AbstractSubspaceLaw", "AttentionRangeLaw", "CyclicRatioLaw",
+    "EquivariantResidualLaw", "EquivariantRowSumLaw", "FourierPhaseLaw", "RowSpaceLaw",
+    "augmentation_laws", "isotypic_components", "InsufficientMemory", "LightningAttention",
+    "AbstractModel", "AbstractTensorizableModel", "Ensemble", "as_ensemble", "default_laws",
+    "DeepLinear", "MLP", "AbstractMechanicsLaw", "RescaleLaw", "ScaleLaw", "TranslationLaw",
+    "mechanics_laws", "ACTIVATIONS", "Neuron", "PolynomialNet", "FunctionModel",
+    "ArgumentError",
+]
+
 try:
     __version__ = importlib.metadata.version("conservation")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree

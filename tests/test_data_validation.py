@@ -42,9 +42,20 @@ def test_float32_and_integer_data_give_float64_objectives(model, dtype, moments)
     assert all(g.dtype == jnp.float64 for g in jax.tree_util.tree_leaves(grad))
     if dtype is not np.int32:
         return
-    # a discrete run on integer data works (the scan carry keeps one dtype)
-    result = cn.train(objective, model, cn.optimizer("gd", lr=1e-3), 3, n_save=2)
-    assert result.loss.dtype == jnp.float64 and np.all(np.isfinite(result.loss))
+    # A discrete run on integer data works (the scan carry keeps one dtype) and is the float64
+    # run: GD re-run in numpy on the data as floats, W ← W − η·(2/n)(WX − Y)Xᵀ.
+    lr, steps = 1e-3, 3
+    result = cn.train(objective, model, cn.optimizer("gd", lr=lr), steps, n_save=2)
+    assert result.loss.dtype == jnp.float64
+    xf, yf = x.astype(np.float64), y.astype(np.float64)
+    w = np.asarray(model.weights[0])
+    losses = [_reference_mse([w], xf, yf)]
+    for _ in range(steps):
+        w = w - lr * 2.0 / len(xf) * (xf @ w.T - yf).T @ xf
+        losses.append(_reference_mse([w], xf, yf))
+    assert losses[-1] < 0.99 * losses[0]  # the steps did change the loss
+    np.testing.assert_allclose(np.asarray(result.loss[0]), [losses[0], losses[-1]], rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(result.final.models.weights[0][0]), w, rtol=1e-12)
 
 
 @pytest.mark.parametrize("x, y, message", [

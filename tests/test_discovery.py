@@ -8,6 +8,7 @@ import tomllib
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -167,7 +168,12 @@ def test_kunin_digits_config_names_importable_factories():
 @pytest.mark.slow
 def test_digits_experiment_end_to_end(tmp_path):
     summary = digits.run(tmp_path, steps=100)
-    assert (tmp_path / "mechanics.png").stat().st_size > 0
+    # A panel per run (rows, ≥ 2.7 inches each) and found law (4.4-inch columns) at 100 dpi,
+    # drawn on.
+    image = matplotlib.image.imread(tmp_path / "mechanics.png")
+    assert image.shape[1] == 440 * len(summary["laws"])
+    assert image.shape[0] >= 270 * len(summary["runs"])
+    assert np.mean(np.any(image[..., :3] < 0.5, axis=-1)) > 0.01  # dark pixels: curves, text
     for run in summary["runs"].values():
         assert max(run["discrete_identity_error"].values()) <= 1e-12
         assert max(run["continuous_theory_error"].values()) <= 5e-2

@@ -128,7 +128,20 @@ def test_exhausted_member_is_reported_others_keep_results(linear_problem):
     assert result.status_names() == ["success", "success", "max_steps", "success"]
     for i in (0, 1, 3):
         np.testing.assert_allclose(result.loss[i], reference.loss[i], rtol=1e-12)
-    assert not np.all(np.isfinite(result.loss[2]))  # unreached save times are marked, not faked
+    # Member 2 ran out of steps before the first save after t = 0: that save carries its true
+    # loss (numpy), every later one is inf — marked, not faked, nor frozen at a last value —
+    # and its final state is the real point where it stopped (finite, lower loss).
+    x, y = np.asarray(objective.data.x), np.asarray(objective.data.y)
+
+    def numpy_loss(weights):
+        w1, w2, w3 = (np.asarray(w) for w in weights)
+        return np.mean(np.sum((x @ (w3 @ w2 @ w1).T - y) ** 2, axis=1))
+
+    stuck = np.asarray(result.loss[2])
+    assert int(np.sum(np.isfinite(stuck))) == 1
+    np.testing.assert_allclose(stuck[0], numpy_loss(big.weights), rtol=1e-12)
+    assert numpy_loss(result.final[2].weights) < 1e-3 * stuck[0]
+    assert np.all(np.isposinf(stuck[1:]))
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +196,59 @@ def test_lanes_take_each_members_own_steps(mixed_members):
         np.testing.assert_allclose(a[1], b[1], rtol=0, atol=10 * 1e-8 * np.abs(b[1]).max())
 
 
-def test_divergence_threshold_stops_a_member(linear_problem):
+def _numpy_flow(weights, x, y, ts):
+    """Gradient flow of mean_i ‖W3 W2 W1 x_i − y_i‖² at the times `ts`, integrated by scipy
+    (DOP853, rtol 1e-11) with the gradients by hand: (parameter norms, losses)."""
+    from scipy.integrate import solve_ivp
+
+    shapes = [w.shape for w in weights]
+    splits = np.cumsum([np.prod(s) for s in shapes])[:-1]
+
+    def unflat(theta):
+        return [a.reshape(s) for a, s in zip(np.split(theta, splits), shapes)]
+
+    def field(t, theta):
+        w1, w2, w3 = unflat(theta)
+        g = 2.0 / len(x) * (x @ (w3 @ w2 @ w1).T - y).T @ x  # dL/dP, P = W3 W2 W1
+        return -np.concatenate([((w3 @ w2).T @ g).ravel(), (w3.T @ g @ w1.T).ravel(),
+                                (g @ (w2 @ w1).T).ravel()])
+
+    theta0 = np.concatenate([np.ravel(w) for w in weights])
+    sol = solve_ivp(field, (ts[0], ts[-1]), theta0, method="DOP853", t_eval=ts, rtol=1e-11,
+                    atol=1e-12)
+    losses = [np.mean(np.sum((x @ (w3 @ w2 @ w1).T - y) ** 2, axis=1))
+              for w1, w2, w3 in map(unflat, sol.y.T)]
+    return np.linalg.norm(sol.y, axis=0), np.asarray(losses)
+
+
+def test_divergence_threshold_stops_exactly_the_members_that_cross_it(linear_problem):
+    """The flows integrated independently (scipy) say which members' parameter norms cross a
+    threshold set between two members' peaks, and at which save; with that threshold exactly
+    those are `diverged`, their losses equal the flow's until the crossing and are inf after
+    it, and the other members run to t1 untouched."""
     ensemble, objective = linear_problem
-    norms = [float(jnp.sqrt(sum(jnp.sum(w**2) for w in ensemble[i].weights))) for i in range(4)]
-    threshold = 1.0001 * max(norms)  # every member grows past its initial norm while learning
-    result = cn.gradient_flow(objective, ensemble, 5.0, solver="tsit5", rtol=1e-8,
+    x, y = np.asarray(objective.data.x), np.asarray(objective.data.y)
+    ts = np.linspace(0.0, 5.0, 51)  # the save times of n_save=51
+    flows = [_numpy_flow([np.asarray(w) for w in ensemble[i].weights], x, y, ts)
+             for i in range(4)]
+    peaks = np.array([norms.max() for norms, _ in flows])
+    ranked = np.sort(peaks)
+    threshold = 0.5 * (ranked[1] + ranked[2])
+    assert ranked[2] > 1.002 * threshold and ranked[1] < 0.998 * threshold  # clear of it
+    result = cn.gradient_flow(objective, ensemble, 5.0, solver="tsit5", rtol=1e-8, n_save=51,
                               divergence=threshold)
-    assert "diverged" in result.status_names()
+    crosses = peaks > threshold
+    assert result.status_names() == ["diverged" if c else "success" for c in crosses]
+    loss = np.asarray(result.loss)
+    for i, (norms, want) in enumerate(flows):
+        if not crosses[i]:
+            np.testing.assert_allclose(loss[i], want, rtol=1e-6)
+            continue
+        k = int(np.argmax(norms > threshold))  # the first save past the threshold
+        np.testing.assert_allclose(loss[i, :k], want[:k], rtol=1e-6)
+        assert np.all(np.isinf(loss[i, k + 1:])) and k + 1 < loss.shape[1]
+        final = np.sqrt(sum(float(jnp.sum(w**2)) for w in result.final[i].weights))
+        assert final > threshold  # it stopped past the threshold, not before
 
 
 def test_flow_argument_errors(linear_problem):

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -122,7 +123,13 @@ def test_two_process_sweep_equals_one_process(tmp_path, text):
         assert {int(a["batch_size"]) for a in want.values()} == {2}
         assert {int(a["batch_size"]) for a in got.values()} == {1}
     assert (tmp_path / "two" / "summary.json").exists()
-    assert (tmp_path / "two" / "report.png").stat().st_size > 0
+    # The report drawn from the two processes' points is the one-process report, pixel for
+    # pixel: panels for final loss and balance[0]'s drift (rows, ≥ 2.7 inches each) against
+    # rtol and seed (two 4.2-inch columns) at 100 dpi, with something drawn in them.
+    image = matplotlib.image.imread(tmp_path / "two" / "report.png")
+    assert image.shape[1] == 840 and image.shape[0] >= 2 * 270
+    np.testing.assert_array_equal(image, matplotlib.image.imread(tmp_path / "one" / "report.png"))
+    assert np.mean(np.any(image[..., :3] < 0.5, axis=-1)) > 0.01  # dark pixels: text, points
     assert (tmp_path / "two" / "sweep.json").read_text() == \
         (tmp_path / "one" / "sweep.json").read_text()
 

@@ -48,18 +48,35 @@ def test_moments_do_not_depend_on_chunking(zoo, getkey):
     assert whole.M.shape == (64, 64) and whole.n == 37
 
 
+def _compiled_cost(objective, model):
+    """XLA's (flops, bytes accessed) of the compiled loss `objective(model)`."""
+    cost = jax.jit(lambda o, m: o(m)).lower(objective, model).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost["flops"], cost["bytes accessed"]
+
+
 def test_moment_cost_is_independent_of_sample_count(zoo, getkey):
-    """Augmenting the data set (more samples) leaves the moment objective's arrays unchanged
-    in size: the risk costs O(p² m) whatever N is."""
+    """More samples leave the moment objective's work unchanged: its compiled loss does the
+    same flops and memory traffic for N = 10 and 1000 (the per-sample loss's grow with N, so
+    the measurement sees N), and the N-independent moments are the data's own
+    (M = XᵀX/N, B = XᵀY/N, C = YᵀY/N for a deep linear net, ψ(x) = x), which give its loss."""
     model, _ = zoo["deep_linear"]
-    sizes = []
+    product = np.asarray(model.end_to_end())
+    costs = {}
     for n in (10, 1000):
         xs = jax.random.normal(getkey(), (n, 3))
-        objective = cn.make_objective(cn.MSE(),
-                                      cn.Dataset(xs, _random_targets(getkey(), model, xs)),
-                                      model)
-        sizes.append([a.size for a in (objective.moments.M, objective.moments.B)])
-    assert sizes[0] == sizes[1]
+        data = cn.Dataset(xs, _random_targets(getkey(), model, xs))
+        objective = cn.make_objective(cn.MSE(), data, model)
+        x, y = np.asarray(data.x), np.asarray(data.y)
+        for got, want in ((objective.moments.M, x.T @ x / n), (objective.moments.B, x.T @ y / n),
+                          (objective.moments.C, y.T @ y / n)):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(float(objective(model)),
+                                   np.mean(np.sum((x @ product.T - y) ** 2, axis=1)), rtol=1e-12)
+        per_sample = cn.make_objective(cn.MSE(), data, model, moments=False)
+        costs[n] = _compiled_cost(objective, model), _compiled_cost(per_sample, model)
+    assert costs[10][0] == costs[1000][0]
+    assert costs[1000][1][0] > 50 * costs[10][1][0]  # flops ∝ N on the per-sample path
 
 
 def test_make_objective_chooses_and_validates_paths(zoo, getkey):

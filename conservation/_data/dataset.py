@@ -1,11 +1,14 @@
 """Data sets and synthetic data generators."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._custom_types import Array, Float, Key
+from .._models.base import standard_normals
 from .._validation import ArgumentError, fail, integer, is_traced, number, prng_key, shape
 
 
@@ -92,8 +95,8 @@ def check_model_data(model, data: "Dataset", loss=None) -> None:
     """Raise an `ArgumentError` naming `data.x` / `data.y` and the shapes when `model` cannot
     take the inputs of `data` or its outputs do not match the targets' shape (for `loss`,
     whose `check_targets` also checks the values, e.g. class labels)."""
-    try:
-        out = jax.eval_shape(model, data.x[0])
+    try:  # one abstract sample: indexing data.x would compile a slice for every data shape
+        out = jax.eval_shape(model, jax.ShapeDtypeStruct(data.x.shape[1:], data.x.dtype))
     except Exception as e:  # noqa: BLE001 — any failure means the shapes do not fit
         raise ArgumentError(
             f"`data.x` has samples of shape {tuple(data.x.shape[1:])}, which the model "
@@ -114,7 +117,16 @@ def gaussian_inputs(key: Key, n: int, shape: tuple[int, ...], scale: float = 1.0
     n = integer("n", n, minimum=1)
     dims = _shape("shape", shape)
     number("scale", scale, ">=0")
-    return scale * jax.random.normal(key, (n, *dims))
+    return _gaussian((n, *dims), key, scale)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gaussian(shape, key, scale):
+    """`scale` · N(0, 1) entries: one compiled program per shape, `scale` traced (eagerly: a
+    draw and a product for every shape), the draw flat (see `standard_normals`). The barrier
+    keeps the product's rounding that of the product computed on its own: fused, XLA may
+    re-associate it with the draw's last multiplication."""
+    return scale * jax.lax.optimization_barrier(standard_normals(key[None], [shape])[0])
 
 
 _shape = shape  # the validation rule (the name `shape` is gaussian_inputs' argument)

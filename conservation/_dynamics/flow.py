@@ -12,6 +12,7 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optimistix as optx
 from equinox import internal as eqxi
 from tqdm.auto import tqdm
 
@@ -25,7 +26,9 @@ from .lockstep import solve_lanes
 from .monitor import (
     DIVERGED,
     FAILED,
+    LOSS_INCREASED,
     MAX_STEPS,
+    REACHED_LOSS,
     SUCCESS,
     LawMonitor,
     Result,
@@ -185,6 +188,9 @@ def gradient_flow(
     divergence: ScalarLike = 1e8,
     batch_size: int | None = None,
     field: AbstractVectorField | None = None,
+    stop_at_loss: ScalarLike | None = None,
+    resumable: bool = False,
+    resume: Result | None = None,
 ) -> Result:
     """Integrate the gradient flow of `objective` from `model` (or every member of an ensemble).
 
@@ -237,6 +243,26 @@ def gradient_flow(
     - `field`: the right-hand side: `GradientField(weight_decay=λ)` (default λ = 0) or
       `ModifiedGradientField(lr, momentum, weight_decay)` to follow a discrete optimizer
       (with momentum it starts from the effective initial condition θ₀ + δ, see there).
+    - `stop_at_loss`: a loss goal L* > 0 (or None, default: no goal). Each member stops where
+      its loss reaches L* (L ≤ L*), with status `reached_loss`: a diffrax event whose
+      condition L(θ) − L* is located on the step's dense output by a Newton root find (to
+      1e-10 relative in t), so `final` is the state at the crossing and `Result.t_final`
+      its time (recorded with `stop_at_loss`);
+      a member starting at L ≤ L* takes 0 steps. Saves after the stop are `inf`. Traced: a
+      new value does not recompile. Costs one loss evaluation per step.
+    - `resumable`: keep in the Result what `resume` needs, the laws' values and scales at
+      θ₀ (`Result.reference`: B × law size, as much as `final_values`); default False.
+    - `resume`: a previous flow's `Result` (run with `resumable=True`) to continue (with
+      `model=resume.final`; the returned Result is resumable again): the flow
+      runs from its last time `resume.t[-1]` to `t1` (> it), from `resume.final`, with drifts
+      still measured from the original θ₀ (`resume.reference`), and no effective start
+      again. Only members that reached the previous end (`success`, `loss_increased`)
+      continue; the others keep their status, `final` and step count. The returned Result
+      is the whole run: its saves are the previous ones followed by `n_save` − 1 new ones
+      evenly spaced in (t[-1], t1], `max_drift` over both, `num_steps` summed, statuses
+      (and the loss-increase rule) over the whole run. `solver="auto"` reuses the solver
+      that ran. The steps differ from one run to t1 (the solver restarts at t[-1] with a
+      first step of 0.01), so the states agree to the solver tolerance, not bit for bit.
 
     **Memory:** the stored monitors are O(B·T·n_laws) scalars (loss, drift, condition at T =
     `n_save` saves for B members) plus B × (parameters + law sizes) for `final` /
@@ -248,7 +274,8 @@ def gradient_flow(
 
     **Returns:** a `conservation.Result`. Status per member: `success`; `max_steps`;
     `diverged` (above); `failed` (a solver failure); `loss_increased`: the flow reached t1
-    with its final loss above 10× its initial loss (only the end point counts; see `Result`).
+    with its final loss above 10× its initial loss (only the end point counts; see `Result`);
+    `reached_loss` (`stop_at_loss`, above).
 
     Bad arguments raise `conservation.ArgumentError`, naming the argument.
     """
@@ -257,6 +284,10 @@ def gradient_flow(
         raise fail("objective", objective, "must come from `conservation.make_objective(...)`",
                    "e.g. make_objective(conservation.MSE(), data, model)")
     t1 = number("t1", t1, ">0", fix="the final time of the flow (it starts at t = 0)")
+    if stop_at_loss is not None:
+        number("stop_at_loss", stop_at_loss, ">0",
+               fix="the loss at which each member stops, or None (no goal)")
+    t0 = 0.0 if resume is None else _check_resume(resume, ensemble, t1)
     n_save = integer("n_save", n_save, minimum=2, fix="the number of save times in [0, t1]")
     max_steps = integer("max_steps", max_steps, minimum=1)
     rtol = number("rtol", rtol, "rtol", array=True, fix="e.g. rtol=1e-8 (the default)")
@@ -264,11 +295,14 @@ def gradient_flow(
                                             fix="e.g. atol=1e-8, or None (= rtol)")
     if not _is_posinf(divergence):  # inf: only a non-finite state counts as diverged
         number("divergence", divergence, ">0",
-               fix="the parameter norm beyond which a member counts as diverged (inf: never)")
+               fix="the parameter norm beyond which a member counts as diverged, or inf to "
+                    "stop only on a non-finite state")
     if batch_size is not None:
         batch_size = integer("batch_size", batch_size, minimum=1,
                              fix="the members integrated side by side, or None (default)")
     _check_solver(solver)
+    if not isinstance(resumable, bool | np.bool_):
+        raise fail("resumable", resumable, "must be True or False")
     if progress is not None and not isinstance(progress, bool | np.bool_):
         raise fail("progress", progress, "must be True, False or None (only on a terminal)")
     field = GradientField() if field is None else field
@@ -277,6 +311,10 @@ def gradient_flow(
                    "e.g. field=conservation.GradientField(weight_decay=1e-3)")
     laws = check_laws(default_laws(ensemble[0]) if laws is None else laws, ensemble)
     keep, final_values = values_to_keep(values, laws)
+    if resume is not None:
+        _check_resumed_laws(resume, laws, keep)
+        if isinstance(solver, str) and solver == "auto" and resume.solver in SOLVERS:
+            solver = resume.solver  # the steps go on with the solver that ran
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
     check_flow_memory(objective, params, static, laws, keep, final_values, solver, n_save,
                       batch_size, ensemble.size)  # before anything is allocated
@@ -293,12 +331,17 @@ def gradient_flow(
     show = show_progress(progress)
     mesh = _ensemble_mesh(params)
     batch = min(batch_size, ensemble.size)
+    carried = None
+    if resume is not None:
+        carried = (resume.reference, _continuing(resume.status))
     with _FlowBar(ensemble.size, t1, show):
         result = _flow(
             params, static, objective, field, LawMonitor(laws), solver,
-            *(jnp.asarray(v, float) for v in (t1, rtol, atol, divergence)),
+            *(jnp.asarray(v, float) for v in (t0, t1, rtol, atol, divergence)),
+            None if stop_at_loss is None else jnp.asarray(stop_at_loss, float),
             n_save, max_steps, show, ensemble.size, batch=batch,
-            keep=keep, final_values=final_values, mesh=mesh,
+            keep=keep, final_values=final_values, mesh=mesh, resume=carried,
+            resumable=bool(resumable),
         )
         if show:  # the bar closes when the solve has finished, not when it was dispatched
             result = jax.block_until_ready(result)
@@ -306,7 +349,88 @@ def gradient_flow(
     if mesh is not None:  # every device runs its own share of the members in its own lanes
         axes = mesh[1] if isinstance(mesh[1], tuple) else (mesh[1],)
         batch = min(batch, ensemble.size // int(np.prod([mesh[0].shape[a] for a in axes])))
+    if resume is not None:
+        result = join(resume, result)
     return dataclasses.replace(result, solver=solver_name, batch_size=batch)
+
+
+def _continuing(status):
+    """The members of a resumed run that go on: those that reached the previous end."""
+    status = jnp.asarray(status)
+    return (status == SUCCESS) | (status == LOSS_INCREASED)
+
+
+def _check_resume(resume, ensemble, t1) -> float:
+    """`gradient_flow(resume=)`: a flow's Result whose `final` is `model`; returns its end
+    time t[-1] (< `t1`)."""
+    if not isinstance(resume, Result) or resume.train_state is not None:
+        raise fail("resume", type(resume).__name__, "must be the Result of a previous "
+                   "`gradient_flow`", "train's Results continue with train(resume=...)")
+    if resume.reference is None:
+        raise fail("resume", "Result", "has no `reference` (the laws at θ₀ the drifts are "
+                   "measured from)", "run the first part with resumable=True")
+    if not _same_parameters(ensemble, resume.final):
+        raise fail("model", "a model other than resume.final", "must be `resume.final` when "
+                   "resuming (the flow continues from its last state)",
+                   "call gradient_flow(objective, previous.final, t1, resume=previous)")
+    start = float(resume.t[-1])
+    if not is_traced(t1) and not float(t1) > start:
+        raise fail("t1", t1, f"must be beyond the resumed run's end t = {start:g}",
+                   "t1 is the new final time, not a duration")
+    return start
+
+
+def _same_parameters(ensemble, final) -> bool:
+    a, b = (jtu.tree_leaves(eqx.filter(m.models, eqx.is_inexact_array))
+            for m in (ensemble, final))
+    if ensemble.size != final.size or len(a) != len(b):
+        return False
+    return all(x.shape == y.shape and bool(jnp.all((x == y) | (jnp.isnan(x) & jnp.isnan(y))))
+               for x, y in zip(a, b))
+
+
+def _check_resumed_laws(resume, laws, keep) -> None:
+    names = sorted(law.name for law in laws)
+    if names != sorted(resume.reference[0]):
+        raise ArgumentError(
+            f"`laws` {names} differ from the resumed run's {sorted(resume.reference[0])}; "
+            "resume with the same laws (their drifts continue from the same θ₀).")
+    if sorted(keep) != sorted(resume.values):
+        raise ArgumentError(
+            f"`values` keeps {sorted(keep)} but the resumed run kept "
+            f"{sorted(resume.values)}; resume with the same `values`.")
+
+
+def join(first: Result, then: Result) -> Result:
+    """One Result for a run and its continuation (`resume`): the saves of `then` after its
+    first (which repeats `first`'s last) appended to `first`'s, `max_drift` over both,
+    `num_steps` summed, the statuses of `then` for the members that continued (the
+    loss-increase rule applied to the whole run) and `first`'s for the others."""
+    go = _continuing(first.status)
+
+    def glue(a, b):
+        return jnp.concatenate([a, b[:, 1:]], axis=1)
+
+    loss = glue(first.loss, then.loss)
+    # The continuation's own loss-increase verdict compared its end with its start, not the
+    # run's: undone, and the rule applied to the joined losses.
+    status = jnp.where(then.status == LOSS_INCREASED, SUCCESS, then.status)
+    status = mark_loss_increased(loss, jnp.where(go, status, first.status))
+    return dataclasses.replace(
+        then,
+        t=jnp.concatenate([first.t, then.t[1:]]),
+        loss=loss,
+        values={k: glue(first.values[k], then.values[k]) for k in then.values},
+        drift={k: glue(first.drift[k], then.drift[k]) for k in then.drift},
+        max_drift={k: jnp.where(go, jnp.maximum(first.max_drift[k], then.max_drift[k]),
+                                first.max_drift[k]) for k in then.max_drift},
+        condition={k: glue(first.condition[k], then.condition[k]) for k in then.condition},
+        status=status,
+        num_steps=first.num_steps + then.num_steps,
+        reference=first.reference,
+        t_final=(then.t_final if first.t_final is None or then.t_final is None
+                 else jnp.where(go, then.t_final, first.t_final)),
+    )
 
 
 def _ensemble_mesh(params):
@@ -431,10 +555,32 @@ class _MemberProgress(dfx.AbstractProgressMeter):
 _FIRST_STEP = 0.01
 
 
+class _RootInTime(optx.Newton):
+    """Newton's method for an event time, terminated when its last step in t is below
+    atol + rtol·|t| (Newton converges quadratically: the error is then far below it).
+    optimistix's Newton also asks |f| < atol, in the loss's units: the loss's own round-off
+    (absolute, ~1e-16 × the size of its terms) would keep a goal near the accuracy floor from
+    ever terminating (a `failed` member)."""
+
+    def terminate(self, fn, y, args, options, state, tags):
+        del fn, args, options, tags
+        small = jnp.abs(state.diff) < self.atol + self.rtol * jnp.abs(y)
+        return small | (state.result != optx.RESULTS.successful), state.result
+
+
+# Where a flow's loss crosses `stop_at_loss`: Newton on the step's dense output from the
+# step's end (clipped to the step), to 1e-10 relative in t, far below what the solver
+# tolerance does to the time.
+_ROOT_FINDER = _RootInTime(rtol=1e-10, atol=1e-10)
+
+
 @eqx.filter_jit
-def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, divergence, n_save,
-          max_steps, progress, size, batch, keep, final_values, mesh):
-    ts = jnp.linspace(0.0, t1, n_save)
+def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol, divergence,
+          stop, n_save, max_steps, progress, size, batch, keep, final_values, mesh,
+          resume=None, resumable=False):
+    # `stop`: None, or the traced loss goal; `resume`: None, or (reference, active) per member
+    # for a continued run (the start state is the previous final one, no effective start).
+    ts = jnp.linspace(t0, t1, n_save)
     # The solver state is one flat vector per member: diffrax's per-step work is a tree_map
     # over the state, so one leaf instead of one per parameter array is ~20% faster.
     y0 = jax.vmap(lambda p: jfu.ravel_pytree(p)[0])(params)
@@ -455,13 +601,24 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
     def diverged(y):
         return ~(jnp.linalg.norm(y) < divergence)  # also true for nan
 
-    def start(row):
+    def goal(y):
+        # ≤ 0 once the loss reached `stop` (the float condition of the event); a NaN loss is
+        # no goal (the divergence rules name it).
+        gap = objective(as_model(y)) - stop
+        return jnp.where(jnp.isnan(gap), jnp.inf, gap)
+
+    def start(row, *extra):
         # A member whose loss is non-finite at its start has no flow: its state is made
         # non-finite, so that the divergence check stops it before its first step (0 steps,
-        # `diverged`; its `final` is restored to `row` below).
-        y = field.start(grad, row)
-        y = jnp.where(jnp.isfinite(objective(as_model(row))), y, jnp.nan)
-        return y, monitor.reference(as_model(row))
+        # `diverged`; its `final` is restored to `row` below). A resumed member that is not
+        # to continue is stopped the same way (its status is the previous one).
+        ok = jnp.isfinite(objective(as_model(row)))
+        if resume is None:
+            y, reference = field.start(grad, row), monitor.reference(as_model(row))
+        else:
+            (reference, go), y = extra, row
+            ok = ok & go
+        return jnp.where(ok, y, jnp.nan), reference
 
     def observe(t, y, reference):
         # Reduce to scalars here: the saved buffers are (n_save,) per law, never
@@ -475,63 +632,102 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
     controller = step_size_controller(solver, rtol, atol, save_ts=ts)
 
     def solve_one(args):
-        row, member = args
-        y, reference = start(row)
+        row, member, extra = args
+        y, reference = start(row, *extra)
+        if stop is None:
+            event = dfx.Event(lambda t, y, args, **kwargs: diverged(y))
+        else:
+            # Two conditions, the first that fires wins: divergence (or a start at the goal,
+            # which stops before the first step), then the loss crossing `stop`, located by
+            # the root finder on the step's dense output.
+            there = goal(y) <= 0
+            event = dfx.Event([lambda t, y, args, **kwargs: diverged(y) | there,
+                               lambda t, y, args, **kwargs: goal(y)], _ROOT_FINDER)
         sol = dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, args: vector_field(y)), solver, 0.0, t1, _FIRST_STEP, y,
+            dfx.ODETerm(lambda t, y, args: vector_field(y)), solver, t0, t1, _FIRST_STEP, y,
             saveat=dfx.SaveAt(subs=[
                 dfx.SubSaveAt(ts=ts, fn=lambda t, y, args: observe(t, y, reference)),
                 dfx.SubSaveAt(t1=True)]),
             stepsize_controller=controller,
             max_steps=max_steps,
-            event=dfx.Event(lambda t, y, args, **kwargs: diverged(y)),
+            event=event,
             progress_meter=_MemberProgress(member) if progress else dfx.NoProgressMeter(),
             throw=False,
         )
         saved, final = sol.ys
+        if stop is None:
+            stopped = jnp.where(sol.event_mask, DIVERGED, FAILED)
+        else:
+            first, crossed = sol.event_mask
+            event = sol.result == dfx.RESULTS.event_occurred
+            stopped = jnp.where(first & event, jnp.where(there, REACHED_LOSS, DIVERGED),
+                                jnp.where(crossed & event, REACHED_LOSS, FAILED))
         status = jnp.where(
             sol.result == dfx.RESULTS.successful, SUCCESS,
-            jnp.where(sol.result == dfx.RESULTS.max_steps_reached, MAX_STEPS,
-                      jnp.where(sol.event_mask, DIVERGED, FAILED)))
-        return saved, final[-1], status, sol.stats["num_steps"]
+            jnp.where(sol.result == dfx.RESULTS.max_steps_reached, MAX_STEPS, stopped))
+        return saved, final[-1], status, sol.stats["num_steps"], sol.ts[1][-1]
 
-    def solve(y0, members):
+    def solve(y0, members, extra):
         if batch == 1:
             # One member at a time, each in its own diffrax solve (a plain map: `lax.map`
             # with `batch_size=1` would vmap a batch of one, and run the solve's loops with
             # batched predicates, selecting over their whole state: ~1.5× slower with 101
             # saves).
-            saved, final, status, num_steps = jax.lax.map(solve_one, (y0, members))
+            saved, final, status, num_steps, t_final = jax.lax.map(solve_one,
+                                                                   (y0, members, extra))
         else:
             # `batch` lanes side by side, refilled from the members as they finish.
-            saved, final, status, num_steps, _ = solve_lanes(
+            saved, final, status, num_steps, _, t_final = solve_lanes(
                 vector_field, solver, controller, start, observe, y0, t1, ts, _FIRST_STEP,
                 lanes=min(batch, y0.shape[0]), max_steps=max_steps, diverged=diverged,
-                members=members, report=_FlowBar.update if progress else None)
+                members=members, report=_FlowBar.update if progress else None, t0=t0,
+                extra=extra, goal=None if stop is None else goal, root_finder=_ROOT_FINDER,
+                return_t_final=True)
         last = (jax.lax.map(lambda y: monitor.values(as_model(y)), final) if final_values
                 else {})
-        return saved, final, status, num_steps, last
+        return saved, final, status, num_steps, last, t_final
 
     members = jnp.arange(size)
+    extra = () if resume is None else resume
     if mesh is None:
-        saved, final, status, num_steps, last = solve(y0, members)
+        saved, final, status, num_steps, last, t_final = solve(y0, members, extra)
     else:
         # An ensemble split over devices (`shard_ensemble`): every device integrates its own
         # members, in its own map or lanes. Left to GSPMD, the loop's state (not sharded)
         # was computed whole on every device.
         mesh, axis = mesh
         spec = jax.sharding.PartitionSpec(axis)
-        saved, final, status, num_steps, last = jax.shard_map(
-            solve, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)(
-            y0, members)
+        saved, final, status, num_steps, last, t_final = jax.shard_map(
+            solve, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+            y0, members, extra)
+    if stop is not None:
+        # A member at its goal from the start stopped before its first step, and before its
+        # first save: its start is saved (the saves after it stay `inf`).
+        at_start = (status == REACHED_LOSS) & (num_steps == 0)
+
+        def with_start(saved):
+            first = jax.lax.map(lambda a: observe(t0, *start(a[0], *a[1])), (y0, extra))
+            return jtu.tree_map(
+                lambda s, f: s.at[:, 0].set(jnp.where(
+                    at_start.reshape((-1,) + (1,) * (f.ndim - 1)), f, s[:, 0])),
+                saved, first)
+
+        saved = jax.lax.cond(jnp.any(at_start), with_start, lambda s: s, saved)
     loss, drift, condition, values = saved
     # A member stopped before its first step (diverged at its start) ends where it started.
     final = jnp.where((num_steps == 0)[:, None], y0, final)
+    t_final = jnp.where(num_steps == 0, t0, t_final)
     # A loss that is non-finite at a save time whose gradient stayed finite (the flow went
     # on): not a success.
     status = jnp.where((status == SUCCESS) & ~jnp.all(jnp.isfinite(loss), axis=1), DIVERGED,
                        status)
     status = mark_loss_increased(loss, status)
+    if resume is not None:
+        reference = resume[0]
+    elif resumable:
+        reference = jax.lax.map(lambda y: monitor.reference(as_model(y)), y0)
+    else:
+        reference = None
     return Result(
         t=ts,
         loss=loss,
@@ -543,4 +739,6 @@ def _flow(params, static, objective, field, monitor, solver, t1, rtol, atol, div
         status=status,
         num_steps=num_steps,
         final_values=last,
+        reference=reference,
+        t_final=None if stop is None else t_final,
     )

@@ -36,10 +36,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import optimistix as optx
 from equinox import internal as eqxi
 
 from .._custom_types import Array
-from .monitor import DIVERGED, FAILED, MAX_STEPS, SUCCESS
+from .monitor import DIVERGED, FAILED, MAX_STEPS, REACHED_LOSS, SUCCESS
 
 _RUNNING = -1
 # diffrax's marker for an implicit solver's root-finder tolerances "taken from the step-size
@@ -95,6 +96,11 @@ def solve_lanes(
     diverged: Callable[[Array], Array],
     members: Array | None = None,
     report: Callable | None = None,
+    t0: Array | None = None,
+    extra=(),
+    goal: Callable[[Array], Array] | None = None,
+    root_finder: optx.AbstractRootFinder | None = None,
+    return_t_final: bool = False,
 ):
     """Integrate dy/dt = `vector_field(y)` from every row of `y0` to `t1` on `lanes` lanes.
 
@@ -103,11 +109,11 @@ def solve_lanes(
     - `vector_field`: the autonomous right-hand side of one member, flat array to flat array.
     - `solver`, `controller`: a diffrax adaptive solver and step-size controller (each
       member's steps are the ones `diffrax.diffeqsolve` takes with them).
-    - `start`: `start(y0_row) -> (y_start, aux)`: the state a member's flow starts from and
-      whatever `observe` needs of it (computed when a lane loads the member).
+    - `start`: `start(y0_row, *extra_row) -> (y_start, aux)`: the state a member's flow starts
+      from and whatever `observe` needs of it (computed when a lane loads the member).
     - `observe`: `observe(t, y, aux) -> pytree` of arrays, saved at the times `ts`.
     - `y0`: (B, P) the members' flat parameters.
-    - `t1`, `ts`: final time (the flow starts at 0) and the increasing save times in [0, t1].
+    - `t1`, `ts`: final time and the increasing save times in [t0, t1].
     - `dt0`: the first step size of every member.
     - `lanes`: members integrated side by side (1 ≤ lanes ≤ B).
     - `max_steps`: step attempts per member (accepted or rejected, as diffrax counts them).
@@ -117,10 +123,17 @@ def solve_lanes(
     - `report`: optional host callback `report(members, fraction, finished)` (each (B,):
       t/t1 reached, finished or not), called every 20 iterations and at the end (a progress
       bar).
+    - `t0`: the start time of every member (default 0).
+    - `extra`: a tuple of per-member arrays (leading axis B) passed on to `start`.
+    - `goal`: optional `goal(y) -> scalar`: a member stops, with status `reached_loss`, where
+      it becomes ≤ 0 (at its start: 0 steps; after a step: at the root of `goal` along the
+      step's dense output, found with `root_finder`, as diffrax's `Event` with a float
+      condition does); no save after that time is written.
+    - `return_t_final`: also return each member's final time (B,).
 
     **Returns:** (saved: pytree of (B, T, …) arrays, `inf` after a member stopped early;
     final state (B, P); status (B,) with `monitor`'s codes; step attempts (B,); loop
-    iterations: the lanes' shared step count).
+    iterations: the lanes' shared step count[; final times (B,) with `return_t_final`]).
     """
     size = y0.shape[0]
     n_save = ts.shape[0]
@@ -132,15 +145,15 @@ def solve_lanes(
                              [getattr(controller, a) for a in taken])
     term = dfx.ODETerm(lambda t, y, args: vector_field(y))
     error_order = solver.error_order(term)
-    t0 = jnp.zeros((), t1.dtype)
+    t0 = jnp.zeros((), t1.dtype) if t0 is None else jnp.asarray(t0, t1.dtype)
     t1_clip_floor = t1
     for _ in range(100):
         t1_clip_floor = eqxi.prevbefore(t1_clip_floor)
 
-    def load(row):
+    def load(row, extra_row):
         # What diffeqsolve does before its loop: the first step and the solver's and the
         # controller's initial states.
-        y, aux = start(row)
+        y, aux = start(row, *extra_row)
         tnext, controller_state = controller.init(term, t0, t1, y, dt0, None, solver.func,
                                                   error_order)
         tnext = jnp.minimum(tnext, t1)
@@ -165,8 +178,22 @@ def solve_lanes(
     def interpolate(tprev, tnext, dense_info, t):
         return solver.interpolation_cls(t0=tprev, t1=tnext, **dense_info).evaluate(t)
 
+    def locate(tprev, tnext, dense_info, hit):
+        # Where `goal` crosses 0 on a step's dense output (as diffrax's root find of a float
+        # event, from the step's end); a lane without a crossing gets the step's end.
+        def fn(t, _):
+            return jnp.where(hit, goal(interpolate(tprev, tnext, dense_info, t)), tnext - t)
+
+        sol = optx.root_find(fn, root_finder, y0=tnext,
+                             options=dict(lower=tprev, upper=tnext), throw=False)
+        return (sol.value, interpolate(tprev, tnext, dense_info, sol.value),
+                sol.result == optx.RESULTS.successful)
+
     # Shapes of one lane's state, to allocate the lanes and the outputs.
-    load_shape = jax.eval_shape(load, y0[0])
+    def row_of(i):
+        return y0[i], jtu.tree_map(lambda x: x[i], extra)
+
+    load_shape = jax.eval_shape(load, *row_of(0))
     saved_shape = jax.eval_shape(observe, t0, load_shape[0], load_shape[4])
 
     def lane_zeros(struct):
@@ -185,6 +212,7 @@ def solve_lanes(
         status=jnp.full(size, _RUNNING, jnp.int32),
         steps=jnp.zeros(size, jnp.int32),
         fraction=jnp.zeros(size, t1.dtype),
+        t_final=jnp.full(size, t0, t1.dtype),
     )
 
     def finish(outputs, state, done, status):
@@ -198,7 +226,9 @@ def solve_lanes(
         # A finished member's state stays in its lane (frozen) until the lane is refilled or
         # the loop ends: it is written then, not in every iteration (a full state's traffic).
         index = jnp.where(lanes_to_store & (state.member >= 0), state.member, size)
-        return outputs | dict(final=outputs["final"].at[index].set(state.y, mode="drop"))
+        return outputs | dict(final=outputs["final"].at[index].set(state.y, mode="drop"),
+                              t_final=outputs["t_final"].at[index].set(state.tprev,
+                                                                       mode="drop"))
 
     def refill(carry):
         state, outputs, queue = carry
@@ -207,9 +237,9 @@ def solve_lanes(
         take = free & (member < size)
         outputs = store_final(outputs, state, take)
         y, tnext, solver_state, controller_state, aux = jax.vmap(load)(
-            y0[jnp.clip(member, 0, size - 1)])
+            *row_of(jnp.clip(member, 0, size - 1)))
         fresh = _Lanes(
-            member=member, running=jnp.ones(lanes, bool), y=y, tprev=jnp.zeros_like(tnext),
+            member=member, running=jnp.ones(lanes, bool), y=y, tprev=jnp.full_like(tnext, t0),
             tnext=tnext, solver_state=solver_state, controller_state=controller_state,
             aux=aux, steps=jnp.zeros(lanes, jnp.int32),
             save_index=jnp.zeros(lanes, jnp.int32))
@@ -217,19 +247,23 @@ def solve_lanes(
         # A member that starts diverged stops before its first step (as diffrax's event).
         bad = take & jax.vmap(diverged)(state.y)
         outputs = finish(outputs, state, bad, jnp.full(lanes, DIVERGED, jnp.int32))
+        if goal is not None:  # a member that starts at its goal takes no step
+            there = take & ~bad & (jax.vmap(goal)(state.y) <= 0)
+            outputs = finish(outputs, state, there, jnp.full(lanes, REACHED_LOSS, jnp.int32))
+            bad = bad | there
         state = eqx.tree_at(lambda s: s.running, state, take & ~bad | state.running & ~take)
         return state, outputs, queue + jnp.sum(take, dtype=jnp.int32)
 
     width = max(1, -(-lanes // _SAVE_SHARE))
 
-    def save(state, outputs, keep, tprev, tnext, dense_info):
+    def save(state, outputs, keep, tprev, tnext, dense_info, until):
         # Every save time a lane's accepted step [tprev, tnext] crossed, from the step's
         # dense output. Each pass serves up to `width` lanes that have one left, gathered:
         # a pass over all lanes would evaluate `observe` on every lane, while on average
         # n_save / (steps per member) of them need it (~1/4 on the deep linear benchmark).
         def pending(index):
             return (keep & (index < n_save)
-                    & (ts[jnp.minimum(index, n_save - 1)] <= tnext))
+                    & (ts[jnp.minimum(index, n_save - 1)] <= until))
 
         def body(carry):
             index, saved = carry
@@ -271,14 +305,29 @@ def solve_lanes(
                              state.steps + 1),
                    (state.y, state.tprev, state.tnext, state.solver_state,
                     state.controller_state, state.steps)))
-        state, outputs = save(state, outputs, keep, step_start, step_end, dense_info)
         blew_up = running & jax.vmap(diverged)(state.y)
         failed = running & failed
+        until, at_goal = step_end, jnp.zeros_like(running)
+        if goal is not None:
+            # The step crossed the goal: the member stops at the crossing (as a diffrax
+            # event: divergence first), and saves after it are not written.
+            hit = keep & ~blew_up & ~failed & (jax.vmap(goal)(state.y) <= 0)
+            t_hit, y_hit, found = jax.lax.cond(
+                jnp.any(hit), jax.vmap(locate),
+                lambda a, b, c, d: (b, state.y, jnp.ones_like(d)),
+                step_start, step_end, dense_info, hit)
+            failed = failed | hit & ~found
+            at_goal = hit & found
+            until = jnp.where(at_goal, t_hit, step_end)
+            state = eqx.tree_at(lambda s: (s.y, s.tprev), state,
+                                (_where(at_goal, y_hit, state.y),
+                                 jnp.where(at_goal, t_hit, state.tprev)))
+        state, outputs = save(state, outputs, keep, step_start, step_end, dense_info, until)
         reached = running & (state.tprev >= t1)
         out_of_steps = running & (state.steps >= max_steps)
         status = jnp.where(blew_up, DIVERGED, jnp.where(failed, FAILED, jnp.where(
-            reached, SUCCESS, MAX_STEPS)))
-        done = blew_up | failed | reached | out_of_steps
+            at_goal, REACHED_LOSS, jnp.where(reached, SUCCESS, MAX_STEPS))))
+        done = blew_up | failed | at_goal | reached | out_of_steps
         outputs = finish(outputs, state, done, status)
         state = eqx.tree_at(lambda s: s.running, state, running & ~done)
         if report is not None:
@@ -300,5 +349,5 @@ def solve_lanes(
     if report is not None:
         jax.debug.callback(report, members, outputs["fraction"],
                            outputs["status"] != _RUNNING)
-    return (outputs["saved"], outputs["final"], outputs["status"], outputs["steps"],
-            iterations)
+    out = (outputs["saved"], outputs["final"], outputs["status"], outputs["steps"], iterations)
+    return (*out, outputs["t_final"]) if return_t_final else out

@@ -13,9 +13,9 @@ from .._laws.base import AbstractLaw
 from .._models.base import Ensemble
 from .._validation import ArgumentError, fail
 
-STATUS_NAMES = ("success", "max_steps", "diverged", "failed", "loss_increased")
+STATUS_NAMES = ("success", "max_steps", "diverged", "failed", "loss_increased", "reached_loss")
 ILL_CONDITIONED = 1e-6  # a law's `condition` below this: its drift is round-off noise
-SUCCESS, MAX_STEPS, DIVERGED, FAILED, LOSS_INCREASED = range(5)
+SUCCESS, MAX_STEPS, DIVERGED, FAILED, LOSS_INCREASED, REACHED_LOSS = range(6)
 # A run that reached its end with its final loss above this multiple of its initial loss gets
 # status `loss_increased` (see `mark_loss_increased`).
 LOSS_INCREASE_FACTOR = 10.0
@@ -107,6 +107,16 @@ class LawMonitor(eqx.Module):
         return out
 
 
+class TrainState(eqx.Module):
+    """What a discrete run needs to continue (`train(..., resume=result)`): `opt_state`, the
+    optimizer state of every member (leading axis B), `key`, the members' PRNG keys (B, …),
+    and `step`, the run's step count (a 0-d integer array)."""
+
+    opt_state: object
+    key: Array
+    step: Array
+
+
 class Result(eqx.Module):
     """What a run of an ensemble returns (leading axis B = ensemble member, T = save point).
 
@@ -123,23 +133,44 @@ class Result(eqx.Module):
     - `final`: the ensemble at the end of the run.
     - `final_values`: law name → Q(`final`), shape (B, *law shape) (empty with
       `values="none"`).
-    - `status`: per member, 0 success, 1 max_steps, 2 diverged, 3 failed, 4 loss_increased
-      (see `status_names`). `diverged`: the parameter norm exceeded `divergence`, or the
-      parameters or the loss became non-finite (in a flow: the gradient, so that no step
-      could be taken) — at the step it happened; a member that starts there is `diverged`
-      after 0 steps. (A flow whose gradient stayed finite while its loss at a save time did
-      not is `diverged` too, with the steps it took.)
+    - `status`: per member, 0 success, 1 max_steps, 2 diverged, 3 failed, 4 loss_increased,
+      5 reached_loss (see `status_names`). `diverged`: the parameter norm exceeded
+      `divergence`, or the parameters or the loss became non-finite (in a flow: the
+      gradient, so that no step could be taken) — at the step it happened; a member that
+      starts there is `diverged` after 0 steps. (A flow whose gradient stayed finite while
+      its loss at a save time did not is `diverged` too, with the steps it took.)
       `loss_increased`: the run reached its end (it would have been `success`) with a finite
       final loss more than 10× its finite, non-negative initial loss (`loss[:, -1] >
       10 · loss[:, 0]`); only the end is compared with the start, so a transient spike that
       comes back (a catapult at the edge of stability) is not flagged. It records what was
       measured, not a fault: weight decay or a modified flow can raise the un-regularised
       loss legitimately.
+      `reached_loss`: the run was given `stop_at_loss` = L* and the member's loss reached
+      L* (loss ≤ L*): a flow stops at the time the loss crosses L*, located on the step's
+      dense output (a diffrax event with a root find; `t_final` says when, `final` is the
+      state there); a discrete run stops before the first step k whose loss L(θ_k) ≤ L*
+      (`final` = θ_k, `num_steps` = k). A member whose loss starts ≤ L* takes 0 steps. The
+      loss-increase rule never applies to it.
     - `num_steps`: solver steps (flow) or optimizer steps taken (discrete), per member.
     - `solver`: the solver a flow ran with (`"auto"` resolved to what `choose_solver` picked;
       a diffrax solver object by its class name); None for discrete runs.
     - `batch_size`: members a flow integrated side by side (its `batch_size`, the default
       resolved, per device when the ensemble is sharded); None for discrete runs.
+    - `reference`: (Q(θ₀), scale(θ₀)), law name → shape (B, *law shape) and (B, …): what the
+      drifts are measured from (the original start, also after `resume`); only with
+      `resumable=True` (else None: B × law size of memory, as much as `final_values`).
+    - `t_final`: the time of `final` per member, shape (B,), with `stop_at_loss` (else
+      None): the end of the run for members that reached it, the stop time for the others
+      (a flow's `reached_loss` member: the crossing time).
+    - `train_state`: a discrete run's optimizer state and PRNG keys (`TrainState`), what
+      `train(..., resume=result)` continues from; only with `resumable=True`.
+
+    A run made with `resumable=True` can be continued with `gradient_flow(...,
+    resume=result)` or `train(..., resume=result)`: the returned Result holds the whole run
+    (the saves of both parts joined, drifts measured from the original θ₀, `num_steps`
+    summed). Only members that
+    reached the previous end (`success`, `loss_increased`) continue; the others keep their
+    status, `final` and step count.
 
     Entries after a member stopped (diverged / max_steps) are `inf` or frozen, never silently
     mixed into the other members' numbers.
@@ -157,17 +188,22 @@ class Result(eqx.Module):
     final_values: dict[str, Array] = eqx.field(default_factory=dict)
     solver: str | None = eqx.field(static=True, default=None)
     batch_size: int | None = eqx.field(static=True, default=None)
+    reference: tuple[dict[str, Array], dict[str, Array]] | None = None
+    t_final: Float[Array, " B"] | None = None
+    train_state: "TrainState | None" = None
 
     def status_names(self) -> list[str]:
         """The status of each member as a word."""
         return [STATUS_NAMES[int(s)] for s in np.asarray(self.status)]
 
     def summary(self) -> dict:
-        """JSON-ready digest: per-law worst drift over successful members, statuses, steps,
-        and `final_loss_below_accuracy`: how many members' final loss is below 1e-14 × their
+        """JSON-ready digest: per-law worst drift over successful members (`success`, and
+        `reached_loss`: stopped on their goal), statuses, steps, and
+        `final_loss_below_accuracy`: how many members' final loss is below 1e-14 × their
         initial loss, beyond the accuracy every objective guarantees (see `below_accuracy`)."""
         status = np.asarray(self.status)
         ok = status == SUCCESS
+        ran = ok | (status == REACHED_LOSS)
         loss = np.asarray(self.loss)
         return {
             "members": int(status.size),
@@ -175,7 +211,7 @@ class Result(eqx.Module):
             "final_loss_median": _finite_median(loss[ok, -1]) if ok.any() else None,
             "final_loss_below_accuracy": int(np.sum(below_accuracy(loss))),
             "max_drift": {
-                name: float(np.max(np.asarray(d)[ok])) if ok.any() else None
+                name: float(np.max(np.asarray(d)[ran])) if ran.any() else None
                 for name, d in self.max_drift.items()
             },
             "ill_conditioned": {

@@ -16,9 +16,12 @@ from .._validation import ArgumentError, choice, fail, integer, is_traced, numbe
 from .batching import check_train_memory
 from .monitor import (
     DIVERGED,
+    LOSS_INCREASED,
+    REACHED_LOSS,
     SUCCESS,
     LawMonitor,
     Result,
+    TrainState,
     mark_loss_increased,
     show_progress,
     values_to_keep,
@@ -147,6 +150,9 @@ def train(
     progress: bool | None = None,
     divergence: ScalarLike = 1e8,
     hyperparams: dict[str, Array] | None = None,
+    stop_at_loss: ScalarLike | None = None,
+    resumable: bool = False,
+    resume: Result | None = None,
 ) -> Result:
     """Run `steps` optimizer steps on every member of `model`, monitoring the laws every step.
 
@@ -181,6 +187,24 @@ def train(
       `{"learning_rate": lrs}` with `lrs` of shape (B,): a whole learning-rate sweep runs as
       one compiled program (`conservation.optimizer` injects `learning_rate`, `momentum`,
       `weight_decay`).
+    - `stop_at_loss`: a loss goal L* > 0 (or None, default). A member stops before the first
+      step k whose loss L(θ_k) ≤ L* (the full objective, also with minibatches: then one
+      more loss evaluation per step), with status `reached_loss`, `final` = θ_k and
+      `num_steps` = k (`Result.t_final` = k·`step_time`); a member whose final loss is ≤ L*
+      is `reached_loss` too. Traced: a
+      new value does not recompile.
+    - `resumable`: keep in the Result what `resume` needs: the optimizer state and PRNG keys
+      (`Result.train_state`) and the laws at θ₀ (`Result.reference`); default False.
+    - `resume`: a previous `train` Result (run with `resumable=True`) to continue (with
+      `model=resume.final`; the returned Result is resumable again): `steps`
+      is the new total step count (> the previous one), and every member that reached the
+      previous end (`success`, `loss_increased`) goes on from its parameters, optimizer
+      state (moments, velocity, step count; the injected hyperparameters are those of
+      `optim` / `hyperparams`, as at a start) and PRNG key (`key` is not used), with drifts
+      measured from the original θ₀. The others keep their status and parameters. The
+      returned Result is the whole run: the same steps as one run of `steps`, so the same
+      numbers bit for bit, its saves the previous ones followed by about `n_save` − 1 new
+      ones.
 
     **Memory:** B·T scalars per law (loss, drift, condition at T ≈ `n_save` saves) plus the
     final parameters and `final_values` (B × law size); B·T·law size only for laws kept with
@@ -197,6 +221,13 @@ def train(
     ensemble = as_ensemble(model)
     check_run_arguments(objective, steps=steps, batch_size=batch_size, key=key,
                         divergence=divergence)
+    if stop_at_loss is not None:
+        number("stop_at_loss", stop_at_loss, ">0",
+               fix="the loss at which each member stops, or None (no goal)")
+    if not isinstance(resumable, bool | np.bool_):
+        raise fail("resumable", resumable, "must be True or False")
+    done = 0 if resume is None else _check_resume(resume, ensemble, steps, step_time)
+    resumable = bool(resumable) or resume is not None
     optim = check_optimizer(optim)
     n_save = integer("n_save", n_save, minimum=2)
     step_time = number("step_time", step_time, ">0",
@@ -205,42 +236,109 @@ def train(
     key = jax.random.PRNGKey(0) if key is None else key
     laws = check_unique_names(default_laws(ensemble[0]) if laws is None else laws)
     keep, final_values = values_to_keep(values, laws)
+    if resume is not None:
+        from .flow import _check_resumed_laws  # the same rule as flows (no import cycle)
+        _check_resumed_laws(resume, laws, keep)
     monitor = LawMonitor(laws)
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
     check_train_memory(objective, params, static, laws, keep, final_values, optim, steps,
                        n_save, batch_size, ensemble.size)  # before anything is allocated
 
-    chunk = -(-steps // (n_save - 1))
-    n_chunks = -(-steps // chunk)
+    chunk = -(-(steps - done) // (n_save - 1))
+    n_chunks = -(-(steps - done) // chunk)
     overrides = {k: jnp.broadcast_to(jnp.asarray(v, float), (ensemble.size,))
                  for k, v in (hyperparams or {}).items()}
     carry, (*observed, last) = _start(params, static, objective, monitor, optim,
                                       jax.random.split(key, ensemble.size), overrides, keep)
-    history = [observed]
-    bar = tqdm(total=steps, desc="train", disable=not show_progress(progress), unit="step")
+    # Saves as (B, T_i, …) blocks along axis 1: the start (or the resumed run's saves), then
+    # one per chunk.
+    history = [_one_save(observed)]
+    if resume is not None:
+        carry = _resumed_carry(resume, carry)
+        history = [[resume.loss, resume.values, resume.drift, resume.condition]]
+    stop = None if stop_at_loss is None else jnp.asarray(stop_at_loss, float)
+    bar = tqdm(total=steps - done, desc="train", disable=not show_progress(progress),
+               unit="step")
     for _ in range(n_chunks):
         # Every chunk returns all law values, but only the last chunk's (the final model's) are
         # kept: law-sized memory is B × law size, not B × saves × law size.
         carry, (*observed, last) = _run_chunk(
             carry, static, objective, monitor, optim, chunk, batch_size, jnp.asarray(steps),
-            jnp.asarray(divergence, float), keep)
-        history.append(observed)
-        bar.update(min(chunk, steps - bar.n))
+            jnp.asarray(divergence, float), keep, stop)
+        history.append(_one_save(observed))
+        bar.update(min(chunk, steps - done - bar.n))
     bar.close()
 
-    params, _, _, status, count, max_drift, _ = carry
-    loss = jnp.stack([h[0] for h in history], axis=1)
+    params, opt_state, keys, status, count, max_drift, reference = carry
+    loss = _stack([h[0] for h in history])
     status = final_status(loss, status)
-    values = {k: jnp.stack([h[1][k] for h in history], axis=1) for k in history[0][1]}
-    drift = {k: jnp.stack([h[2][k] for h in history], axis=1) for k in history[0][2]}
-    condition = {k: jnp.stack([h[3][k] for h in history], axis=1) for k in history[0][3]}
-    t = jnp.minimum(jnp.arange(n_chunks + 1) * chunk, steps) * step_time
+    if stop is not None:  # the goal reached by the last step
+        status = jnp.where((status == SUCCESS) & (loss[:, -1] <= stop),
+                           jnp.asarray(REACHED_LOSS, status.dtype), status)
+    values = {k: _stack([h[1][k] for h in history]) for k in history[0][1]}
+    drift = {k: _stack([h[2][k] for h in history]) for k in history[0][2]}
+    condition = {k: _stack([h[3][k] for h in history]) for k in history[0][3]}
+    t = (done + jnp.minimum(jnp.arange(n_chunks + 1) * chunk, steps - done)) * step_time
+    if resume is not None:
+        t = jnp.concatenate([resume.t, t[1:]])
     last = last if final_values else {}
     return Result(
         t=t.astype(float), loss=loss, values=values, drift=drift, max_drift=max_drift,
         condition=condition, final=Ensemble(eqx.combine(params, static), ensemble.size),
         status=status, num_steps=count, final_values=last,
+        reference=reference if resumable else None,
+        t_final=None if stop is None else count * step_time,
+        train_state=TrainState(opt_state, keys, jnp.asarray(steps)) if resumable else None,
     )
+
+
+def _one_save(observed):
+    """The monitors observed at one save, (B, …) each, as a block of one save (B, 1, …)."""
+    return jtu.tree_map(lambda v: v[:, None], list(observed))
+
+
+def _stack(blocks):
+    """Blocks of saves (B, T_i, …) joined along the save axis."""
+    return jnp.concatenate(blocks, axis=1)
+
+
+def _check_resume(resume, ensemble, steps, step_time) -> int:
+    """`train(resume=)`: a train Result whose `final` is `model`; returns its step count."""
+    from .flow import _same_parameters
+
+    if not isinstance(resume, Result) or resume.train_state is None:
+        raise fail("resume", type(resume).__name__, "must be the Result of a previous "
+                   "`train(..., resumable=True)`",
+                   "a flow's Result continues with gradient_flow(resume=...)")
+    if not _same_parameters(ensemble, resume.final):
+        raise fail("model", "a model other than resume.final", "must be `resume.final` when "
+                   "resuming (training continues from its last state)",
+                   "call train(objective, previous.final, optim, steps, resume=previous)")
+    done = int(resume.train_state.step)
+    if steps <= done:
+        raise fail("steps", steps, f"must exceed the resumed run's {done} steps",
+                   "`steps` is the new total, not the number of steps to add")
+    if not np.isclose(float(resume.t[-1]), done * float(step_time), rtol=1e-12, atol=0):
+        raise fail("step_time", step_time, f"must be the resumed run's "
+                   f"({float(resume.t[-1]) / done:g})", "its times go on")
+    return done
+
+
+def _resumed_carry(resume, fresh):
+    """The carry of `_run_chunk` continuing `resume`: its parameters, optimizer state and
+    keys, running statuses, step counts, worst drifts and reference; the injected
+    hyperparameters of `fresh` (the carry `_start` built from `optim` / `hyperparams`)."""
+    _, state, _, _, _, _, _ = fresh
+    stored = resume.train_state.opt_state
+    if jtu.tree_structure(stored) != jtu.tree_structure(state):
+        raise ArgumentError("`optim` is not the optimizer of the resumed run (its state has "
+                            "another structure); resume with the same kind of optimizer.")
+    if hasattr(stored, "hyperparams"):
+        stored = stored._replace(hyperparams=state.hyperparams)
+    params = eqx.filter(resume.final.models, eqx.is_inexact_array)
+    status = jnp.where(resume.status == LOSS_INCREASED, SUCCESS, resume.status)
+    return (params, stored, resume.train_state.key, status.astype(fresh[3].dtype),
+            resume.num_steps.astype(fresh[4].dtype), dict(resume.max_drift), resume.reference)
 
 
 
@@ -261,7 +359,8 @@ def check_run_arguments(objective, *, steps, batch_size, key, divergence) -> Non
     prng_key("key", key, optional=True)
     if not _is_inf(divergence):
         number("divergence", divergence, ">0",
-               fix="the parameter norm beyond which a member counts as diverged (inf: never)")
+               fix="the parameter norm beyond which a member counts as diverged, or inf to "
+                    "stop only on a non-finite state")
 
 
 def _is_inf(value) -> bool:
@@ -340,7 +439,7 @@ def _start(params, static, objective, monitor, optim, keys, overrides, keep):
 
 @eqx.filter_jit
 def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, steps, divergence,
-               keep):
+               keep, stop=None):
     global TRACES
     TRACES += 1  # runs once per trace: counts compilations of the training program
     def one(carry):
@@ -355,6 +454,12 @@ def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, step
             norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jtu.tree_leaves(new_p)))
             ok = jnp.isfinite(loss) & (norm < divergence)
             active = (status == SUCCESS) & (count < steps)
+            if stop is not None:
+                # The goal is checked on the full loss at θ_k, before step k is taken.
+                full = loss if batch_size is None else objective(eqx.combine(p, static))
+                there = active & (full <= stop)
+                status = jnp.where(there, REACHED_LOSS, status)
+                active = active & ~there
             take = active & ok
             p, state = jtu.tree_map(lambda new, old: jnp.where(take, new, old),
                                     (new_p, new_state), (p, state))

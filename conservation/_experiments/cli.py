@@ -84,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="sweep folder (default: the config's output)")
     sweep.add_argument("--force", action="store_true",
                        help="replace the results of a different sweep in the output folder")
+    jobs = sweep.add_argument_group(
+        "independent workers", "any number of processes, started at any time (a SLURM "
+        "array, submitit, a shell loop), on one shared --out: each claims the points it "
+        "computes (claims/ in the folder), a killed one loses only its claimed points, and "
+        "the last to finish writes the summary")
+    jobs.add_argument("--worker", action="store_true",
+                      help="compute pending points until none is left unclaimed")
+    jobs.add_argument("--shard", nargs="?", const="", metavar="I/N",
+                      help="compute only points I, I+N, I+2N, … (claimed like --worker); "
+                           "without I/N, read SLURM_ARRAY_TASK_ID and the array's size")
     multi = sweep.add_argument_group(
         "multi-host", "run one sweep across the processes of JAX's distributed runtime "
         "(every process runs the same command on a shared --out folder)")
@@ -230,8 +240,25 @@ def _initialize_distributed(args) -> None:
                                num_processes=args.num_processes, process_id=args.process_id)
 
 
+def _shard(args) -> tuple[int, int] | None:
+    """`--shard I/N` as (I, N); bare `--shard` from SLURM's array variables; checked before
+    any compute, like the flags it cannot combine with."""
+    from .sweep import parse_shard, slurm_shard
+
+    distributed = args.distributed or args.coordinator is not None
+    if distributed and (args.worker or args.shard is not None):
+        flag = "--worker" if args.worker else "--shard"
+        raise UserError(f"`{flag}` runs independent processes and `--distributed` one JAX "
+                        "distributed run; give one of them.")
+    if args.shard is None:
+        return None
+    return slurm_shard() if args.shard == "" else parse_shard(args.shard)
+
+
 def _dispatch(args, where) -> int:
+    shard = None
     if args.command == "sweep":
+        shard = _shard(args)
         _initialize_distributed(args)
     if args.command == "report":
         return _report(pathlib.Path(args.folder))
@@ -251,10 +278,16 @@ def _dispatch(args, where) -> int:
     if args.command == "sweep":
         from .sweep import run_sweep
 
-        summary = run_sweep(config, out_dir=out, progress=progress, log=log, force=args.force)
-        print(f"{summary['finished']}/{summary['points']} points in {out}/ "
-              f"({summary['computed']} computed now; sweep.json, points/, summary.csv, "
-              "report.png)")
+        summary = run_sweep(config, out_dir=out, progress=progress, log=log, force=args.force,
+                            worker=args.worker, shard=shard)
+        if summary.get("summary_written", True):
+            print(f"{summary['finished']}/{summary['points']} points in {out}/ "
+                  f"({summary['computed']} computed now; sweep.json, points/, summary.csv, "
+                  "report.png)")
+        else:
+            print(f"{summary['finished']}/{summary['points']} points in {out}/ "
+                  f"({summary['computed']} computed now; the last worker to finish writes "
+                  f"summary.csv and report.png, or run `conservation report {out}`)")
         return 0
     from .runner import format_summary, run_config
 

@@ -283,6 +283,8 @@ class _DynamicsBase(_Table):
     # None: every step of a discrete run of ≤ 1000 steps, else 101 saves (the runner decides).
     n_save: _num(">=2", type_=int) | None = None
     divergence: _num(">0") = 1e8
+    # A loss goal: each member stops once its loss is ≤ this (status `reached_loss`).
+    stop_at_loss: _num(">0") | None = None
 
 
 class _FlowBase(_DynamicsBase):

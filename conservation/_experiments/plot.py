@@ -1,8 +1,21 @@
-"""Plots of runs: loss and per-law drift, one row of panels per run (runs never overlap).
+"""Plots of runs, neural mechanics and sweeps, drawn as the papers draw them.
 
-Each panel shows the ensemble mean over the members that succeeded (thick line, as in the
-seed paper) with their min–max band; members that diverged or hit `max_steps` are left out of
-both and marked × at the time they stopped (top edge), with their count in the legend.
+Conventions shared by every figure:
+
+- **One time axis.** Flows and discrete runs share the x axis t: a discrete run is drawn at
+  t = η·step (its `Result.t`, which the runner records with `step_time` = lr), with the
+  optimizer step on a secondary axis on top of its panels.
+- **Medians on log axes.** A loss or drift panel draws the median over the members that
+  succeeded (the statistic of the summary table's "final loss") with their min–max band, never
+  an arithmetic mean (on a log axis a mean tracks the worst member). Members that stopped
+  otherwise are left out of both and marked at the time they stopped (top edge of the panel),
+  counted in the legend.
+- **Labelled.** Every axis has a label, every figure a title, every row a legend; sweep axes
+  of seeds (and other non-numeric axes) are categorical: no line joins seeds.
+
+`results_figure`, `mechanics_figure` and `sweep_figure` return the matplotlib Figure (for
+tests and notebooks; close it with `matplotlib.pyplot.close`); `plot_results`,
+`plot_mechanics` and `plot_sweep` write it as PNG and close it.
 """
 
 import math
@@ -16,27 +29,61 @@ import matplotlib.ticker as mticker
 import matplotlib.transforms as mtransforms
 import numpy as np
 
+from .._dynamics.monitor import STATUS_NAMES, SUCCESS
+
 _FLOOR = 1e-17  # drifts below double-precision resolution are drawn at this level
-_STATUS = ("success", "max_steps", "diverged", "failed", "loss_increased")  # = STATUS_NAMES
+# How a member that did not succeed is marked where it stopped: (marker, colour). Members
+# that reached their loss goal stopped early on purpose: marked apart from the failures.
+_MARKS = {"max_steps": ("x", "C3"), "diverged": ("x", "C3"), "failed": ("x", "C3"),
+          "loss_increased": ("x", "C3"), "reached_loss": ("v", "C2")}
+_SYMBOL = {"x": "×", "v": "▾"}  # the markers as the legend names them
+T_LABEL = "t"  # flows: the flow's own time
+T_STEP_LABEL = "t = η·step"  # discrete runs, on the same axis as flows
 
 
 def drift_label(relative: bool) -> str:
-    return "relative drift" if relative else "absolute drift"
+    """The axis label of a law's drift (max over the law's components)."""
+    return ("relative drift\n|Q(t) − Q(0)| / scale" if relative
+            else "absolute drift\n|Q(t) − Q(0)|")
+
+
+def _save(fig, file, dpi):
+    try:
+        fig.savefig(file, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def plot_results(results, file, *, title: str = "", max_laws: int = 4,
                  relative: dict[str, bool] | None = None,
-                 step_times: dict[str, float] | None = None, x: str = "auto") -> None:
-    """Draw `results` = [(label, Result), …] into `file` (a path or binary file) as PNG.
+                 step_times: dict[str, float] | None = None) -> None:
+    """Write `results_figure(results, ...)` into `file` (a path or binary file) as PNG."""
+    _save(results_figure(results, title=title, max_laws=max_laws, relative=relative,
+                         step_times=step_times), file, dpi=110)
 
-    One row per run; columns: the loss, then each law's drift (log scales; laws beyond
-    `max_laws` merged into one panel of their worst drift). `relative` maps law names to
-    whether their drift is relative (default) or absolute, for the axis labels. `step_times`
-    maps the labels of discrete runs to their step time η; with `x` = "auto" or "step" those
-    runs are drawn against the optimizer step, with "time" against t = η·step.
+
+def results_figure(results, *, title: str = "", max_laws: int = 4,
+                   relative: dict[str, bool] | None = None,
+                   step_times: dict[str, float] | None = None):
+    """The figure of `results` = [(label, Result), …]: one row of panels per run (runs never
+    overlap), all against the same time axis t.
+
+    **Arguments:**
+
+    - `results`: (label, `conservation.Result`) pairs; each Result's `t` is its time axis
+      (for discrete runs step × `step_time`, as `train` records it).
+    - `title`: the figure's title (the config name); "runs" when empty.
+    - `max_laws`: drift panels per row; laws beyond it are merged into one panel of their
+      worst drift.
+    - `relative`: law name → whether its drift is relative (default) or absolute (labels).
+    - `step_times`: label → the step time η of a discrete run: its panels get the optimizer
+      step t / η on a secondary x axis on top.
+
+    **Returns:** a `matplotlib.figure.Figure`. Columns: the loss, then each law's drift, on log
+    y axes: the median over the members that succeeded (thick line) and their min–max (band);
+    drifts start at the first save after t = 0 (where they are 0 by definition) and are drawn
+    no lower than 1e-17. Members with another status are marked where they stopped.
     """
-    if x not in ("auto", "step", "time"):
-        raise ValueError(f"`x` must be 'auto', 'step' or 'time', got {x!r}.")
     relative = relative or {}
     step_times = step_times or {}
     names = []
@@ -44,19 +91,17 @@ def plot_results(results, file, *, title: str = "", max_laws: int = 4,
         names += [n for n in result.drift if n not in names]
     shown = names if len(names) <= max_laws else names[: max_laws - 1] + ["other laws"]
     cols, rows = 1 + len(shown), max(1, len(results))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.7 * cols, 2.5 * rows + 0.5),
-                             squeeze=False, sharey="col")
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.7 * rows + 0.6),
+                             squeeze=False, sharex=True, sharey="col")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, (label, result) in enumerate(results):
         colour = colours[row % len(colours)]
         t = np.asarray(result.t, float)
         step_time = step_times.get(label)
-        by_step = step_time is not None and x != "time"
-        xs = t / step_time if by_step else t
         status = np.asarray(result.status).reshape(-1)
         loss = np.asarray(result.loss, float)
-        stops = _stop_points(xs, loss, status)
-        _panel(axes[row, 0], xs, loss, status, stops, colour, legend=True)
+        stops = _stop_points(t, loss, status)
+        _panel(axes[row, 0], t, loss, status, stops, colour, legend=True)
         axes[row, 0].set_ylabel("loss")
         axes[row, 0].set_title(label, fontsize=9, loc="left", color=colour)
         for col, name in enumerate(shown, start=1):
@@ -67,38 +112,48 @@ def plot_results(results, file, *, title: str = "", max_laws: int = 4,
                 curves = np.max(np.stack(rest), axis=0) if rest else None
                 kinds = {relative.get(n, True) for n in names[max_laws - 1:]}
                 ylabel = (drift_label(kinds.pop()) if len(kinds) == 1 else "drift") + " (worst)"
+                ax.set_title(f"{len(names) - max_laws + 1} other laws", fontsize=9)
             else:
                 curves = np.asarray(result.drift[name]) if name in result.drift else None
                 ylabel = drift_label(relative.get(name, True))
+                ax.set_title(name, fontsize=9)
             if curves is None:
                 ax.text(0.5, 0.5, "not monitored", ha="center", va="center",
                         transform=ax.transAxes, fontsize=8, color="0.5")
             else:
                 # From the first save after the start: the drift at t = 0 is 0 by definition.
-                _panel(ax, xs[1:], np.maximum(curves[:, 1:], _FLOOR), status, stops, colour)
+                _panel(ax, t[1:], np.maximum(curves[:, 1:], _FLOOR), status, stops, colour)
             ax.set_ylabel(ylabel, fontsize=8)
-            if row == 0:
-                ax.set_title(name if name != "other laws" else
-                             f"{len(names) - max_laws + 1} other laws", fontsize=9)
         for ax in axes[row]:
-            ax.set_xlabel("step" if by_step else ("t = η·step" if step_time else "t"),
-                          fontsize=8)
+            ax.set_xlabel(T_STEP_LABEL if step_time else T_LABEL, fontsize=8)
+            ax.xaxis.set_tick_params(labelbottom=True)
+            if step_time:
+                _step_axis(ax, step_time)
     for ax in axes.ravel():
         ax.set_yscale("log")
         ax.yaxis.set_minor_formatter(mticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title or "runs")
     fig.tight_layout()
-    fig.savefig(file, format="png", dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _step_axis(ax, step_time):
+    """The optimizer step k = t / η on a secondary x axis on top of `ax`."""
+    eta = float(step_time)
+    top = ax.secondary_xaxis("top", functions=(lambda t: t / eta, lambda k: k * eta))
+    top.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))  # steps are whole
+    top.set_xlabel(f"step (η = {eta:g})", fontsize=7)
+    top.tick_params(labelsize=6)
+    return top
 
 
 def _stop_points(xs, loss, status):
-    """Per failed member: the x where it stopped (its last changing, finite save point)."""
+    """Per member that did not succeed: (x where it stopped — its last changing, finite save
+    point —, its status code)."""
     stops = []
-    for member in np.flatnonzero(status != 0):
+    for member in np.flatnonzero(status != SUCCESS):
         values = loss[member]
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
@@ -113,17 +168,18 @@ def _stop_points(xs, loss, status):
 
 
 def _panel(ax, xs, curves, status, stops, colour, *, legend=False):
-    curves = np.where(np.isfinite(curves) & (curves > 0), curves, np.nan)
-    ok = curves[status == 0]
+    curves = np.where(np.isfinite(curves), curves, np.nan)
+    ok = curves[status == SUCCESS]
     if ok.size:
         with warnings.catch_warnings():  # columns where no member has a value are all-NaN
             warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.nanmean(ok, axis=0)
+            median = np.nanmedian(ok, axis=0)
             low, high = np.nanmin(ok, axis=0), np.nanmax(ok, axis=0)
-        ax.fill_between(xs, low, high, color=colour, alpha=0.2, lw=0,
-                        label=f"min–max of {len(ok)}" if len(ok) > 1 else None)
-        ax.plot(xs, mean, color=colour, lw=1.8,
-                label=f"mean of {len(ok)} succeeded" if len(ok) > 1 else "succeeded")
+        if len(ok) > 1:
+            ax.fill_between(xs, low, high, color=colour, alpha=0.2, lw=0,
+                            label=f"min–max of {len(ok)}")
+        ax.plot(xs, median, color=colour, lw=1.8,
+                label=f"median of {len(ok)} succeeded" if len(ok) > 1 else "1 succeeded")
     else:
         ax.text(0.5, 0.5, "no member succeeded", ha="center", va="center",
                 transform=ax.transAxes, fontsize=8, color="C3")
@@ -131,11 +187,15 @@ def _panel(ax, xs, curves, status, stops, colour, *, legend=False):
         top = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
         counts = {}
         for x_stop, code in stops:
-            counts[_STATUS[code]] = counts.get(_STATUS[code], 0) + 1
-            ax.plot([x_stop], [0.94], "x", color="C3", ms=6, mew=1.5, transform=top,
-                    clip_on=False)
-        what = ", ".join(f"{n} {k}" for k, n in counts.items())
-        ax.plot([], [], "x", color="C3", label=f"{what} (× where stopped; not in mean)")
+            name = STATUS_NAMES[code]
+            counts[name] = counts.get(name, 0) + 1
+            marker, mark_colour = _MARKS.get(name, ("x", "C3"))
+            ax.plot([x_stop], [0.94], marker, color=mark_colour, ms=6, mew=1.5,
+                    transform=top, clip_on=False)
+        for name, n in counts.items():
+            marker, mark_colour = _MARKS.get(name, ("x", "C3"))
+            ax.plot([], [], marker, color=mark_colour,
+                    label=f"{n} {name} ({_SYMBOL[marker]} where stopped; not in median)")
     if legend:
         ax.legend(fontsize=6, loc="lower left")
 
@@ -182,24 +242,32 @@ def plot_landscapes(objectives, ensemble, results, file, *, title: str = "",
         ax.set_ylabel("θ₂")
         ax.set_aspect("equal")
         ax.legend(fontsize=7, loc="lower left")
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="loss")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(file, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, file, dpi=110)
 
 
 def plot_mechanics(entries, file, *, title: str = "", components: int = 3) -> None:
-    """Kunin-style figure: per run (row) and law (column), the simulated law of the first
-    member (colour, a few components) against the continuous-time theory (black dashed) and
-    the exact discrete identity (dots, sparse)."""
+    """Write `mechanics_figure(entries, ...)` into `file` (a path or binary file) as PNG."""
+    _save(mechanics_figure(entries, title=title, components=components), file, dpi=100)
+
+
+def mechanics_figure(entries, *, title: str = "", components: int = 3):
+    """Kunin-style figure of [(label, `conservation.MechanicsResult`), …]: per run (row) and
+    law (column), the law's value Q(θ(t)) for the first member — a few components, one colour
+    each — as simulated (solid), as the continuous-time theory predicts (black dashed) and
+    as the exact discrete identity gives it (dots, sparse), against t = η·step with the step
+    on a secondary axis on top; all rows share the time axis. Returns a
+    `matplotlib.figure.Figure` titled `title` ("neural mechanics" when empty)."""
     names = list(entries[0][1].simulated)
     fig, axes = plt.subplots(len(entries), len(names),
-                             figsize=(4.4 * len(names), 3.0 * len(entries)), squeeze=False)
+                             figsize=(4.4 * len(names), 3.2 * len(entries) + 0.5),
+                             squeeze=False, sharex=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, (label, mechanics) in zip(axes, entries):
-        t = np.asarray(mechanics.t)
+        t = np.asarray(mechanics.t, float)
         every = max(1, len(t) // 25)
         for ax, name in zip(row, names):
             sim = np.asarray(mechanics.simulated[name][0])
@@ -207,73 +275,118 @@ def plot_mechanics(entries, file, *, title: str = "", components: int = 3) -> No
             disc = np.asarray(mechanics.discrete[name][0])
             for c in range(min(components, sim.shape[1])):
                 colour = colours[c % len(colours)]
-                ax.plot(t, sim[:, c], color=colour, lw=1.6)
+                ax.plot(t, sim[:, c], color=colour, lw=1.6, label=f"component {c}")
                 ax.plot(t, cont[:, c], "k--", lw=1.0)
                 ax.plot(t[::every], disc[::every, c], ".", color=colour, ms=3)
+            ax.plot([], [], "k--", lw=1.0, label="continuous theory")
+            ax.plot([], [], "k.", label="exact discrete identity")
             ax.set_title(f"{name} — {label}", fontsize=8)
-            ax.set_xlabel("t = η·step")
+            ax.set_xlabel(T_STEP_LABEL, fontsize=8)
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_ylabel(f"Q(θ(t)) of {name}\n(member 0)", fontsize=8)
             ax.grid(alpha=0.3)
-    axes[0][0].plot([], [], "k--", label="continuous theory")
-    axes[0][0].plot([], [], "k.", label="exact discrete identity")
-    axes[0][0].plot([], [], "k-", label="simulated")
-    axes[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6, loc="best")
+            if len(t) > 1 and t[1] > t[0]:  # t = η·k at every step k: η = t[1] − t[0]
+                _step_axis(ax, t[1] - t[0])
+    fig.suptitle(title or "neural mechanics")
     fig.tight_layout()
-    fig.savefig(file, format="png", dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def plot_sweep(rows, manifest, file, *, relative: dict[str, bool] | None = None) -> None:
-    """Final loss and each law's worst drift against every numeric sweep axis: one dot per
-    point that succeeded, the mean over the other axes as a line; points that diverged or hit
-    `max_steps` are left out and marked × at the top edge (log scales, labels that never
-    overlap)."""
+    """Write `sweep_figure(rows, manifest, ...)` into `file` (a path or binary file) as PNG."""
+    _save(sweep_figure(rows, manifest, relative=relative), file, dpi=100)
+
+
+def _categorical(name, values) -> bool:
+    """Seeds and non-numeric axes (loss, group, solver) are categories, not a continuum."""
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    return not numeric or name == "seed" or name.endswith("seed")
+
+
+def _category(value) -> str:
+    return "-".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def sweep_figure(rows, manifest, *, relative: dict[str, bool] | None = None):
+    """The report of a sweep: final loss and each law's worst drift (rows of panels) against
+    every sweep axis (columns), one dot per point that succeeded.
+
+    **Arguments:** `rows`, the report's rows (one dict per point: its axis values, `status`,
+    `final_loss`, `max_drift[<law>]`); `manifest`, the sweep's `sweep.json` (its
+    `config.sweep.axes` and `config.name`); `relative`, law name → relative drift or not.
+
+    **Returns:** a `matplotlib.figure.Figure` titled with the config name. Numeric axes get
+    the median over the other axes as a line (log x for lr, weight decay, init scale and
+    tolerances); seeds and non-numeric axes are categorical (one tick per value, the median
+    marked per value, no line). Points that did not succeed are left out and marked × at the
+    top edge. Log y axes.
+    """
     relative = relative or {}
-    numeric = {k: v for k, v in manifest["config"]["sweep"]["axes"].items()
-               if all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)}
-    axes_names = list(numeric) or ["point"]  # categorical axes (loss, group, solver) skipped
+    axes_values = dict(manifest["config"]["sweep"]["axes"])
+    axes_names = list(axes_values) or ["point"]
     done = [r for r in rows if r["status"] not in ("missing", "corrupted")]
     metrics = ["final_loss"] + list(dict.fromkeys(
         k for r in done for k in r if k.startswith("max_drift[")))
     fig, axes = plt.subplots(len(metrics), len(axes_names),
-                             figsize=(4.2 * len(axes_names), 3.0 * len(metrics)), squeeze=False)
+                             figsize=(4.2 * len(axes_names), 3.0 * len(metrics) + 0.5),
+                             squeeze=False)
     for row_axes, metric in zip(axes, metrics):
         for ax, name in zip(row_axes, axes_names):
-            x = np.array([r[name] for r in done], float)
+            raw = [r[name] if name in r else r.get("point") for r in done]
+            categorical = _categorical(name, axes_values.get(name, raw))
+            if categorical:
+                # In the sweep's order; a list value reads "a-b" in the rows, as here.
+                categories = list(dict.fromkeys(
+                    _category(v) for v in [*axes_values.get(name, []), *raw]))
+                x = np.array([categories.index(_category(v)) for v in raw], float)
+            else:
+                x = np.array(raw, float)
             y = np.array([np.nan if r.get(metric) is None else r[metric] for r in done], float)
             ok = np.array([r["status"] == "success" for r in done]) & np.isfinite(y) & (y > 0)
-            ax.scatter(x[ok], y[ok], s=12, alpha=0.7)
+            ax.scatter(x[ok], y[ok], s=12, alpha=0.7, label=f"{ok.sum()} succeeded")
             values = np.unique(x[ok])
-            if values.size > 1:
-                ax.plot(values, [np.mean(y[ok & (x == v)]) for v in values], lw=1.2,
-                        color="C1", label="mean")
+            medians = [np.median(y[ok & (x == v)]) for v in values]
+            if categorical and values.size:
+                ax.scatter(values, medians, marker="_", s=300, color="C1", zorder=3,
+                           label="median over the other axes")
+            elif values.size > 1:
+                ax.plot(values, medians, lw=1.2, color="C1",
+                        label="median over the other axes")
             failed = np.array([r["status"] != "success" for r in done])
             if failed.any():
                 top = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
                 ax.plot(x[failed], np.full(failed.sum(), 0.94), "x", color="C3",
                         transform=top, clip_on=False,
-                        label=f"{failed.sum()} diverged/max_steps")
+                        label=f"{failed.sum()} did not succeed (not in median)")
             ax.set_yscale("log")
             _decade_limits(ax, y[ok])
-            if name in ("lr", "weight_decay", "init_scale", "rtol", "atol") and np.all(x > 0):
-                ax.set_xscale("log")
-                _value_ticks(ax, np.unique(x))
-            elif all(float(v).is_integer() for v in x):  # seeds: integer ticks only
-                ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
-            ax.set_xlabel(name)
+            if categorical:
+                ax.set_xticks(range(len(categories)), categories)
+                ax.set_xlim(-0.6, len(categories) - 0.4)
+                ax.set_xlabel(f"{name} (categorical)")
+            else:
+                if name in ("lr", "weight_decay", "init_scale", "rtol", "atol") and \
+                        np.all(x > 0):
+                    ax.set_xscale("log")
+                    _value_ticks(ax, np.unique(x))
+                elif all(float(v).is_integer() for v in x):
+                    ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
+                ax.set_xlabel(name)
             if metric == "final_loss":
                 ax.set_ylabel("final loss", fontsize=8)
             else:
                 law = metric[len("max_drift["):-1]
-                ax.set_ylabel(f"max {drift_label(relative.get(law, True))}\n{law}", fontsize=8)
+                ax.set_ylabel(f"max {drift_label(relative.get(law, True))}\n{law}",
+                              fontsize=8)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
-            if failed.any() or values.size > 1:
-                ax.legend(fontsize=6, loc="best")
+            ax.legend(fontsize=6, loc="best")
+    name = manifest["config"].get("name") or "sweep"
+    fig.suptitle(f"{name}: {len(done)} of {len(rows)} sweep points")
     fig.tight_layout()
-    fig.savefig(file, format="png", dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _decade_limits(ax, y):

@@ -365,14 +365,15 @@ def execute(run, objective: Objective, ensemble: Ensemble, *, key, progress: boo
         return gradient_flow(
             objective, ensemble, run.t1, n_save=default_n_save(run), solver=_solver(run),
             rtol=run.rtol, atol=run.atol or run.rtol, max_steps=run.max_steps,
-            laws=laws, progress=progress, divergence=run.divergence, field=_flow_field(run))
+            laws=laws, progress=progress, divergence=run.divergence, field=_flow_field(run),
+            stop_at_loss=_get(run, "stop_at_loss"))
     kind = "gd" if run.kind == "sgd" else run.kind
     optim = optimizer(kind, lr=run.lr, momentum=run.get("momentum", 0.0),
                       weight_decay=run.weight_decay)
     return train(
         objective, ensemble, optim, run.steps, batch_size=run.get("batch_size") or None,
         key=key, laws=laws, n_save=default_n_save(run), step_time=run.lr, progress=progress,
-        divergence=run.divergence)
+        divergence=run.divergence, stop_at_loss=_get(run, "stop_at_loss"))
 
 
 @functools.lru_cache(maxsize=8)
@@ -397,7 +398,8 @@ def execute_with(run, objective: Objective, ensemble: Ensemble, *, laws, hyperpa
     full = {k: hyperparams.get(k, jnp.full((size,), v)) for k, v in defaults.items()}
     return train(objective, ensemble, _sweep_optimizer(kind), run.steps,
                  batch_size=run.get("batch_size") or None, key=key, laws=laws,
-                 n_save=default_n_save(run), divergence=run.divergence, hyperparams=full)
+                 n_save=default_n_save(run), divergence=run.divergence, hyperparams=full,
+                 stop_at_loss=_get(run, "stop_at_loss"))
 
 
 _atomic_write = atomic_write  # the name `_sweep` and older code import

@@ -6,7 +6,7 @@ the target, so a reader never sees half a file. `tempfile.mkstemp` creates 0600 
 chmod them to `0o666 & ~umask`, the permissions `open()` would have given. A process that
 holds `FolderLock` on a folder owns it: it removes orphaned temporaries (a killed writer's),
 and a second process on the same folder waits for it instead of computing the same results
-again.
+again. Independent workers sharing a folder claim the items they compute (`Claims`).
 """
 
 import contextlib
@@ -17,9 +17,11 @@ import json
 import math
 import os
 import pathlib
+import socket
 import sys
 import tempfile
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 
@@ -216,14 +218,19 @@ def is_readable_npz(path) -> bool:
     return True
 
 
-def remove_orphans(folder) -> list[pathlib.Path]:
+def remove_orphans(folder, *, min_age: float = 0.0) -> list[pathlib.Path]:
     """Delete temporaries (`.*.tmp`) left in `folder` (and its subfolders one level down)
-    by a killed write. Call only while holding the folder's `FolderLock`."""
+    by a killed write. Call only while holding the folder's `FolderLock`. `min_age` > 0
+    (independent workers share the folder, see `Claims`) spares temporaries modified in the
+    last `min_age` seconds: a live worker may be writing them."""
     folder = pathlib.Path(folder)
     removed = []
+    now = time.time()
     for pattern in (".*.tmp", "*/.*.tmp"):
         for path in folder.glob(pattern):
             with contextlib.suppress(FileNotFoundError):
+                if min_age and now - path.stat().st_mtime < min_age:
+                    continue
                 path.unlink()
                 removed.append(path)
     return removed
@@ -375,3 +382,260 @@ def check_interrupted() -> None:
     received (see `interrupt_guard`)."""
     if _INTERRUPTED.is_set():
         raise _interrupt(_SIGNAL[0])
+
+
+# Claims: independent workers sharing one folder ----------------------------------------------
+
+CLAIMS = "claims"
+CLAIM_TTL = 300.0  # seconds a worker on another machine stays alive without a heartbeat
+
+
+def _machine() -> dict:
+    """What makes a pid meaningful: the host name, the kernel's boot id and the pid namespace
+    (two containers on one kernel, or two hosts of one name, are different machines)."""
+    try:
+        boot = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return {"host": socket.gethostname(), "boot": boot, "pidns": namespace}
+
+
+def _process_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
+    try:
+        text = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[-1].split()
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, Linux), to tell a reused pid."""
+    fields = _process_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process `pid` of this machine runs: not ended, not a zombie (killed, not yet
+    reaped) and, where `start` is known, not a new process that reuses the pid."""
+    if pid <= 0:  # 0 and negatives name process groups, never a worker
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        pass
+    fields = _process_stat(pid)
+    if fields:
+        if fields[0] in ("Z", "X"):
+            return False
+        if start is not None and len(fields) > 19 and fields[19] != start:
+            return False
+    return True
+
+
+class Claims:
+    """Claims on the items (sweep points) of a folder shared by independent processes
+    ("workers": a SLURM array, submitit jobs, a shell loop), so that no two compute the same
+    item and a dead worker's items pass to the next one.
+
+    **Files** (in `folder/claims/`): `<item>.claim` is created with `O_CREAT | O_EXCL`
+    (atomic, NFS v3+ included): whoever creates it owns the item. It records the worker
+    (`token`), its machine (host name, boot id, pid namespace), pid and the pid's start time.
+    `<token>.worker` is the worker's heartbeat: an expiry time `ttl` seconds ahead, rewritten
+    every `ttl / 10` seconds by a daemon thread while the worker is registered.
+
+    **Dead workers.** A claim is stale when its worker runs on this machine and its pid has
+    ended (or is a zombie, or was reused): at once; or, on another machine, when its heartbeat
+    has expired or its worker file is gone (clocks must agree to well within `ttl`). A stale
+    claim is taken over under a short lock (`claims/.conservation.lock`) after checking again,
+    so two takers never both win. The owner releases a claim (deletes it) only after writing
+    the item's result: a worker that claims an item then checks that its result is still
+    missing. A live worker never loses a claim, except one that stops beating for `ttl`
+    seconds on another machine (then the item may be computed twice, to the same numbers).
+    """
+
+    def __init__(self, folder, *, ttl: float = CLAIM_TTL):
+        self.dir = pathlib.Path(folder) / CLAIMS
+        self.ttl = float(ttl)
+        self._machine = _machine()
+        pid = os.getpid()
+        token = f"{self._machine['host']}-{pid}-{os.urandom(4).hex()}"
+        self.token = "".join(c if c.isalnum() or c in "-_." else "_" for c in token)[-120:]
+        self.record = {"worker": self.token, **self._machine, "pid": pid,
+                       "start": _process_start(pid)}
+        self.held: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- this worker ----------------------------------------------------------------------
+    def register(self) -> None:
+        """Create the folder, write the heartbeat and keep it beating (a daemon thread)."""
+        self.dir.mkdir(exist_ok=True)
+        self._beat()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True,
+                                        name="conservation-claims-heartbeat")
+        self._thread.start()
+
+    def close(self) -> None:
+        """Release every claim still held (its item unfinished: the next worker takes it) and
+        remove the heartbeat."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for name in list(self.held):
+            self.release(name)
+        self._worker_path(self.token).unlink(missing_ok=True)
+
+    def __enter__(self) -> "Claims":
+        self.register()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _worker_path(self, token: str) -> pathlib.Path:
+        return self.dir / f"{token}.worker"
+
+    def _path(self, name: str) -> pathlib.Path:
+        return self.dir / f"{name}.claim"
+
+    def _beat(self) -> None:
+        write_json(self._worker_path(self.token),
+                   self.record | {"expires": time.time() + self.ttl, "ttl": self.ttl})
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl / 10):
+            with contextlib.suppress(OSError, UserError):  # a missed beat; the next may work
+                self._beat()
+
+    # -- items ------------------------------------------------------------------------------
+    def claim(self, name: str) -> bool:
+        """Claim item `name`; False if another worker holds it (live or dead)."""
+        path = self._path(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~current_umask())
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise WriteError(path, e) from None
+        try:
+            os.write(fd, json.dumps(self.record).encode())
+        except OSError as e:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise WriteError(path, e) from None
+        os.close(fd)
+        self.held.add(name)
+        return True
+
+    def release(self, name: str) -> None:
+        """Give up item `name` (after writing its result, or unfinished)."""
+        self.held.discard(name)
+        if (self.owner(name) or {}).get("worker") == self.token:  # never another's claim
+            self._path(name).unlink(missing_ok=True)
+
+    def owner(self, name: str) -> dict | None:
+        """The record of item `name`'s claim; None if unclaimed, {} while being written."""
+        try:
+            text = self._path(name).read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def claimed(self) -> set[str]:
+        """The items claimed now (by anyone)."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return set()
+        return {n[:-len(".claim")] for n in names if n.endswith(".claim")}
+
+    def is_stale(self, name: str) -> bool:
+        """Whether item `name` is claimed by a worker that has died."""
+        path = self._path(name)
+        try:
+            record = self.owner(name)
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if record is None:
+            return False
+        if not record.get("worker"):  # being written (or damaged): give it `ttl`
+            return age > self.ttl
+        return not self._alive(record)
+
+    def take_over(self, name: str) -> bool:
+        """Claim item `name` from a dead worker (see `is_stale`); False if it is alive, or
+        another worker was faster."""
+        with folder_lock(self.dir):
+            if not self.is_stale(name):
+                return False
+            self._path(name).unlink(missing_ok=True)
+            return self.claim(name)
+
+    # -- workers ----------------------------------------------------------------------------
+    def _alive(self, record: dict, beat: dict | None = None) -> bool:
+        """Whether the worker of `record` (a claim's, or its heartbeat `beat`) is alive."""
+        if record.get("worker") == self.token:
+            return True
+        if all(record.get(k) == self._machine[k] for k in ("host", "boot", "pidns")):
+            try:
+                return pid_alive(int(record["pid"]), record.get("start"))
+            except (KeyError, ValueError, TypeError):
+                return False
+        try:  # another machine: its heartbeat
+            if beat is None:
+                beat = json.loads(self._worker_path(str(record["worker"])).read_text())
+            return time.time() < float(beat["expires"])
+        except FileNotFoundError:
+            return False
+        except (ValueError, KeyError, TypeError):  # being rewritten: look again later
+            return True
+
+    def others_alive(self) -> bool:
+        """Whether another registered worker is alive."""
+        try:
+            paths = list(self.dir.glob("*.worker"))
+        except OSError:
+            return False
+        for path in paths:
+            try:
+                record = json.loads(path.read_text())
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                return True
+            if isinstance(record, dict) and record.get("worker") != self.token \
+                    and self._alive(record, record):
+                return True
+        return False
+
+    def tidy(self) -> None:
+        """Remove dead workers' claims and heartbeats, and the folder when no claim is left
+        and no other worker is alive. Call while holding the shared folder's lock (workers
+        register under it, so none appears meanwhile)."""
+        for name in self.claimed():
+            if self.is_stale(name):
+                self._path(name).unlink(missing_ok=True)
+        for path in self.dir.glob("*.worker"):
+            with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+                record = json.loads(path.read_text())
+                if isinstance(record, dict) and not self._alive(record, record):
+                    path.unlink()
+        if not self.others_alive() and not self.claimed():
+            for path in (self.dir / LOCK_NAME, *self.dir.glob(".*.tmp")):
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()

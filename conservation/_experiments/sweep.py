@@ -12,7 +12,9 @@ padded to the same size). Every point is validated like a hand-written config.
 
 Store (one folder per sweep): `sweep.json` (resolved config, axes, points), `points/<i>.npz`
 written atomically as each chunk finishes, `summary.json` / `summary.csv` (one row per point).
-Re-running the same sweep skips finished points and never rewrites them. The ensemble axis can
+Re-running the same sweep skips finished points and never rewrites them. Independent workers
+(`run_sweep(..., worker=True)` / `shard=(i, n)`, the CLI's `--worker` / `--shard`) share one
+folder through per-point claims (`claims/`, see `store.Claims`). The ensemble axis can
 be sharded over a device mesh (`devices`); see `shard_ensemble`. A flow's `solver = "auto"` is
 resolved once per call of the solve, from its first point (not per chunk), and every point
 records the solver it ran with (`solver` in its npz and in the summary) and the lanes it ran in
@@ -24,6 +26,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import pathlib
 import sys
 
@@ -37,6 +40,9 @@ from .._models.base import Ensemble
 from .._text import text_table
 from .config import AXES, FLOW_KINDS, Config, ConfigError, sweep_point_dicts
 from .store import (
+    CLAIM_TTL,
+    CLAIMS,
+    Claims,
     CorruptFile,
     UserError,
     atomic_write,
@@ -152,18 +158,85 @@ def _mine(items: list, dealt: int, rank: int, world: int) -> list:
     return [x for n, x in enumerate(items, start=dealt) if n % world == rank]
 
 
+# With `--worker`/`--shard` (no `sweep.chunk`), a group's call batch is split into chunks of
+# ceil(points / WORKER_CHUNKS) points (rounded up to whole devices): up to this many workers
+# share one batch, each compiling the group's program once, and a dead worker loses at most
+# one chunk.
+WORKER_CHUNKS = 16
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`"I/N"` as (I, N) with 0 ≤ I < N. **Raises:** `ArgumentError` naming the value."""
+    from .._validation import fail
+
+    parts = str(text).split("/")
+    try:
+        index, count = (int(p) for p in parts)
+    except ValueError:
+        raise fail("--shard", text, "must be I/N (this job's index I in 0 … N-1 of N jobs), "
+                   "e.g. 3/16") from None
+    if count < 1 or not 0 <= index < count:
+        raise fail("--shard", text, "must be I/N with N ≥ 1 and 0 ≤ I < N")
+    return index, count
+
+
+def slurm_shard(environ=None) -> tuple[int, int]:
+    """(I, N) of this job in its SLURM array: `SLURM_ARRAY_TASK_ID` counted from
+    `SLURM_ARRAY_TASK_MIN` in steps of `SLURM_ARRAY_TASK_STEP`, out of
+    `SLURM_ARRAY_TASK_COUNT` (or (MAX − MIN) / STEP + 1). **Raises:** `UserError` outside an
+    array, or for an array whose task ids are not evenly spaced (give `--shard I/N`)."""
+    env = os.environ if environ is None else environ
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        raise UserError("`--shard` without I/N reads SLURM_ARRAY_TASK_ID, which is not set "
+                        "(not a SLURM array job); give `--shard I/N`.")
+    try:
+        task = int(env["SLURM_ARRAY_TASK_ID"])
+        low = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
+        if "SLURM_ARRAY_TASK_COUNT" in env:
+            count = int(env["SLURM_ARRAY_TASK_COUNT"])
+        else:
+            count = (int(env["SLURM_ARRAY_TASK_MAX"]) - low) // step + 1
+    except (KeyError, ValueError):
+        raise UserError("SLURM's array variables (SLURM_ARRAY_TASK_ID, _MIN, _MAX, _STEP, "
+                        "_COUNT) are incomplete or not integers; give `--shard I/N`.") from None
+    index, rest = divmod(task - low, step)
+    if rest or not 0 <= index < count:
+        raise UserError(f"SLURM array task {task} is not task {low} + k·{step} of {count} "
+                        "evenly spaced tasks (e.g. `--array=1,5,9-11`); give `--shard I/N`.")
+    return index, count
+
+
 def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print,
-              force: bool = False) -> dict:
+              force: bool = False, worker: bool = False, shard: tuple[int, int] | None = None,
+              claim_ttl: float = CLAIM_TTL) -> dict:
     """Run (or resume) the sweep of `config`; returns the summary (also written to disk).
 
-    The folder is locked for the whole call (a second process on it waits, then finds the
-    points done); points whose file is missing, cannot be read back or records another point
+    Points whose file is missing, cannot be read back or records another point
     (`points/<i>.npz` stores its index, axis values and the sweep's fingerprint) are
     (re)computed. A folder holding a different sweep (or a damaged `sweep.json`) is refused
     unless `force`, which replaces its results; files named like ours in a folder without
     `sweep.json` are never overwritten unless `force` (then with a log line each).
     `summary["computed"]` counts the points this call computed (`summary["computed_points"]`
     lists them).
+
+    **One process** (default): the folder is locked for the whole call (a second such process
+    waits, then finds the points done); each call batch of a group runs as one chunk (or
+    chunks of `sweep.chunk`); the summary is written at the end.
+
+    **Independent workers** (`worker=True`, or `shard=(i, n)`): any number of processes, on
+    any machines sharing the folder, started at any time. Each claims the pending points it
+    computes (`Claims`: an `O_EXCL` file per point in `claims/`, released once the point's
+    file is written), so no two compute the same point; the folder lock is held only to
+    prepare the folder and to write the summary. A killed worker loses only its claimed
+    points (at most one chunk): a claim of a dead worker is taken over at once on the same
+    machine, after `claim_ttl` seconds without heartbeat from another. Chunks hold
+    ceil(batch / `WORKER_CHUNKS`) points unless `sweep.chunk` is set. `shard=(i, n)` computes
+    only points i, i + n, i + 2n, …, with the same claims (shards and workers mix). A worker
+    returns when no pending point of its share is left unclaimed; the one that finds every
+    point finished writes the summary (`summary["summary_written"]`; otherwise the summary
+    holds only `points` and `finished`). A one-process run on the folder claims its points
+    too, and leaves points claimed by live workers to them.
 
     **Multi-host.** When JAX's distributed runtime runs several processes
     (`jax.distributed.initialize()` before this call; `jax.process_count() > 1`), every
@@ -173,16 +246,21 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print,
     lanes steps each member with its own controller, so a point's numbers do not depend on
     its batch companions; a chunk of one member runs diffrax's solve, a larger one lanes,
     which agree to round-off, or to ≤ rtol where a flow's steps sit at a stability limit, so
-    the number of processes can move a stiff point's numbers within its tolerance). Each
-    process computes its share on its local devices only (no
+    the number of processes, or a worker's chunk size, can move a stiff point's numbers
+    within its tolerance). Each process computes its share on its local devices only (no
     global arrays, no collectives in the computation), writes its
     own points (atomic files), and process 0 writes the summary and report after all are
     done. `devices = N` then shards each process's chunks over N of its local devices."""
-    from .runner import SHARED, build, config_dict, execute_with, model_factory, result_arrays
-
     if config.sweep is None:
         raise ConfigError("this config has no [sweep] table; use `conservation run`.")
+    if shard is not None:
+        shard = parse_shard(f"{shard[0]}/{shard[1]}") if isinstance(shard, tuple | list) \
+            else parse_shard(shard)
     rank, world = _processes()
+    if world > 1 and (worker or shard is not None):
+        raise UserError("`--worker` / `--shard` run independent processes; they do not "
+                        "combine with JAX's distributed runtime (`--distributed`): use one "
+                        "or the other.")
     devices = config.sweep.devices
     visible = len(jax.local_devices()) if world > 1 else len(jax.devices())
     if devices > visible:
@@ -193,12 +271,217 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print,
                           f"--xla_force_host_platform_device_count={devices}, or set devices = 0.")
     out = prepare_output(out_dir or config.output)
     points = sweep_points(config)
-    manifest = {"config": config_dict(config), "points": points}
+    manifest = {"config": _config_dict(config), "points": points}
     manifest = json.loads(strict_json(manifest))
-    manifest_path = out / "sweep.json"
     if world > 1:
-        tag = f"[process {rank}/{world}] "
-        log = (lambda message, _log=log: _log(tag + message))
+        return _run_distributed(config, out, points, manifest, progress=progress, log=log,
+                                force=force, rank=rank, world=world)
+    return _run_independent(config, out, points, manifest, progress=progress, log=log,
+                            force=force, worker=worker or shard is not None, shard=shard,
+                            ttl=claim_ttl)
+
+
+def _config_dict(config):
+    from .runner import config_dict
+
+    return config_dict(config)
+
+
+def _run_independent(config, out, points, manifest, *, progress, log, force, worker, shard,
+                     ttl) -> dict:
+    """One process, or one of many independent workers (see `run_sweep`)."""
+    claims = Claims(out, ttl=ttl)
+    share = list(range(len(points)))
+    if shard is not None:
+        share = share[shard[0]::shard[1]]
+
+    def prepare():
+        # Another live worker may be writing a temporary right now: spare recent ones.
+        _prepare(out, manifest, log, force=force,
+                 min_age=ttl if claims.others_alive() else 0.0)
+        claims.register()
+        for note in config.ignored("sweep"):
+            log(f"note: {note}")
+
+    if not worker:
+        with folder_lock(out, log=log):
+            prepare()
+            try:
+                computed, busy = _compute(config, out, manifest, points, share, claims,
+                                          small=False, progress=progress, log=log)
+            finally:
+                claims.close()
+                claims.tidy()
+            if busy:
+                log(f"note: {len(busy)} point(s) are being computed by other workers (claims "
+                    f"in {out / CLAIMS}); the last of them writes the summary")
+            summary = _report(out)
+        return summary | {"computed": len(computed), "computed_points": computed}
+    with folder_lock(out, log=log):
+        prepare()
+    try:
+        computed, busy = _compute(config, out, manifest, points, share, claims, small=True,
+                                  progress=progress, log=log)
+    finally:
+        claims.close()
+    with folder_lock(out, log=log):
+        claims.tidy()
+        finished = len(points) - len(_missing(out, range(len(points))))
+        if finished == len(points):  # the last worker: every point is there
+            summary = _report(out) | {"summary_written": True}
+        else:
+            summary = {"points": len(points), "finished": finished, "summary_written": False}
+    if busy:
+        log(f"{len(busy)} point(s) of this worker's share are claimed by other workers; the "
+            "last worker to finish writes the summary")
+    return summary | {"computed": len(computed), "computed_points": computed}
+
+
+def _missing(out: pathlib.Path, indices) -> list[int]:
+    """The points of `indices` without a file (one listing of the folder)."""
+    try:
+        names = set(os.listdir(out / "points"))
+    except FileNotFoundError:
+        names = set()
+    return [i for i in indices if f"{i}.npz" not in names]
+
+
+def _claim_chunk(claims: Claims, out: pathlib.Path, candidates: list[int], size: int
+                 ) -> tuple[list[int], list[int]]:
+    """Claim up to `size` pending points of `candidates` (in order): unclaimed ones first,
+    then those of dead workers. Returns (claimed, pending points held by live workers)."""
+    pending = _missing(out, candidates)
+    held = claims.claimed()
+    batch, taken = [], []
+    for i in pending:
+        if len(batch) == size:
+            break
+        if str(i) in held:
+            taken.append(i)
+        elif claims.claim(str(i)):
+            batch.append(i)
+    for i in taken:
+        if len(batch) == size:
+            break
+        if claims.is_stale(str(i)) and claims.take_over(str(i)):
+            batch.append(i)
+    # A point finished (and its claim released) between the listing and the claim.
+    done = set(batch) - set(_missing(out, batch))
+    for i in done:
+        claims.release(str(i))
+    batch = [i for i in batch if i not in done]
+    busy = [i for i in taken if i not in batch]
+    return batch, busy
+
+
+def _compute(config, out, manifest, points, share, claims, *, small, progress, log
+             ) -> tuple[list[int], list[int]]:
+    """Compute the pending points of `share` (indices into `points`), claiming each chunk
+    before computing it. Returns (points computed, pending points left to live workers).
+    `small`: chunks of ceil(batch / WORKER_CHUNKS) points (workers), else whole batches."""
+    from .runner import SHARED, build, execute_with, model_factory, result_arrays
+
+    run = config.dynamics[0]
+    devices = config.sweep.devices
+    mine = set(share)
+    total = len(share)
+    bar = tqdm(total=total, initial=total - len(_missing(out, share)),
+               desc="sweep", unit="point", disable=not progress, smoothing=0.0,
+               dynamic_ncols=True)
+    computed, busy = [], set()
+    try:
+        for group in _groups(points, run):
+            batches = [[i for i in b if i in mine] for b in group.batches]
+            if not any(_missing(out, b) for b in batches):
+                continue
+            longest = max(len(b) for b in group.batches)
+            size = config.sweep.chunk or (-(-longest // WORKER_CHUNKS) if small else longest)
+            if devices:
+                size = -(-size // devices) * devices  # whole members per device
+            built = None
+            for indices, candidates in zip(group.batches, batches, strict=True):
+                point_run = None
+                while True:
+                    batch, left = _claim_chunk(claims, out, candidates, size)
+                    busy.update(left)
+                    if not batch:
+                        break
+                    try:
+                        if built is None:  # built once a chunk of the group is claimed
+                            built = _build_group(config, group, size, build, model_factory)
+                        group_config, objective, laws, make = built
+                        if point_run is None:
+                            call = {k: v for k, v in points[indices[0]].items()
+                                    if axis_role(k, run) == "call"}
+                            point_run = group_config.dynamics[0].model_copy(update=call)
+                            if point_run.kind in FLOW_KINDS and point_run.solver == "auto":
+                                point_run = _resolve_auto(point_run, objective, make, points,
+                                                          indices, group_config)
+                        _run_chunk(config, out, manifest, points, batch, size, point_run,
+                                   objective, laws, make, group_config, devices=devices,
+                                   local=False, shared=SHARED, execute_with=execute_with,
+                                   result_arrays=result_arrays)
+                    finally:
+                        for i in batch:  # written, or unfinished: the next worker takes it
+                            claims.release(str(i))
+                    computed += batch
+                    busy.difference_update(batch)
+                    if small:
+                        log(f"computed point(s) {', '.join(map(str, batch))}")
+                    bar.n = total - len(_missing(out, share))
+                    bar.refresh()
+                    check_interrupted()  # a Ctrl-C swallowed during the batch
+    finally:
+        bar.close()
+    return computed, sorted(set(_missing(out, busy)))
+
+
+def _build_group(config, group, size, build, model_factory):
+    """(config, objective, laws, model factory) of `group` for chunks of `size` members."""
+    # Every point was validated in full when the config was parsed; `at` substitutes the
+    # group's static values (a new shape, loss, group or data set) into the config.
+    group_config = config.at(group.static) if group.static else config
+    # `[ensemble]` is ignored (each point is one member): build no ensemble of it.
+    group_config = group_config.model_copy(update={"ensemble": type(config.ensemble)()})
+    _, objectives, laws = build(group_config, members=size)
+    objective = objectives.get("augmented", objectives.get(""))
+    return group_config, objective, laws, model_factory(group_config.model)
+
+
+def _run_chunk(config, out, manifest, points, batch, size, point_run, objective, laws, make,
+               group_config, *, devices, local, shared, execute_with, result_arrays):
+    """Compute the points `batch` as one ensemble of `size` members (the last point repeated:
+    no recompile for a short chunk) and write each one's file."""
+    run = config.dynamics[0]
+    padded = batch + [batch[-1]] * (size - len(batch))
+    members = [_member(make, points[i], group_config) for i in padded]
+    ensemble = Ensemble.stack(members)
+    hyperparams = {
+        _HYPERPARAMS[name]: jnp.asarray([points[i][name] for i in padded])
+        for name in _HYPERPARAMS if name in config.sweep.axes
+        and axis_role(name, run) == "member"}
+    if devices:
+        ensemble, hyperparams = shard_ensemble((ensemble, hyperparams), devices, local=local)
+    result = jax.block_until_ready(execute_with(
+        point_run, objective, ensemble, laws=laws, hyperparams=hyperparams,
+        key=jax.random.PRNGKey(config.seed)))
+    arrays = result_arrays(result, laws)
+    for j, i in enumerate(batch):
+        member = {k: (v if k in shared or k.startswith("relative/") else v[j])
+                  for k, v in arrays.items()}
+        member["identity"] = identity_array(_point_identity(manifest, i))
+        save_npz(out / "points" / f"{i}.npz", member)
+
+
+def _run_distributed(config, out, points, manifest, *, progress, log, force, rank, world
+                     ) -> dict:
+    """The processes of one JAX distributed run (see `run_sweep`, Multi-host)."""
+    from .runner import SHARED, build, execute_with, model_factory, result_arrays
+
+    devices = config.sweep.devices
+    manifest_path = out / "sweep.json"
+    tag = f"[process {rank}/{world}] "
+    log = (lambda message, _log=log: _log(tag + message))
     # Independent processes exclude each other with the lock; the processes of one
     # distributed run cooperate under process 0's lock (the others would deadlock on it).
     lock = folder_lock(out, log=log) if rank == 0 else contextlib.nullcontext()
@@ -209,16 +492,16 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print,
                 _prepare(out, manifest, log, force=force)
             except Exception as e:  # noqa: BLE001 — told to the peers, then raised
                 error = e
-        if world > 1 and not _agree(error is None):
+        if not _agree(error is None):
             if error is None:
                 raise UserError(f"process 0 could not prepare {out}; see its error.")
         if error is not None:
             raise error
-        if world > 1 and read_json(manifest_path) != manifest:
+        if read_json(manifest_path) != manifest:
             error = UserError(f"process {rank} runs a different config than process 0 "
                               f"(whose sweep.json is in {out}); give every process the same "
                               "config.")
-        if world > 1 and not _agree(error is None):
+        if not _agree(error is None):
             raise error or UserError(f"another process disagrees on the sweep in {out}; see "
                                      "its error.")
         run = config.dynamics[0]
@@ -249,23 +532,14 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print,
         # One update per finished chunk, ETA from the average rate since start (smoothing=0):
         # an exponential average over chunky updates would swing.
         share = sum(len(b) for _, _, work in plan for _, chunks in work for b in chunks)
-        bar = tqdm(total=share if world > 1 else len(points),
-                   initial=0 if world > 1 else len(done),
-                   desc="sweep" if world == 1 else f"sweep [{rank}/{world}]", unit="point",
+        bar = tqdm(total=share, initial=0, desc=f"sweep [{rank}/{world}]", unit="point",
                    disable=not progress, smoothing=0.0, dynamic_ncols=True)
         computed = []
         failure = None
         try:
             for group, size, work in plan:
-                # Every point was validated in full when the config was parsed; `at`
-                # substitutes the group's static values (a new shape, loss, group or data
-                # set) into the config.
-                group_config = config.at(group.static) if group.static else config
-                # `[ensemble]` is ignored (each point is one member): build no ensemble of it.
-                group_config = group_config.model_copy(update={"ensemble": type(config.ensemble)()})
-                _, objectives, laws = build(group_config, members=size)
-                objective = objectives.get("augmented", objectives.get(""))
-                make = model_factory(group_config.model)
+                group_config, objective, laws, make = _build_group(config, group, size, build,
+                                                                   model_factory)
                 for indices, chunks in work:
                     call = {k: v for k, v in points[indices[0]].items()
                             if axis_role(k, run) == "call"}
@@ -274,55 +548,33 @@ def run_sweep(config: Config, *, out_dir=None, progress: bool = True, log=print,
                         point_run = _resolve_auto(point_run, objective, make, points,
                                                   indices, group_config)
                     for batch in chunks:
-                        padded = batch + [batch[-1]] * (size - len(batch))  # no recompile
-                        members = [_member(make, points[i], group_config) for i in padded]
-                        ensemble = Ensemble.stack(members)
-                        hyperparams = {
-                            _HYPERPARAMS[name]: jnp.asarray([points[i][name] for i in padded])
-                            for name in _HYPERPARAMS if name in config.sweep.axes
-                            and axis_role(name, run) == "member"}
-                        if devices:
-                            ensemble, hyperparams = shard_ensemble(
-                                (ensemble, hyperparams), devices, local=world > 1)
-                        result = jax.block_until_ready(execute_with(
-                            point_run, objective, ensemble, laws=laws,
-                            hyperparams=hyperparams, key=jax.random.PRNGKey(config.seed)))
-                        arrays = result_arrays(result, laws)
-                        for j, i in enumerate(batch):
-                            member = {k: (v if k in SHARED or k.startswith("relative/")
-                                          else v[j])
-                                      for k, v in arrays.items()}
-                            member["identity"] = identity_array(
-                                _point_identity(manifest, i))
-                            save_npz(out / "points" / f"{i}.npz", member)
+                        _run_chunk(config, out, manifest, points, batch, size, point_run,
+                                   objective, laws, make, group_config, devices=devices,
+                                   local=True, shared=SHARED, execute_with=execute_with,
+                                   result_arrays=result_arrays)
                         computed += batch
                         bar.update(len(batch))
                         check_interrupted()  # a Ctrl-C swallowed during the batch
         except BaseException as e:  # a multi-host peer must not wait for us forever
-            if world == 1:
-                raise
             failure = e
         finally:
             bar.close()
-        if world > 1:
-            if not _agree(failure is None):
-                if failure is not None:
-                    raise failure
-                raise UserError("another process of this multi-host sweep failed (see its "
-                                f"error); finished points are kept in {out}/, rerun to resume.")
-            summary, error = None, None
-            if rank == 0:
-                try:
-                    summary = _report(out)
-                except Exception as e:  # noqa: BLE001 — told to the peers, then raised
-                    error = e
-            if not _agree(error is None):
-                raise error or UserError(f"process 0 could not write the summary of {out}; "
-                                         "see its error.")
-            if summary is None:
-                summary = read_json(out / "summary.json")
-        else:
-            summary = _report(out)
+        if not _agree(failure is None):
+            if failure is not None:
+                raise failure
+            raise UserError("another process of this multi-host sweep failed (see its "
+                            f"error); finished points are kept in {out}/, rerun to resume.")
+        summary, error = None, None
+        if rank == 0:
+            try:
+                summary = _report(out)
+            except Exception as e:  # noqa: BLE001 — told to the peers, then raised
+                error = e
+        if not _agree(error is None):
+            raise error or UserError(f"process 0 could not write the summary of {out}; "
+                                     "see its error.")
+        if summary is None:
+            summary = read_json(out / "summary.json")
     return summary | {"computed": len(computed), "computed_points": computed}
 
 
@@ -372,12 +624,14 @@ def _point_files(out: pathlib.Path) -> list[pathlib.Path]:
     return sorted(folder.glob("*.npz")) if folder.is_dir() else []
 
 
-def _prepare(out: pathlib.Path, manifest: dict, log, *, force: bool = False) -> None:
+def _prepare(out: pathlib.Path, manifest: dict, log, *, force: bool = False,
+             min_age: float = 0.0) -> None:
     """Under the folder lock, before any point is computed: remove leftovers of killed
-    writes, write or check `sweep.json` (a different or damaged one: refused unless `force`),
-    refuse files named like ours that no sweep.json accounts for (unless `force`), and delete
-    point files that cannot be read back or record another point (a file copied over it)."""
-    for orphan in remove_orphans(out):
+    writes (older than `min_age` seconds: live workers write too), write or check
+    `sweep.json` (a different or damaged one: refused unless `force`), refuse files named
+    like ours that no sweep.json accounts for (unless `force`), and delete point files that
+    cannot be read back or record another point (a file copied over it)."""
+    for orphan in remove_orphans(out, min_age=min_age):
         log(f"removed {orphan.name}, left by an interrupted write")
     manifest_path = out / "sweep.json"
     previous = None

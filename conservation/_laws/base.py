@@ -335,6 +335,14 @@ def pointwise_check(law: AbstractLaw, objective, model) -> Scalar:
         raise ArgumentError(f"`model` ({type(model).__name__}) has no floating-point "
                             "parameters: there is no gradient to check against.")
     check_laws((law,), model)
+    return _pointwise(law, objective, model)
+
+
+@eqx.filter_jit
+def _pointwise(law, objective, model):
+    """`pointwise_check`'s arithmetic as one compiled program per (law, objective, model
+    structure): run eagerly it compiled ~70 small programs, one per operation and shape."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
     flat, unravel = jfu.ravel_pytree(params)
 
     def loss(p):

@@ -8,6 +8,7 @@ bare form X Q Kᵀ Xᵀ X V. Three forms are implemented and agree to round-off:
 `recurrent` (kv_t = λ kv_{t−1} + k_tᵀ v_t, o_t = q_t kv_t).
 """
 
+import functools
 from typing import Literal
 
 import equinox as eqx
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from .._custom_types import Array, Float, Key
 from .._laws.base import AttentionKVLaw, AttentionQKLaw, AttentionVOLaw
 from .._validation import ArgumentError, choice, fail, integer, number
-from .base import AbstractTensorizableModel
+from .base import AbstractTensorizableModel, standard_normals
 from .linear import _check_random
 
 Form = Literal["parallel", "tiled", "recurrent"]
@@ -30,6 +31,24 @@ def _array(name, a) -> Array:
         raise fail(name, a, "must be a float array") from None
     # Integer entries would not be parameters (only inexact leaves train): make them float.
     return a if jnp.issubdtype(a.dtype, jnp.inexact) else a.astype(float)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _random_projections(shape, key, init_scale):
+    """Gaussian Q, K, V (and W_O when `out_dim` is not None) for `shape` = (dim, key_dim,
+    value_dim, heads, out_dim): one compiled program per shape (barriers: see
+    `linear._random_weights`)."""
+    dim, key_dim, value_dim, heads, out_dim = shape
+    keys = jax.random.split(key, 4)  # query, key, value, out
+    shapes = [(heads, dim, key_dim), (heads, dim, key_dim), (heads, dim, value_dim)]
+    if out_dim is not None:
+        shapes.append((heads, value_dim, out_dim))
+    draws = standard_normals(keys[: len(shapes)], shapes)
+    draws = jax.lax.optimization_barrier(tuple(draws) + (None,) * (4 - len(draws)))
+    roots = jax.lax.optimization_barrier((jnp.sqrt(dim), jnp.sqrt(value_dim)))
+    std, std_out = jax.lax.optimization_barrier(tuple(init_scale / root for root in roots))
+    query, key_, value, out = draws
+    return (std * query, std * key_, std * value, None if out is None else std_out * out)
 
 
 class LightningAttention(AbstractTensorizableModel):
@@ -119,15 +138,8 @@ class LightningAttention(AbstractTensorizableModel):
         if out_dim is not None:
             integer("out_dim", out_dim, minimum=1)
         _check_random(key, init_scale)
-        kq, kk, kv, ko = jax.random.split(key, 4)
-        std = init_scale / jnp.sqrt(dim)
-        query = std * jax.random.normal(kq, (heads, dim, key_dim))
-        key_ = std * jax.random.normal(kk, (heads, dim, key_dim))
-        value = std * jax.random.normal(kv, (heads, dim, value_dim))
-        out = None
-        if out_dim is not None:
-            out = init_scale / jnp.sqrt(value_dim) * jax.random.normal(
-                ko, (heads, value_dim, out_dim))
+        query, key_, value, out = _random_projections(
+            (dim, key_dim, value_dim, heads, out_dim), key, init_scale)
         return cls(query, key_, value, out, **kwargs)
 
     @property

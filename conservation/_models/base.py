@@ -9,6 +9,8 @@ rows = 1; Lightning Attention has one row per token.
 """
 
 import abc
+import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,7 +86,20 @@ class Ensemble(eqx.Module):
         prng_key("key", key)
         size = integer("size", size, minimum=1)
         check_members(factory, key, size)  # refuse before any member is built
-        models = eqx.filter_vmap(factory)(jax.random.split(key, size))
+        # Vectorised eagerly, not compiled as one program: XLA would fuse a factory's steps and
+        # may round some parameters of a user's factory differently in the last bit. The
+        # models' own `random`s are one compiled program each, which vmap runs batched: one
+        # program per architecture, reused by every later factory of that architecture.
+        # (`jax.vmap`, not `eqx.filter_vmap`: that moves each output's axis 0 to 0 eagerly, a
+        # compiled program for every parameter shape.)
+        static = []
+
+        def arrays(k):
+            params, rest = eqx.partition(factory(k), eqx.is_array)
+            static.append(rest)
+            return params
+
+        models = eqx.combine(jax.vmap(arrays)(jax.random.split(key, size)), static[0])
         return cls(model_parameters(models, "factory(key)"), size)
 
     @classmethod
@@ -120,7 +135,44 @@ class Ensemble(eqx.Module):
 
     def __getitem__(self, i: int) -> eqx.Module:
         params, static = eqx.partition(self.models, eqx.is_array)
-        return eqx.combine(jtu.tree_map(lambda x: x[i], params), static)
+        try:
+            i = operator.index(i)
+        except TypeError:  # a slice or an index array: a sub-ensemble's stacked parameters
+            return eqx.combine(jtu.tree_map(lambda x: x[i], params), static)
+        if not -self.size <= i < self.size:
+            raise IndexError(f"member {i} of an ensemble of {self.size}")
+        # One compiled program per architecture for every member (eager indexing compiled a
+        # slice and a squeeze for each parameter shape); a slice is exact either way.
+        return eqx.combine(_take(params, i % self.size), static)
+
+
+@jax.jit
+def _take(params, i):
+    return jtu.tree_map(lambda x: x[i], params)
+
+
+def standard_normals(keys, shapes) -> list[Array]:
+    """`[jax.random.normal(k, s) for k, s in zip(keys, shapes)]`, bit for bit, with fewer
+    copies of the sampler in the compiled program.
+
+    Threefry's counter-based draws are elementwise in (key, flat index), so each draw is the
+    first `prod(s)` values of one vmapped draw over the keys, reshaped. Each copy of the
+    sampler costs ~0.3 s of XLA compilation, a multi-axis shape under vmap several times
+    that. One vmapped draw is used when its padding wastes at most the largest draw (or 64k
+    values), else one flat draw per shape. Keys of another PRNG implementation, or threefry
+    without `jax_threefry_partitionable`, take the plain per-shape draws.
+    """
+    keys = keys if isinstance(keys, jax.Array) else jnp.stack(list(keys))
+    typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    impl = str(jax.random.key_impl(keys)) if typed else jax.config.jax_default_prng_impl
+    if "threefry" not in impl or not jax.config.jax_threefry_partitionable:
+        return [jax.random.normal(k, s) for k, s in zip(keys, shapes)]
+    sizes = [math.prod(s) for s in shapes]
+    most = max(sizes)
+    if len(sizes) > 1 and len(sizes) * most - sum(sizes) <= max(most, 2**16):
+        flat = jax.vmap(lambda k: jax.random.normal(k, (most,)))(keys)
+        return [flat[i, :n].reshape(s) for i, (n, s) in enumerate(zip(sizes, shapes))]
+    return [jax.random.normal(k, (n,)).reshape(s) for k, n, s in zip(keys, sizes, shapes)]
 
 
 def as_ensemble(model: eqx.Module | Ensemble) -> Ensemble:

@@ -1,5 +1,6 @@
 """Deep linear networks f(x) = W_L ⋯ W_1 x."""
 
+import functools
 import numbers
 from collections.abc import Sequence
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 from .._custom_types import Array, Float, Key
 from .._laws.base import BalanceLaw
 from .._validation import ArgumentError, fail, number, prng_key
-from .base import AbstractTensorizableModel
+from .base import AbstractTensorizableModel, standard_normals
 
 
 def _check_widths(widths: Sequence[int], minimum_layers: int = 1) -> tuple[int, ...]:
@@ -45,13 +46,20 @@ def _matrices(weights, minimum: int) -> tuple[Array, ...]:
     return tuple(w if jnp.issubdtype(w.dtype, jnp.inexact) else w.astype(float) for w in weights)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _random_weights(widths, key, init_scale):
-    """Gaussian layers with std init_scale / sqrt(fan_in) (LeCun scaling)."""
+    """Gaussian layers with std init_scale / sqrt(fan_in) (LeCun scaling): one compiled
+    program per `widths` (a tuple), `init_scale` traced."""
     keys = jax.random.split(key, len(widths) - 1)
-    return tuple(
-        init_scale * jax.random.normal(k, (n_out, n_in)) / jnp.sqrt(n_in)
-        for k, n_in, n_out in zip(keys, widths[:-1], widths[1:])
-    )
+    # Each step rounds as it did computed on its own (eagerly, as in earlier releases): the
+    # barriers stop XLA from re-associating the scaling with the draw's last multiplication,
+    # and from turning the division by the constant √fan_in into a multiplication by its
+    # rounded reciprocal. Either changes the last bit of some weights.
+    draws = jax.lax.optimization_barrier(
+        standard_normals(keys, list(zip(widths[1:], widths[:-1]))))
+    roots = jax.lax.optimization_barrier([jnp.sqrt(n_in) for n_in in widths[:-1]])
+    scaled = jax.lax.optimization_barrier([init_scale * w for w in draws])
+    return tuple(w / root for w, root in zip(scaled, roots))
 
 
 class DeepLinear(AbstractTensorizableModel):

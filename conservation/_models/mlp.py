@@ -13,6 +13,7 @@ parameter entries; `mask` exposes those coefficients, which the exact discrete i
 """
 
 import abc
+import functools
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from .._custom_types import Array, Float, Key
 from .._laws.base import AbstractLaw, law_mismatch
 from .._validation import ArgumentError, choice, integer, number, prng_key
-from .base import AbstractModel, flat_parameters
+from .base import AbstractModel, flat_parameters, standard_normals
 from .linear import _check_widths
 
 ACTIVATIONS_MLP = {
@@ -72,13 +73,8 @@ class MLP(AbstractModel):
         for name, flag in (("normalize", normalize), ("bias", bias)):
             if not isinstance(flag, bool):
                 raise ArgumentError(f"`{name}` must be True or False, got {flag!r}.")
-        keys = jax.random.split(key, 2 * (len(widths) - 1))
-        weights, biases = [], []
-        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
-            std = init_scale * jnp.sqrt(2.0 / fan_in)
-            weights.append(std * jax.random.normal(keys[2 * i], (fan_out, fan_in)))
-            biases.append(0.1 * init_scale * jax.random.normal(keys[2 * i + 1], (fan_out,)))
-        return cls(tuple(weights), tuple(biases) if bias else None, activation, normalize)
+        weights, biases = _random_layers(widths, bias, key, init_scale)
+        return cls(weights, biases, activation, normalize)
 
     @property
     def has_bias(self) -> bool:
@@ -112,6 +108,25 @@ class MLP(AbstractModel):
         if self.normalize:
             laws.insert(0, ScaleLaw(0))
         return tuple(laws)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random_layers(widths, bias, key, init_scale):
+    """He-style weights and small biases (None when not `bias`) for `widths` (a tuple): one
+    compiled program per (widths, bias), `init_scale` traced (barriers: see
+    `linear._random_weights`)."""
+    keys = jax.random.split(key, 2 * (len(widths) - 1))
+    shapes = list(zip(widths[1:], widths[:-1]))
+    if bias:  # keys alternate: layer i's weights from keys[2i], its biases from keys[2i + 1]
+        draws = standard_normals(keys, [s for shape in shapes for s in (shape, shape[:1])])
+        weights, biases = draws[0::2], draws[1::2]
+    else:
+        weights, biases = standard_normals(keys[0::2], shapes), None
+    weights, biases = jax.lax.optimization_barrier((weights, biases))
+    stds, bias_scale = jax.lax.optimization_barrier(
+        ([init_scale * jnp.sqrt(2.0 / n_in) for _, n_in in shapes], 0.1 * init_scale))
+    weights = tuple(std * w for std, w in zip(stds, weights))
+    return weights, None if biases is None else tuple(bias_scale * b for b in biases)
 
 
 class AbstractMechanicsLaw(AbstractLaw):

@@ -1,5 +1,6 @@
 """Polynomial networks f(x) = W_L σ(W_{L−1} ⋯ σ(W_1 x)) with a polynomial activation σ."""
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -163,6 +164,15 @@ class PolynomialNet(AbstractTensorizableModel):
         return tuple(NeuronRescaleLaw(layer, k) for layer in range(len(self.weights) - 1))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _random_neuron(d: int, key: Key, init_scale) -> Float[Array, " d"]:
+    """N(0, init_scale²/d) entries: one compiled program per `d` (barriers: see
+    `linear._random_weights`)."""
+    draw, root = jax.lax.optimization_barrier(
+        (jax.random.normal(key, (d,)), jnp.asarray(math.sqrt(d))))
+    return jax.lax.optimization_barrier(init_scale * draw) / root
+
+
 class Neuron(AbstractTensorizableModel):
     """One polynomial neuron f(x) = σ(w·x) with no output weight (the seed paper's Fig. 1
     model σ(p·x)). Tensorization: ψ(x) = (s_k x^{⊗k})_k, Φ = (w^{⊗k})_k. No architecture laws
@@ -190,7 +200,7 @@ class Neuron(AbstractTensorizableModel):
         """w ~ N(0, init_scale²/d)."""
         d = integer("d", d, minimum=1)
         _check_random(key, init_scale)
-        return cls(init_scale * jax.random.normal(key, (d,)) / math.sqrt(d), activation)
+        return cls(_random_neuron(d, key, init_scale), activation)
 
     def __call__(self, x: Float[Array, " d"]) -> Float[Array, " 1"]:
         return _horner(self.coefficients, self.weight @ x)[None]
