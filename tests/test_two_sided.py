@@ -221,3 +221,26 @@ def test_below_accuracy_flag_at_its_threshold():
     table = format_summary({"runs": runs}).splitlines()
     assert "1.000e-31*" in table[1] and "*" not in table[2]
     assert "round-off noise" in table[-1]
+
+
+def test_subspace_drift_is_absolute_and_flagged_so():
+    """RowSpaceLaw of a deep linear net's first layer (rows: hidden neurons): the value is the
+    projector Π = P(PᵀP)⁻¹Pᵀ onto the row space of W₁ (P = W₁ᵀ), the drift ‖Π(t) − Π(0)‖_F,
+    not divided by any scale — and the law says so (`relative` False, "abs" in the tables),
+    while the balance law's drift is relative."""
+    def rowspace(p):
+        w = np.asarray(p.weights[0]).T  # (d, hidden): hidden < d
+        return w @ np.linalg.solve(w.T @ w, w.T), np.ones(())
+
+    law = cn.RowSpaceLaw(None)
+    ensemble, result = run_final(lambda k: cn.DeepLinear.random([4, 2, 1], key=k),
+                                 (law, cn.BalanceLaw(0)), data_for((4,), 1), lr=0.1)
+    for i in range(2):
+        p0, p1 = rowspace(member(ensemble.models, i))[0], rowspace(member(result.final.models,
+                                                                           i))[0]
+        want = np.linalg.norm(p1 - p0)
+        assert want > 1e-6
+        np.testing.assert_allclose(float(result.drift[law.name][i, -1]), want, rtol=1e-8)
+    assert law.relative is False and cn.BalanceLaw(0).relative is True
+    assert {type(x).__name__: x.relative for x in (cn.FourierPhaseLaw(1), cn.CyclicRatioLaw())
+            } == {"FourierPhaseLaw": False, "CyclicRatioLaw": False}
