@@ -181,3 +181,14 @@ def shape(name: str, value, *, minimum: int = 1, fix: str = "") -> tuple[int, ..
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < minimum:
             raise fail(name, value, f"must be a tuple of ints ≥ {minimum}", fix)
     return tuple(int(n) for n in value)
+
+
+def is_posinf(value) -> bool:
+    """`value` is the number +inf (a concrete scalar; traced values, arrays and strings are
+    not): e.g. `divergence=inf`, "never diverge by norm"."""
+    if isinstance(value, str | bytes | bool) or is_traced(value) or np.ndim(value) != 0:
+        return False
+    try:
+        return bool(np.isposinf(float(value)))
+    except (TypeError, ValueError):
+        return False

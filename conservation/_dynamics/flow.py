@@ -20,7 +20,7 @@ from .._custom_types import Array, ScalarLike
 from .._data.objective import Objective
 from .._laws.base import check_laws
 from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
-from .._validation import ArgumentError, fail, integer, is_traced, number
+from .._validation import ArgumentError, fail, integer, is_posinf, is_traced, number
 from .batching import check_flow_memory, default_batch_size, free_device_memory
 from .lockstep import solve_lanes
 from .monitor import (
@@ -162,16 +162,6 @@ def _resolve_solver(solver) -> dfx.AbstractSolver:
     return solver if isinstance(solver, dfx.AbstractSolver) else SOLVERS[solver]()
 
 
-def _is_posinf(value) -> bool:
-    """`value` is the number +inf (a concrete scalar)."""
-    if isinstance(value, str | bytes | bool) or is_traced(value) or np.ndim(value) != 0:
-        return False
-    try:
-        return bool(np.isposinf(float(value)))
-    except (TypeError, ValueError):
-        return False
-
-
 def gradient_flow(
     objective: Objective,
     model: AbstractModel | Ensemble,
@@ -293,7 +283,7 @@ def gradient_flow(
     rtol = number("rtol", rtol, "rtol", array=True, fix="e.g. rtol=1e-8 (the default)")
     atol = rtol if atol is None else number("atol", atol, "rtol", array=True,
                                             fix="e.g. atol=1e-8, or None (= rtol)")
-    if not _is_posinf(divergence):  # inf: only a non-finite state counts as diverged
+    if not is_posinf(divergence):  # inf: only a non-finite state counts as diverged
         number("divergence", divergence, ">0",
                fix="the parameter norm beyond which a member counts as diverged, or inf to "
                     "stop only on a non-finite state")

@@ -12,7 +12,16 @@ from .._custom_types import Array, Key, ScalarLike
 from .._data.objective import Objective
 from .._laws.base import check_unique_names
 from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
-from .._validation import ArgumentError, choice, fail, integer, is_traced, number, prng_key
+from .._validation import (
+    ArgumentError,
+    choice,
+    fail,
+    integer,
+    is_posinf,
+    is_traced,
+    number,
+    prng_key,
+)
 from .batching import check_train_memory
 from .monitor import (
     DIVERGED,
@@ -357,19 +366,10 @@ def check_run_arguments(objective, *, steps, batch_size, key, divergence) -> Non
             raise ArgumentError("`batch_size` needs a `key` to draw minibatches: pass "
                                 "key=jax.random.PRNGKey(seed).")
     prng_key("key", key, optional=True)
-    if not _is_inf(divergence):
+    if not is_posinf(divergence):
         number("divergence", divergence, ">0",
                fix="the parameter norm beyond which a member counts as diverged, or inf to "
                     "stop only on a non-finite state")
-
-
-def _is_inf(value) -> bool:
-    if isinstance(value, str | bytes | bool) or is_traced(value) or np.ndim(value) != 0:
-        return False
-    try:
-        return bool(np.isposinf(float(value)))
-    except (TypeError, ValueError):
-        return False
 
 
 def check_optimizer(optim):

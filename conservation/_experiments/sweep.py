@@ -411,12 +411,8 @@ def _compute(config, out, manifest, points, share, claims, *, small, progress, l
                             built = _build_group(config, group, size, build, model_factory)
                         group_config, objective, laws, make = built
                         if point_run is None:
-                            call = {k: v for k, v in points[indices[0]].items()
-                                    if axis_role(k, run) == "call"}
-                            point_run = group_config.dynamics[0].model_copy(update=call)
-                            if point_run.kind in FLOW_KINDS and point_run.solver == "auto":
-                                point_run = _resolve_auto(point_run, objective, make, points,
-                                                          indices, group_config)
+                            point_run = _call_run(points, indices, run, group_config,
+                                                  objective, make)
                         _run_chunk(config, out, manifest, points, batch, size, point_run,
                                    objective, laws, make, group_config, devices=devices,
                                    local=False, shared=SHARED, execute_with=execute_with,
@@ -541,12 +537,7 @@ def _run_distributed(config, out, points, manifest, *, progress, log, force, ran
                 group_config, objective, laws, make = _build_group(config, group, size, build,
                                                                    model_factory)
                 for indices, chunks in work:
-                    call = {k: v for k, v in points[indices[0]].items()
-                            if axis_role(k, run) == "call"}
-                    point_run = group_config.dynamics[0].model_copy(update=call)
-                    if point_run.kind in FLOW_KINDS and point_run.solver == "auto":
-                        point_run = _resolve_auto(point_run, objective, make, points,
-                                                  indices, group_config)
+                    point_run = _call_run(points, indices, run, group_config, objective, make)
                     for batch in chunks:
                         _run_chunk(config, out, manifest, points, batch, size, point_run,
                                    objective, laws, make, group_config, devices=devices,
@@ -576,6 +567,16 @@ def _run_distributed(config, out, points, manifest, *, progress, log, force, ran
         if summary is None:
             summary = read_json(out / "summary.json")
     return summary | {"computed": len(computed), "computed_points": computed}
+
+
+def _call_run(points, indices, run, group_config, objective, make):
+    """The dynamics table of one call batch (its points share the "call" axes' values), with
+    `solver="auto"` resolved once for the whole batch."""
+    call = {k: v for k, v in points[indices[0]].items() if axis_role(k, run) == "call"}
+    point_run = group_config.dynamics[0].model_copy(update=call)
+    if point_run.kind in FLOW_KINDS and point_run.solver == "auto":
+        point_run = _resolve_auto(point_run, objective, make, points, indices, group_config)
+    return point_run
 
 
 def _resolve_auto(run, objective, make, points, indices, config):
