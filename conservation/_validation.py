@@ -6,7 +6,6 @@ whose message names the argument, the value it got and the fix. `ArgumentError` 
 `ValueError` and `TypeError`, so code that caught either before keeps working.
 """
 
-import math
 import numbers
 import warnings
 
@@ -66,25 +65,29 @@ def _bounds_text(minimum, maximum) -> str:
     return ""
 
 
-_INTERVALS = {
+# The bounds every number rule checks, the API's and the config's (`config._num`) alike.
+INTERVALS = {
     ">0": (lambda v: v > 0, "> 0"),
     ">=0": (lambda v: v >= 0, "≥ 0"),
     # `&`, not chained comparisons: `v` may be an array (`number(..., array=True)`).
     "(0,1]": (lambda v: (0 < v) & (v <= 1), "in (0, 1]"),
     "[0,1)": (lambda v: (0 <= v) & (v < 1), "in [0, 1)"),
     "(0,1)": (lambda v: (0 < v) & (v < 1), "in (0, 1)"),
+    ">=2": (lambda v: v >= 2, "≥ 2"),
     "rtol": (lambda v: (0 < v) & (v < MAX_RTOL),
              f"in (0, {MAX_RTOL:g}) (a tolerance of {MAX_RTOL:g} or more cannot give a "
              "meaningful drift)"),
+    "atol": (lambda v: (0 <= v) & (v < MAX_RTOL), f"in [0, {MAX_RTOL:g})"),
     "": (lambda v: True, ""),
 }
 
 
 def number(name: str, value, bound: str = "", *, fix: str = "", array: bool = False):
     """A real, finite number (Python, numpy or a 0-d JAX array; with `array=True` any array,
-    checked entry-wise) satisfying `bound` (a key of `_INTERVALS`: '>0', '>=0', '(0,1]',
-    '[0,1)', '(0,1)', 'rtol', ''). Returns it unchanged. Traced values pass unchecked."""
-    predicate, text = _INTERVALS[bound]
+    checked entry-wise) satisfying `bound` (a key of `INTERVALS`: '>0', '>=0', '(0,1]',
+    '[0,1)', '(0,1)', '>=2', 'rtol', 'atol', ''). Returns it unchanged. Traced values pass
+    unchecked."""
+    predicate, text = INTERVALS[bound]
     must = "must be a finite real number" + (f" {text}" if text else "")
     if is_traced(value):
         return value
@@ -143,14 +146,6 @@ def model_parameters(model, name: str = "model"):
         return x
 
     return jtu.tree_map(cast, model)
-
-
-def finite_float(value) -> float:
-    """`float(value)`, for messages (nan/inf kept)."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def prng_key(name: str, value, *, optional: bool = False):

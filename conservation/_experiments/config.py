@@ -33,7 +33,7 @@ from pydantic import (
     ValidationError,
 )
 
-from .._validation import MAX_RTOL, ArgumentError
+from .._validation import INTERVALS, MAX_RTOL, ArgumentError
 from .store import NAME_MAX, path_problem
 
 
@@ -63,24 +63,25 @@ def _check(predicate, text):
 
 
 def _num(bound: str, *, type_=float, example: str = "", schema=None):
-    """A finite number with a constraint: '>0', '>=0', '(0,1]', '[0,1)', '>=2', ''."""
-    predicates = {
-        ">0": (lambda v: v > 0, "must be > 0", {"exclusiveMinimum": 0}),
-        ">=0": (lambda v: v >= 0, "must be ≥ 0", {"minimum": 0}),
-        ">=2": (lambda v: v >= 2, "must be ≥ 2", {"minimum": 2}),
-        "(0,1]": (lambda v: 0 < v <= 1, "must lie in (0, 1]",
-                  {"exclusiveMinimum": 0, "maximum": 1}),
-        "[0,1)": (lambda v: 0 <= v < 1, "must lie in [0, 1)",
-                  {"minimum": 0, "exclusiveMaximum": 1}),
-        "": (lambda v: True, "", {}),
-        "rtol": (lambda v: 0 < v < MAX_RTOL, f"must be > 0 and < {MAX_RTOL:g} (a tolerance "
-                 f"of {MAX_RTOL:g} or more cannot give a meaningful drift)",
-                 {"exclusiveMinimum": 0, "exclusiveMaximum": MAX_RTOL}),
-        "atol": (lambda v: 0 <= v < MAX_RTOL, f"must be ≥ 0 and < {MAX_RTOL:g} (0: same as "
-                 "rtol)", {"minimum": 0, "exclusiveMaximum": MAX_RTOL}),
+    """A finite number with a constraint: '>0', '>=0', '(0,1]', '[0,1)', '>=2', 'rtol', 'atol',
+    ''. The predicate is the API's (`_validation.INTERVALS`): one rule for both; the words
+    and the JSON schema are the config's."""
+    texts = {
+        ">0": ("must be > 0", {"exclusiveMinimum": 0}),
+        ">=0": ("must be ≥ 0", {"minimum": 0}),
+        ">=2": ("must be ≥ 2", {"minimum": 2}),
+        "(0,1]": ("must lie in (0, 1]", {"exclusiveMinimum": 0, "maximum": 1}),
+        "[0,1)": ("must lie in [0, 1)", {"minimum": 0, "exclusiveMaximum": 1}),
+        "": ("", {}),
+        "rtol": (f"must be > 0 and < {MAX_RTOL:g} (a tolerance of {MAX_RTOL:g} or more cannot "
+                 "give a meaningful drift)", {"exclusiveMinimum": 0, "exclusiveMaximum": MAX_RTOL}),
+        "atol": (f"must be ≥ 0 and < {MAX_RTOL:g} (0: same as rtol)",
+                 {"minimum": 0, "exclusiveMaximum": MAX_RTOL}),
     }
-    predicate, text, extra = predicates[bound]
-    return Annotated[type_, _check(predicate, text), _Rule(text, example=example),
+    text, extra = texts[bound]
+    predicate = INTERVALS[bound][0]
+    return Annotated[type_, _check(lambda v: bool(predicate(v)), text),
+                     _Rule(text, example=example),
                      Field(json_schema_extra=extra | (schema or {}))]
 
 
