@@ -20,7 +20,8 @@ from .._custom_types import Array, ScalarLike
 from .._data.objective import Objective
 from .._laws.base import check_laws
 from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
-from .._validation import ArgumentError, fail, integer, is_posinf, is_traced, number
+from .._validation import ArgumentError, fail, integer, is_traced, number
+from .arguments import check_divergence, check_objective, same_parameters
 from .batching import check_flow_memory, default_batch_size, free_device_memory
 from .lockstep import solve_lanes
 from .monitor import (
@@ -270,9 +271,7 @@ def gradient_flow(
     Bad arguments raise `conservation.ArgumentError`, naming the argument.
     """
     ensemble = as_ensemble(model)
-    if not isinstance(objective, Objective):
-        raise fail("objective", objective, "must come from `conservation.make_objective(...)`",
-                   "e.g. make_objective(conservation.MSE(), data, model)")
+    check_objective(objective)
     t1 = number("t1", t1, ">0", fix="the final time of the flow (it starts at t = 0)")
     if stop_at_loss is not None:
         number("stop_at_loss", stop_at_loss, ">0",
@@ -283,10 +282,7 @@ def gradient_flow(
     rtol = number("rtol", rtol, "rtol", array=True, fix="e.g. rtol=1e-8 (the default)")
     atol = rtol if atol is None else number("atol", atol, "rtol", array=True,
                                             fix="e.g. atol=1e-8, or None (= rtol)")
-    if not is_posinf(divergence):  # inf: only a non-finite state counts as diverged
-        number("divergence", divergence, ">0",
-               fix="the parameter norm beyond which a member counts as diverged, or inf to "
-                    "stop only on a non-finite state")
+    check_divergence(divergence)
     if batch_size is not None:
         batch_size = integer("batch_size", batch_size, minimum=1,
                              fix="the members integrated side by side, or None (default)")
@@ -359,7 +355,7 @@ def _check_resume(resume, ensemble, t1) -> float:
     if resume.reference is None:
         raise fail("resume", "Result", "has no `reference` (the laws at θ₀ the drifts are "
                    "measured from)", "run the first part with resumable=True")
-    if not _same_parameters(ensemble, resume.final):
+    if not same_parameters(ensemble, resume.final):
         raise fail("model", "a model other than resume.final", "must be `resume.final` when "
                    "resuming (the flow continues from its last state)",
                    "call gradient_flow(objective, previous.final, t1, resume=previous)")
@@ -368,15 +364,6 @@ def _check_resume(resume, ensemble, t1) -> float:
         raise fail("t1", t1, f"must be beyond the resumed run's end t = {start:g}",
                    "t1 is the new final time, not a duration")
     return start
-
-
-def _same_parameters(ensemble, final) -> bool:
-    a, b = (jtu.tree_leaves(eqx.filter(m.models, eqx.is_inexact_array))
-            for m in (ensemble, final))
-    if ensemble.size != final.size or len(a) != len(b):
-        return False
-    return all(x.shape == y.shape and bool(jnp.all((x == y) | (jnp.isnan(x) & jnp.isnan(y))))
-               for x, y in zip(a, b))
 
 
 def _check_resumed_laws(resume, laws, keep) -> None:

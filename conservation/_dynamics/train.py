@@ -17,11 +17,11 @@ from .._validation import (
     choice,
     fail,
     integer,
-    is_posinf,
     is_traced,
     number,
     prng_key,
 )
+from .arguments import check_divergence, check_objective, same_parameters
 from .batching import check_train_memory
 from .monitor import (
     DIVERGED,
@@ -313,13 +313,11 @@ def _stack(blocks):
 
 def _check_resume(resume, ensemble, steps, step_time) -> int:
     """`train(resume=)`: a train Result whose `final` is `model`; returns its step count."""
-    from .flow import _same_parameters
-
     if not isinstance(resume, Result) or resume.train_state is None:
         raise fail("resume", type(resume).__name__, "must be the Result of a previous "
                    "`train(..., resumable=True)`",
                    "a flow's Result continues with gradient_flow(resume=...)")
-    if not _same_parameters(ensemble, resume.final):
+    if not same_parameters(ensemble, resume.final):
         raise fail("model", "a model other than resume.final", "must be `resume.final` when "
                    "resuming (training continues from its last state)",
                    "call train(objective, previous.final, optim, steps, resume=previous)")
@@ -354,9 +352,7 @@ def _resumed_carry(resume, fresh):
 def check_run_arguments(objective, *, steps, batch_size, key, divergence) -> None:
     """The arguments `train` and `track_mechanics` share, checked at the boundary (each bad
     one raises `conservation.ArgumentError` naming it)."""
-    if not isinstance(objective, Objective):
-        raise fail("objective", objective, "must come from `conservation.make_objective(...)`",
-                   "e.g. make_objective(conservation.MSE(), data, model)")
+    check_objective(objective)
     integer("steps", steps, minimum=1, fix="the number of optimizer steps")
     if batch_size is not None:
         integer("batch_size", batch_size, minimum=1, maximum=len(objective.data),
@@ -366,10 +362,7 @@ def check_run_arguments(objective, *, steps, batch_size, key, divergence) -> Non
             raise ArgumentError("`batch_size` needs a `key` to draw minibatches: pass "
                                 "key=jax.random.PRNGKey(seed).")
     prng_key("key", key, optional=True)
-    if not is_posinf(divergence):
-        number("divergence", divergence, ">0",
-               fix="the parameter norm beyond which a member counts as diverged, or inf to "
-                    "stop only on a non-finite state")
+    check_divergence(divergence)
 
 
 def check_optimizer(optim):
