@@ -96,7 +96,9 @@ def test_polynomial_finder_returns_the_balance_laws():
 
 def test_polynomial_finder_quadratic_neuron_and_monitor_plug_in(getkey):
     model = cn.PolynomialNet.random((2, 1, 1), key=KEY)
-    found = cn.find_polynomial_laws(model, cn.MSE(), degree=2)
+    found = cn.find_polynomial_laws(model, cn.MSE())  # the default degree, 2
+    assert sorted({sum(m) for m in found.monomials}) == [1, 2]  # 3 + 6 monomials in θ ∈ R³
+    assert len(found.monomials) == 9
     assert found.describe() == ["weights[0][0,0]^2 + weights[0][0,1]^2 - 2·weights[1][0,0]^2"]
     data = cn.Dataset(jax.random.normal(getkey(), (8, 2)), jax.random.normal(getkey(), (8, 1)))
     objective = cn.make_objective(cn.MSE(), data, model)

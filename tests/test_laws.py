@@ -78,3 +78,19 @@ def test_law_names_must_be_unique_and_typed(zoo, getkey):
         cn.gradient_flow(objective, model, 1.0, laws=[cn.BalanceLaw(0), cn.BalanceLaw(0)])
     with pytest.raises(TypeError, match="FunctionLaw"):
         cn.gradient_flow(objective, model, 1.0, laws=[lambda m: 0.0])
+
+
+class _ValueOut(eqx.Module):
+    """A module of the user's own with value/out projections and no `query`: 3 heads of
+    (d, k) = (5, 2) values and (2, 5) outputs (the head axis is the first, not the d axis)."""
+
+    value: jax.Array
+    out: jax.Array
+
+
+def test_head_count_of_a_module_without_query_is_its_value_heads():
+    model = _ValueOut(jnp.ones((3, 5, 2)), jnp.ones((3, 2, 5)))
+    law = cn.AttentionVOLaw(2)
+    assert float(law.scale(model)) > 0  # head 2 of 3 exists
+    with pytest.raises(cn.ArgumentError, match="head 3 but the model has 3 heads"):
+        cn.AttentionVOLaw(3).check(model)

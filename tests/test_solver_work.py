@@ -91,6 +91,19 @@ def test_stabilized_step_works_as_rock4_below_its_switch_and_as_rkc_above():
         assert calls == INIT_ITERATIONS + step_calls, h_rho
 
 
+@pytest.mark.parametrize("solver", [cn.ROCK4(max_stages=9), cn.RKC(max_stages=5)],
+                         ids=["rock4", "rkc"])
+def test_step_out_of_reach_is_rejected_without_stage_work(solver):
+    """h·ρ = 100 is beyond ROCK4's reach with 9 stages (0.353·9² − 3 = 25.6) and RKC's with 5
+    (1 + ⌊√155⌋ = 13 > 5): the step is rejected (y1 = y0 with a huge error) and evaluates
+    only f(y₀), which comes with the power iteration's jvp; it records 0 f-evaluations and
+    1 jvp. One stage or finishing evaluation more would be wasted work on every rejection."""
+    (y1, state), calls = evaluations(chebyshev_step, solver, jnp.asarray(100.0 / 1.2))
+    assert calls == INIT_ITERATIONS + 1
+    assert int(state[3]) == 0 and int(state[4]) == INIT_ITERATIONS + 1
+    np.testing.assert_array_equal(np.asarray(y1), np.arange(1.0, 5.0))
+
+
 # Stages of each tableau, first same as last (the last stage's f(y₁) is the next step's first):
 # Tsit5 (Tsitouras 2011) and Dopri5 (Dormand & Prince 1980) 7 stages, 6 new evaluations a step;
 # Dopri8 (Prince & Dormand 1981, RK8(7)13M) 13 stages plus f(y₁): 13 new a step.

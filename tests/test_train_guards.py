@@ -53,6 +53,7 @@ def _lambda_max(x):
     (dict(kind="momentum", lr=0.1, momentum=1.5), "momentum"),
     (dict(kind="momentum", lr=0.1, momentum=-0.1), "momentum"),
     (dict(lr=0.1, momentum=0.9), "momentum"),  # only kind="momentum" uses it
+    (dict(lr=0.1, momentum=np.array([0.0, 0.5])), "momentum"),  # one member's is enough
     (dict(lr=0.1, weight_decay=-1e-3), "weight_decay"),
     (dict(kind="adam", lr=0.1, b1=1.0), "b1"), (dict(kind="adam", lr=0.1, b2=-0.5), "b2"),
     (dict(kind="lbfgs", lr=0.1), "kind"),
@@ -64,6 +65,7 @@ def test_optimizer_names_the_bad_argument(kwargs, name):
 
 def test_optimizer_takes_array_and_traced_learning_rates(lsq):
     model, *_ = lsq
+    assert cn.optimizer("gd", lr=0.1, momentum=np.zeros(2)) is not None  # all zero: unused
     assert cn.optimizer("gd", lr=np.array([0.1, 0.2])) is not None
     rates = jax.jit(lambda lr: cn.optimizer("gd", lr=lr).init(model).hyperparams)(0.25)
     assert float(rates["learning_rate"]) == 0.25

@@ -228,15 +228,17 @@ def _chebyshev_advance(terms, t0, t1, y0, f0, h_rho, args, use_rkc, rock4_stages
         t = jnp.where(j == 4, t1, tu + c[j])
         return ks.at[j].set(terms.vf(t, y, args))
 
-    ks = jax.lax.fori_loop(jnp.where(use_rkc, 4, 0), 5, finishing,
+    # A rejected step (out of reach) skips these too: its y1, f1 and error are replaced.
+    ks = jax.lax.fori_loop(jnp.where(too_stiff, 5, jnp.where(use_rkc, 4, 0)), 5, finishing,
                            jnp.zeros((5, *u.shape), dtype))
     y1 = u + jnp.tensordot(a[4], ks[:4], axes=1)
     f1 = ks[4]
     y_error = jnp.where(
         use_rkc, 0.8 * (y0 - y1) + 0.4 * h * (f0 + f1),
         jnp.tensordot(h * jnp.concatenate([be[:4] - b, be[4:]]), ks, axes=1))
-    # f-evaluations: RKC s − 1 stages and f(y1); ROCK4 deg − 1 stages, 4 finishing, f(y1).
-    evaluations = jnp.where(use_rkc, stages, deg + 4)
+    # f-evaluations: RKC s − 1 stages and f(y1); ROCK4 deg − 1 stages, 4 finishing, f(y1);
+    # none for a step out of reach (f(y0) comes with the step's jvp).
+    evaluations = jnp.where(too_stiff, 0, jnp.where(use_rkc, stages, deg + 4))
     return y1, y_error, f1, evaluations, too_stiff
 
 
