@@ -117,6 +117,16 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     results = []
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def report(population: int) -> dict:
+        killed = sum(r["result"] == "killed" for r in results)
+        return {"commit": commit, "population": population, "sampled": len(results),
+                "seed": args.seed, "killed": killed, "survived": len(results) - killed,
+                "timeouts": sum(r["how"] == "timeout" for r in results),
+                "score": killed / len(results) if results else None, "mutants": results}
+
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp) / "work"
         subprocess.run(["git", "worktree", "add", "--detach", str(work), "HEAD"], cwd=ROOT,
@@ -138,19 +148,16 @@ def main(argv=None) -> int:
                       "how": verdict, "seconds": round(time.perf_counter() - start, 1),
                       "code": original.splitlines()[m["line"] - 1].strip()}
                 results.append(m)
+                # After every mutant: a run stopped part-way keeps what it measured.
+                out.write_text(json.dumps(report(len(everything)), indent=1) + "\n")
                 print(f"[{i}/{len(chosen)}] {m['result']:8s} {m['file']}:{m['line']} "
                       f"{m['old']!r} -> {m['new']!r}  {m['code'][:70]}", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(work)], cwd=ROOT,
                            capture_output=True)
-    killed = sum(r["result"] == "killed" for r in results)
-    report = {"commit": commit, "population": len(everything), "sampled": len(results),
-              "seed": args.seed, "killed": killed, "survived": len(results) - killed,
-              "score": killed / len(results) if results else None, "mutants": results}
-    out = ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"mutation score {killed}/{len(results)} = {report['score']:.2f} "
+    final = report(len(everything))
+    out.write_text(json.dumps(final, indent=1) + "\n")
+    print(f"mutation score {final['killed']}/{len(results)} = {final['score']:.2f} "
           f"(population {len(everything)}); {out}")
     return 0
 
