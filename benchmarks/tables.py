@@ -1,7 +1,8 @@
-"""README tables from the benchmark JSON: `python benchmarks/tables.py ensembles`.
+"""Benchmark tables from the benchmark JSON: `python benchmarks/tables.py ensembles`.
 
-Prints Markdown built only from benchmarks/results/*.json, so the README's numbers are
-regenerated, never retyped.
+Prints Markdown built only from benchmarks/results/*.json, so the documentation's numbers are
+regenerated, never retyped (`benchmarks/docs_tables.py` writes them for the docs' benchmark
+pages).
 """
 
 import json

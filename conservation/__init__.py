@@ -70,7 +70,29 @@ from ._data.losses import (
 from ._data.objective import Moments as Moments
 from ._data.objective import Objective as Objective
 from ._data.objective import make_objective as make_objective
+from ._dynamics.central import CentralFlowComparison as CentralFlowComparison
+from ._dynamics.central import CentralFlowField as CentralFlowField
+from ._dynamics.central import Oscillation as Oscillation
+from ._dynamics.central import central_flow_comparison as central_flow_comparison
 from ._dynamics.closed_forms import saxe_balanced_mode as saxe_balanced_mode
+from ._dynamics.fields import (
+    AbstractPhaseSpaceField as AbstractPhaseSpaceField,
+)
+from ._dynamics.fields import (
+    MirrorField as MirrorField,
+)
+from ._dynamics.fields import (
+    MomentumField as MomentumField,
+)
+from ._dynamics.fields import (
+    NesterovField as NesterovField,
+)
+from ._dynamics.fields import (
+    PreconditionedField as PreconditionedField,
+)
+from ._dynamics.fields import (
+    SignField as SignField,
+)
 from ._dynamics.flow import (
     AbstractVectorField as AbstractVectorField,
 )
@@ -87,6 +109,21 @@ from ._dynamics.mechanics import MechanicsResult as MechanicsResult
 from ._dynamics.mechanics import track_mechanics as track_mechanics
 from ._dynamics.monitor import STATUS_NAMES as STATUS_NAMES
 from ._dynamics.monitor import Result as Result
+from ._dynamics.observables import (
+    AbstractObservable as AbstractObservable,
+)
+from ._dynamics.observables import (
+    GradientNorm as GradientNorm,
+)
+from ._dynamics.observables import (
+    HeldOutLoss as HeldOutLoss,
+)
+from ._dynamics.observables import (
+    KernelDistance as KernelDistance,
+)
+from ._dynamics.observables import (
+    Sharpness as Sharpness,
+)
 from ._dynamics.solvers import (
     RKC as RKC,
 )
@@ -154,6 +191,18 @@ from ._laws.base import (
 from ._laws.base import (
     pointwise_check as pointwise_check,
 )
+from ._laws.blocks import (
+    GateRescaleLaw as GateRescaleLaw,
+)
+from ._laws.blocks import (
+    MeanReadLaw as MeanReadLaw,
+)
+from ._laws.blocks import (
+    RotaryQKLaw as RotaryQKLaw,
+)
+from ._laws.blocks import (
+    SubmodelLaw as SubmodelLaw,
+)
 from ._laws.counting import (
     LawCount as LawCount,
 )
@@ -183,6 +232,57 @@ from ._laws.discovery import (
 )
 from ._laws.discovery import (
     find_symmetries as find_symmetries,
+)
+from ._laws.flows import (
+    AbstractFlow as AbstractFlow,
+)
+from ._laws.flows import (
+    GradientFlow as GradientFlow,
+)
+from ._laws.flows import (
+    MirrorFlow as MirrorFlow,
+)
+from ._laws.flows import (
+    MomentumFlow as MomentumFlow,
+)
+from ._laws.flows import (
+    NesterovFlow as NesterovFlow,
+)
+from ._laws.flows import (
+    PreconditionedFlow as PreconditionedFlow,
+)
+from ._laws.flows import (
+    SignFlow as SignFlow,
+)
+from ._laws.generators import (
+    GeneratorLaw as GeneratorLaw,
+)
+from ._laws.generators import (
+    GeneratorNullSpace as GeneratorNullSpace,
+)
+from ._laws.generators import (
+    GeneratorSearch as GeneratorSearch,
+)
+from ._laws.generators import (
+    find_generators as find_generators,
+)
+from ._laws.phase_space import (
+    AbstractPhaseSpaceLaw as AbstractPhaseSpaceLaw,
+)
+from ._laws.phase_space import (
+    AngularMomentumLaw as AngularMomentumLaw,
+)
+from ._laws.phase_space import (
+    FunctionPhaseLaw as FunctionPhaseLaw,
+)
+from ._laws.phase_space import (
+    LrBalanceLaw as LrBalanceLaw,
+)
+from ._laws.phase_space import (
+    MirrorBalanceLaw as MirrorBalanceLaw,
+)
+from ._laws.phase_space import (
+    PhaseState as PhaseState,
 )
 from ._laws.symmetry import (
     AbstractSubspaceLaw as AbstractSubspaceLaw,
@@ -256,6 +356,21 @@ from ._models.polynomial import (
 from ._models.polynomial import (
     PolynomialNet as PolynomialNet,
 )
+from ._models.transformer import (
+    BlockStack as BlockStack,
+)
+from ._models.transformer import (
+    FeedForward as FeedForward,
+)
+from ._models.transformer import (
+    ResidualBlock as ResidualBlock,
+)
+from ._models.transformer import (
+    SoftmaxAttention as SoftmaxAttention,
+)
+from ._models.transformer import (
+    TransformerBlock as TransformerBlock,
+)
 from ._models.wrap import FunctionModel as FunctionModel
 from ._validation import ArgumentError as ArgumentError
 
@@ -265,22 +380,31 @@ __all__ = [
     "teacher_dataset", "whiten", "AbstractFiniteGroup", "AbstractGroup", "CyclicShift",
     "Icosahedral", "Octahedral", "OrthogonalGroup", "Permutations", "PlanarRotations",
     "SignFlips", "MSE", "AbstractLoss", "CrossEntropy", "LogCosh", "Quartic", "Moments",
-    "Objective", "make_objective", "saxe_balanced_mode", "AbstractVectorField",
+    "Objective", "make_objective", "CentralFlowComparison", "CentralFlowField",
+    "Oscillation", "central_flow_comparison", "saxe_balanced_mode", "AbstractPhaseSpaceField",
+    "MirrorField", "MomentumField", "NesterovField", "PreconditionedField", "SignField",
+    "AbstractVectorField",
     "GradientField", "ModifiedGradientField", "gradient_flow", "MechanicsResult",
-    "track_mechanics", "STATUS_NAMES", "Result", "RKC", "ROCK4", "AbstractChebyshevSolver",
+    "track_mechanics", "STATUS_NAMES", "Result", "AbstractObservable", "GradientNorm",
+    "HeldOutLoss", "KernelDistance", "Sharpness", "RKC", "ROCK4", "AbstractChebyshevSolver",
     "SolverChoice", "StabilizedRK", "choose_solver", "step_size_controller", "optimizer",
     "train", "Config", "ConfigError", "config_schema", "load_config", "parse_config",
     "run_sweep", "shard_ensemble", "AbstractGramLaw", "AbstractLaw", "AttentionKVLaw",
     "AttentionQKLaw", "AttentionVOLaw", "BalanceLaw", "FunctionLaw", "NeuronRescaleLaw",
     "pointwise_check", "LawCount", "PolynomialLaws", "count_laws", "find_polynomial_laws",
     "AbstractMaskLaw", "Candidate", "LinearMaskLaw", "QuadraticMaskLaw", "SymmetrySearch",
-    "find_symmetries", "AbstractSubspaceLaw", "AttentionRangeLaw", "CyclicRatioLaw",
+    "find_symmetries", "GeneratorLaw", "GeneratorNullSpace", "GeneratorSearch",
+    "find_generators", "AbstractFlow", "GradientFlow", "MirrorFlow", "MomentumFlow",
+    "NesterovFlow", "PreconditionedFlow", "SignFlow", "AbstractPhaseSpaceLaw",
+    "AngularMomentumLaw", "FunctionPhaseLaw", "LrBalanceLaw", "MirrorBalanceLaw", "PhaseState",
+    "AbstractSubspaceLaw", "AttentionRangeLaw", "CyclicRatioLaw",
     "EquivariantResidualLaw", "EquivariantRowSumLaw", "FourierPhaseLaw", "RowSpaceLaw",
     "augmentation_laws", "isotypic_components", "InsufficientMemory", "LightningAttention",
     "AbstractModel", "AbstractTensorizableModel", "Ensemble", "as_ensemble", "default_laws",
     "DeepLinear", "MLP", "AbstractMechanicsLaw", "RescaleLaw", "ScaleLaw", "TranslationLaw",
     "mechanics_laws", "ACTIVATIONS", "Neuron", "PolynomialNet", "FunctionModel",
-    "ArgumentError",
+    "ArgumentError", "GateRescaleLaw", "MeanReadLaw", "RotaryQKLaw", "SubmodelLaw",
+    "BlockStack", "FeedForward", "ResidualBlock", "SoftmaxAttention", "TransformerBlock",
 ]
 
 try:

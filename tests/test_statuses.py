@@ -215,7 +215,7 @@ def test_tolerances_that_cannot_give_a_drift_are_refused(nan_runs):
     (dict(batch_size=0), "`batch_size` must be an int ≥ 1"),
     (dict(solver="rk45"), "`solver` must be one of"),
     (dict(solver=dfx.Euler()), "`solver` Euler gives no error estimate"),
-    (dict(field="gradient"), "`field` must be a `GradientField`"),
+    (dict(field="gradient"), "`field` must be an `AbstractVectorField`"),
     (dict(progress="yes"), "`progress` must be True, False or None"),
     (dict(values="everything"), "`values` must be 'none', 'final', 'all'"),
     (dict(values=3), "`values` must be 'none', 'final', 'all'"),
@@ -258,3 +258,18 @@ def test_final_losses_below_the_accuracy_floor_are_flagged(nan_runs):
     assert result.summary()["final_loss_below_accuracy"] == 2
     # At t1 = 3 the loss has fallen by e^{−12} = 6e-6 only: nothing to flag.
     assert nan_runs[2][0].summary()["final_loss_below_accuracy"] == 0
+
+
+def test_summary_of_observables_when_no_member_ran_to_the_end():
+    """Every member diverged: the observables' medians are None (nothing to take them over),
+    not a crash; a vector observable gives one None per component."""
+    b, t = 2, 3
+    result = cn.Result(
+        t=np.linspace(0, 1, t), loss=np.full((b, t), np.nan), values={}, drift={},
+        max_drift={}, condition={}, final=None, status=np.array([2, 2]),
+        num_steps=np.zeros(b, int),
+        observables={"sharpness": np.ones((b, t, 2)), "gradient_norm": np.ones((b, t))})
+    summary = result.summary()
+    assert summary["observables_final_median"] == {"sharpness": [None, None],
+                                                   "gradient_norm": None}
+    assert summary["status"]["diverged"] == 2

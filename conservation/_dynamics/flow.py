@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from .._custom_types import Array, ScalarLike
 from .._data.objective import Objective
 from .._laws.base import check_laws
+from .._laws.phase_space import AbstractPhaseSpaceLaw, PhaseState
 from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
-from .._validation import ArgumentError, fail, integer, is_traced, number
+from .._validation import ArgumentError, fail, integer, is_traced, model_parameters, number
 from .arguments import check_divergence, check_objective, same_parameters
 from .batching import check_flow_memory, default_batch_size, free_device_memory
 from .lockstep import solve_lanes
@@ -38,6 +39,7 @@ from .monitor import (
     show_progress,
     values_to_keep,
 )
+from .observables import ObservableMonitor, check_observables, check_resumed_observables
 from .solvers import StabilizedRK, _choose, step_size_controller
 from .unrolled import Dopri5, Dopri8, Tsit5
 
@@ -60,15 +62,33 @@ def _shown(x):
 
 
 class AbstractVectorField(eqx.Module):
-    """The right-hand side dθ/dt of a flow, from the loss gradient."""
+    """The right-hand side dθ/dt of a flow, from the loss gradient.
+
+    A first-order field's state is the flat parameters θ. A phase-space field
+    (`phase_space = True`, e.g. `MomentumField`) integrates a larger state (θ, v) whose
+    parameters `position(y)` gives; a time-dependent one overrides `rhs(grad, t, y)`.
+    """
+
+    # Class attributes, not fields: True for fields whose state is (θ, v) (their laws may be
+    # `AbstractPhaseSpaceLaw`s, evaluated on a `PhaseState`).
+    phase_space = False
 
     @abc.abstractmethod
     def __call__(self, grad: Callable, y: Array) -> Array:
         """dθ/dt at the flat parameters `y`; `grad(y)` is ∇L(y)."""
 
+    def rhs(self, grad: Callable, t: Array, y: Array) -> Array:
+        """dy/dt at time `t` and state `y` (default: the autonomous `self(grad, y)`)."""
+        del t
+        return self(grad, y)
+
     def start(self, grad: Callable, y: Array) -> Array:
         """The state the flow starts from, given the initial parameters `y` (default `y`)."""
         del grad
+        return y
+
+    def position(self, y: Array) -> Array:
+        """The flat parameters θ of the state `y` (default: `y` itself)."""
         return y
 
 
@@ -143,6 +163,64 @@ class ModifiedGradientField(AbstractVectorField):
         return y + self.lr * beta / (1 - beta) ** 2 * (grad(y) + self.weight_decay * y)
 
 
+class _PhaseMonitor(LawMonitor):
+    """The laws of a phase-space flow: `AbstractPhaseSpaceLaw`s on the `PhaseState`, the
+    others on its position (the model at θ)."""
+
+    def _on(self, law, state):
+        return state if isinstance(law, AbstractPhaseSpaceLaw) else state.position
+
+    def values(self, state):
+        return {law.name: law(self._on(law, state)) for law in self.laws}
+
+    def conditions(self, state):
+        return {law.name: law.condition(self._on(law, state)) for law in self.laws}
+
+    def reference(self, state):
+        return self.values(state), {law.name: law.scale(self._on(law, state))
+                                    for law in self.laws}
+
+
+def _check_phase_space(field, laws, velocity, ensemble, resumable, resume):
+    """The arguments only a phase-space (second-order) field takes, and what it cannot do."""
+    if not field.phase_space:
+        phase_laws = [law.name for law in laws if isinstance(law, AbstractPhaseSpaceLaw)]
+        if phase_laws:
+            raise ArgumentError(
+                f"`laws` {phase_laws} are phase-space laws (they read the velocity of a "
+                f"second-order flow) but `field` is {type(field).__name__}; use "
+                "field=conservation.MomentumField(...) or NesterovField(...).")
+        if velocity is not None:
+            raise ArgumentError(
+                f"`velocity` is the start velocity of a second-order flow, but `field` is "
+                f"{type(field).__name__} (first order); leave it out or use a "
+                "MomentumField / NesterovField.")
+        return None
+    if resumable or resume is not None:
+        raise ArgumentError(
+            f"`{'resume' if resume is not None else 'resumable'}`: a phase-space flow "
+            f"({type(field).__name__}) cannot be resumed (its Result keeps θ, not the "
+            "velocity); run it to the final time at once.")
+    if velocity is None:
+        return None
+    velocity = as_ensemble(model_parameters(velocity, "velocity"))
+    if velocity.size != ensemble.size or not _same_structure(velocity, ensemble):
+        raise ArgumentError(
+            f"`velocity` must have the structure and shapes of `model` (one velocity per "
+            f"member: {ensemble.size}), got {velocity.size} member(s) of "
+            f"{type(velocity.models).__name__}; build it e.g. with "
+            "jax.tree.map(jnp.zeros_like, model).")
+    return eqx.filter(velocity.models, eqx.is_inexact_array)
+
+
+def _same_structure(a, b) -> bool:
+    """Two ensembles with the same tree structure and parameter shapes."""
+    pa, pb = (jtu.tree_leaves(eqx.filter(e.models, eqx.is_inexact_array)) for e in (a, b))
+    return (jtu.tree_structure(eqx.filter(a.models, eqx.is_inexact_array))
+            == jtu.tree_structure(eqx.filter(b.models, eqx.is_inexact_array))
+            and all(x.shape == y.shape for x, y in zip(pa, pb)))
+
+
 def _check_solver(solver) -> None:
     """`solver`: "auto", a name of `SOLVERS` or an adaptive diffrax solver."""
     if isinstance(solver, dfx.AbstractAdaptiveSolver):
@@ -182,6 +260,8 @@ def gradient_flow(
     stop_at_loss: ScalarLike | None = None,
     resumable: bool = False,
     resume: Result | None = None,
+    velocity: AbstractModel | Ensemble | None = None,
+    observables=(),
 ) -> Result:
     """Integrate the gradient flow of `objective` from `model` (or every member of an ensemble).
 
@@ -233,7 +313,16 @@ def gradient_flow(
       whole ensemble.
     - `field`: the right-hand side: `GradientField(weight_decay=λ)` (default λ = 0) or
       `ModifiedGradientField(lr, momentum, weight_decay)` to follow a discrete optimizer
-      (with momentum it starts from the effective initial condition θ₀ + δ, see there).
+      (with momentum it starts from the effective initial condition θ₀ + δ, see there);
+      `SignField`, `PreconditionedField` (per-leaf learning rates), `MirrorField`; or a
+      second-order field, `MomentumField` (heavy-ball ODE) or `NesterovField`, integrated in
+      phase space (θ, v): the loss, the laws and `final` are θ's, `AbstractPhaseSpaceLaw`s
+      (e.g. `AngularMomentumLaw`) are evaluated on (t, θ, v), the divergence norm is θ's,
+      `solver="auto"` picks `"tsit5"` (a small mass μ is stiff: pass `"kvaerno5"`), and the
+      run cannot be resumed (the velocity is not kept).
+    - `velocity`: second-order fields only: the start velocities v₀, a model (or ensemble)
+      of the structure of `model` whose parameters are v₀ (default None: the field's own,
+      v₀ = −c(∇L(θ₀) + λθ₀)).
     - `stop_at_loss`: a loss goal L* > 0 (or None, default: no goal). Each member stops where
       its loss reaches L* (L ≤ L*), with status `reached_loss`: a diffrax event whose
       condition L(θ) − L* is located on the step's dense output by a Newton root find (to
@@ -254,6 +343,11 @@ def gradient_flow(
       (and the loss-increase rule) over the whole run. `solver="auto"` reuses the solver
       that ran. The steps differ from one run to t1 (the solver restarts at t[-1] with a
       first step of 0.01), so the states agree to the solver tolerance, not bit for bit.
+    - `observables`: observables of (θ, data) evaluated per member at every save inside the
+      solve, e.g. `(conservation.Sharpness(k=3), conservation.GradientNorm())` (see
+      `AbstractObservable`), returned in `Result.observables` (name → (B, T, *shape)).
+      Default none. With `resume`, the same observables as the resumed run, and none that
+      compare with the start (`KernelDistance`).
 
     **Memory:** the stored monitors are O(B·T·n_laws) scalars (loss, drift, condition at T =
     `n_save` saves for B members) plus B × (parameters + law sizes) for `final` /
@@ -293,9 +387,14 @@ def gradient_flow(
         raise fail("progress", progress, "must be True, False or None (only on a terminal)")
     field = GradientField() if field is None else field
     if not isinstance(field, AbstractVectorField):
-        raise fail("field", field, "must be a `GradientField` or `ModifiedGradientField`",
+        raise fail("field", field, "must be an `AbstractVectorField` (e.g. `GradientField`, "
+                   "`ModifiedGradientField`, `MomentumField`)",
                    "e.g. field=conservation.GradientField(weight_decay=1e-3)")
     laws = check_laws(default_laws(ensemble[0]) if laws is None else laws, ensemble)
+    velocity = _check_phase_space(field, laws, velocity, ensemble, resumable, resume)
+    observables = check_observables(observables)
+    if resume is not None:
+        check_resumed_observables(resume, observables)
     keep, final_values = values_to_keep(values, laws)
     if resume is not None:
         _check_resumed_laws(resume, laws, keep)
@@ -304,7 +403,12 @@ def gradient_flow(
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
     check_flow_memory(objective, params, static, laws, keep, final_values, solver, n_save,
                       batch_size, ensemble.size)  # before anything is allocated
-    if isinstance(solver, str) and solver == "auto":
+    if isinstance(solver, str) and solver == "auto" and field.phase_space:
+        # The stiffness probe integrates θ alone; a second-order flow's spectrum (−1/μ and
+        # complex pairs) is not the Chebyshev solvers' real negative one anyway: Tsit5. A
+        # small mass μ (fast mode −1/μ) is stiff: pass solver="kvaerno5" there.
+        solver = "tsit5"
+    elif isinstance(solver, str) and solver == "auto":
         solver = _choose(*eqx.partition(ensemble[0], eqx.is_inexact_array), objective, field,
                          t1, max_steps).name
     solver_name = solver if isinstance(solver, str) else type(solver).__name__
@@ -322,12 +426,14 @@ def gradient_flow(
         carried = (resume.reference, _continuing(resume.status))
     with _FlowBar(ensemble.size, t1, show):
         result = _flow(
-            params, static, objective, field, LawMonitor(laws), solver,
+            params, static, objective, field,
+            (_PhaseMonitor if field.phase_space else LawMonitor)(laws), solver,
             *(jnp.asarray(v, float) for v in (t0, t1, rtol, atol, divergence)),
             None if stop_at_loss is None else jnp.asarray(stop_at_loss, float),
             n_save, max_steps, show, ensemble.size, batch=batch,
             keep=keep, final_values=final_values, mesh=mesh, resume=carried,
-            resumable=bool(resumable),
+            resumable=bool(resumable), velocity=velocity,
+            observers=ObservableMonitor(observables, objective) if observables else None,
         )
         if show:  # the bar closes when the solve has finished, not when it was dispatched
             result = jax.block_until_ready(result)
@@ -402,6 +508,8 @@ def join(first: Result, then: Result) -> Result:
         max_drift={k: jnp.where(go, jnp.maximum(first.max_drift[k], then.max_drift[k]),
                                 first.max_drift[k]) for k in then.max_drift},
         condition={k: glue(first.condition[k], then.condition[k]) for k in then.condition},
+        observables={k: glue(first.observables[k], then.observables[k])
+                     for k in then.observables},
         status=status,
         num_steps=first.num_steps + then.num_steps,
         reference=first.reference,
@@ -554,7 +662,7 @@ _ROOT_FINDER = _RootInTime(rtol=1e-10, atol=1e-10)
 @eqx.filter_jit
 def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol, divergence,
           stop, n_save, max_steps, progress, size, batch, keep, final_values, mesh,
-          resume=None, resumable=False):
+          resume=None, resumable=False, velocity=None, observers=None):
     # `stop`: None, or the traced loss goal; `resume`: None, or (reference, active) per member
     # for a continued run (the start state is the previous final one, no effective start).
     ts = jnp.linspace(t0, t1, n_save)
@@ -562,9 +670,25 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
     # over the state, so one leaf instead of one per parameter array is ~20% faster.
     y0 = jax.vmap(lambda p: jfu.ravel_pytree(p)[0])(params)
     _, unravel = jfu.ravel_pytree(jtu.tree_map(lambda x: x[0], params))
+    # A phase-space field's state is (θ, v): its first n entries are the parameters. Rows of
+    # `y0` are θ₀, or (θ₀, v₀) when the start velocities are given. First-order fields keep
+    # the plain path (no slicing: the same compiled program as before phase space existed).
+    phase, n = field.phase_space, y0.shape[1]
+    if velocity is not None:
+        y0 = jnp.concatenate([y0, jax.vmap(lambda p: jfu.ravel_pytree(p)[0])(velocity)], 1)
+
+    def theta(y):
+        return y[..., :n] if phase else y
 
     def as_model(y):
-        return eqx.combine(unravel(y), static)
+        return eqx.combine(unravel(theta(y)), static)
+
+    def point(t, y):
+        # What the laws are evaluated on: the model, or for a phase-space flow (t, w(t), θ, v).
+        if not phase:
+            return as_model(y)
+        return PhaseState(t, field.weight(t), as_model(y),
+                          eqx.combine(unravel(y[..., n:]), static))
 
     # Traced once and then called: the solvers evaluate the gradient at ~25 places in their
     # loop bodies (stages, saves, diffrax's shape checks), each a fresh trace without the jit.
@@ -572,11 +696,15 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
     def grad(y):
         return jax.grad(lambda z: objective(as_model(z)))(y)
 
-    def vector_field(y):
-        return field(grad, y)
+    autonomous = type(field).rhs is AbstractVectorField.rhs
+
+    def vector_field(*ty):
+        # (y) for autonomous fields, (t, y) for time-dependent ones (`solve_lanes`'s
+        # `time_dependent`).
+        return field(grad, *ty) if autonomous else field.rhs(grad, *ty)
 
     def diverged(y):
-        return ~(jnp.linalg.norm(y) < divergence)  # also true for nan
+        return ~(jnp.linalg.norm(theta(y)) < divergence)  # also true for nan
 
     def goal(y):
         # ≤ 0 once the loss reached `stop` (the float condition of the event); a NaN loss is
@@ -590,21 +718,34 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
         # `diverged`; its `final` is restored to `row` below). A resumed member that is not
         # to continue is stopped the same way (its status is the previous one).
         ok = jnp.isfinite(objective(as_model(row)))
-        if resume is None:
+        if resume is None and phase:
+            # Given start velocities: the row is the phase-space state already.
+            y = field.start(grad, row) if velocity is None else row
+            reference = monitor.reference(point(t0, y))
+        elif resume is None:
             y, reference = field.start(grad, row), monitor.reference(as_model(row))
         else:
             (reference, go), y = extra, row
             ok = ok & go
+        if observers is not None:  # with the observables' references at θ₀
+            reference = (reference, observers.reference(as_model(row)))
         return jnp.where(ok, y, jnp.nan), reference
 
     def observe(t, y, reference):
         # Reduce to scalars here: the saved buffers are (n_save,) per law, never
         # (n_save, *law shape) unless asked for (`keep`).
-        del t
+        if observers is not None:
+            reference, observed = reference
+            model = as_model(y)
+            return (*observe_laws(t, y, reference), observers.values(model, observed))
+        return observe_laws(t, y, reference)
+
+    def observe_laws(t, y, reference):
         model = as_model(y)
-        law_values = monitor.values(model)
+        at = point(t, y) if phase else model  # (first order: the model, built once)
+        law_values = monitor.values(at)
         return (objective(model), monitor.drifts(law_values, reference),
-                monitor.conditions(model), {k: law_values[k] for k in keep})
+                monitor.conditions(at), {k: law_values[k] for k in keep})
 
     controller = step_size_controller(solver, rtol, atol, save_ts=ts)
 
@@ -621,7 +762,8 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
             event = dfx.Event([lambda t, y, args, **kwargs: diverged(y) | there,
                                lambda t, y, args, **kwargs: goal(y)], _ROOT_FINDER)
         sol = dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, args: vector_field(y)), solver, t0, t1, _FIRST_STEP, y,
+            dfx.ODETerm(lambda t, y, args: vector_field(y) if autonomous
+                        else vector_field(t, y)), solver, t0, t1, _FIRST_STEP, y,
             saveat=dfx.SaveAt(subs=[
                 dfx.SubSaveAt(ts=ts, fn=lambda t, y, args: observe(t, y, reference)),
                 dfx.SubSaveAt(t1=True)]),
@@ -659,9 +801,13 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
                 lanes=min(batch, y0.shape[0]), max_steps=max_steps, diverged=diverged,
                 members=members, report=_FlowBar.update if progress else None, t0=t0,
                 extra=extra, goal=None if stop is None else goal, root_finder=_ROOT_FINDER,
-                return_t_final=True)
-        last = (jax.lax.map(lambda y: monitor.values(as_model(y)), final) if final_values
-                else {})
+                return_t_final=True, time_dependent=not autonomous)
+        if not final_values:
+            last = {}
+        elif phase:
+            last = jax.lax.map(lambda a: monitor.values(point(a[1], a[0])), (final, t_final))
+        else:
+            last = jax.lax.map(lambda y: monitor.values(as_model(y)), final)
         return saved, final, status, num_steps, last, t_final
 
     members = jnp.arange(size)
@@ -690,9 +836,9 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
                 saved, first)
 
         saved = jax.lax.cond(jnp.any(at_start), with_start, lambda s: s, saved)
-    loss, drift, condition, values = saved
+    loss, drift, condition, values, *observed = saved
     # A member stopped before its first step (diverged at its start) ends where it started.
-    final = jnp.where((num_steps == 0)[:, None], y0, final)
+    final = jnp.where((num_steps == 0)[:, None], theta(y0), theta(final))
     t_final = jnp.where(num_steps == 0, t0, t_final)
     # A loss that is non-finite at a save time whose gradient stayed finite (the flow went
     # on): not a success.
@@ -718,4 +864,5 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
         final_values=last,
         reference=reference,
         t_final=None if stop is None else t_final,
+        observables=observed[0] if observed else {},
     )

@@ -101,12 +101,14 @@ def solve_lanes(
     goal: Callable[[Array], Array] | None = None,
     root_finder: optx.AbstractRootFinder | None = None,
     return_t_final: bool = False,
+    time_dependent: bool = False,
 ):
     """Integrate dy/dt = `vector_field(y)` from every row of `y0` to `t1` on `lanes` lanes.
 
     **Arguments:**
 
-    - `vector_field`: the autonomous right-hand side of one member, flat array to flat array.
+    - `vector_field`: the autonomous right-hand side of one member, flat array to flat array
+      (`vector_field(t, y)` with `time_dependent=True`).
     - `solver`, `controller`: a diffrax adaptive solver and step-size controller (each
       member's steps are the ones `diffrax.diffeqsolve` takes with them).
     - `start`: `start(y0_row, *extra_row) -> (y_start, aux)`: the state a member's flow starts
@@ -130,10 +132,12 @@ def solve_lanes(
       step's dense output, found with `root_finder`, as diffrax's `Event` with a float
       condition does); no save after that time is written.
     - `return_t_final`: also return each member's final time (B,).
+    - `time_dependent`: `vector_field` takes (t, y) (a non-autonomous flow, e.g. Nesterov's).
 
     **Returns:** (saved: pytree of (B, T, …) arrays, `inf` after a member stopped early;
-    final state (B, P); status (B,) with `monitor`'s codes; step attempts (B,); loop
-    iterations: the lanes' shared step count[; final times (B,) with `return_t_final`]).
+    final state (B, S) (S: the size of the state `start` returns, P for a first-order
+    flow); status (B,) with `monitor`'s codes; step attempts (B,); loop iterations: the
+    lanes' shared step count[; final times (B,) with `return_t_final`]).
     """
     size = y0.shape[0]
     n_save = ts.shape[0]
@@ -143,7 +147,8 @@ def solve_lanes(
                  if getattr(solver.root_finder, a) is _FROM_CONTROLLER]
         solver = eqx.tree_at(lambda s: [getattr(s.root_finder, a) for a in taken], solver,
                              [getattr(controller, a) for a in taken])
-    term = dfx.ODETerm(lambda t, y, args: vector_field(y))
+    term = dfx.ODETerm((lambda t, y, args: vector_field(t, y)) if time_dependent
+                       else (lambda t, y, args: vector_field(y)))
     error_order = solver.error_order(term)
     t0 = jnp.zeros((), t1.dtype) if t0 is None else jnp.asarray(t0, t1.dtype)
     t1_clip_floor = t1
@@ -208,7 +213,8 @@ def solve_lanes(
     outputs = dict(
         saved=jtu.tree_map(lambda s: jnp.full((size, n_save, *s.shape), jnp.inf, s.dtype),
                            saved_shape),
-        final=jnp.zeros_like(y0),
+        # The state may be larger than a row of y0 (a phase-space flow's (θ, v)).
+        final=jnp.zeros((size, *load_shape[0].shape), load_shape[0].dtype),
         status=jnp.full(size, _RUNNING, jnp.int32),
         steps=jnp.zeros(size, jnp.int32),
         fraction=jnp.zeros(size, t1.dtype),

@@ -164,6 +164,9 @@ class Result(eqx.Module):
       (a flow's `reached_loss` member: the crossing time).
     - `train_state`: a discrete run's optimizer state and PRNG keys (`TrainState`), what
       `train(..., resume=result)` continues from; only with `resumable=True`.
+    - `observables`: observable name → its value at the save times, shape (B, T, *shape)
+      (e.g. (B, T, k) for `Sharpness(k)`), for the `observables=` of the run (empty
+      without); `inf` after a member stopped, like the drifts.
 
     A run made with `resumable=True` can be continued with `gradient_flow(...,
     resume=result)` or `train(..., resume=result)`: the returned Result holds the whole run
@@ -191,6 +194,7 @@ class Result(eqx.Module):
     reference: tuple[dict[str, Array], dict[str, Array]] | None = None
     t_final: Float[Array, " B"] | None = None
     train_state: "TrainState | None" = None
+    observables: dict[str, Array] = eqx.field(default_factory=dict)
 
     def status_names(self) -> list[str]:
         """The status of each member as a word."""
@@ -219,6 +223,8 @@ class Result(eqx.Module):
                 for name, c in self.condition.items()
             },
             "num_steps_max": int(np.max(np.asarray(self.num_steps))),
+            **({"observables_final_median": _observables_median(self.observables, ran)}
+               if self.observables else {}),
             **({"solver": self.solver} if self.solver is not None else {}),
             **({"batch_size": self.batch_size} if self.batch_size is not None else {}),
         }
@@ -248,6 +254,20 @@ def show_progress(progress: bool | None) -> bool:
     if progress is None:
         return sys.stderr.isatty()
     return bool(progress)
+
+
+def _observables_median(observables, ran) -> dict:
+    """Per observable, the median over members that ran (`success`, `reached_loss`) of its
+    value at the last save, non-finite values left out (a list for vector observables such
+    as the top-k sharpness)."""
+    out = {}
+    for name, v in observables.items():
+        last = np.asarray(v)[ran, -1]
+        # Explicit width: no member may have run (reshape cannot infer −1 from 0 rows).
+        last = last.reshape(last.shape[0], int(np.prod(last.shape[1:], dtype=int)))
+        medians = [_finite_median(last[:, i]) for i in range(last.shape[1])]
+        out[name] = medians[0] if np.ndim(v) == 2 else medians
+    return out
 
 
 def _finite_median(a) -> float | None:

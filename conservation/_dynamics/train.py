@@ -35,6 +35,7 @@ from .monitor import (
     show_progress,
     values_to_keep,
 )
+from .observables import ObservableMonitor, check_observables, check_resumed_observables
 
 KINDS = ("gd", "sgd", "momentum", "adam")
 # The bound each injected hyperparameter must satisfy (`optimizer` and `train(hyperparams=)`).
@@ -49,6 +50,7 @@ def optimizer(
     weight_decay: ScalarLike = 0.0,
     b1: float = 0.9,
     b2: float = 0.999,
+    lr_scales=None,
 ) -> optax.GradientTransformationExtraArgs:
     """An optax optimizer whose hyperparameters live in its state (`optax.inject_hyperparams`),
     so changing them never recompiles.
@@ -60,8 +62,14 @@ def optimizer(
 
     **Arguments:** `kind` (above); `lr` η > 0; `momentum` β in [0, 1) (only with
     `kind="momentum"`); `weight_decay` λ ≥ 0; `b1`, `b2` in [0, 1) (Adam's decay rates,
-    compile-time constants). `lr`, `momentum` and `weight_decay` may be arrays or traced values
-    (they are checked when concrete); bad values raise `conservation.ArgumentError`.
+    compile-time constants); `lr_scales`: None, or one factor s_i > 0 per parameter array
+    (in `jax.tree_util.tree_leaves` order of the model's floating-point arrays: W_1, W_2, …
+    for a `DeepLinear`): leaf i steps with learning rate η·s_i (per-layer learning rates;
+    the update of leaf i is multiplied by s_i, so with momentum v ← βv + g, θ_i ← θ_i −
+    ηs_i v_i). Gradient descent with them follows `PreconditionedField.per_leaf(model,
+    [η s_i])`, whose `LrBalanceLaw` it conserves up to O(η). `lr`, `momentum` and
+    `weight_decay` may be arrays or traced values (they are checked when concrete); bad
+    values raise `conservation.ArgumentError`.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` (`init`, `update`), the same
     transformation as `optax.inject_hyperparams` builds. Its `init` and `update` are equinox
@@ -84,8 +92,15 @@ def optimizer(
         hyperparams["momentum"] = momentum
     betas = (b1, b2) if kind == "adam" else ()
     hyperparams = {k: jnp.asarray(v, float) for k, v in hyperparams.items()}
+    if lr_scales is not None:
+        if isinstance(lr_scales, str | bytes) or not hasattr(lr_scales, "__len__"):
+            raise fail("lr_scales", lr_scales, "must be None or a sequence with one factor "
+                       "per parameter array", "e.g. lr_scales=[1.0, 0.25] for a 2-layer net")
+        for s in lr_scales:
+            number("lr_scales", s, ">0", fix="every learning-rate factor must be positive")
+        lr_scales = tuple(jnp.asarray(s, float) for s in lr_scales)
     return optax.GradientTransformationExtraArgs(
-        _Init(kind, betas, hyperparams), _Update(kind, betas))
+        _Init(kind, betas, hyperparams), _Update(kind, betas, lr_scales))
 
 
 def _heavy_ball(learning_rate, momentum, weight_decay):
@@ -127,10 +142,20 @@ class _Update(eqx.Module):
 
     kind: str = eqx.field(static=True)
     betas: tuple[float, ...] = eqx.field(static=True)
+    # Per-leaf learning-rate factors (arrays: new values reuse the compiled program).
+    scales: tuple[Array, ...] | None = None
 
     def __call__(self, updates, state, params=None, **extra_args):
         transform = _injected(self.kind, self.betas)(**state.hyperparams)
-        return transform.update(updates, state, params, **extra_args)
+        updates, state = transform.update(updates, state, params, **extra_args)
+        if self.scales is None:
+            return updates, state
+        leaves, treedef = jtu.tree_flatten(updates)
+        if len(leaves) != len(self.scales):
+            raise ArgumentError(
+                f"`lr_scales` has {len(self.scales)} factors but the model has {len(leaves)} "
+                "parameter arrays; give one factor per array (tree_leaves order).")
+        return jtu.tree_unflatten(treedef, [u * s for u, s in zip(leaves, self.scales)]), state
 
 
 def _minibatch(objective: Objective, key: Key, step, batch_size: int | None) -> Objective:
@@ -162,6 +187,7 @@ def train(
     stop_at_loss: ScalarLike | None = None,
     resumable: bool = False,
     resume: Result | None = None,
+    observables=(),
 ) -> Result:
     """Run `steps` optimizer steps on every member of `model`, monitoring the laws every step.
 
@@ -214,6 +240,10 @@ def train(
       returned Result is the whole run: the same steps as one run of `steps`, so the same
       numbers bit for bit, its saves the previous ones followed by about `n_save` − 1 new
       ones.
+    - `observables`: observables of (θ, data) evaluated per member at every save (on the
+      full objective, also with minibatches), e.g. `(conservation.Sharpness(k=3),
+      conservation.GradientNorm())`, returned in `Result.observables` (name → (B, T,
+      *shape)), as in `gradient_flow`. Default none.
 
     **Memory:** B·T scalars per law (loss, drift, condition at T ≈ `n_save` saves) plus the
     final parameters and `final_values` (B × law size); B·T·law size only for laws kept with
@@ -248,6 +278,10 @@ def train(
     if resume is not None:
         from .flow import _check_resumed_laws  # the same rule as flows (no import cycle)
         _check_resumed_laws(resume, laws, keep)
+    observables = check_observables(observables)
+    if resume is not None:
+        check_resumed_observables(resume, observables)
+    observers = ObservableMonitor(observables, objective) if observables else None
     monitor = LawMonitor(laws)
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
     check_train_memory(objective, params, static, laws, keep, final_values, optim, steps,
@@ -257,14 +291,16 @@ def train(
     n_chunks = -(-(steps - done) // chunk)
     overrides = {k: jnp.broadcast_to(jnp.asarray(v, float), (ensemble.size,))
                  for k, v in (hyperparams or {}).items()}
-    carry, (*observed, last) = _start(params, static, objective, monitor, optim,
-                                      jax.random.split(key, ensemble.size), overrides, keep)
+    carry, (*observed, last), observed_reference = _start(
+        params, static, objective, monitor, optim, jax.random.split(key, ensemble.size),
+        overrides, keep, observers)
     # Saves as (B, T_i, …) blocks along axis 1: the start (or the resumed run's saves), then
     # one per chunk.
     history = [_one_save(observed)]
     if resume is not None:
         carry = _resumed_carry(resume, carry)
-        history = [[resume.loss, resume.values, resume.drift, resume.condition]]
+        history = [[resume.loss, resume.values, resume.drift, resume.condition]
+                   + ([resume.observables] if observers is not None else [])]
     stop = None if stop_at_loss is None else jnp.asarray(stop_at_loss, float)
     bar = tqdm(total=steps - done, desc="train", disable=not show_progress(progress),
                unit="step")
@@ -273,7 +309,7 @@ def train(
         # kept: law-sized memory is B × law size, not B × saves × law size.
         carry, (*observed, last) = _run_chunk(
             carry, static, objective, monitor, optim, chunk, batch_size, jnp.asarray(steps),
-            jnp.asarray(divergence, float), keep, stop)
+            jnp.asarray(divergence, float), keep, stop, observers, observed_reference)
         history.append(_one_save(observed))
         bar.update(min(chunk, steps - done - bar.n))
     bar.close()
@@ -287,6 +323,8 @@ def train(
     values = {k: _stack([h[1][k] for h in history]) for k in history[0][1]}
     drift = {k: _stack([h[2][k] for h in history]) for k in history[0][2]}
     condition = {k: _stack([h[3][k] for h in history]) for k in history[0][3]}
+    observed = ({} if observers is None else
+                {k: _stack([h[4][k] for h in history]) for k in history[0][4]})
     t = (done + jnp.minimum(jnp.arange(n_chunks + 1) * chunk, steps - done)) * step_time
     if resume is not None:
         t = jnp.concatenate([resume.t, t[1:]])
@@ -298,6 +336,7 @@ def train(
         reference=reference if resumable else None,
         t_final=None if stop is None else count * step_time,
         train_state=TrainState(opt_state, keys, jnp.asarray(steps)) if resumable else None,
+        observables=observed,
     )
 
 
@@ -408,7 +447,7 @@ TRACES = 0  # number of times the training step program was traced (see `_run_ch
 
 
 @eqx.filter_jit
-def _start(params, static, objective, monitor, optim, keys, overrides, keep):
+def _start(params, static, objective, monitor, optim, keys, overrides, keep, observers=None):
     def one(p, key, override):
         model = eqx.combine(p, static)
         reference = monitor.reference(model)
@@ -425,17 +464,22 @@ def _start(params, static, objective, monitor, optim, keys, overrides, keep):
                 for k, v in state.hyperparams.items()})
         carry = (p, state, key, jnp.asarray(SUCCESS), jnp.asarray(0), zeros, reference)
         kept = {k: reference[0][k] for k in keep}
-        return carry, (objective(model), kept, zeros, monitor.conditions(model), reference[0])
+        if observers is None:
+            return carry, (objective(model), kept, zeros, monitor.conditions(model),
+                           reference[0]), None
+        observed = observers.reference(model)  # the observables' references at θ₀
+        return carry, (objective(model), kept, zeros, monitor.conditions(model),
+                       observers.values(model, observed), reference[0]), observed
 
     return jax.vmap(one)(params, keys, overrides)
 
 
 @eqx.filter_jit
 def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, steps, divergence,
-               keep, stop=None):
+               keep, stop=None, observers=None, observed_reference=None):
     global TRACES
     TRACES += 1  # runs once per trace: counts compilations of the training program
-    def one(carry):
+    def one(carry, observed_reference):
         def step(carry, _):
             p, state, key, status, count, max_drift, reference = carry
             # `count` is the step index of every member still running (a stopped member's
@@ -465,7 +509,10 @@ def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, step
         carry, _ = jax.lax.scan(step, carry, None, length=chunk)
         model = eqx.combine(carry[0], static)
         values = monitor.values(model)
+        observed = (() if observers is None
+                    else (observers.values(model, observed_reference),))
         return carry, (objective(model), {k: values[k] for k in keep},
-                       monitor.drifts(values, carry[-1]), monitor.conditions(model), values)
+                       monitor.drifts(values, carry[-1]), monitor.conditions(model),
+                       *observed, values)
 
-    return jax.vmap(one)(carry)
+    return jax.vmap(one)(carry, observed_reference)

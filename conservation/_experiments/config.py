@@ -218,6 +218,44 @@ class AttentionSpec(_Table):
     init_scale: _INIT_SCALE = 1.0
 
 
+class SoftmaxAttentionSpec(_Table):
+    kind: Literal["softmax_attention"]
+    dim: _num(">0", type_=int, example="8")
+    key_dim: _num(">0", type_=int) = 2
+    value_dim: _num(">0", type_=int) = 2
+    heads: _num(">0", type_=int) = 1
+    out_dim: _num(">=0", type_=int) = 0  # 0: no output projection
+    causal: bool = False
+    rotary: bool = False  # rotary position encoding (key_dim even)
+    rotary_base: _num(">0") = 10000.0
+    init_scale: _INIT_SCALE = 1.0
+
+
+class FeedForwardSpec(_Table):
+    kind: Literal["feed_forward"]
+    widths: _widths(3, "input, hidden and output width", "[4, 8, 4]")
+    activation: Literal["gelu", "silu", "relu", "linear"] = "gelu"
+    gated: bool = False  # W₂(σ(W₁x) ⊙ W₃x): SwiGLU with silu, GeGLU with gelu
+    init_scale: _INIT_SCALE = 1.0
+
+
+class TransformerBlockSpec(_Table):
+    kind: Literal["transformer_block"]
+    dim: _num(">0", type_=int, example="4")
+    blocks: _num(">0", type_=int) = 1  # > 1: a stack of blocks
+    heads: _num(">0", type_=int) = 1
+    key_dim: _num(">0", type_=int) = 2
+    value_dim: _num(">0", type_=int) = 2
+    hidden: _num(">0", type_=int) = 8
+    activation: Literal["gelu", "silu", "relu", "linear"] = "gelu"
+    gated: bool = False
+    norm: Literal["layer", "rms", "none"] = "layer"
+    causal: bool = True
+    rotary: bool = False
+    rotary_base: _num(">0") = 10000.0
+    init_scale: _INIT_SCALE = 1.0
+
+
 class PythonModelSpec(_Table):
     """`factory(key, **kwargs)` returns any equinox Module (its inexact arrays are the
     parameters); `input_shape` is the shape of one input (needed for generated data and
@@ -234,6 +272,8 @@ class PythonModelSpec(_Table):
 
 MODEL_SPECS = {"deep_linear": DeepLinearSpec, "polynomial": PolynomialSpec, "mlp": MLPSpec,
                "neuron": NeuronSpec, "lightning_attention": AttentionSpec,
+               "softmax_attention": SoftmaxAttentionSpec, "feed_forward": FeedForwardSpec,
+               "transformer_block": TransformerBlockSpec,
                "python": PythonModelSpec}
 
 
@@ -279,6 +319,15 @@ class LawsSpec(_Table):
     discover: bool | None = None
 
 
+class ObservablesSpec(_Table):
+    """`[observables]`: observables of (θ, data) saved per member like the drifts."""
+
+    sharpness: _num(">=0", type_=int) = 0  # k top Hessian eigenvalues (0: none)
+    gradient_norm: bool = False
+    kernel_distance: bool = False  # NTK distance from θ₀ on the first `kernel_probe` inputs
+    kernel_probe: _num(">0", type_=int) = 16
+
+
 class _DynamicsBase(_Table):
     label: str = ""
     # None: every step of a discrete run of ≤ 1000 steps, else 101 saves (the runner decides).
@@ -286,6 +335,9 @@ class _DynamicsBase(_Table):
     divergence: _num(">0") = 1e8
     # A loss goal: each member stops once its loss is ≤ this (status `reached_loss`).
     stop_at_loss: _num(">0") | None = None
+    # `conservation run` integrates the entry in this many equal segments, saving its state
+    # after each (<file>.partial.npz): a run stopped part-way resumes from its last segment.
+    checkpoints: _num(">0", type_=int) = 1
 
 
 class _FlowBase(_DynamicsBase):
@@ -307,6 +359,38 @@ class ModifiedFlowSpec(_FlowBase):
     kind: Literal["modified_flow"]
     lr: _num(">0", example="0.05")
     momentum: _num("[0,1)") = 0.0
+
+
+class MomentumFlowSpec(_FlowBase):
+    """The heavy-ball ODE μθ̈ + θ̇ = −∇L − λθ (`MomentumField`), from v₀ = −c(∇L + λθ₀)."""
+
+    kind: Literal["momentum_flow"]
+    mass: _num(">0", example="0.5")
+    start_velocity: _num(">=0") = 0.0
+
+
+class NesterovFlowSpec(_FlowBase):
+    """Nesterov's ODE θ̈ + (3/τ)θ̇ + ∇L + λθ = 0 from τ = start_time (`NesterovField`)."""
+
+    kind: Literal["nesterov_flow"]
+    start_time: _num(">0") = 1.0
+    start_velocity: _num(">=0") = 0.0
+
+
+class SignFlowSpec(_FlowBase):
+    """Sign-gradient flow dθ/dt = −sign(∇L + λθ) (`SignField`; `smoothing` ε > 0: g/√(g²+ε²))."""
+
+    kind: Literal["sign_flow"]
+    smoothing: _num(">=0") = 0.0
+
+
+class CentralFlowSpec(_FlowBase):
+    """The central flow of GD at learning rate `lr` (edge of stability; `CentralFlowField`)."""
+
+    kind: Literal["central_flow"]
+    lr: _num(">0", example="0.05")
+    k: _num(">0", type_=int) = 1  # top eigenvalues that may sit at 2/lr
+    relaxation: _num(">0") = 2.0
 
 
 class _OptimizerBase(_DynamicsBase):
@@ -336,8 +420,13 @@ class AdamSpec(_OptimizerBase):
 
 
 DYNAMICS_SPECS = {"flow": FlowSpec, "modified_flow": ModifiedFlowSpec, "gd": GDSpec,
-                  "sgd": SGDSpec, "momentum": MomentumSpec, "adam": AdamSpec}
-FLOW_KINDS = ("flow", "modified_flow")
+                  "sgd": SGDSpec, "momentum": MomentumSpec, "adam": AdamSpec,
+                  "momentum_flow": MomentumFlowSpec, "nesterov_flow": NesterovFlowSpec,
+                  "sign_flow": SignFlowSpec, "central_flow": CentralFlowSpec}
+FLOW_KINDS = ("flow", "modified_flow", "momentum_flow", "nesterov_flow", "sign_flow",
+              "central_flow")
+# Second-order flows: their state (θ, v) is not resumable (`checkpoints` must be 1).
+PHASE_FLOW_KINDS = ("momentum_flow", "nesterov_flow")
 
 
 class _Top(_Table):
@@ -388,16 +477,17 @@ class Config(_Table):
     seed: int
     output: str
     model: (DeepLinearSpec | PolynomialSpec | MLPSpec | NeuronSpec | AttentionSpec
-            | PythonModelSpec)
+            | SoftmaxAttentionSpec | FeedForwardSpec | TransformerBlockSpec | PythonModelSpec)
     data: DataSpec
     loss: LossSpec
     ensemble: EnsembleSpec
     augmentation: AugmentationSpec | None
     laws: LawsSpec
     sweep: SweepSpec | None
-    dynamics: tuple[FlowSpec | ModifiedFlowSpec | GDSpec | SGDSpec | MomentumSpec | AdamSpec,
-                    ...]
+    dynamics: tuple[FlowSpec | ModifiedFlowSpec | GDSpec | SGDSpec | MomentumSpec | AdamSpec
+                    | MomentumFlowSpec | NesterovFlowSpec | SignFlowSpec | CentralFlowSpec, ...]
     base: str = ""  # the config file's folder: relative data paths are read from there
+    observables: ObservablesSpec | None = None
     _raw: dict = PrivateAttr(default_factory=dict)
 
     def __eq__(self, other):
@@ -405,7 +495,9 @@ class Config(_Table):
 
     def to_dict(self) -> dict:
         """The resolved config as plain JSON values (stored in summary.json / sweep.json)."""
-        out = self.model_dump(mode="json", exclude={"base"})
+        # A config without `[observables]` resolves as before the table existed.
+        out = self.model_dump(mode="json", exclude={"base"} if self.observables is not None
+                              else {"base", "observables"})
         out["dynamics"] = list(out["dynamics"])
         return out
 
@@ -520,7 +612,8 @@ def _kind_table(table, path, specs):
 
 # ----------------------------------------------------------------------------- parsing
 
-SECTIONS = ("model", "data", "loss", "ensemble", "augmentation", "laws", "sweep", "dynamics")
+SECTIONS = ("model", "data", "loss", "ensemble", "augmentation", "laws", "sweep", "dynamics",
+            "observables")
 
 
 def parse_config(raw: dict, *, default_name: str = "run", base: str | pathlib.Path = ".") \
@@ -549,6 +642,8 @@ def _parse(raw: dict, default_name: str, base: str) -> Config:
     augmentation = (_validate(AugmentationSpec, raw["augmentation"], "augmentation")
                     if "augmentation" in raw else None)
     laws = _validate(LawsSpec, raw.get("laws", {}), "laws")
+    observables = (_validate(ObservablesSpec, raw["observables"], "observables")
+                   if "observables" in raw else None)
     runs = raw["dynamics"]
     runs = [runs] if isinstance(runs, dict) else runs
     if not isinstance(runs, list) or not runs:
@@ -575,7 +670,8 @@ def _parse(raw: dict, default_name: str, base: str) -> Config:
     config = Config.model_construct(
         name=name, seed=top.seed, output=top.output or f"results/{name}", model=model,
         data=data, loss=loss, ensemble=ensemble, augmentation=augmentation, laws=laws,
-        sweep=sweep, dynamics=tuple(dynamics), base=base)
+        sweep=sweep, dynamics=tuple(dynamics), base=base, observables=observables)
+    _check_observables(observables, dynamics)
     config._raw = raw
     return config
 
@@ -623,6 +719,10 @@ def _default_label(run):
         return f"flow (rtol {run.rtol:g})"
     if run.kind == "modified_flow":
         return f"modified flow (lr {run.lr:g})"
+    if run.kind == "momentum_flow":
+        return f"momentum flow (mass {run.mass:g})"
+    if run.kind in ("nesterov_flow", "sign_flow"):
+        return run.kind.replace("_", " ")
     return f"{run.kind} (lr {run.lr:g})"
 
 
@@ -656,6 +756,10 @@ def _read_sweep(table, dynamics, model, augmentation) -> SweepSpec:
         raise ConfigError(f"`dynamics` holds {len(dynamics)} entries; a sweep runs exactly one "
                           "[[dynamics]] entry (write one config per dynamics).")
     run = dynamics[0]
+    if run.checkpoints != 1:
+        raise ConfigError("field `dynamics[0].checkpoints` applies to `conservation run`; a "
+                          "sweep saves each point as it finishes (and `--worker`s resume the "
+                          "rest): remove it.")
     for key in axes:
         where = AXES[key][0]
         if where[0] == "dynamics" and where[1] not in run:
@@ -784,7 +888,7 @@ def resolve_factory(spec: str, field: str, base: str | pathlib.Path | None = Non
 
 
 def _check_consistency(model, data, loss, dynamics):
-    attention = model.kind == "lightning_attention"
+    attention = model.kind in ("lightning_attention", "softmax_attention", "transformer_block")
     if attention and data.tokens < 1 and data.inputs in ("gaussian", "whitened"):
         raise ConfigError("`data.tokens` (sequence length) is required for attention models, "
                           "e.g. tokens = 5.")
@@ -793,8 +897,11 @@ def _check_consistency(model, data, loss, dynamics):
     if attention and data.inputs == "whitened":
         raise ConfigError("`data.inputs` = 'whitened' is for vector inputs; use 'gaussian' for "
                           "attention models.")
-    if attention and not model.causal and model.decay != 1.0:
+    if attention and not model.causal and model.get("decay", 1.0) != 1.0:
         raise ConfigError("`model.decay` must be 1.0 when `model.causal` = false.")
+    if model.get("rotary", False) and model.key_dim % 2:
+        raise ConfigError(f"`model.rotary` = true needs an even `model.key_dim` (RoPE rotates "
+                          f"pairs of coordinates), got {model.key_dim}.")
     if model.kind in ("polynomial", "neuron") and isinstance(model.activation, str):
         from .._models.polynomial import ACTIVATIONS
         if model.activation not in ACTIVATIONS:
@@ -809,7 +916,8 @@ def _check_consistency(model, data, loss, dynamics):
     if loss.moments is True and loss.kind != "mse":
         raise ConfigError("`loss.moments` = true needs `loss.kind` = 'mse' (the fast path is "
                           "exact only for MSE); use \"auto\".")
-    if loss.moments is True and model.kind in ("mlp", "python"):
+    if loss.moments is True and model.kind in ("mlp", "python", "softmax_attention",
+                                               "feed_forward", "transformer_block"):
         raise ConfigError(f"`loss.moments` = true needs a tensorizable model; {model.kind!r} "
                           "models are evaluated per sample: use \"auto\".")
     for i, run in enumerate(dynamics):
@@ -818,6 +926,51 @@ def _check_consistency(model, data, loss, dynamics):
                               f"`data.n` = {data.n}.")
         if run.kind in FLOW_KINDS and run.solver == "heun" and run.max_steps < 2:
             raise ConfigError(f"field `dynamics[{i}].max_steps` must be ≥ 2 for 'heun'.")
+        _check_checkpoints(run, i)
+        if run.kind in PHASE_FLOW_KINDS and run.checkpoints != 1:
+            raise ConfigError(f"field `dynamics[{i}].checkpoints` must be 1 for "
+                              f"{run.kind!r}: a second-order flow's velocity is not saved, so "
+                              "it cannot resume from a segment.")
+
+
+def default_n_save(run) -> int:
+    """`n_save` of a `[[dynamics]]` entry: the config's value if given, else every step for
+    discrete runs of ≤ 1000 steps (so step 1 is never skipped) and 101 otherwise."""
+    n_save = run.get("n_save")
+    if n_save is not None:
+        return n_save
+    steps = run.get("steps")
+    return steps + 1 if steps is not None and steps <= 1000 else 101
+
+
+def _check_observables(observables, dynamics) -> None:
+    """The kernel distance compares with θ₀, which a run continued from a checkpoint no
+    longer has."""
+    if observables is None or not observables.kernel_distance:
+        return
+    for i, run in enumerate(dynamics):
+        if run.checkpoints > 1:
+            raise ConfigError(
+                f"`observables.kernel_distance` compares with the start of the run, but "
+                f"`dynamics[{i}].checkpoints` = {run.checkpoints} continues it in segments; "
+                "set checkpoints = 1 or kernel_distance = false.")
+
+
+def _check_checkpoints(run, i: int) -> None:
+    """Segments end on save points (and on whole steps): the segmented run saves where the
+    whole run would."""
+    n = run.get("checkpoints", 1)
+    if n == 1:
+        return
+    saves = default_n_save(run) - 1
+    steps = run.get("steps")
+    if saves % n or (steps is not None and steps % n):
+        what = f"`n_save` − 1 = {saves}" + ("" if steps is None else f" and `steps` = {steps}")
+        common = math.gcd(saves, steps or saves)
+        near = max(d for d in range(1, min(n, common) + 1) if common % d == 0)
+        raise ConfigError(f"field `dynamics[{i}].checkpoints` = {n} must divide {what}, so that "
+                          f"every segment ends on a save point; e.g. checkpoints = {near}"
+                          + ("" if steps is not None else f", or n_save = {n * 10 + 1}") + ".")
 
 
 def _check_explicit(model, data, ensemble):
@@ -829,7 +982,7 @@ def _check_explicit(model, data, ensemble):
                           "neither.")
     if data.x is not None:
         shape = _shape(data.x)
-        if model.kind == "lightning_attention":
+        if model.kind in ("lightning_attention", "softmax_attention", "transformer_block"):
             if len(shape) != 3 or shape[2] != model.dim:
                 raise ConfigError(f"`data.x` for attention models holds one token matrix per "
                                   f"sample, shape (n, tokens, {model.dim}); got shape {shape}.")
@@ -944,13 +1097,16 @@ def config_schema() -> dict:
         "chunk": {"type": "integer", "minimum": 0}, "devices": {"type": "integer", "minimum": 0},
         **{k: {"type": "array", "minItems": 1} for k in AXES}}}
     models = Annotated[DeepLinearSpec | PolynomialSpec | MLPSpec | NeuronSpec | AttentionSpec
+                       | SoftmaxAttentionSpec | FeedForwardSpec | TransformerBlockSpec
                        | PythonModelSpec, Field(discriminator="kind")]
-    runs = Annotated[FlowSpec | ModifiedFlowSpec | GDSpec | SGDSpec | MomentumSpec | AdamSpec,
+    runs = Annotated[FlowSpec | ModifiedFlowSpec | GDSpec | SGDSpec | MomentumSpec | AdamSpec
+                     | MomentumFlowSpec | NesterovFlowSpec | SignFlowSpec | CentralFlowSpec,
                      Field(discriminator="kind")]
     top = create_model(
         "ConservationConfig", __base__=_Top, model=(models, ...), data=(DataSpec, ...),
         loss=(LossSpec, None), ensemble=(EnsembleSpec, None),
         augmentation=(AugmentationSpec, None), laws=(LawsSpec, None),
+        observables=(ObservablesSpec, None),
         dynamics=(list[runs], ...))
     schema = top.model_json_schema()
     schema["properties"]["sweep"] = sweep

@@ -30,7 +30,7 @@ from .._memory import (
     run_estimate,
     tree_bytes,
 )
-from .config import ConfigError, input_dim
+from .config import FLOW_KINDS, ConfigError, input_dim
 
 __all__ = ["MemoryEstimate", "MemoryConfigError", "parameter_count", "feature_shape",
            "law_entries", "estimate", "check_memory"]
@@ -143,11 +143,11 @@ def _run(config, run, members: int, parameters: int) -> MemoryEstimate:
     """One `[[dynamics]]` entry by `run_estimate`, as `gradient_flow` / `train` size it
     (without the gradient's working set, measured when they start)."""
     from .._dynamics.batching import _CPU_LANES, _CPU_LANES_IMPLICIT, _implicit
-    from .runner import default_n_save
+    from .config import default_n_save
 
     entries, count = law_entries(config.model)
     n_save = default_n_save(run)
-    if run.kind in ("flow", "modified_flow"):
+    if run.kind in FLOW_KINDS:
         implicit = _implicit(run.solver, parameters)
         lanes = (_CPU_LANES_IMPLICIT if implicit else _CPU_LANES) \
             if free_device_memory() is None else 1

@@ -80,9 +80,11 @@ def results_figure(results, *, title: str = "", max_laws: int = 4,
       step t / η on a secondary x axis on top.
 
     **Returns:** a `matplotlib.figure.Figure`. Columns: the loss, then each law's drift, on log
-    y axes: the median over the members that succeeded (thick line) and their min–max (band);
-    drifts start at the first save after t = 0 (where they are 0 by definition) and are drawn
-    no lower than 1e-17. Members with another status are marked where they stopped.
+    y axes, then each observable of `Result.observables` (its first component: λ₁ of the
+    sharpness) on a linear y axis: the median over the members that succeeded (thick line)
+    and their min–max (band); drifts start at the first save after t = 0 (where they are 0 by
+    definition) and are drawn no lower than 1e-17. Members with another status are marked
+    where they stopped.
     """
     relative = relative or {}
     step_times = step_times or {}
@@ -90,7 +92,10 @@ def results_figure(results, *, title: str = "", max_laws: int = 4,
     for _, result in results:
         names += [n for n in result.drift if n not in names]
     shown = names if len(names) <= max_laws else names[: max_laws - 1] + ["other laws"]
-    cols, rows = 1 + len(shown), max(1, len(results))
+    observed = []
+    for _, result in results:
+        observed += [n for n in getattr(result, "observables", {}) if n not in observed]
+    cols, rows = 1 + len(shown) + len(observed), max(1, len(results))
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.7 * rows + 0.6),
                              squeeze=False, sharex=True, sharey="col")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -124,13 +129,26 @@ def results_figure(results, *, title: str = "", max_laws: int = 4,
                 # From the first save after the start: the drift at t = 0 is 0 by definition.
                 _panel(ax, t[1:], np.maximum(curves[:, 1:], _FLOOR), status, stops, colour)
             ax.set_ylabel(ylabel, fontsize=8)
+        for col, name in enumerate(observed, start=1 + len(shown)):
+            ax = axes[row, col]
+            ax.set_title(name, fontsize=9)
+            if name not in getattr(result, "observables", {}):
+                ax.text(0.5, 0.5, "not monitored", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=8, color="0.5")
+                continue
+            value = np.asarray(result.observables[name], float)
+            first = value.reshape(value.shape[0], value.shape[1], -1)[:, :, 0]
+            _panel(ax, t, first, status, stops, colour)
+            ax.set_ylabel(name if value.ndim == 2 else f"{name}[0]", fontsize=8)
         for ax in axes[row]:
             ax.set_xlabel(T_STEP_LABEL if step_time else T_LABEL, fontsize=8)
             ax.xaxis.set_tick_params(labelbottom=True)
             if step_time:
                 _step_axis(ax, step_time)
+    logarithmic = set(axes[:, :1 + len(shown)].ravel())  # observables: linear (λ may be < 0)
     for ax in axes.ravel():
-        ax.set_yscale("log")
+        if ax in logarithmic:
+            ax.set_yscale("log")
         ax.yaxis.set_minor_formatter(mticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)

@@ -6,6 +6,7 @@ progress.
 """
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import json
@@ -26,9 +27,12 @@ from .._data.dataset import Dataset, gaussian_inputs, teacher_dataset, whiten
 from .._data.groups import GROUPS, AbstractGroup, OrthogonalGroup, PlanarRotations
 from .._data.losses import LOSSES
 from .._data.objective import Objective, make_objective
+from .._dynamics.central import CentralFlowField
+from .._dynamics.fields import MomentumField, NesterovField, SignField
 from .._dynamics.flow import GradientField, ModifiedGradientField, gradient_flow
 from .._dynamics.mechanics import MechanicsResult, track_mechanics
-from .._dynamics.monitor import Result
+from .._dynamics.monitor import Result, TrainState
+from .._dynamics.observables import GradientNorm, KernelDistance, Sharpness
 from .._dynamics.train import optimizer, train
 from .._laws.counting import count_laws
 from .._laws.discovery import find_symmetries
@@ -44,8 +48,16 @@ from .._models.base import Ensemble, default_laws, flat_parameters
 from .._models.linear import DeepLinear
 from .._models.mlp import MLP, AbstractMechanicsLaw, mechanics_laws
 from .._models.polynomial import Neuron, PolynomialNet
+from .._models.transformer import BlockStack, FeedForward, SoftmaxAttention, TransformerBlock
 from .._text import text_table
-from .config import Config, ConfigError, input_dim, resolve_factory
+from .config import (
+    FLOW_KINDS,
+    Config,
+    ConfigError,
+    default_n_save,
+    input_dim,
+    resolve_factory,
+)
 from .memory import check_memory
 from .plot import plot_landscapes, plot_mechanics, plot_results
 from .store import (
@@ -55,7 +67,6 @@ from .store import (
     check_interrupted,
     fingerprint,
     folder_lock,
-    identity,
     identity_array,
     load_npz,
     prepare_output,
@@ -64,6 +75,9 @@ from .store import (
     save_npz,
     strict_json,
     write_json,
+)
+from .store import (
+    identity as stored_identity,
 )
 
 
@@ -107,6 +121,25 @@ def model_factory(spec, base: str | os.PathLike | None = None) -> Callable:
                                   "point arrays (nothing to train).")
             return model
         return make
+    if kind == "softmax_attention":
+        return lambda key, scale: SoftmaxAttention.random(
+            spec.dim, key=key, key_dim=spec.key_dim, value_dim=spec.value_dim,
+            heads=spec.heads, out_dim=spec.out_dim or None, init_scale=scale,
+            causal=spec.causal, rotary=spec.rotary, rotary_base=spec.rotary_base)
+    if kind == "feed_forward":
+        return lambda key, scale: FeedForward.random(
+            spec.widths, key=key, activation=spec.activation, gated=spec.gated,
+            init_scale=scale)
+    if kind == "transformer_block":
+        block = dict(heads=spec.heads, key_dim=spec.key_dim, value_dim=spec.value_dim,
+                     hidden=spec.hidden, activation=spec.activation, gated=spec.gated,
+                     norm=spec.norm, causal=spec.causal, rotary=spec.rotary,
+                     rotary_base=spec.rotary_base)
+        if spec.blocks == 1:
+            return lambda key, scale: TransformerBlock.random(
+                spec.dim, key=key, init_scale=scale, **block)
+        return lambda key, scale: BlockStack.random(
+            spec.blocks, spec.dim, key=key, init_scale=scale, **block)
     return lambda key, scale: LightningAttention.random(
         spec.dim, key=key, key_dim=spec.key_dim, value_dim=spec.value_dim, heads=spec.heads,
         out_dim=spec.out_dim or None, init_scale=scale, decay=spec.decay, causal=spec.causal,
@@ -166,7 +199,7 @@ def _input_shape(config: Config) -> tuple[int, ...] | None:
     """One input's shape the model expects (None: unknown, a python model without
     `input_shape`, or attention without `data.tokens`)."""
     model = config.model
-    if model.kind == "lightning_attention":
+    if model.kind in ("lightning_attention", "softmax_attention", "transformer_block"):
         return (config.data.tokens, model.dim) if config.data.tokens else None
     if model.kind == "python":
         return tuple(model.input_shape) or None
@@ -355,25 +388,142 @@ def _solver(run) -> str:
 def _flow_field(run):
     if run.kind == "flow":
         return GradientField(run.weight_decay)
+    if run.kind == "momentum_flow":
+        return MomentumField(run.mass, run.weight_decay, run.start_velocity)
+    if run.kind == "nesterov_flow":
+        return NesterovField(run.start_time, run.weight_decay, run.start_velocity)
+    if run.kind == "sign_flow":
+        return SignField(run.weight_decay, run.smoothing)
+    if run.kind == "central_flow":
+        return CentralFlowField(run.lr, k=run.k, relaxation=run.relaxation,
+                                weight_decay=run.weight_decay)
     return ModifiedGradientField(run.lr, run.momentum, run.weight_decay)
 
 
+def _entry_optimizer(run):
+    kind = "gd" if run.kind == "sgd" else run.kind
+    return optimizer(kind, lr=run.lr, momentum=run.get("momentum", 0.0),
+                     weight_decay=run.weight_decay)
+
+
+def observables_from_config(config, objective: Objective) -> tuple:
+    """The observables of `[observables]` (none without the table): `sharpness` = k top
+    Hessian eigenvalues, the gradient norm, the kernel distance on the first `kernel_probe`
+    training inputs."""
+    spec = getattr(config, "observables", None)
+    if spec is None:
+        return ()
+    out = []
+    if spec.sharpness:
+        out.append(Sharpness(k=spec.sharpness))
+    if spec.gradient_norm:
+        out.append(GradientNorm())
+    if spec.kernel_distance:
+        out.append(KernelDistance(objective.data.x[:spec.kernel_probe]))
+    return tuple(out)
+
+
 def execute(run, objective: Objective, ensemble: Ensemble, *, key, progress: bool,
-            laws=None) -> Result:
-    """One validated `[[dynamics]]` entry."""
-    if run.kind in ("flow", "modified_flow"):
+            laws=None, segment: tuple[int, int] = (1, 1), resume: Result | None = None,
+            observables=()) -> Result:
+    """One validated `[[dynamics]]` entry; with `segment` = (k, n), its k-th of n equal
+    segments (resumable), continuing `resume` (segment k − 1's Result, whose `final` is the
+    start)."""
+    k, n = segment
+    n_save = (default_n_save(run) - 1) // n + 1  # the config checked that n divides it
+    model = ensemble if resume is None else resume.final
+    more = {} if n == 1 else {"resumable": True, "resume": resume}
+    if run.kind in FLOW_KINDS:
+        # A resumed flow keeps the solver its first segment ran with ("auto" picks once).
+        solver = _solver(run) if resume is None else resume.solver
         return gradient_flow(
-            objective, ensemble, run.t1, n_save=default_n_save(run), solver=_solver(run),
+            objective, model, run.t1 * k / n, n_save=n_save, solver=solver,
             rtol=run.rtol, atol=run.atol or run.rtol, max_steps=run.max_steps,
             laws=laws, progress=progress, divergence=run.divergence, field=_flow_field(run),
-            stop_at_loss=_get(run, "stop_at_loss"))
-    kind = "gd" if run.kind == "sgd" else run.kind
-    optim = optimizer(kind, lr=run.lr, momentum=run.get("momentum", 0.0),
-                      weight_decay=run.weight_decay)
+            stop_at_loss=_get(run, "stop_at_loss"), observables=observables, **more)
     return train(
-        objective, ensemble, optim, run.steps, batch_size=run.get("batch_size") or None,
-        key=key, laws=laws, n_save=default_n_save(run), step_time=run.lr, progress=progress,
-        divergence=run.divergence, stop_at_loss=_get(run, "stop_at_loss"))
+        objective, model, _entry_optimizer(run), run.steps * k // n,
+        batch_size=run.get("batch_size") or None, key=key, laws=laws, n_save=n_save,
+        step_time=run.lr, progress=progress, divergence=run.divergence,
+        stop_at_loss=_get(run, "stop_at_loss"), observables=observables, **more)
+
+
+def _partial_arrays(result: Result, laws, segment: int, identity) -> dict[str, np.ndarray]:
+    """What a segmented entry saves after segment `segment`: the run so far (as its final
+    file), the laws at θ₀ the drifts are measured from, the stop times, and a discrete
+    run's optimizer state and keys."""
+    arrays = result_arrays(result, laws)
+    values, scales = result.reference
+    arrays |= {f"reference/values/{k}": np.asarray(v) for k, v in values.items()}
+    arrays |= {f"reference/scales/{k}": np.asarray(v) for k, v in scales.items()}
+    if result.t_final is not None:
+        arrays["partial/t_final"] = np.asarray(result.t_final)
+    if result.train_state is not None:
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(result.train_state)):
+            arrays[f"train_state/{i}"] = np.asarray(leaf)
+    arrays["partial/segment"] = np.asarray(segment)
+    arrays["identity"] = identity_array(identity)
+    return arrays
+
+
+def _load_partial(path: pathlib.Path, run, ensemble: Ensemble, identity, log):
+    """(the Result of the segments a stopped run finished, how many), or (None, 0) when
+    there is none to continue: no file, another run's, or damaged (then it is removed)."""
+    if not path.exists():
+        return None, 0
+    try:
+        arrays = load_npz(path)
+        if stored_identity(arrays) != identity:
+            raise CorruptFile(path, "it records another entry or config")
+        result = result_from_arrays(arrays, ensemble)
+        group = lambda prefix: {k[len(prefix):]: jnp.asarray(v)  # noqa: E731
+                                for k, v in arrays.items() if k.startswith(prefix)}
+        train_state = None
+        if run.kind not in FLOW_KINDS:
+            params = eqx.filter(ensemble.models, eqx.is_inexact_array)
+            template = TrainState(
+                jax.eval_shape(jax.vmap(_entry_optimizer(run).init), params), 0, 0)
+            leaves = [jnp.asarray(arrays[f"train_state/{i}"])
+                      for i in range(sum(k.startswith("train_state/") for k in arrays))]
+            treedef = jax.tree_util.tree_structure(template)
+            if treedef.num_leaves != len(leaves):
+                raise CorruptFile(path, "its optimizer state has another structure")
+            train_state = jax.tree_util.tree_unflatten(treedef, leaves)
+        t_final = arrays.get("partial/t_final")
+        result = dataclasses.replace(
+            result, reference=(group("reference/values/"), group("reference/scales/")),
+            t_final=None if t_final is None else jnp.asarray(t_final),
+            train_state=train_state)
+        return result, int(arrays["partial/segment"])
+    except (CorruptFile, KeyError, ValueError, OSError) as e:
+        log(f"{path} is not continued ({e}); the entry starts again")
+        path.unlink(missing_ok=True)
+        return None, 0
+
+
+def execute_segments(run, objective: Objective, ensemble: Ensemble, *, key, progress: bool,
+                     laws, partial: pathlib.Path, identity, log, resume: bool,
+                     observables=()) -> Result:
+    """`execute` in the entry's `checkpoints` segments, saving the run so far to `partial`
+    after each and, with `resume` (the folder holds this config's run), continuing from it
+    when it is there: a run stopped part-way (killed, out of time) loses at most one
+    segment."""
+    n = _get(run, "checkpoints", 1)
+    if n == 1:
+        return execute(run, objective, ensemble, key=key, progress=progress, laws=laws,
+                       observables=observables)
+    result, done = (_load_partial(partial, run, ensemble, identity, log) if resume
+                    else (None, 0))
+    if done:
+        log(f"  continuing from checkpoint {done}/{n} (t = {float(result.t[-1]):g})")
+    for k in range(done + 1, n + 1):
+        check_interrupted()
+        result = jax.block_until_ready(execute(
+            run, objective, ensemble, key=key, progress=progress, laws=laws, segment=(k, n),
+            resume=result, observables=observables))
+        if k < n:
+            save_npz(partial, _partial_arrays(result, laws, k, identity))
+    return result
 
 
 @functools.lru_cache(maxsize=8)
@@ -384,12 +534,13 @@ def _sweep_optimizer(kind: str):
 
 
 def execute_with(run, objective: Objective, ensemble: Ensemble, *, laws, hyperparams,
-                 key) -> Result:
+                 key, observables=()) -> Result:
     """A `[[dynamics]]` entry with per-member hyperparameters (sweeps). Flows take their
     traced scalars (t1, rtol, atol, weight decay, lr, momentum) from `run`: every value reuses
     one compiled solve."""
-    if run.kind in ("flow", "modified_flow"):
-        return execute(run, objective, ensemble, key=key, progress=False, laws=laws)
+    if run.kind in FLOW_KINDS:
+        return execute(run, objective, ensemble, key=key, progress=False, laws=laws,
+                       observables=observables)
     kind = "gd" if run.kind == "sgd" else run.kind
     size = len(ensemble)
     defaults = {"learning_rate": run.lr, "weight_decay": run.weight_decay}
@@ -399,20 +550,10 @@ def execute_with(run, objective: Objective, ensemble: Ensemble, *, laws, hyperpa
     return train(objective, ensemble, _sweep_optimizer(kind), run.steps,
                  batch_size=run.get("batch_size") or None, key=key, laws=laws,
                  n_save=default_n_save(run), divergence=run.divergence, hyperparams=full,
-                 stop_at_loss=_get(run, "stop_at_loss"))
+                 stop_at_loss=_get(run, "stop_at_loss"), observables=observables)
 
 
 _atomic_write = atomic_write  # the name `_sweep` and older code import
-
-
-def default_n_save(run) -> int:
-    """`n_save` of a `[[dynamics]]` entry: the config's value if given, else every step for
-    discrete runs of ≤ 1000 steps (so step 1 is never skipped) and 101 otherwise."""
-    n_save = _get(run, "n_save")
-    if n_save is not None:
-        return n_save
-    steps = _get(run, "steps")
-    return steps + 1 if steps is not None and steps <= 1000 else 101
 
 
 def _get(obj, name, default=None):
@@ -451,6 +592,8 @@ def result_arrays(result: Result, laws=None, *, final: bool = True) -> dict[str,
             arrays[f"final_values/{name}"] = result.final_values[name]
         if name in relative:
             arrays[f"relative/{name}"] = np.asarray(relative[name])
+    for name, value in result.observables.items():
+        arrays[f"observables/{name}"] = value
     if final and result.final is not None:
         params = eqx.filter(result.final.models, eqx.is_inexact_array)
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -491,6 +634,7 @@ def result_from_arrays(arrays: dict[str, np.ndarray], template: Ensemble | None 
                   drift=group("drift/"), max_drift=group("max_drift/"),
                   condition=group("condition/"), final=final, status=arrays["status"],
                   num_steps=arrays["num_steps"], final_values=group("final_values/"),
+                  observables=group("observables/"),
                   solver=str(arrays["solver"]) if "solver" in arrays else None,
                   batch_size=int(arrays["batch_size"]) if "batch_size" in arrays else None)
 
@@ -608,7 +752,7 @@ def _load_finished(path: pathlib.Path, template: Ensemble, expected: dict, log) 
         log(f"{path} cannot be read back ({e}); recomputing it")
         path.unlink(missing_ok=True)
         return None
-    recorded = identity(arrays)
+    recorded = stored_identity(arrays)
     if recorded != expected:
         what = ("records no entry (written by an older version)" if recorded is None else
                 f"holds entry {recorded.get('entry')} ({recorded.get('label')!r}) of "
@@ -671,6 +815,7 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
     assert files == names, (files, names)  # _claim_folder checked these very names
     for name in listed - files:  # ours (listed by our manifest), but stale
         (out / name).unlink(missing_ok=True)
+        (out / (name[:-len(".npz")] + ".partial.npz")).unlink(missing_ok=True)
     if not ours or not (out / MANIFEST).exists():
         write_json(out / MANIFEST, manifest)
     summary = {
@@ -707,8 +852,11 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
         else:
             log(f"[{i + 1}/{len(jobs)}] {label}")
             t0 = time.perf_counter()
-            result = jax.block_until_ready(execute(run, objective, ensemble, key=batch_key,
-                                                   progress=progress, laws=laws))
+            partial = out / (filename[:-len(".npz")] + ".partial.npz")
+            result = jax.block_until_ready(execute_segments(
+                run, objective, ensemble, key=batch_key, progress=progress, laws=laws,
+                partial=partial, identity=expected, log=log, resume=ours,
+                observables=observables_from_config(config, objective)))
             mechanics = None
             if discrete and kind != "adam" and laws and all(
                     isinstance(law, AbstractMechanicsLaw) for law in laws):
@@ -722,6 +870,7 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
                 arrays |= _mechanics_arrays(mechanics)
             arrays["identity"] = identity_array(expected)  # a copied-over file is detected
             save_npz(out / filename, arrays)
+            partial.unlink(missing_ok=True)  # the entry is whole: no segment to continue
             check_interrupted()  # a Ctrl-C swallowed during the run: stop now it is saved
         finished.append((label, result))
         entry = {"label": label, "kind": kind, "data": variant or "plain",

@@ -458,9 +458,11 @@ def _run_chunk(config, out, manifest, points, batch, size, point_run, objective,
         and axis_role(name, run) == "member"}
     if devices:
         ensemble, hyperparams = shard_ensemble((ensemble, hyperparams), devices, local=local)
+    from .runner import observables_from_config
     result = jax.block_until_ready(execute_with(
         point_run, objective, ensemble, laws=laws, hyperparams=hyperparams,
-        key=jax.random.PRNGKey(config.seed)))
+        key=jax.random.PRNGKey(config.seed),
+        observables=observables_from_config(config, objective)))
     arrays = result_arrays(result, laws)
     for j, i in enumerate(batch):
         member = {k: (v if k in shared or k.startswith("relative/") else v[j])

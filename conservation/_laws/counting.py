@@ -30,6 +30,14 @@ from .._data.objective import make_objective
 from .._models.base import Ensemble, flat_parameters
 from .._validation import ArgumentError, fail, integer, model_parameters, number, prng_key, shape
 from .base import FunctionLaw
+from .flows import (
+    GradientFlow,
+    MirrorFlow,
+    PreconditionedFlow,
+    as_flow,
+    known_law_gradients,
+    phase_point,
+)
 
 _SCALES = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 _ROUNDOFF = 100  # bound on a bracket's round-off, in units of ε(‖A‖ + ‖B‖)
@@ -41,8 +49,10 @@ VERDICTS = ("proved", "converged", "not converged")
 class LawCount:
     """Result of `count_laws`.
 
-    - `laws`: number of independent conservation laws found, D − `rank`.
+    - `laws`: number of independent conservation laws found, `dimension` − `rank`.
     - `parameters`: D. `rank`: dim Lie(𝒱)(θ) found.
+    - `flow`: the flow counted (its equation); `dimension`: of the space its laws live on,
+      D for first-order flows, 2D + 1 for the phase space (s, θ, v) of second-order ones.
     - `singular_values`: of the evaluated fields (each row normalised to norm 1), descending,
       normalised to σ₁ = 1.
     - `gap`: σ_rank / σ_{rank+1} (∞ when rank = D): how clear the rank decision was.
@@ -82,6 +92,8 @@ class LawCount:
     dead: tuple[tuple[int, int], ...] = ()
     probe: str = ""
     cancelled: int = 0
+    flow: str = "dθ/dt = −∇L"
+    dimension: int | None = None
 
     @property
     def converged(self) -> bool:
@@ -98,8 +110,13 @@ class LawCount:
 
     def describe(self) -> str:
         """The count, its verdict and the explained laws, as text."""
-        lines = [f"{self.laws} laws over {self.parameters} parameters (rank {self.rank}, "
-                 f"gap {self.gap:.1e}): {self.verdict}"]
+        over = (f"{self.parameters} parameters" if self.dimension in (None, self.parameters)
+                else f"the {self.dimension} phase-space coordinates (s, θ, v) of "
+                     f"{self.parameters} parameters")
+        lines = [f"{self.laws} laws over {over} (rank {self.rank}, gap {self.gap:.1e}): "
+                 f"{self.verdict}"]
+        if self.flow != "dθ/dt = −∇L":
+            lines.append(f"  flow: {self.flow}")
         if self.verdict == "proved":
             lines.append("  the rank reached D minus the known laws: these are all the laws "
                          "at this point")
@@ -113,7 +130,9 @@ class LawCount:
             lines.append("  NOT CONVERGED: the rank was still rising when the depth/round "
                          "budget ran out; the law count is an upper bound")
         if self.known is not None:
-            lines.append(f"  known laws: {self.known} (the model's laws()"
+            source = ("the model's laws()" if self.flow == "dθ/dt = −∇L" else
+                      "the flow's: frozen weights' and a DeepLinear's angular momenta")
+            lines.append(f"  known laws: {self.known} ({source}"
                          + (f" + {len(self.never_coactive)} never-co-active weights"
                             if self.never_coactive else "")
                          + (f" + weights of {len(self.dead)} dead neurons" if self.dead else "")
@@ -189,10 +208,11 @@ _SHALLOW_OPTIONS = {"xla_cpu_multi_thread_eigen": True}
 _DEEP_OPTIONS = _SHALLOW_OPTIONS | {"xla_backend_optimization_level": 0}
 
 
-def _fields(params, static, objectives, depth, mask):
+def _fields(params, static, objectives, depth, mask, flow=None, point=None):
     """Rows [F₀, [F₁, … F_depth]](θ) / ‖·‖ for a batch of objectives stacked (batch, depth+1),
     and each row's cancellation ratio: the product over its brackets of ‖A − B‖ / (‖A‖ + ‖B‖)
-    for [F, G] = A − B (1 for a plain gradient).
+    for [F, G] = A − B (1 for a plain gradient). With a resolved `flow` (`flows._Field`), F is
+    that flow's field of the gradient, evaluated at the state `point` (e.g. (s, θ, v)).
 
     A bracket that vanishes identically (e.g. [F, F], or fields of two orderings of one data
     set) evaluates to round-off, ~ε(‖A‖ + ‖B‖), which the row normalisation would blow up to
@@ -201,9 +221,12 @@ def _fields(params, static, objectives, depth, mask):
     theta, unravel = jfu.ravel_pytree(params)
 
     def gradient(objective):
+        def grad(z):
+            g = jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(z)
+            return g if mask is None else mask * g  # padding frozen
+
         def field(y):
-            g = jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y)
-            return (g if mask is None else mask * g), jnp.ones((), y.dtype)  # padding frozen
+            return (grad(y) if flow is None else flow(grad, y)), jnp.ones((), y.dtype)
 
         return field
 
@@ -226,7 +249,8 @@ def _fields(params, static, objectives, depth, mask):
 
         return bracket
 
-    row = lambda objs: nested(objs, 0)(theta)  # noqa: E731
+    start = theta if point is None else point
+    row = lambda objs: nested(objs, 0)(start)  # noqa: E731
     rows, ratio = (jax.lax.map(row, objectives) if depth >= _DEEP
                    else jax.vmap(row)(objectives))
     # Normalised rows: fields of data at different scales differ by orders of magnitude,
@@ -245,21 +269,22 @@ _shallow_fields = jax.jit(_fields_program, static_argnums=1, compiler_options=_S
 _deep_fields = jax.jit(_fields_program, static_argnums=1, compiler_options=_DEEP_OPTIONS)
 
 
-def _bracket_fields(params, static, objectives, depth, mask=None):
+def _bracket_fields(params, static, objectives, depth, mask=None, flow=None, point=None):
     """Rows [F₀, [F₁, … F_depth]](θ) / ‖·‖ for a batch of objectives stacked (batch, depth+1),
     and their cancellation ratios (see `_fields`).
 
     θ, the data sets and the structure are arguments (not closures), so equal shapes share
     one compiled program across calls and across models of one architecture (arrays are
     traced, every other leaf is static, as under `eqx.filter_jit`)."""
-    leaves, treedef = jax.tree_util.tree_flatten((params, static, objectives, depth, mask))
+    leaves, treedef = jax.tree_util.tree_flatten((params, static, objectives, depth, mask,
+                                                  flow, point))
     arrays = [leaf if eqx.is_array(leaf) else None for leaf in leaves]
     others = tuple(None if eqx.is_array(leaf) else leaf for leaf in leaves)
     program = _deep_fields if depth >= _DEEP else _shallow_fields
     return program(arrays, (treedef, others))
 
 
-def _evaluate(params, static, pool, index, mask=None, keep=None):
+def _evaluate(params, static, pool, index, mask=None, keep=None, flow=None, point=None):
     """Fields for the brackets `index` (n, depth+1) of objectives in `pool` (host arrays),
     in fixed-size chunks so that every call of one depth reuses one compiled program
     (`mask`/`keep`: frozen padding entries, and the columns of the real parameters)."""
@@ -270,7 +295,7 @@ def _evaluate(params, static, pool, index, mask=None, keep=None):
     for start in range(0, padded, _CHUNK):
         picked = jax.tree_util.tree_map(lambda a: a[index[start:start + _CHUNK]], pool)
         rows, ratio = jax.tree_util.tree_map(
-            np.asarray, _bracket_fields(params, static, picked, width - 1, mask))
+            np.asarray, _bracket_fields(params, static, picked, width - 1, mask, flow, point))
         out.append((rows if keep is None else rows[:, keep], ratio))
     return np.concatenate([r for r, _ in out])[:n], np.concatenate([q for _, q in out])[:n]
 
@@ -486,6 +511,14 @@ def _known_laws(model, params, static, coordinates, dim, keep=None):
     g = g[np.linalg.norm(g, axis=1) > 0]
     if not g.size:
         return 0
+    return _rank_of_rows(g)
+
+
+def _rank_of_rows(g):
+    """The rank of law gradients (rows normalised; zero rows dropped)."""
+    g = g[np.linalg.norm(g, axis=1) > 0]
+    if not g.size:
+        return 0
     g = g / np.linalg.norm(g, axis=1, keepdims=True)
     s = np.linalg.svd(g, compute_uv=False)
     return int(np.sum(s > 1e-8 * s[0]))
@@ -519,6 +552,7 @@ def count_laws(
     known_laws: bool = True,
     probe_size: int = 16384,
     pad_to: tuple[int, int] | None = None,
+    flow="gradient",
 ) -> LawCount:
     """The number of independent conservation laws of `model` trained with `loss` on every
     data set of a class: all data (`augment=None`) or data augmented by a group.
@@ -550,6 +584,14 @@ def count_laws(
       of that shape (padding frozen), so that counts of every architecture that fits share
       one compiled program per bracket depth (sweeps over architectures).
 
+    - `flow`: the training flow whose laws are counted: `"gradient"` (default), `"momentum"`,
+      `"nesterov"`, `"mirror"`, `"sign"`, or a flow with parameters (`MomentumFlow`,
+      `NesterovFlow`, `MirrorFlow`, `PreconditionedFlow`, `SignFlow`). Second-order flows
+      are counted in the phase space (s, θ, v) of dimension 2D + 1 (time included: their
+      laws depend on time) at a generic velocity; `laws` is then 2D + 1 − rank and the known
+      laws are the frozen weights' and, for a `DeepLinear`, the angular momenta of its
+      orthogonal symmetries (see `known_law_gradients`).
+
     The count is local to θ: at non-generic points more laws can hold.
 
     **Returns:** a `LawCount` with the count, its verdict (`"proved"`, `"converged"` or
@@ -565,6 +607,7 @@ def count_laws(
     rank decision on small float64 matrices, cheap there).
     """
     model, input_shape = _check_model(model, loss, input_shape, key, tol)
+    flow = as_flow(flow)
     if augment is not None:
         as_augmentation(augment)  # named error now, not after the model's compile
     if isinstance(scales, str) or np.ndim(scales) != 1 or not len(scales):
@@ -579,6 +622,9 @@ def count_laws(
         if not isinstance(pad_to, tuple | list) or len(pad_to) != 2:
             raise fail("pad_to", pad_to, "must be None or a pair (layers, width) of ints ≥ 1")
         pad_to = (_check_count("pad_to", pad_to[0], 1), _check_count("pad_to", pad_to[1], 1))
+        if isinstance(flow, PreconditionedFlow | MirrorFlow) or getattr(flow, "potential", None):
+            raise ArgumentError(f"`pad_to` works with Euclidean flows (gradient, momentum, "
+                                f"Nesterov, sign); pass `pad_to=None` for {flow.describe()}.")
     if not _on_cpu():
         args = {k: v for k, v in locals().items() if k not in ("model", "s_", "name_", "flag_")}
         cpu = jax.devices("cpu")[0]
@@ -597,12 +643,18 @@ def count_laws(
         check_model_data(model, data, loss)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     theta, _ = jfu.ravel_pytree(params)
-    dim = theta.size
+    parameters = theta.size
+    dim = flow.state_dimension(parameters)  # where the laws live: θ, or (s, θ, v)
     key = jax.random.PRNGKey(0) if key is None else key
     n_sets = dim + 4 if n_sets is None else _check_count("n_sets", n_sets, 1)
     brackets_per_depth = (2 * dim if brackets_per_depth is None
                           else _check_count("brackets_per_depth", brackets_per_depth, 1))
     k_data, k_probe = jax.random.split(key)
+    if isinstance(flow, GradientFlow):
+        field, point = None, None
+    else:  # the phase point draws from its own key: gradient counts keep their samples
+        field = flow._resolve(model, theta)
+        point = phase_point(flow, np.asarray(theta), jax.random.fold_in(key, 1))
     rng = np.random.default_rng(int(jax.random.randint(k_data, (), 0, 2**31 - 1)))
     augmentation = as_augmentation(augment)
     sampler = _Sampler(model, loss, data, scales, input_shape, set_size, rng)
@@ -613,6 +665,15 @@ def count_laws(
                                 "input dimensions only).")
         padded, mask, keep = _pad_linear(model, tuple(pad_to))
         eval_params, eval_static = eqx.partition(padded, eqx.is_inexact_array)
+        if flow.second_order:
+            # (s, θ, v) of the padded net, padded velocities 0: the padding then stays an
+            # invariant submanifold of every field, on which brackets are the real net's.
+            wide = mask.size
+            velocity = np.zeros(wide)
+            velocity[keep] = point[1 + parameters:]
+            point = np.concatenate([point[:1], np.asarray(jfu.ravel_pytree(eval_params)[0]),
+                                    velocity])
+            keep = np.concatenate([[0], 1 + keep, 1 + wide + keep])
     else:
         padded, mask, keep = model, None, None
         eval_params, eval_static = params, static
@@ -633,9 +694,15 @@ def count_laws(
     known = None
     if known_laws:
         coordinates = np.zeros(0, int) if probe is None else probe["coordinates"]
-        # On the padded embedding, the real laws' gradients restricted to the real entries
-        # are the model's (and one compiled program serves every architecture).
-        known = _known_laws(model, eval_params, eval_static, coordinates, dim, keep)
+        if field is None:
+            # On the padded embedding, the real laws' gradients restricted to the real
+            # entries are the model's (and one compiled program serves every architecture).
+            known = _known_laws(model, eval_params, eval_static, coordinates, dim, keep)
+        else:
+            unpadded = phase_point(flow, np.asarray(theta), jax.random.fold_in(key, 1))
+            known = _rank_of_rows(known_law_gradients(flow, model, unpadded, coordinates))
+    if point is not None:
+        point = jnp.asarray(point)
     pool = draw()
     target = dim
     if target_rank is not None:
@@ -668,7 +735,8 @@ def count_laws(
                 index = rng.integers(0, total, size=(brackets_per_depth, depth + 1))
                 index[:, rng.integers(0, depth + 1)] = rng.integers(offset, total,
                                                                     size=brackets_per_depth)
-            rows, ratio = _evaluate(eval_params, eval_static, pool, index, mask, keep)
+            rows, ratio = _evaluate(eval_params, eval_static, pool, index, mask, keep, field,
+                                    point)
             # A row carries round-off ~ _ROUNDOFF·ε / ratio after normalisation; weighting it
             # by min(1, ratio / threshold) keeps that below tol / 10, so identically vanishing
             # brackets (ratio ~ ε) cannot add rank, whatever the backend's summation order.
@@ -702,13 +770,13 @@ def count_laws(
     else:
         verdict = "not converged"
     gap = float(s[rank - 1] / s[rank]) if 0 < rank < s.size and s[rank] > 0 else float("inf")
-    return LawCount(laws=dim - rank, parameters=dim, rank=rank, singular_values=s, gap=gap,
+    return LawCount(laws=dim - rank, parameters=parameters, rank=rank, singular_values=s, gap=gap,
                     rank_by_depth=tuple(rank_by_depth), proved=proved, verdict=verdict,
                     rank_by_round=tuple(rank_by_round), stale_rounds=stale, known=known,
                     never_coactive=() if probe is None else probe["pairs"],
                     dead=() if probe is None else probe["dead"],
                     probe="" if probe is None else _coverage(model, sampler, probe),
-                    cancelled=noisy)
+                    cancelled=noisy, flow=flow.describe(), dimension=dim)
 
 
 def _input_shape(model) -> tuple[int, ...]:

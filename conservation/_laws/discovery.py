@@ -129,6 +129,9 @@ class SymmetrySearch:
       independent laws found).
     - `count`: `count_laws`'s Lie-algebra count for this model and loss (small models), or None.
     - `points`, `tol`: how many parameter points × batches were probed, and the threshold.
+    - `generators`: with `find_symmetries(..., generators=True)`, the `GeneratorSearch` of
+      `find_generators` on the same model, loss and data (the Lie algebra of linear
+      symmetries, found without templates, and its quadratic laws); else None.
     """
 
     laws: tuple[AbstractMaskLaw, ...]
@@ -138,6 +141,7 @@ class SymmetrySearch:
     count: object | None
     points: int
     tol: float
+    generators: object | None = None
 
     @property
     def accepted(self) -> tuple[Candidate, ...]:
@@ -191,6 +195,8 @@ class SymmetrySearch:
                        "families (or a degenerate point)")
             lines.append(f"count_laws: {self.count.laws} independent laws (rank gap "
                          f"{self.count.gap:.2g}) -> {verdict}.")
+        if self.generators is not None:
+            lines += ["", "Generators (find_generators):", self.generators.describe()]
         return "\n".join(lines)
 
 
@@ -303,6 +309,7 @@ def find_symmetries(
     tol: float = 1e-10,
     count: bool | None = None,
     count_max_parameters: int = 32,
+    generators: bool = False,
 ) -> SymmetrySearch:
     """Probe `model` (any `equinox.Module`) for translation, scale and rescale symmetries of
     `loss` on `data`, and return their conservation laws.
@@ -322,6 +329,9 @@ def find_symmetries(
     - `tol`: accept a candidate when its relative residual is ≤ `tol` at every point.
     - `count`: cross-check with `count_laws` (Lie-algebra rank); None: when the model has at
       most `count_max_parameters` parameters.
+    - `generators`: also search without templates: `find_generators` (the Lie algebra of
+      linear symmetries θ ↦ Aθ, e.g. the GL(k) of attention's query/key pair) on random
+      subsets of `data`, reported in `.generators`.
 
     **Returns:** a `SymmetrySearch` (`.laws`, `.accepted`, `.rejected`, `.describe()`).
     """
@@ -356,6 +366,8 @@ def find_symmetries(
     if count is not None and not isinstance(count, bool):
         raise fail("count", count, "must be True, False or None")
     count_max_parameters = integer("count_max_parameters", count_max_parameters, minimum=0)
+    if not isinstance(generators, bool):
+        raise fail("generators", generators, "must be True or False")
     key = jax.random.PRNGKey(0) if key is None else key
     params, static = eqx.partition(model, eqx.is_inexact_array)
     theta0, unravel = jfu.ravel_pytree(params)
@@ -430,7 +442,14 @@ def find_symmetries(
         # than the number of true laws found), so the bracket search may stop there.
         counted = count_laws(model, loss, input_shape=tuple(data.x.shape[1:]), key=k_count,
                              target_rank=dim - independent)
-    return SymmetrySearch(laws, tuple(candidates), independent, dim, counted, probed, tol)
+    found = None
+    if generators:
+        from .generators import find_generators
+
+        found = find_generators(model, loss, data, key=jax.random.fold_in(key, 1),
+                                count=False)
+    return SymmetrySearch(laws, tuple(candidates), independent, dim, counted, probed, tol,
+                          found)
 
 
 def _gradients(static, unravel, loss):

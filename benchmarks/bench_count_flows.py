@@ -1,0 +1,111 @@
+"""Law counts of "Keep the momentum" (Marcotte, Gribonval & Peyré, ICML 2024) on the exact
+configuration sets of its notebook `formal_calculus/main_ICML.ipynb` (repo
+`sibyllema/Conservation_laws_ICML`, np.random.seed(0) draws), timed against the notebook's Sage
+runs (64 cores): linear momentum 2 min 19 s, ReLU momentum 1 min 03 s, NMF gradient 7 min 28 s,
+NMF momentum 1 min 45 s, ICNN gradient 12 min 36 s, ICNN momentum 12 min 09 s.
+
+Notes on the notebook: every `tau_value = np.random.randint(0, 1)` is 0 (frictionless); the ReLU
+cell calls `vector_fields_ReLU_q_layers_momentum(list_dim, bias, tau_value)` against the
+signature `(list_dim, tau, bias=False)`, so its nets have no bias and τ = 1 where the draw said
+"bias". We count the configurations as the notebook ran them.
+
+    python benchmarks/bench_count_flows.py [linear relu nmf nmf_momentum icnn icnn_momentum]
+
+Writes benchmarks/results/count_flows_cpu.json (merging sets already there).
+"""
+
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import conservation as cn
+
+SAGE = {"linear": 139, "relu": 63, "nmf": 448, "nmf_momentum": 105, "icnn": 756,
+        "icnn_momentum": 729}
+KEY = jax.random.PRNGKey(0)
+OUT = pathlib.Path(__file__).parent / "results" / "count_flows_cpu.json"
+
+
+def configurations(name):
+    np.random.seed(0)
+    out = []
+    for _ in range(20):
+        if name in ("linear", "relu"):
+            depth = np.random.randint(2, 4)
+            dims = [int(np.random.randint(1, 4)) for _ in range(depth + 1)]
+            np.random.randint(0, 1)
+            flag = bool(np.random.random() < 0.5) if name == "relu" else False
+            out.append({"list_dim": dims, "tau": int(flag)})
+        elif name in ("nmf", "nmf_momentum"):
+            dims = [int(np.random.randint(1, 8 if name == "nmf" else 6)) for _ in range(3)]
+            if name == "nmf_momentum":
+                np.random.randint(0, 1)
+            out.append({"list_dim": dims, "tau": 0})
+        else:
+            dims = [int(np.random.randint(1, 6)) for _ in range(3)]
+            bias = bool(np.random.random() < 0.5)
+            if name == "icnn_momentum":
+                np.random.randint(0, 1)
+            out.append({"list_dim": dims, "bias": bias, "tau": 0})
+    return out
+
+
+def _icnn_bias(params, x):
+    return params["U"] @ jax.nn.relu(params["V"] @ x + params["b"])
+
+
+def _icnn(params, x):
+    return params["U"] @ jax.nn.relu(params["V"] @ x)
+
+
+def count(name, config):
+    dims = config["list_dim"]
+    momentum = name in ("linear", "relu") or name.endswith("momentum")
+    if name in ("linear", "relu", "nmf", "nmf_momentum"):
+        widths = tuple(reversed(dims))  # U_1 ⋯ U_q x
+        if name == "relu":
+            model = cn.MLP.random(widths, key=KEY, bias=False)
+            return cn.count_laws(model, cn.MSE(), flow=cn.MomentumFlow(friction=config["tau"]))
+        model = cn.DeepLinear.random(widths, key=KEY)
+        if name == "linear":
+            return cn.count_laws(model, cn.MSE(), flow="momentum", pad_to=(3, 3))
+        model = jax.tree.map(jnp.abs, model)
+        flow = cn.MomentumFlow(potential="entropy") if momentum else cn.MirrorFlow()
+        return cn.count_laws(model, cn.MSE(), flow=flow)
+    n1, n2, n3 = dims
+    k1, k2, k3 = jax.random.split(KEY, 3)
+    params = {"U": jnp.abs(jax.random.normal(k1, (n1, n2))), "V": jax.random.normal(k2, (n2, n3))}
+    if config["bias"]:
+        params["b"] = 0.1 * jax.random.normal(k3, (n2,))
+    model = cn.FunctionModel(_icnn_bias if config["bias"] else _icnn, params)
+    where = lambda m: m.params["U"]  # noqa: E731
+    flow = (cn.MomentumFlow(potential="entropy", where=where) if momentum
+            else cn.MirrorFlow(where=where))
+    return cn.count_laws(model, cn.MSE(), flow=flow, input_shape=(n3,))
+
+
+def main(names):
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    for name in names:
+        rows, start = [], time.perf_counter()
+        for config in configurations(name):
+            t = time.perf_counter()
+            c = count(name, config)
+            rows.append({**config, "parameters": c.parameters, "dimension": c.dimension,
+                         "laws": c.laws, "known": c.known, "verdict": c.verdict,
+                         "gap": c.gap, "seconds": round(time.perf_counter() - t, 2)})
+            print(name, config, c.laws, c.verdict, rows[-1]["seconds"], flush=True)
+        total = time.perf_counter() - start
+        results[name] = {"configurations": rows, "seconds": round(total, 1),
+                         "sage_seconds": SAGE[name], "ratio": round(total / SAGE[name], 3),
+                         "machine": "2 shared CPU cores (the Sage runs: 64 cores)"}
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(SAGE))

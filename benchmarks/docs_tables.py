@@ -1,0 +1,129 @@
+"""The benchmark pages' tables, generated from benchmarks/results/*.json.
+
+    python benchmarks/docs_tables.py            # rewrite benchmarks/results/tables/*.md
+    python benchmarks/docs_tables.py --check    # exit 1 if a committed table is stale
+
+Each table is one Markdown fragment in `benchmarks/results/tables/`; the documentation's
+benchmark pages include them with `--8<-- "benchmarks/results/tables/<name>.md"`
+(pymdownx.snippets), so a number on those pages comes from the JSON, never retyped.
+`tests/test_docs.py` checks that the committed fragments equal a fresh generation.
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+OUT = HERE / "results" / "tables"
+
+
+def tables_module():
+    """benchmarks/tables.py, imported by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("_benchmark_tables", HERE / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def augmentation(t) -> str:
+    report = t._load("augmentation_cpu.json")
+    by_n, ratios = report["run_s_vs_base_sequences"], report["ratios"]
+    agree, problem = report["agreement"], report["problem"]
+    orbit = " / ".join(f"{by_n[n]['orbit_expansion']:.3g}" for n in by_n
+                       if "orbit_expansion" in by_n[n])
+    orbit_ns = " / ".join(n for n in by_n if "orbit_expansion" in by_n[n])
+    sym = " / ".join(f"{by_n[n]['symmetrised']:.2f}" for n in by_n)
+    moments = report["loss_and_gradient_moments"]["run_s"]
+    per_sample = report["loss_and_gradient_per_sample"]["run_s"]
+    rows = ["| step | run [s] |", "|---|---|",
+            f"| moments (factored, TSQR) from the orbit-expanded data ({orbit_ns} base "
+            f"sequences) | {orbit} |",
+            f"| moments symmetrised over the {problem['group_samples']} samples "
+            f"({' / '.join(by_n)} base sequences) | {sym} |",
+            f"| exact O({problem['d']}) projection (orthonormal invariant basis) | "
+            f"{report['moments_exact_O8_projection']['run_s']:.2g} "
+            f"({ratios['orbit_over_exact']:.0f}× faster than the orbit, and exact) |",
+            f"| exact O(2) projection of the sextic neuron's 12-axis moments | "
+            f"{report['moments_exact_O2_sextic_projection']['run_s']:.2g} |",
+            f"| one loss + gradient: moments / per sample over "
+            f"{problem['augmented_sequences']} sequences | {moments:.1g} / {per_sample:.3g} "
+            f"({ratios['per_sample_over_moments_gradient']:.0f}×) |",
+            "",
+            f"Orbit-expanded and symmetrised moments agree to "
+            f"{agree['orbit_vs_symmetrised_relative']:.1e}; the symmetry defect is "
+            f"{agree['defect_exact']:.1e} exact and {agree['defect_sampled']:.2g} for the "
+            f"{problem['group_samples']} samples. Machine: "
+            f"{report['environment']['cpu_count']} cores, jax "
+            f"{report['environment']['versions']['jax']}."]
+    return "\n".join(rows)
+
+
+_LATENCY_CASES = {
+    "readme_no_cache": "README example, no cache",
+    "readme_cold": "README example, cold cache",
+    "readme_warm": "README example, warm cache",
+    "quickstart_cold": "`conservation run` quickstart, cold",
+    "quickstart_warm": "`conservation run` quickstart, warm",
+}
+
+
+def latency(t) -> str:
+    report = t._load("latency_cpu.json")
+    now, before = report["results"]["current"], report["results"]["baseline"]
+    rows = ["| case | before [s] | after [s] | after ÷ before | programs before → after | "
+            "compile/load [s] before → after |", "|---|---|---|---|---|---|"]
+    for key, entry in now.items():
+        old = before[key]
+        rows.append(f"| {_LATENCY_CASES.get(key, key)} | {old['wall_s']:.1f} | "
+                    f"{entry['wall_s']:.1f} | {entry['wall_s'] / old['wall_s']:.2f} | "
+                    f"{old['programs']} → {entry['programs']} | {old['compile_s']:.1f} → "
+                    f"{entry['compile_s']:.1f} |")
+    env = report["environment"]
+    goals = ", ".join(f"{_LATENCY_CASES.get(k, k)} ≤ {v:g} s" for k, v in report["goal_s"].items())
+    rows += ["", f"Goals: {goals}. Measured at commit {env['commit'][:7]}, "
+             f"{report['rounds']} round(s). Machine: {env['device']}, {env['cpu_count']} cores, "
+             f"jax {env['versions']['jax']}."]
+    return "\n".join(rows)
+
+
+def mutation(t) -> str:
+    report = t._load("mutation_sample.json")
+    by_file = {}
+    for mutant in report["mutants"]:
+        counts = by_file.setdefault(mutant["file"], [0, 0])
+        counts[mutant["result"] != "killed"] += 1
+    rows = ["| module | killed | survived |", "|---|---|---|"]
+    rows += [f"| `{name}` | {k} | {s} |" for name, (k, s) in sorted(by_file.items())]
+    rows += ["", f"{report['sampled']} mutants sampled (seed {report['seed']}) of "
+             f"{report['population']} at commit {report['commit'][:7]}: {report['killed']} "
+             f"killed, {report['survived']} survived (raw score {report['score']:.0%})."]
+    return "\n".join(rows)
+
+
+def generate(t=None) -> dict[str, str]:
+    """Every fragment's name and text (each ends with one newline); `t` is benchmarks/tables.py
+    (imported here when not given)."""
+    t = tables_module() if t is None else t
+    builders = {"core": t.core, "ensembles": t.ensembles, "lanes": t.lanes,
+                "counting": t.counting, "solvers_attention": t.solvers_attention,
+                "solvers_auto_probe": t.solvers_auto_probe, "solvers_large": t.solvers_large,
+                "solvers_quick": t.solvers_quick, "augmentation": lambda: augmentation(t),
+                "latency": lambda: latency(t), "mutation": lambda: mutation(t)}
+    return {name: build().strip() + "\n" for name, build in builders.items()}
+
+
+def stale() -> list[str]:
+    """Fragments whose committed file differs from a fresh generation (or is missing)."""
+    return [name for name, text in generate().items()
+            if not (OUT / f"{name}.md").is_file() or (OUT / f"{name}.md").read_text() != text]
+
+
+if __name__ == "__main__":
+    if "--check" in sys.argv[1:]:
+        names = stale()
+        print("stale: " + ", ".join(names) if names else "all tables are up to date")
+        sys.exit(1 if names else 0)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, text in generate().items():
+        (OUT / f"{name}.md").write_text(text)
+    print(f"wrote {len(generate())} tables to {OUT.relative_to(HERE.parent)}")

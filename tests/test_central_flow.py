@@ -1,0 +1,308 @@
+"""The central flow of GD at the edge of stability (`CentralFlowField`), against independent
+numpy/scipy implementations: dense Hessians and third-derivative tensors, numpy's eigh,
+scipy's solve_ivp."""
+
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.integrate import solve_ivp
+
+import conservation as cn
+from conservation._dynamics.central import solve_sdcp, top_eigenpairs
+
+# The problem: a 4-5-5-2 deep linear net learning a linear teacher. Along gradient flow the
+# sharpness rises from 11.4 to 24.1 (member 0) and 20.5 (member 1): with η = 0.09
+# (2/η = 22.2) member 0 reaches the edge of stability within t ≈ 1 and member 1 does not.
+LR_EDGE, LR_STABLE = 0.09, 0.02
+T1, N_SAVE = 1.8, 13
+
+
+def _theta(model):
+    return jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))[0]
+
+
+THETA = cn.FunctionLaw(_theta, "theta")
+
+
+@pytest.fixture(scope="module")
+def problem():
+    kt, kx, ki = jax.random.split(jax.random.PRNGKey(0), 3)
+    teacher = cn.DeepLinear.random([4, 2], key=kt, init_scale=2.0)
+    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(kx, 32, (4,)))
+    ensemble = cn.Ensemble.init(
+        lambda k: cn.DeepLinear.random([4, 5, 5, 2], key=k, init_scale=0.8), ki, 2)
+    objective = cn.make_objective(cn.MSE(), data, ensemble)
+    params, static = eqx.partition(ensemble[0], eqx.is_inexact_array)
+    unravel = jfu.ravel_pytree(params)[1]
+
+    def loss(y):
+        return objective(eqx.combine(unravel(y), static))
+
+    # The reference's derivatives: dense arrays, taken to numpy once per evaluation.
+    derivatives = jax.jit(lambda y: (jax.grad(loss)(y), jax.hessian(loss)(y),
+                                     jax.jacfwd(jax.hessian(loss))(y)))
+    return objective, ensemble, loss, derivatives
+
+
+def _reference_field(derivatives, lr, relaxation=2.0, record=None):
+    """The paper's equation for one eigenvalue at the edge, in numpy: top eigenpair of the
+    dense Hessian, ∇S = ∇³L[u, u] from the dense third-derivative tensor, the stabilised
+    complementarity σ² = max(0, −2((κ/η)(2 − ηS) + ⟨∇S, ∇L⟩)/‖∇S‖²) with κη = `relaxation`."""
+
+    def f(t, theta):
+        g, h, third = (np.asarray(a) for a in derivatives(jnp.asarray(theta)))
+        w, v = np.linalg.eigh(h)
+        u = v[:, -1]
+        grad_s = np.einsum("ijk,j,k->i", third, u, u)
+        q = relaxation / lr**2 * (2 - lr * w[-1]) + grad_s @ g
+        sigma2 = max(0.0, -2 * q / (grad_s @ grad_s))
+        if record is not None:
+            record.append((t, sigma2, w[-1]))
+        return -g - 0.5 * sigma2 * grad_s
+
+    return f
+
+
+@pytest.fixture(scope="module")
+def flows(problem):
+    objective, ensemble, _, _ = problem
+    # One compiled program for both: the field's lr is traced.
+    return {lr: cn.gradient_flow(objective, ensemble, T1, n_save=N_SAVE, solver="tsit5",
+                                 rtol=1e-9, laws=[THETA], values=["theta"],
+                                 field=cn.CentralFlowField(lr))
+            for lr in (LR_EDGE, LR_STABLE)}
+
+
+@pytest.mark.slow
+def test_central_flow_matches_scipy_reference(problem, flows):
+    """Member 0 reaches the edge (σ² > 0 on part of the run, the sharpness pinned at 2/η):
+    the library's trajectory agrees with solve_ivp (DOP853, rtol 1e-10) of the numpy
+    equations to 1e-6 relative (measured 1.6e-7; gradient flow is 3.1e-2 away)."""
+    _, ensemble, _, derivatives = problem
+    theta = np.asarray(flows[LR_EDGE].values["theta"][0])
+    record = []
+    ts = np.linspace(0, T1, N_SAVE)
+    ref = solve_ivp(_reference_field(derivatives, LR_EDGE, record=record), (0, T1),
+                    np.asarray(_theta(ensemble[0])), method="DOP853", t_eval=ts,
+                    rtol=1e-10, atol=1e-12)
+    assert ref.success
+    error = np.max(np.abs(theta - ref.y.T)) / np.max(np.abs(ref.y))
+    assert error < 1e-6, error
+    # Not vacuous: the oscillation switched on, and the sharpness sat at 2/η meanwhile.
+    on = [(t, s2, lam) for t, s2, lam in record if s2 > 1e-3]
+    assert on, "the reference never reached the edge"
+    edge = np.array([lam for _, _, lam in record]) * LR_EDGE
+    # (Recorded at the solver's stages too, slightly off the trajectory: 2 + 5e-6 seen.)
+    assert 2 - 1e-3 < edge.max() <= 2 + 1e-4, edge.max()
+    # The same flow without the oscillation term (gradient flow) is far from it: a negative
+    # control that the comparison resolves the σ² term.
+    plain = solve_ivp(lambda t, y: -np.asarray(derivatives(jnp.asarray(y))[0]), (0, T1),
+                      np.asarray(_theta(ensemble[0])), method="DOP853", t_eval=ts,
+                      rtol=1e-10, atol=1e-12)
+    assert np.max(np.abs(theta - plain.y.T)) / np.max(np.abs(ref.y)) > 1e-2
+
+
+@pytest.mark.slow
+def test_below_the_edge_is_gradient_flow(problem, flows):
+    """With 2/η = 100 far above the sharpness (≤ 25) the central flow is gradient flow
+    (solve_ivp of −∇L) to the solver's tolerance, for both members."""
+    _, ensemble, _, derivatives = problem
+    ts = np.linspace(0, T1, N_SAVE)
+    for b in range(2):
+        plain = solve_ivp(lambda t, y: -np.asarray(derivatives(jnp.asarray(y))[0]), (0, T1),
+                          np.asarray(_theta(ensemble[b])), method="DOP853", t_eval=ts,
+                          rtol=1e-10, atol=1e-12)
+        theta = np.asarray(flows[LR_STABLE].values["theta"][b])
+        assert np.max(np.abs(theta - plain.y.T)) / np.max(np.abs(plain.y)) < 1e-6
+    # Member 1 never reaches 2/η = 22.2 either (sharpness ≤ 20.5): gradient flow at LR_EDGE.
+    same = np.asarray(flows[LR_EDGE].values["theta"][1])
+    assert np.max(np.abs(same - np.asarray(flows[LR_STABLE].values["theta"][1]))) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def oscillate(problem):
+    """The field's quantities at a point, one compiled program for every field (lr and
+    relaxation are traced)."""
+    _, _, loss, _ = problem
+    return eqx.filter_jit(lambda field, y: field.oscillation(jax.grad(loss), y, loss))
+
+
+def _numpy_field(derivatives, y, lr, relaxation):
+    g, h, third = (np.asarray(a) for a in derivatives(y))
+    w, v = np.linalg.eigh(h)
+    grad_s = np.einsum("ijk,j,k->i", third, v[:, -1], v[:, -1])
+    q = relaxation / lr**2 * (2 - lr * w[-1]) + grad_s @ g
+    sigma2 = max(0.0, -2 * q / (grad_s @ grad_s))
+    return g, w[-1], grad_s, sigma2
+
+
+def test_pointwise_field_and_prediction(problem, oscillate):
+    """At a point past the edge (ηS = 2.2: the flow pulls the sharpness back): velocity,
+    σ², sharpness and the predicted loss L + ½σ²S against numpy (dense eigh, dense
+    third-derivative tensor), to 1e-9 relative."""
+    _, ensemble, loss, derivatives = problem
+    y = _theta(ensemble[0])
+    lr = 2.2 / float(np.linalg.eigvalsh(np.asarray(derivatives(y)[1]))[-1])
+    osc = oscillate(cn.CentralFlowField(lr, relaxation=20.0), y)
+    g, sharpness, grad_s, sigma2 = _numpy_field(derivatives, y, lr, 20.0)
+    assert sigma2 > 0.05  # the oscillation is on here
+    np.testing.assert_allclose(osc.covariance[0, 0], sigma2, rtol=1e-9)
+    np.testing.assert_allclose(osc.eigenvalues[0], sharpness, rtol=1e-12)
+    np.testing.assert_allclose(osc.velocity, -g - 0.5 * sigma2 * grad_s, rtol=1e-9,
+                               atol=1e-9 * np.max(np.abs(g)))
+    np.testing.assert_allclose(osc.predicted_loss, float(loss(y)) + 0.5 * sigma2 * sharpness,
+                               rtol=1e-12)
+    # Negative control: the oscillation term is resolved (the velocity is not −∇L).
+    assert np.max(np.abs(np.asarray(osc.velocity) + g)) > 1e-2 * np.max(np.abs(g))
+
+
+def test_pointwise_below_the_edge(problem, oscillate):
+    """With ηS = 1 (far from 2) the field is exactly −∇L and Σ = 0."""
+    _, ensemble, _, derivatives = problem
+    y = _theta(ensemble[1])
+    g, h, _ = (np.asarray(a) for a in derivatives(y))
+    lr = 1.0 / float(np.linalg.eigvalsh(h)[-1])
+    osc = oscillate(cn.CentralFlowField(lr), y)
+    assert float(osc.covariance[0, 0]) == 0.0
+    np.testing.assert_allclose(osc.velocity, -g, rtol=1e-12, atol=1e-14 * np.max(np.abs(g)))
+    assert float(osc.predicted_loss) == float(osc.loss)
+    # Weight decay λ: GD on L + λ‖θ‖²/2, so −(∇L + λθ) and the eigenvalues of H + λI.
+    osc = oscillate(cn.CentralFlowField(lr, weight_decay=0.3), y)
+    np.testing.assert_allclose(osc.velocity, -g - 0.3 * np.asarray(y), rtol=1e-12,
+                               atol=1e-14 * np.max(np.abs(g)))
+    np.testing.assert_allclose(osc.eigenvalues[0], np.linalg.eigvalsh(h)[-1] + 0.3,
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["dense", "lanczos"])
+def test_top_eigenpairs_against_eigh(solver):
+    """Top-3 eigenpairs of a random symmetric 30×30 matrix (HVP = matvec) against
+    numpy.linalg.eigh to 1e-10 (Lanczos with 30 steps spans the whole space)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(30, 30))
+    a = a + a.T
+    w, u = jax.jit(lambda m: top_eigenpairs(lambda v: m @ v, 30, 3, solver, 30))(a)
+    ref_w, ref_v = np.linalg.eigh(a)
+    np.testing.assert_allclose(w, ref_w[::-1][:3], rtol=1e-10)
+    overlap = np.abs(np.sum(np.asarray(u) * ref_v[:, ::-1][:, :3], axis=0))
+    np.testing.assert_allclose(overlap, 1.0, atol=1e-8)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_sdcp_optimality(k):
+    """The k > 1 complementarity solver on random instances: X ⪰ 0, M = q + ½B[X] ⪰ 0 and
+    ⟨X, M⟩ = 0 (checked with numpy), with X ≠ 0 (some constraints active) and the k = 1
+    closed form recovered when all but one direction is slack."""
+    rng = np.random.default_rng(k)
+    rows, cols = np.triu_indices(k)
+    solve = jax.jit(lambda q, gram: solve_sdcp(q, gram, k, 2000))
+    for trial in range(4):
+        g = rng.normal(size=(len(rows), 6))
+        q = rng.normal(size=(k, k))
+        q = q + q.T
+        x = np.asarray(solve(q, g @ g.T))
+        full = np.zeros((k, k, 6))
+        full[rows, cols], full[cols, rows] = g, g
+        m = q + 0.5 * np.einsum("ijp,klp,kl->ij", full, full, x)
+        scale = np.max(np.abs(q))
+        assert np.linalg.eigvalsh(x).min() > -1e-10
+        assert np.linalg.eigvalsh(m).min() > -1e-6 * scale, (trial, np.linalg.eigvalsh(m))
+        assert abs(np.sum(x * m)) < 1e-6 * scale * max(1.0, np.abs(x).max())
+        if np.linalg.eigvalsh(q).min() < 0:
+            assert np.abs(x).max() > 0  # a violated constraint must be answered
+    # One direction at the edge, the others slack (q_ii ≫ 0, no coupling): the scalar answer.
+    g = np.zeros((len(rows), 6))
+    g[0, 0] = 2.0
+    for i in range(1, len(rows)):
+        g[i, i % 6] = 1.0 if i % 6 else 0.5
+    q = np.diag([-3.0] + [10.0] * (k - 1))
+    x = np.asarray(solve(q, g @ g.T))
+    np.testing.assert_allclose(x[0, 0], 2 * 3.0 / 4.0, rtol=1e-8)
+
+
+def test_arguments():
+    with pytest.raises(cn.ArgumentError, match="lr"):
+        cn.CentralFlowField(0.0)
+    with pytest.raises(cn.ArgumentError, match="relaxation"):
+        cn.CentralFlowField(0.1, relaxation=-1.0)
+    with pytest.raises(cn.ArgumentError, match="k"):
+        cn.CentralFlowField(0.1, k=0)
+    with pytest.raises(cn.ArgumentError, match="eigensolver"):
+        cn.CentralFlowField(0.1, eigensolver="power")
+    with pytest.raises(cn.ArgumentError, match="lanczos_steps"):
+        cn.CentralFlowField(0.1, k=3, lanczos_steps=2)
+    with pytest.raises(cn.ArgumentError, match="weight_decay"):
+        cn.CentralFlowField(0.1, weight_decay=-1.0)
+    model = cn.DeepLinear.random([2, 1], key=jax.random.PRNGKey(0))
+    objective = cn.make_objective(cn.MSE(), cn.teacher_dataset(
+        model, cn.gaussian_inputs(jax.random.PRNGKey(1), 4, (2,))), model)
+    with pytest.raises(cn.ArgumentError, match="objective"):
+        cn.central_flow_comparison(None, model, 0.1, 8, n_save=3)
+    with pytest.raises(cn.ArgumentError, match="steps"):
+        cn.central_flow_comparison(objective, model, 0.1, 7, n_save=3)
+    with pytest.raises(cn.ArgumentError, match="lr"):
+        cn.central_flow_comparison(objective, model, 0.0, 8, n_save=3)
+
+
+@pytest.mark.slow
+def test_central_flow_tracks_gradient_descent_at_the_edge():
+    """GD at η = 0.104 (2/η = 19.23) on a 4-5-5-2 deep linear net (init 0.55): member 0's
+    gradient flow sharpens to 19.92, past 2/η, so GD runs at the edge of stability for its
+    200 steps; member 1's stays below (18.86). Measured (saves every 4 steps, t = η·step):
+    the central flow's sharpness is pinned at 2/η to 1e-6 while GD's oscillates in
+    19.3–19.9 and gradient flow's sits at 19.92; GD's loss (moving average, 4 steps) stalls
+    at 1e-3–2e-3 and the central flow predicts 1.5e-3–1.4e-2 (ratio 0.6–5.4 over t ≥ 5),
+    where gradient flow's falls to 1e-14; ‖θ_GD − θ_CF‖ / ‖θ_GD − θ_GF‖ = 0.79 at the end
+    (both carry the same O(η) offset of GD's first steps, ~0.12). Member 1 is a negative
+    control: central flow = gradient flow there, its balance laws conserved to 3e-9, while
+    member 0's central flow drifts them by 1.6e-2 (GD: 4.0e-2)."""
+    kt, kx, ki = jax.random.split(jax.random.PRNGKey(0), 3)
+    teacher = cn.DeepLinear.random([4, 2], key=kt, init_scale=2.0)
+    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(kx, 32, (4,)))
+    ensemble = cn.Ensemble.init(
+        lambda k: cn.DeepLinear.random([4, 5, 5, 2], key=k, init_scale=0.55), ki, 2)
+    objective = cn.make_objective(cn.MSE(), data, ensemble)
+    lr = 0.104
+    c = cn.central_flow_comparison(objective, ensemble, lr, 200, n_save=51, window=4)
+    edge = 2 / lr
+    late = np.asarray(c.t) >= 5.0
+    cf_s = np.asarray(c.central_eigenvalues[0, :, 0])
+    assert np.all(cf_s <= edge * (1 + 1e-6))
+    np.testing.assert_allclose(cf_s[late], edge, rtol=1e-5)  # pinned at 2/η
+    assert np.all(np.asarray(c.stable_sharpness[0, late]) > 1.03 * edge)  # GF is past it
+    assert np.all(np.asarray(c.covariance[0, late, 0, 0]) > 0)
+    ratio = np.asarray(c.central_predicted_loss[0, late] / c.gd_loss_average[0, late])
+    assert np.all((ratio > 1 / 8) & (ratio < 8)), ratio
+    assert np.all(np.asarray(c.stable_loss[0, late]) < 1e-4 * np.asarray(
+        c.gd_loss_average[0, late]))
+    d_cf, d_gf = np.asarray(c.distance_central[0]), np.asarray(c.distance_stable[0])
+    assert d_cf[-1] < 0.9 * d_gf[-1]
+    # The distance gap opens at the edge: GD moves with the central flow, not with GF.
+    assert (d_gf[-1] - d_cf[-1]) > 0.02
+    # Member 1 never reaches the edge: the central flow is gradient flow.
+    np.testing.assert_allclose(c.distance_central[1], c.distance_stable[1], rtol=1e-6)
+    for law in ("balance[0]", "balance[1]"):
+        assert float(c.central.max_drift[law][1]) < 1e-7
+        assert 1e-3 < float(c.central.max_drift[law][0]) < float(c.gd.max_drift[law][0])
+
+
+def test_config_kind():
+    """`[[dynamics]] kind = "central_flow"` parses (the shipped config too) and is validated
+    like every table: `lr` required and > 0, `k` ≥ 1, `relaxation` > 0."""
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    raw = tomllib.loads((root / "configs" / "edge_of_stability.toml").read_text())
+    config = cn.parse_config(raw)
+    central = [run for run in config.dynamics if run.kind == "central_flow"]
+    assert [run.lr for run in central] == [0.2, 0.1] and central[0].relaxation == 2.0
+    for bad, field in (({"lr": None}, "lr"), ({"lr": -0.1}, "lr"), ({"k": 0}, "k"),
+                       ({"relaxation": 0.0}, "relaxation")):
+        entry = {"kind": "central_flow", "lr": 0.1, "t1": 1.0, **bad}
+        entry = {k: v for k, v in entry.items() if v is not None}
+        with pytest.raises(cn.ConfigError, match=field):
+            cn.parse_config({**raw, "dynamics": [entry]})
