@@ -100,6 +100,27 @@ def mutation(t) -> str:
     return "\n".join(rows)
 
 
+def train(t) -> str:
+    report = t._load("train_cpu.json")
+    tim, problem, agree = report["timings"], report["problem"], report["agreement"]
+    env = report["environment"]
+    rows = ["| run | run [s] | compile [s] |", "|---|---|---|",
+            f"| `conservation.train` | {tim['train']['run_s']:.3f} | "
+            f"{tim['train']['compile_s']:.1f} |",
+            f"| hand-written `lax.scan` (same update and drift) | {tim['scan']['run_s']:.3f} | "
+            f"{tim['scan']['compile_s']:.1f} |",
+            "",
+            f"train ÷ scan: {report['train_over_scan']:.2f}× (goal ≤ 1.1×) for "
+            f"{problem['members']} members × {problem['steps']} steps of GD (lr "
+            f"{problem['lr']:g}) on the deep linear net {problem['widths']}, the drift of "
+            f"{', '.join(problem['laws'])} at every step; final parameters differ by "
+            f"{agree['final_params_max_abs_diff']:.1g}, worst drifts by "
+            f"{agree['max_drift_max_rel_diff']:.1g} (relative). Best of the interleaved "
+            f"rounds, at commit {(env['commit'] or '?')[:7]}; machine: {env['cpu_count']} "
+            f"cores, jax {env['versions']['jax']}."]
+    return "\n".join(rows)
+
+
 def generate(t=None) -> dict[str, str]:
     """Every fragment's name and text (each ends with one newline); `t` is benchmarks/tables.py
     (imported here when not given)."""
@@ -108,7 +129,8 @@ def generate(t=None) -> dict[str, str]:
                 "counting": t.counting, "solvers_attention": t.solvers_attention,
                 "solvers_auto_probe": t.solvers_auto_probe, "solvers_large": t.solvers_large,
                 "solvers_quick": t.solvers_quick, "augmentation": lambda: augmentation(t),
-                "latency": lambda: latency(t), "mutation": lambda: mutation(t)}
+                "latency": lambda: latency(t), "mutation": lambda: mutation(t),
+                "train": lambda: train(t)}
     return {name: build().strip() + "\n" for name, build in builders.items()}
 
 
