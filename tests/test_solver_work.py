@@ -139,3 +139,25 @@ def test_adaptive_tsit5_pays_its_stages_for_rejected_steps_too():
     (accepted, rejected), calls = evaluations(solve, jnp.array([1.0, 10.0, 100.0]))
     assert int(rejected) > 0  # the count covers rejected steps
     assert calls == 1 + 6 * (int(accepted) + int(rejected))
+
+
+@eqx.filter_jit
+def _forced_step(solver, h):
+    """One step of y₀' = −100 y₀ (from 0: it stays 0; it sets ρ = 100, so the step runs 5–13
+    stages) and y₁' = cos t (the time dependence: exact y₁(h) = sin h)."""
+    term = dfx.ODETerm(lambda t, y, args: jnp.stack([-100.0 * y[0], jnp.cos(t)]))
+    y0 = jnp.zeros(2)
+    state = solver.init(term, 0.0, h, y0.at[0].set(1e-300), None)  # the power iteration's v
+    return solver.step(term, 0.0, h, y0, None, state, False)[0][1]
+
+
+@pytest.mark.parametrize("solver, order, ratio, worst", [
+    (cn.ROCK4(), 4, (20.0, 40.0), 1e-8), (cn.RKC(), 2, (6.0, 10.0), 2e-4)],
+    ids=["rock4", "rkc"])
+def test_stage_times_of_a_time_dependent_field(solver, order, ratio, worst):
+    """Each stage evaluates the field at its own time: the local error of y₁' = cos t falls
+    like h^(order + 1) (2⁵ = 32 and 2³ = 8 per halving, pre-asymptotically a bit less). A
+    wrong stage time (an autonomous field never sees it) leaves the method of order ≤ 1."""
+    errors = [abs(float(_forced_step(solver, jnp.asarray(h))) - np.sin(h)) for h in (0.2, 0.1)]
+    assert ratio[0] < errors[0] / errors[1] < ratio[1], (order, errors)
+    assert errors[1] < worst
