@@ -37,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Module → the test files whose failure counts (those that exercise it directly).
 COVERING = {
     "conservation/_laws/base.py": ["tests/test_laws.py", "tests/test_two_sided.py"],
-    "conservation/_laws/symmetry.py": ["tests/test_symmetry_laws.py"],
+    "conservation/_laws/symmetry.py": ["tests/test_symmetry_laws.py", "tests/test_two_sided.py"],
     "conservation/_laws/counting.py": ["tests/test_counting.py"],
     "conservation/_laws/discovery.py": ["tests/test_discovery.py"],
     "conservation/_dynamics/flow.py": ["tests/test_flow.py", "tests/test_statuses.py",
@@ -105,6 +105,30 @@ def run_tests(work: pathlib.Path, tests: list[str], timeout: float, cache: pathl
     return "passed" if proc.returncode == 0 else "failed"
 
 
+def _survivors_now(path: str, work: pathlib.Path) -> list[dict]:
+    """The survivors recorded in the result file `path`, located in HEAD's code: the same
+    token, at the same place in the first line whose code is the recorded line's (lines move
+    between commits). A survivor whose line no longer exists is reported and left out."""
+    record = json.loads(pathlib.Path(path).read_text())
+    found = []
+    for old in record["mutants"]:
+        if old["result"] != "survived":
+            continue
+        then = subprocess.run(["git", "show", f"{record['commit']}:{old['file']}"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+        line = then[old["line"] - 1]
+        offset = old["col"] - (len(line) - len(line.lstrip()))  # within the stripped code
+        lines = (work / old["file"]).read_text().splitlines()
+        at = [i for i, now in enumerate(lines) if now.strip() == old["code"]]
+        if not at:
+            print(f"gone: {old['file']}:{old['line']} {old['code'][:60]}", flush=True)
+            continue
+        indent = len(lines[at[0]]) - len(lines[at[0]].lstrip())
+        found.append({"file": old["file"], "line": at[0] + 1, "col": indent + offset,
+                      "old": old["old"], "new": old["new"], "replayed_from": path})
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sample", type=int, default=40, help="mutants to run (0: all)")
@@ -113,6 +137,9 @@ def main(argv=None) -> int:
     parser.add_argument("--files", nargs="*", default=sorted(COVERING),
                         help="modules to mutate (default: the numeric core)")
     parser.add_argument("--out", default="benchmarks/results/mutation.json")
+    parser.add_argument("--replay", nargs="*", default=None, metavar="JSON",
+                        help="instead of sampling, run again the survivors of earlier result "
+                             "files on HEAD (found by their line's code, wherever it moved)")
     args = parser.parse_args(argv)
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
@@ -135,8 +162,11 @@ def main(argv=None) -> int:
         try:
             # The committed code (HEAD), not the checkout's uncommitted edits.
             everything = [m for f in args.files for m in mutants(work / f, f)]
-            chosen = (everything if not args.sample else random.Random(args.seed).sample(
-                everything, min(args.sample, len(everything))))
+            if args.replay is not None:
+                chosen = [m for path in args.replay for m in _survivors_now(path, work)]
+            else:
+                chosen = (everything if not args.sample else random.Random(args.seed).sample(
+                    everything, min(args.sample, len(everything))))
             for i, m in enumerate(chosen, 1):
                 target = work / m["file"]
                 original = target.read_text()
