@@ -55,6 +55,7 @@ from .._data.losses import AbstractLoss
 from .._text import text_table
 from .._validation import ArgumentError, fail, integer, number
 from .base import AbstractLaw, law_mismatch
+from .counting import _rref
 
 _SCALES = (0.1, 1.0, 10.0)
 
@@ -169,26 +170,6 @@ def _independent(columns, rtol=1e-9):
     diag = np.abs(np.diag(r)) if r.shape[0] >= r.shape[1] else np.abs(
         np.concatenate([np.diag(r), np.zeros(r.shape[1] - r.shape[0])]))
     return np.flatnonzero((diag > rtol) & (norms > 0))
-
-
-def _rref(matrix, tol=1e-9):
-    a = np.array(matrix, dtype=float)
-    rows, cols = a.shape
-    r = 0
-    for c in range(cols):
-        if r == rows:
-            break
-        pivot = r + int(np.argmax(np.abs(a[r:, c])))
-        if abs(a[pivot, c]) < tol:
-            continue
-        a[[r, pivot]] = a[[pivot, r]]
-        a[r] /= a[r, c]
-        for i in range(rows):
-            if i != r:
-                a[i] -= a[i, c] * a[r]
-        r += 1
-    a[np.abs(a) < tol] = 0.0
-    return a[:r]
 
 
 @dataclasses.dataclass(frozen=True)
