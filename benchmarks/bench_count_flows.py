@@ -25,32 +25,58 @@ import numpy as np
 
 import conservation as cn
 
-SAGE = {"linear": 139, "relu": 63, "nmf": 448, "nmf_momentum": 105, "icnn": 756,
+SAGE = {"linear": 139, "relu": 63, "relu_paths": 63, "nmf": 448, "nmf_momentum": 105, "icnn": 756,
         "icnn_momentum": 729}
 KEY = jax.random.PRNGKey(0)
 OUT = pathlib.Path(__file__).parent / "results" / "count_flows_cpu.json"
 
 
+def _parameters(name, dims, bias=False):
+    """D of a notebook configuration (U_1 ⋯ U_q, or U σ(Vx + b) for the ICNN)."""
+    d = int(np.dot(dims[:-1], dims[1:]))
+    return d + (dims[1] if bias else 0)
+
+
 def configurations(name):
+    """The configurations exactly as the notebook drew them. Its loop shares numpy's global
+    generator with the counting code: `dim_trace_lie_algebra` draws its evaluation point
+    np.random.rand(state dimension) once, and once more (its `fast=False` retry) when the
+    rank stays below full, i.e. when there are laws; `solve` draws np.random.rand(D) when its
+    kernel is non-empty (always with `general=True`: the constant). Only the first
+    configuration of each set is the plain seed-0 draw; the later ones depend on these
+    draws. Whether a linear configuration has laws under momentum: iff a hidden layer has
+    width ≥ 2 (its angular momenta; `main` checks this against the counts)."""
     np.random.seed(0)
     out = []
     for _ in range(20):
-        if name in ("linear", "relu"):
+        if name in ("linear", "relu", "relu_paths"):
             depth = np.random.randint(2, 4)
             dims = [int(np.random.randint(1, 4)) for _ in range(depth + 1)]
             np.random.randint(0, 1)
-            flag = bool(np.random.random() < 0.5) if name == "relu" else False
+            flag = bool(np.random.random() < 0.5) if name != "linear" else False
             out.append({"list_dim": dims, "tau": int(flag)})
+            state = 2 * _parameters(name, dims) + 1
+            laws = name == "linear" and max(dims[1:-1]) >= 2
+            for _ in range(3 if laws else 1):  # dim_trace (+ retry, + solve)
+                np.random.rand(state)
         elif name in ("nmf", "nmf_momentum"):
             dims = [int(np.random.randint(1, 8 if name == "nmf" else 6)) for _ in range(3)]
             if name == "nmf_momentum":
                 np.random.randint(0, 1)
+                np.random.rand(2 * _parameters(name, dims) + 1)  # 0 laws: one draw
+            else:  # n2 laws: dim_trace, its retry, solve
+                for _ in range(3):
+                    np.random.rand(_parameters(name, dims))
             out.append({"list_dim": dims, "tau": 0})
         else:
             dims = [int(np.random.randint(1, 6)) for _ in range(3)]
             bias = bool(np.random.random() < 0.5)
             if name == "icnn_momentum":
                 np.random.randint(0, 1)
+                np.random.rand(2 * _parameters(name, dims, bias) + 1)
+            else:  # one law per hidden neuron: dim_trace, its retry, solve
+                for _ in range(3):
+                    np.random.rand(_parameters(name, dims, bias))
             out.append({"list_dim": dims, "bias": bias, "tau": 0})
     return out
 
@@ -63,8 +89,25 @@ def _icnn(params, x):
     return params["U"] @ jax.nn.relu(params["V"] @ x)
 
 
+def _paths(params, x):
+    """The notebook's ReLU fields: one per path, ∇(U_1[i, h_1] U_2[h_1, h_2] ⋯ U_q[h, j]),
+    as if every path's activation could be switched independently. A linear function of
+    the path products Φ(θ) (x has one entry per path), so MSE data sets span every ∇Φ_p."""
+    mats = params["U"]
+    letters = "abcdefgh"
+    spec = ",".join(letters[i:i + 2] for i in range(len(mats)))
+    paths = jnp.einsum(f"{spec}->{letters[:len(mats) + 1]}", *mats)
+    return jnp.sum(paths.ravel() * x)[None]
+
+
 def count(name, config):
     dims = config["list_dim"]
+    if name == "relu_paths":
+        mats = [jax.random.normal(k, (a, b)) for k, a, b in
+                zip(jax.random.split(KEY, len(dims) - 1), dims[:-1], dims[1:])]
+        model = cn.FunctionModel(_paths, {"U": mats})
+        return cn.count_laws(model, cn.MSE(), flow=cn.MomentumFlow(friction=config["tau"]),
+                             input_shape=(int(np.prod(dims)),))
     momentum = name in ("linear", "relu") or name.endswith("momentum")
     if name in ("linear", "relu", "nmf", "nmf_momentum"):
         widths = tuple(reversed(dims))  # U_1 ⋯ U_q x
@@ -99,6 +142,9 @@ def main(names):
             rows.append({**config, "parameters": c.parameters, "dimension": c.dimension,
                          "laws": c.laws, "known": c.known, "verdict": c.verdict,
                          "gap": c.gap, "seconds": round(time.perf_counter() - t, 2)})
+            if name == "linear" and (c.laws > 0) != (max(config["list_dim"][1:-1]) >= 2):
+                print("WARNING: the notebook's draws assumed the other law/no-law outcome "
+                      "here; later configurations may differ from the notebook's", flush=True)
             print(name, config, c.laws, c.verdict, rows[-1]["seconds"], flush=True)
         total = time.perf_counter() - start
         results[name] = {"configurations": rows, "seconds": round(total, 1),

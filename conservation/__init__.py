@@ -284,6 +284,9 @@ from ._laws.phase_space import (
 from ._laws.phase_space import (
     PhaseState as PhaseState,
 )
+from ._laws.phase_space import (
+    phase_space_laws as phase_space_laws,
+)
 from ._laws.symmetry import (
     AbstractSubspaceLaw as AbstractSubspaceLaw,
 )
@@ -397,6 +400,7 @@ __all__ = [
     "find_generators", "AbstractFlow", "GradientFlow", "MirrorFlow", "MomentumFlow",
     "NesterovFlow", "PreconditionedFlow", "SignFlow", "AbstractPhaseSpaceLaw",
     "AngularMomentumLaw", "FunctionPhaseLaw", "LrBalanceLaw", "MirrorBalanceLaw", "PhaseState",
+    "phase_space_laws",
     "AbstractSubspaceLaw", "AttentionRangeLaw", "CyclicRatioLaw",
     "EquivariantResidualLaw", "EquivariantRowSumLaw", "FourierPhaseLaw", "RowSpaceLaw",
     "augmentation_laws", "isotypic_components", "InsufficientMemory", "LightningAttention",

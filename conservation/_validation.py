@@ -187,3 +187,19 @@ def is_posinf(value) -> bool:
         return bool(np.isposinf(float(value)))
     except (TypeError, ValueError):
         return False
+
+
+def as_float64(value):
+    """`value` (a number, a numpy or JAX array, or a tracer) as a float64 JAX array, with
+    the numbers of `jnp.asarray(value, float)` (float64 is the package's default float).
+
+    A host value is transferred (`jax.device_put`) and a float64 JAX array returned as it
+    is: `jnp.asarray` runs a compiled program for each new signature (`stage`,
+    `convert_element_type`), which a first call pays in tracing, lowering and a cache
+    look-up each (first-call latency)."""
+    if (isinstance(value, jax.Array) and not is_traced(value) and value.dtype == np.float64
+            and not value.weak_type):  # (a weak type would promote differently)
+        return value
+    if isinstance(value, numbers.Real | np.ndarray | np.generic) and not isinstance(value, bool):
+        return jax.device_put(np.asarray(value, np.float64))
+    return jnp.asarray(value, float)

@@ -5,6 +5,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from _stored import stored_arrays
 
 import conservation._experiments.runner as runner
 from conservation._experiments.cli import main
@@ -168,10 +169,6 @@ def _umask(mask):
         os.umask(old)
 
 
-def _npz(folder):
-    return {p.name: dict(np.load(p)) for p in sorted(folder.glob("*.npz"))}
-
-
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory):
     """TINY run once, uninterrupted, under umask 022: what resumed runs must reproduce."""
@@ -207,7 +204,7 @@ def test_run_resumes_skipping_finished_entries_bit_identically(tmp_path, monkeyp
     assert len(calls) == 2  # the resumed run computed only the second entry
     assert (out / "0-flow-rtol-1e-09.npz").stat().st_mtime_ns == first["0-flow-rtol-1e-09.npz"]
     assert not list(out.glob(".*.tmp"))
-    resumed, reference = _npz(out), _npz(tiny_reference)
+    resumed, reference = stored_arrays(out, "*.npz"), stored_arrays(tiny_reference, "*.npz")
     assert resumed.keys() == reference.keys()
     for name, arrays in reference.items():
         assert arrays.keys() == resumed[name].keys()
@@ -243,7 +240,7 @@ def test_run_refuses_a_different_config_unless_forced_and_recomputes_corrupted(
     other.write_text(TINY.replace("steps = 20", "steps = 10"))
     out = tmp_path / "out"
     shutil.copytree(tiny_reference, out)
-    reference = _npz(out)
+    reference = stored_arrays(out, "*.npz")
     entry = out / "1-gd-lr-0.1.npz"
     entry.write_bytes(entry.read_bytes()[:100])  # truncated: must be named and recomputed
     before = (out / "0-flow-rtol-1e-09.npz").stat().st_mtime_ns
@@ -379,7 +376,7 @@ def test_ctrl_c_ends_with_one_line_exit_130_and_the_same_command_resumes(tmp_pat
     assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
     assert first.stat().st_mtime_ns == stamp
     assert main(["run", str(config), "--out", str(tmp_path / "reference"), "--quiet"]) == 0
-    for name, arrays in _npz(tmp_path / "reference").items():
+    for name, arrays in stored_arrays(tmp_path / "reference", "*.npz").items():
         for key, value in arrays.items():
             np.testing.assert_array_equal(np.load(out / name)[key], value)
     assert main(["report", str(out)]) == 0  # a run folder: its table

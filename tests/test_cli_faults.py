@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from _stored import write_config
 
 import conservation._experiments.runner as runner
 from conservation._experiments.cli import main
@@ -62,12 +63,6 @@ lr = [0.01, 0.05]
 """
 
 
-def _config(tmp_path, text, name="c.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
 def _arrays(path):
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
@@ -77,7 +72,7 @@ def _arrays(path):
 def finished(tmp_path_factory):
     """RUN finished once: the folder the other tests copy and damage."""
     folder = tmp_path_factory.mktemp("finished")
-    config = _config(folder, RUN)
+    config = write_config(folder, RUN)
     assert main(["run", str(config), "--out", str(folder / "out"), "--quiet"]) == 0
     return config, folder / "out"
 
@@ -116,7 +111,7 @@ def test_an_adam_sweep_runs_and_matches_a_numpy_adam(tmp_path):
     """Adam injects no momentum: a sweep over its lr failed with `internal error`."""
     from conservation import DeepLinear
 
-    config = _config(tmp_path, SWEEP)
+    config = write_config(tmp_path, SWEEP)
     out = tmp_path / "out"
     assert main(["sweep", str(config), "--out", str(out), "--quiet"]) == 0
     start = DeepLinear.random([2, 3, 1], key=jax.random.PRNGKey(0)).weights  # seed 0
@@ -130,7 +125,7 @@ def test_an_adam_sweep_runs_and_matches_a_numpy_adam(tmp_path):
 
 
 def test_a_full_disk_ends_with_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
-    config = _config(tmp_path, RUN)
+    config = write_config(tmp_path, RUN)
     real = np.savez_compressed
 
     def full(file, **arrays):
@@ -180,7 +175,7 @@ def test_a_result_file_copied_over_another_is_detected_and_recomputed(finished, 
 
 
 def test_a_swapped_sweep_point_is_detected_and_recomputed(tmp_path, capsys):
-    config = _config(tmp_path, SWEEP)
+    config = write_config(tmp_path, SWEEP)
     out = tmp_path / "out"
     assert main(["sweep", str(config), "--out", str(out), "--quiet"]) == 0
     points = out / "points"
@@ -197,7 +192,7 @@ def test_a_swapped_sweep_point_is_detected_and_recomputed(tmp_path, capsys):
     for key, value in want.items():
         np.testing.assert_array_equal(_arrays(points / "0.npz")[key], value, err_msg=key)
     # `sweep --force` replaces a different sweep (refused without it).
-    other = _config(tmp_path, SWEEP.replace("0.05]", "0.02]"), "o.toml")
+    other = write_config(tmp_path, SWEEP.replace("0.05]", "0.02]"), "o.toml")
     assert main(["sweep", str(other), "--out", str(out), "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["sweep", str(other), "--out", str(out), "--quiet", "--force"]) == 0
@@ -259,7 +254,7 @@ def test_after_an_interrupt_the_exiting_command_ignores_a_second_one(finished, t
 
 @pytest.mark.slow  # a fresh interpreter, stopped by a real SIGTERM
 def test_sigterm_ends_with_one_line_exit_143_and_the_same_command_resumes(tmp_path):
-    config = _config(tmp_path, RUN.replace("lr = 0.05\nsteps = 5", "lr = 0.05\nsteps = 20000"))
+    config = write_config(tmp_path, RUN.replace("lr = 0.05\nsteps = 5", "lr = 0.05\nsteps = 20000"))
     out = tmp_path / "out"
     child = subprocess.Popen(
         [sys.executable, "-m", "conservation._experiments.cli", "run", str(config), "--out",

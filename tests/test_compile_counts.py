@@ -112,3 +112,66 @@ def test_compiled_constructors_equal_the_eager_computation_bit_for_bit():
     _assert_bit_equal(ensemble, [np.stack(layer) for layer in zip(*members)])
     _assert_bit_equal(ensemble[-2], members[3])
     _assert_bit_equal(ensemble[1:3], [np.stack(layer) for layer in zip(*members[1:3])])
+
+
+class _Programs:
+    """Counts the programs handed to XLA (compiled, or loaded from the persistent cache) while
+    active: JAX's own event, which fires once per program."""
+
+    def __enter__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def test_a_run_compiles_its_programs_not_one_per_operation():
+    # Shapes no other test uses (7 members of a 3-5-2 net, 11 samples), so every program is
+    # new to this process: a first call as in a fresh one. Before, a finished run assembled
+    # its Result one eager operation at a time, each operation its own program (on a warm
+    # persistent cache each still costs a trace, a lowering and a cache look-up): the flow
+    # compiled 13 programs, train 27.
+    key_teacher, key_x, key_init = jax.random.split(jax.random.PRNGKey(5), 3)
+    teacher = cn.DeepLinear.random([3, 5, 2], key=key_teacher)
+    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(key_x, 11, (3,)))
+    ensemble = cn.Ensemble.init(lambda k: cn.DeepLinear.random([3, 5, 2], key=k), key_init, 7)
+    objective = cn.make_objective(cn.MSE(), data, ensemble)
+    jax.block_until_ready(ensemble[0])
+    with _Programs() as flow:
+        result = cn.gradient_flow(objective, ensemble, t1=0.5, rtol=1e-6, n_save=3,
+                                  solver="tsit5")
+        status = result.status_names()
+    # Measured 4: the solve and three conversions of arguments to arrays.
+    assert flow.count <= 6, flow.count
+    assert status == ["success"] * 7
+    with _Programs() as gd:
+        result = cn.train(objective, ensemble, cn.optimizer("gd", lr=0.05), steps=10,
+                          n_save=4, step_time=0.05)
+        status = result.status_names()
+    # Measured 9: `_start`, `_run_chunk`, `final_status`, the PRNG key, and the assembly of
+    # the saves (one program per block shape).
+    assert gd.count <= 12, gd.count
+    assert status == ["success"] * 7
+    # The save times, as numpy computes them: chunks of ⌈10/3⌉ = 4 steps, the last one short.
+    np.testing.assert_array_equal(np.asarray(result.t), np.array([0, 4, 8, 10]) * 0.05)
+    assert np.asarray(result.t).dtype == np.float64
+
+
+def test_host_conversion_gives_the_array_of_jnp_asarray():
+    # `as_float64` (the flow's numeric arguments) transfers host values instead of converting
+    # them in a compiled program: the same value, dtype and weak type as jnp.asarray(v, float)
+    # (a weakly typed float64 would promote differently against float32).
+    from conservation._validation import as_float64
+
+    for value in (2.0, 3, 10**8, float("inf"), 1e-300, np.float32(0.1),
+                  np.arange(3, dtype=np.float32), np.array([0.1, 0.2]), jnp.asarray(1.5),
+                  jnp.asarray(1.5, float), jnp.float32(0.3), jnp.arange(3)):
+        got, want = as_float64(value), jnp.asarray(value, float)
+        assert (got.dtype, got.shape, got.weak_type) == (want.dtype, want.shape, want.weak_type)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -54,6 +54,54 @@ def test_a_class_of_one_data_set_has_d_minus_one_laws(widths, group):
     assert count.cancelled > 0
 
 
+def test_cancelled_brackets_are_weighted_by_their_ratio_over_the_round_off_threshold(
+        monkeypatch):
+    """The rank decision's input, recomputed in numpy from the fields the count evaluated
+    (captured; their values are checked against exact brackets in
+    `test_deep_brackets_match_exact_polynomial_brackets`): a row with cancellation ratio
+    r = ‖A − B‖/(‖A‖ + ‖B‖) carries round-off up to 100·ε/r once normalised, so it is
+    weighted by min(1, r/threshold), threshold = 10·100·ε/tol (that round-off then stays
+    below tol/10), and a healthy row (r ≥ threshold) keeps weight 1. The reported singular
+    values are those of the stacked weighted rows (σ₁ = 1). Two-sided: a weight too large
+    (rows unweighted) adds rank, one too small (or a healthy row's weight ≠ 1) moves the
+    small singular values, which are those of the weighted round-off."""
+    import conservation._laws.counting as counting
+
+    captured = []
+    evaluate = counting._evaluate
+
+    def recording(*args, **kwargs):
+        rows, ratio = evaluate(*args, **kwargs)
+        captured.append((np.array(rows), np.array(ratio)))
+        return rows, ratio
+
+    monkeypatch.setattr(counting, "_evaluate", recording)
+    # The class of one data set (as above): depth-0 rows are one gradient up to summation
+    # order (r = 1), every bracket vanishes identically and evaluates to round-off (r ~ ε).
+    widths, tol = (3, 2, 2), 1e-9
+    model = cn.DeepLinear.random(widths, key=KEY)
+    rng = np.random.default_rng(1)
+    data = cn.Dataset(jnp.asarray(rng.standard_normal((32, widths[0]))),
+                      jnp.asarray(rng.standard_normal((32, widths[-1]))))
+    count = cn.count_laws(model, cn.MSE(), data=data, known_laws=False, tol=tol)
+    rows = np.concatenate([r for r, _ in captured])
+    ratio = np.concatenate([q for _, q in captured])
+    threshold = 10 * 100 * np.finfo(float).eps / tol
+    assert np.all((ratio == 1.0) | (ratio < 1e-12)), ratio  # healthy or cancelled, nothing else
+    assert count.cancelled == int(np.sum(ratio < threshold)) > 0
+    weighted = np.linalg.svd(rows * np.minimum(1.0, ratio / threshold)[:, None],
+                             compute_uv=False)
+    weighted = weighted / weighted[0]
+    assert int(np.sum(weighted > tol)) == count.rank == 1 and count.laws == 10 - 1
+    # Measured agreement ~1e-5 (the count compresses its rows incrementally); a weight off by
+    # 10 % moves the round-off singular values (~1e-13 here) by as much.
+    np.testing.assert_allclose(count.singular_values, weighted, rtol=1e-3, atol=1e-17)
+    # The negative control: the same rows unweighted (normalised round-off, unit vectors in
+    # random directions) would have full rank, 0 laws, so the weighting decides the count.
+    unweighted = np.linalg.svd(rows, compute_uv=False)
+    assert np.sum(unweighted / unweighted[0] > tol) == 10
+
+
 def test_equivariant_layer_has_n_squared_minus_4_laws():
     augmentation = cn.Augmentation(cn.Permutations(3), equivariant=True)
     model = cn.DeepLinear.random((3, 3), key=KEY)
@@ -307,3 +355,21 @@ def test_deep_brackets_match_exact_polynomial_brackets():
         picked = jax.tree_util.tree_map(lambda a: a[None, 3 - depth:], objectives)
         rows = np.asarray(_bracket_fields(params, static, picked, depth)[0])
         np.testing.assert_allclose(rows[0], value / np.linalg.norm(value), rtol=0, atol=1e-12)
+
+
+def test_a_dead_neuron_conserves_its_weights_and_only_its_own():
+    """Hidden neuron 2 of layer 0 has zero incoming weights and a negative bias: it is never
+    active, so its incoming row (2), bias (1) and outgoing column of the next weight (2) get
+    no gradient: 5 conserved coordinates, beside the live net's rescale laws (2 + 2 hidden
+    neurons) = 9 laws over 20 parameters. The probe must name the dead neuron and mark its
+    coordinates in the right weight leaves (three layers: the next layer's matrix is not the
+    last one), so that every counted law is explained (`proved`)."""
+    k = jax.random.split(jax.random.PRNGKey(11), 3)
+    w0 = jax.random.normal(k[0], (3, 2)).at[2].set(0.0)
+    model = cn.MLP((w0, jax.random.normal(k[1], (2, 3)), jax.random.normal(k[2], (1, 2))),
+                   (jnp.array([0.3, -0.2, -1.0]), jnp.array([0.1, 0.2]), jnp.array([0.0])))
+    count = cn.count_laws(model, cn.MSE())
+    assert count.dead == ((0, 2),)
+    assert count.laws == (2 + 2) + (2 + 1 + 2)
+    assert count.verdict == "proved"
+    assert "known laws: 9" in count.describe() and "unexplained: 0" in count.describe()

@@ -177,3 +177,96 @@ def test_digits_experiment_end_to_end(tmp_path):
     for run in summary["runs"].values():
         assert max(run["discrete_identity_error"].values()) <= 1e-12
         assert max(run["continuous_theory_error"].values()) <= 5e-2
+
+
+class _FaintTwin(eqx.Module):
+    """x ↦ main(x) + ε·faint(x) with two equal-shape linear layers: the gradient of `faint`'s
+    parameters is exactly ε times `main`'s, so its scale candidate (row and bias: all of
+    `faint`) has ‖g_A‖ / ‖g‖ = ε / √(1 + ε²) at every point and on every batch."""
+
+    main: eqx.nn.Linear
+    faint: eqx.nn.Linear
+    eps: float = eqx.field(static=True)
+
+    def __call__(self, x):
+        return self.main(x) + self.eps * self.faint(x)
+
+
+@pytest.mark.parametrize("eps", [0.5e-9, 1.5e-9], ids=["vanished", "kept"])
+def test_a_set_with_a_vanishing_gradient_is_not_informative(eps):
+    """A point where a set's gradient is below 1e-9 of the whole gradient's norm says nothing
+    about its identity (its relative residual is round-off over round-off): it is left out
+    and not counted in `informative`; just above, every point counts. The gradient here is
+    large (targets ~100: ‖g‖ ≫ 1), so a threshold not scaled by ‖g‖ would misjudge both."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7), 3)
+    model = _FaintTwin(eqx.nn.Linear(2, 1, key=k1), eqx.nn.Linear(2, 1, key=k2), eps)
+    kx, ky = jax.random.split(k3)
+    data = cn.Dataset(jax.random.normal(kx, (32, 2)), 100.0 + jax.random.normal(ky, (32, 1)))
+    found = cn.find_symmetries(model, cn.MSE(), data, count=False)
+    by_set = {(c.family, c.layer, c.unit): c for c in found.candidates}
+    faint = [by_set["scale", "faint", "0"], by_set["scale", "faint", "all"]]
+    if eps < 1e-9:
+        # Never informative: rounds of fresh points until `max_points` (16), then degenerate.
+        assert found.points == 16
+        for c in faint:
+            assert c.informative == 0 and np.isnan(c.residual) and not c.accepted, c
+            assert c.reason.startswith("degenerate"), c
+    else:
+        # Informative at every probed point, and rejected on its residual: scaling `faint`
+        # changes the loss (a scale symmetry it is not).
+        for c in faint:
+            assert c.informative == found.points and not c.accepted, c
+            assert c.residual > 1e-3 and c.reason.startswith("residual"), c
+    # The control: `main`'s sets (a normal gradient) are informative at every point.
+    for unit in ("0", "all"):
+        assert by_set["scale", "main", unit].informative == found.points
+    assert found.laws == ()
+
+
+class _Repeated(eqx.Module):
+    """Hidden ReLU units each read twice by the next layer, in blocks [h0, h0, h1, h1]: the
+    per-neuron rescaling acts on a block of the next weight's columns, not on one column."""
+
+    first: eqx.nn.Linear
+    second: eqx.nn.Linear
+
+    def __call__(self, x):
+        return self.second(jnp.repeat(jax.nn.relu(self.first(x)), 2))
+
+
+def test_bias_free_layers_and_block_layouts_are_searched_and_tabulated():
+    """Two layer kinds the other tests never meet. (1) Bias-free layers: the rescale law of a
+    bias-free ReLU net is |W0[j]|² − |W1[:, j]|² (numpy), and the whole-layer scale set holds
+    every weight of the layer (|A| = its size) and is rejected. (2) A hidden unit read by a
+    block of the next layer's columns: the block layout's rescale laws are found, the strided
+    layout's rejected, and `describe` tabulates the two layouts as separate rows."""
+    key = jax.random.PRNGKey(3)
+    mlp = eqx.nn.MLP(2, 1, 3, 1, activation=jax.nn.relu, use_bias=False,
+                     use_final_bias=False, key=key)
+    data = _data(jax.random.PRNGKey(4), 32, (2,), 1)
+    found = cn.find_symmetries(mlp, cn.MSE(), data, count=False)
+    assert [law.name for law in found.laws] == ["rescale[layers[0]]"]
+    w0, w1 = np.asarray(mlp.layers[0].weight), np.asarray(mlp.layers[1].weight)
+    np.testing.assert_allclose(found.laws[0](mlp), np.sum(w0**2, 1) - np.sum(w1**2, 0),
+                               rtol=1e-14)
+    by_set = {(c.family, c.layer, c.unit): c for c in found.candidates}
+    assert by_set["scale", "layers[0]", "all"].size == w0.size == 6
+    assert by_set["scale", "layers[1]", "all"].size == w1.size == 3
+    assert not by_set["scale", "layers[0]", "all"].accepted
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(5))
+    model = _Repeated(eqx.nn.Linear(2, 2, key=k1), eqx.nn.Linear(4, 1, key=k2))
+    found = cn.find_symmetries(model, cn.MSE(), data, count=False)
+    units = {c.unit: c for c in found.candidates if c.family == "rescale"}
+    assert {u for u, c in units.items() if c.accepted} == {"0 (block)", "1 (block)"}
+    assert {u for u, c in units.items() if not c.accepted} == {"0 (strided)", "1 (strided)"}
+    # The block law: |W0[j]|² + b0[j]² − |W1[:, 2j:2j+2]|², in numpy.
+    w0, b0 = np.asarray(model.first.weight), np.asarray(model.first.bias)
+    w1 = np.asarray(model.second.weight)
+    want = np.sum(w0**2, 1) + b0**2 - np.sum(w1.reshape(1, 2, 2) ** 2, axis=(0, 2))
+    np.testing.assert_allclose(found.laws[0](model), want, rtol=1e-13)
+    rows = [line.split() for line in found.describe().splitlines()]
+    block = [r for r in rows if r[:3] == ["rescale", "first", "(block)"]]
+    strided = [r for r in rows if r[:3] == ["rescale", "first", "(strided)"]]
+    assert len(block) == 1 and block[0][3:5] == ["2", "2"], rows  # tested, accepted
+    assert len(strided) == 1 and strided[0][3:5] == ["2", "0"], rows

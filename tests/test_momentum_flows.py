@@ -388,9 +388,6 @@ def test_arguments_are_checked(problem):
         cn.gradient_flow(objective, ensemble, 1.0, laws=[cn.AngularMomentumLaw(0)])
     with pytest.raises(cn.ArgumentError, match="`velocity`"):
         cn.gradient_flow(objective, ensemble, 1.0, velocity=problem["velocity"])
-    with pytest.raises(cn.ArgumentError, match="cannot be resumed"):
-        cn.gradient_flow(objective, ensemble, 1.0, field=cn.MomentumField(1.0),
-                         resumable=True)
     with pytest.raises(cn.ArgumentError, match="`velocity` must have the structure"):
         cn.gradient_flow(objective, ensemble, 1.0, field=cn.MomentumField(1.0),
                          velocity=problem["velocity"][0])
@@ -427,5 +424,6 @@ def test_config_kinds_build_their_fields():
             assert float(getattr(field, name)) == value
     with pytest.raises(cn.ConfigError, match="mass"):
         parse_config(_config("momentum_flow"))
-    with pytest.raises(cn.ConfigError, match="checkpoints"):
-        parse_config(_config("momentum_flow", mass=0.5, checkpoints=2, n_save=11))
+    # Second-order flows resume from (θ, v): segments are accepted (tests/test_momentum_runs.py).
+    run = parse_config(_config("momentum_flow", mass=0.5, checkpoints=2, n_save=11)).dynamics[0]
+    assert run.checkpoints == 2

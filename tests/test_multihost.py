@@ -12,6 +12,7 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
+from _stored import assert_same_arrays, stored_arrays
 
 from conservation._experiments.cli import main
 
@@ -82,24 +83,6 @@ def _two_processes(config, out, timeout=240) -> list[int]:
     return counts
 
 
-def _arrays(folder) -> dict[str, dict[str, np.ndarray]]:
-    return {p.name: dict(np.load(p)) for p in sorted((folder / "points").glob("*.npz"))}
-
-
-def _assert_same(got, want):
-    """Every stored array equal (numbers to 1e-12), except `batch_size`: how a point ran
-    depends on its chunk's size, which depends on the number of processes."""
-    assert got.keys() == want.keys()
-    for name in want:
-        assert got[name].keys() == want[name].keys(), name
-        for k in set(want[name]) - {"batch_size"}:
-            if want[name][k].dtype.kind in "USO":  # e.g. the solver a point ran
-                np.testing.assert_array_equal(got[name][k], want[name][k], err_msg=f"{name}:{k}")
-            else:
-                np.testing.assert_allclose(got[name][k], want[name][k], rtol=1e-12, atol=1e-12,
-                                           err_msg=f"{name}:{k}")
-
-
 # Three fresh JAX processes plus compiles (~40 s on a loaded 2-core box): the flow sweep runs
 # in the default suite (a stored string field once broke it unseen while both were slow).
 @pytest.mark.parametrize("text", [pytest.param(GD, marks=pytest.mark.slow), FLOW],
@@ -108,15 +91,15 @@ def test_two_process_sweep_equals_one_process(tmp_path, text):
     config = tmp_path / "tiny.toml"
     config.write_text(text)
     assert main(["sweep", str(config), "--out", str(tmp_path / "one"), "--quiet"]) == 0
-    want = _arrays(tmp_path / "one")
+    want = stored_arrays(tmp_path / "one")
     assert len(want) == 4
 
     counts = _two_processes(config, tmp_path / "two")
     # 4 distinct files written and 4 computations in all: each point computed exactly once,
     # and the work really was shared.
     assert sum(counts) == 4 and min(counts) > 0, counts
-    got = _arrays(tmp_path / "two")
-    _assert_same(got, want)
+    got = stored_arrays(tmp_path / "two")
+    assert_same_arrays(got, want)
     if text is FLOW:
         # One process ran each rtol's two seeds as 2 lanes, two processes ran one point
         # per chunk in diffrax's own solve (as recorded): the two loops agree to 1e-12 here.
@@ -136,7 +119,7 @@ def test_two_process_sweep_equals_one_process(tmp_path, text):
     # Resume: a lost point is recomputed once, by one process; the others are skipped.
     (tmp_path / "two" / "points" / "2.npz").unlink()
     assert sorted(_two_processes(config, tmp_path / "two")) == [0, 1]
-    _assert_same(_arrays(tmp_path / "two"), want)
+    assert_same_arrays(stored_arrays(tmp_path / "two"), want)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -189,3 +189,29 @@ def test_sweep_figure_draws_seeds_as_categories_and_medians_over_lr():
             assert "1 did not succeed (not in median)" in _legend(ax)
     finally:
         plt.close(fig)
+
+
+def test_a_run_where_no_member_succeeded_is_drawn_not_refused():
+    """Every member stopped (max_steps, inf after): nothing can go on a log axis, and the
+    figure must still be drawn (matplotlib refused it: "Data cannot be log-scaled"), saying
+    so in the panel and marking where each member stopped."""
+    import io
+
+    t = np.linspace(0.0, 2.0, 9)
+    loss = np.exp(-t)[None].repeat(3, 0)
+    loss[:, 5:] = np.inf
+    run = types.SimpleNamespace(t=t, loss=loss, drift={"a": np.full((3, 9), 1e-6)},
+                                status=np.array([1, 1, 1]))  # max_steps
+    fig = plot.results_figure([("flow", run)])
+    fig.savefig(io.BytesIO(), format="png")
+    loss_ax = fig.axes[0]
+    assert [tx.get_text() for tx in loss_ax.texts] == ["no member succeeded"]
+    assert loss_ax.get_yscale() == "linear"  # nothing to put on a log scale
+    assert _legend(loss_ax) == ["3 max_steps (× where stopped; not in median)"]
+    # With a run that succeeded in the same column, the column is logarithmic again.
+    ok = types.SimpleNamespace(t=t, loss=np.exp(-t)[None].repeat(2, 0),
+                               drift={"a": np.full((2, 9), 1e-6)}, status=np.array([0, 0]))
+    fig = plot.results_figure([("flow", run), ("gd", ok)])
+    fig.savefig(io.BytesIO(), format="png")
+    assert fig.axes[0].get_yscale() == "log" and fig.axes[2].get_yscale() == "log"
+    plt.close("all")

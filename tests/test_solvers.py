@@ -102,6 +102,93 @@ def test_rkc_step_is_the_damped_chebyshev_polynomial():
         assert np.all(np.abs(expected) <= 1.0)  # inside the stability interval
 
 
+def _rkc_reference_step(f, t0, y0, h, s, damping=2.0 / 13.0):
+    """One RKC step in numpy, from the method's definition (Sommeijer, Shampine & Verwer 1998,
+    eqs. 2.1–2.4; Verwer 1996): w0 = 1 + ε/s², w1 = T_s'(w0)/T_s''(w0), b_j =
+    T_j''(w0)/T_j'(w0)² (j ≥ 2), b_0 = b_1 = b_2, a_j = 1 − b_j T_j(w0), stage times
+    c_1 = w1·b_1, c_j = w1·T_j''(w0)/T_j'(w0); μ̃_1 = b_1 w1 and, for j ≥ 2, μ_j = 2 b_j w0 /
+    b_{j−1}, ν_j = −b_j / b_{j−2}, μ̃_j = 2 b_j w1 / b_{j−1}, γ̃_j = −a_{j−1} μ̃_j:
+    Y_1 = y0 + μ̃_1 h F_0, Y_j = (1 − μ_j − ν_j) y0 + μ_j Y_{j−1} + ν_j Y_{j−2}
+    + μ̃_j h F(t0 + c_{j−1} h, Y_{j−1}) + γ̃_j h F_0, y1 = Y_s. The Chebyshev values come from
+    numpy's Chebyshev series (Clenshaw), not from the solver's recurrence in w0.
+    Returns (y1, f(t0 + h, y1), RKC's error estimate 0.8(y0 − y1) + 0.4 h (F_0 + F(y1)))."""
+    from numpy.polynomial import Chebyshev
+
+    w0 = 1.0 + damping / s**2
+    t = [Chebyshev.basis(j) for j in range(s + 1)]
+    value, first, second = (np.array([p.deriv(k)(w0) if k else p(w0) for p in t])
+                            for k in (0, 1, 2))
+    w1 = first[s] / second[s]
+    b = np.empty(s + 1)
+    b[2:] = second[2:] / first[2:] ** 2
+    b[0] = b[1] = b[2]
+    a = 1.0 - b * value
+    c = np.empty(s + 1)
+    c[0], c[1], c[2:] = 0.0, w1 * b[1], w1 * second[2:] / first[2:]
+    f0 = f(t0, y0)
+    stages = [y0, y0 + b[1] * w1 * h * f0]
+    for j in range(2, s + 1):
+        mu, nu = 2.0 * b[j] * w0 / b[j - 1], -b[j] / b[j - 2]
+        mu_tilde = 2.0 * b[j] * w1 / b[j - 1]
+        gamma_tilde = -a[j - 1] * mu_tilde
+        stages.append((1.0 - mu - nu) * y0 + mu * stages[-1] + nu * stages[-2]
+                      + mu_tilde * h * f(t0 + c[j - 1] * h, stages[-1]) + gamma_tilde * h * f0)
+    y1 = stages[-1]
+    f1 = f(t0 + h, y1)
+    assert abs(c[s] - 1.0) < 1e-14  # the last stage is at t0 + h (the definition of w1)
+    return y1, f1, 0.8 * (y0 - y1) + 0.4 * h * (f0 + f1)
+
+
+_DECAY = np.array([100.0, 10.0, 3.0, 1.0])
+_FORCE = np.array([0.0, 0.0, 1.0, 0.0])
+
+
+def _nonlinear_field(t, y, args):
+    """y' = −d⊙y − y⊙y + cos(3t)·e₂: a nonlinear, time-dependent field whose Jacobian
+    diag(−d − 2y) has the spectral radius max(d + 2y) (101 at y₀ below)."""
+    del args
+    return -_DECAY * y - y * y + jnp.cos(3.0 * t) * _FORCE
+
+
+@eqx.filter_jit
+def _rkc_nonlinear_step(h):
+    term = dfx.ODETerm(_nonlinear_field)
+    y0 = jnp.array([0.5, 1.0, 1.5, 2.0])
+    solver = cn.RKC(init_iterations=200)
+    state = solver.init(term, 0.1, 0.1 + h, y0, None)
+    y1, error, dense, state, _ = solver.step(term, 0.1, 0.1 + h, y0, None, state, False)
+    return y1, error, dense["k1"] / h, state
+
+
+@pytest.mark.parametrize("stages", [2, 3, 6, 13, 40])
+def test_rkc_step_on_a_nonlinear_field_matches_the_definition(stages):
+    """On a nonlinear field the internal stages matter (on a linear one only the stability
+    polynomial R_s does, which is the same for any b_0 = b_1): a wrong b_1, μ_j, ν_j or
+    stage time keeps RKC of order 2 (so order tests pass) but changes its error constant,
+    e.g. 1.5× for b_1 = 1/(3w0)² on y' = −y². So one step is compared, to round-off, with
+    numpy's evaluation of the definition: y1, f(y1) and the error estimate."""
+    rho = float(np.max(_DECAY + 2.0 * np.array([0.5, 1.0, 1.5, 2.0])))  # 101
+    # RKC's rule s = 1 + ⌊√(1 + 1.54·h·ρ)⌋ with ρ × safety 1.2: aim mid-interval.
+    h = ((stages - 0.5) ** 2 - 1.0) / (1.54 * 1.2 * rho)
+    y1, error, f1, state = _rkc_nonlinear_step(jnp.asarray(h))
+    assert int(state[3]) == stages  # s − 1 stages and f(y1): the step had s stages
+
+    def field(t, y):
+        return -_DECAY * y - y * y + np.cos(3.0 * t) * _FORCE
+
+    expected, f1_expected, error_expected = _rkc_reference_step(
+        field, 0.1, np.array([0.5, 1.0, 1.5, 2.0]), h, stages)
+    # Rounding in the s-stage recurrence grows like s²·ε (Verwer et al. 1990); |y| ≤ 2.
+    atol = 10 * stages**2 * np.finfo(float).eps * 2.0
+    np.testing.assert_allclose(np.asarray(y1), expected, rtol=0, atol=atol)
+    np.testing.assert_allclose(np.asarray(f1), f1_expected, rtol=0, atol=atol * np.max(_DECAY))
+    np.testing.assert_allclose(np.asarray(error), error_expected, rtol=0,
+                               atol=atol * (1.0 + h * np.max(_DECAY)))
+    # The step really is nonlinear and inexact: the error estimate is far above the
+    # tolerance used above (otherwise a wrong stage could hide below it).
+    assert np.max(np.abs(error_expected)) > 1e6 * atol
+
+
 @pytest.mark.parametrize("solver", [cn.ROCK4(), cn.StabilizedRK()], ids=["rock4", "stabilized"])
 def test_adaptive_dense_output_matches_closed_form(solver):
     a, y0 = _linear_flow(np.logspace(-1, 3, 8), seed=1)
@@ -290,6 +377,53 @@ def test_auto_probe_of_a_loss_starting_below_zero_runs_to_t1():
     rho = 2.0 * np.linalg.eigvalsh(x.T @ x / len(x)).max()
     assert choice.probe_t == 100.0, choice.probe_t
     assert 0.99 * rho <= choice.rho_max <= (1 + 1e-9) * rho, (choice.rho_max, rho)
+
+
+class _Point(eqx.Module):
+    theta: jax.Array  # (u, v)
+
+
+class _Ramp(eqx.Module):
+    """L(u, v) = −c·u + ½(a + k·tanh u)·v², exactly 0 at (u, v) = (0, 0). With c = 1 the flow
+    from there is u = t, v = 0 (L = −t < 0) and the Hessian's radius grows along it as
+    ρ(t) = a + k·tanh t; with c = 0, (0, 0) is a stationary minimum (∇L = 0, ρ = a).
+    Array fields: both cases share one compiled probe."""
+
+    c: jax.Array
+    a: jax.Array
+    k: jax.Array
+
+    def __call__(self, model):
+        u, v = model.theta
+        return -self.c * u + 0.5 * (self.a + self.k * jnp.tanh(u)) * v**2
+
+
+def test_auto_probe_of_a_loss_starting_at_exactly_zero_runs_to_t1():
+    # "Below 1e-12 of its start" gives no scale for a start of exactly 0 either: the probe
+    # runs to t1. Stopping at once instead (L ≤ 0 holds after one step) would miss a flow
+    # that leaves its zero-loss start and stiffens later: here ρ grows from 1 to 1001, so the
+    # probe must see t1·ρ_max/3.5 ≈ 2.9e4 > 5000 Tsit5 steps and pick the stabilised solver,
+    # where a probe stopped at t ≈ 0 sees ρ = 1 (29 steps) and picks Tsit5.
+    model = _Point(jnp.zeros(2))
+    moving = _Ramp(jnp.asarray(1.0), jnp.asarray(1.0), jnp.asarray(1000.0))
+    assert float(moving(model)) == 0.0
+    t1 = 100.0
+    choice = cn.choose_solver(moving, model, t1)
+    assert choice.probe_t == t1, choice
+    assert choice.rho0 == pytest.approx(1.0, rel=1e-12), choice
+    # The probe's power iterations run at its step starts, the last one past t = 1 (steps
+    # grow ≤ 10× from a small first one): ρ_max ∈ [ρ(1), ρ(t1)], ρ(t1) = 1 + 1000·tanh 100.
+    assert 1.0 + 1000.0 * np.tanh(1.0) <= choice.rho_max <= (1 + 1e-12) * 1001.0, choice
+    assert choice.name == "stabilized", choice
+    # The member already at a (zero-loss) minimum: the flow stays at θ₀, so the probe's way
+    # to t1 is cheap and ρ is the Hessian's there, a = 4 (t1·ρ/3.5 ≈ 114: Tsit5).
+    resting = _Ramp(jnp.asarray(0.0), jnp.asarray(4.0), jnp.asarray(1000.0))
+    assert float(resting(model)) == 0.0
+    choice = cn.choose_solver(resting, model, t1)
+    assert choice.probe_t == t1, choice
+    assert choice.rho0 == pytest.approx(4.0, rel=1e-12), choice
+    assert choice.rho_max == pytest.approx(4.0, rel=1e-12), choice
+    assert choice.name == "tsit5", choice
 
 
 def test_bad_solver_name_lists_choices(deep_linear):

@@ -9,6 +9,7 @@ import tomllib
 
 import numpy as np
 import pytest
+from _stored import stored_arrays, write_config
 
 import conservation._dynamics.train as train_module
 import conservation._experiments.runner as runner
@@ -35,19 +36,9 @@ seed = [0, 1, 2, 3, 4, 5, 6, 7]
 """
 
 
-def _write(tmp_path, text, name="sweep.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def _arrays(folder):
-    return {p.name: dict(np.load(p)) for p in sorted((folder / "points").glob("*.npz"))}
-
-
 def test_64_point_sweep_compiles_once_and_reports(tmp_path):
     before = train_module.TRACES
-    assert main(["sweep", str(_write(tmp_path, SWEEP)), "--out", str(tmp_path / "out"),
+    assert main(["sweep", str(write_config(tmp_path, SWEEP)), "--out", str(tmp_path / "out"),
                  "--quiet"]) == 0
     assert train_module.TRACES - before == 1  # one trace of the training program, 64 points
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -63,7 +54,7 @@ def test_64_point_sweep_compiles_once_and_reports(tmp_path):
 
 
 def test_an_interrupted_sweep_resumes_without_touching_finished_points(tmp_path, monkeypatch):
-    config = _write(tmp_path, SWEEP.replace("[sweep]", "[sweep]\nchunk = 16"))
+    config = write_config(tmp_path, SWEEP.replace("[sweep]", "[sweep]\nchunk = 16"))
     main(["sweep", str(config), "--out", str(tmp_path / "reference"), "--quiet"])
     real, calls = runner.execute_with, []
 
@@ -81,7 +72,7 @@ def test_an_interrupted_sweep_resumes_without_touching_finished_points(tmp_path,
     assert main(["sweep", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "points").iterdir()}
     assert len(after) == 64 and all(after[n] == t for n, t in finished.items())
-    resumed, reference = _arrays(tmp_path / "out"), _arrays(tmp_path / "reference")
+    resumed, reference = stored_arrays(tmp_path / "out"), stored_arrays(tmp_path / "reference")
     for name, arrays in reference.items():
         for key, value in arrays.items():
             np.testing.assert_array_equal(resumed[name][key], value)
@@ -89,8 +80,9 @@ def test_an_interrupted_sweep_resumes_without_touching_finished_points(tmp_path,
 
 @pytest.mark.slow  # end-to-end; keeps the default suite under 10 min on 2 cores
 def test_sharded_sweep_over_four_cpu_devices_matches_unsharded(tmp_path):
-    config = _write(tmp_path, SWEEP)
-    sharded = _write(tmp_path, SWEEP.replace("[sweep]", "[sweep]\ndevices = 4"), "sharded.toml")
+    config = write_config(tmp_path, SWEEP)
+    sharded = write_config(tmp_path, SWEEP.replace("[sweep]", "[sweep]\ndevices = 4"),
+                           "sharded.toml")
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                         "JAX_PLATFORMS": "cpu"}
     script = (
@@ -100,7 +92,7 @@ def test_sharded_sweep_over_four_cpu_devices_matches_unsharded(tmp_path):
     for path, out in ((config, "plain"), (sharded, "sharded")):
         subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / out)],
                        check=True, env=env, cwd=ROOT)
-    plain, split = _arrays(tmp_path / "plain"), _arrays(tmp_path / "sharded")
+    plain, split = stored_arrays(tmp_path / "plain"), stored_arrays(tmp_path / "sharded")
     assert len(plain) == len(split) == 64
     for name, arrays in plain.items():
         for key, value in arrays.items():
@@ -168,13 +160,13 @@ def test_flow_sweep_over_rtol_and_seed_compiles_once(tmp_path, monkeypatch):
     # One member at a time runs diffrax's solve, lanes (the CPU default) their own loop.
     monkeypatch.setattr(diffrax, "diffeqsolve", counting(diffrax.diffeqsolve))
     monkeypatch.setattr(flow, "solve_lanes", counting(flow.solve_lanes))
-    path = _write(tmp_path, FLOW_SWEEP)
+    path = write_config(tmp_path, FLOW_SWEEP)
     config = load_config(path)
     groups = _groups(sweep_points(config), config.dynamics[0])
     assert len(groups) == 1 and [len(b) for b in groups[0].batches] == [2, 2, 2]
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert len(traces) == 1  # 6 points, 3 tolerances: one compiled solve
-    points = _arrays(tmp_path / "out")
+    points = stored_arrays(tmp_path / "out")
     steps = {r: int(points[f"{2 * k}.npz"]["num_steps"]) for k, r in enumerate([1e-3, 1e-6,
                                                                                 1e-9])}
     assert steps[1e-3] < steps[1e-6] < steps[1e-9]  # each point ran at its own tolerance
@@ -213,7 +205,7 @@ def test_auto_solver_is_resolved_once_per_solve_and_recorded(tmp_path, monkeypat
     monkeypatch.setattr(flow, "_choose", refuse)
     text = FLOW_SWEEP.replace('solver = "tsit5"', 'solver = "auto"').replace(
         "rtol = [1e-3, 1e-6, 1e-9]", "chunk = 1")
-    path = _write(tmp_path, text)
+    path = write_config(tmp_path, text)
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert len(probes) == 1
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())["rows"]
@@ -248,7 +240,7 @@ seed = [0, 1, 2]
 def test_loss_and_group_sweep_compiles_once_per_static_group(tmp_path):
     from conservation._experiments.config import load_config
 
-    path = _write(tmp_path, GROUP_SWEEP)
+    path = write_config(tmp_path, GROUP_SWEEP)
     before = train_module.TRACES
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert train_module.TRACES - before == 4  # 2 losses × 2 groups; seeds are members
@@ -257,7 +249,7 @@ def test_loss_and_group_sweep_compiles_once_per_static_group(tmp_path):
     # Each group really ran its own loss: the stored final loss of a point equals the loss
     # of its own config evaluated at the stored... initial loss, checked against numpy.
     config = load_config(path)
-    points = _arrays(tmp_path / "out")
+    points = stored_arrays(tmp_path / "out")
     for index, point in enumerate(summary["rows"]):
         if point["seed"] != 0:
             continue

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
+from _stored import assert_same_arrays, stored_arrays
 
 from conservation._experiments.cli import main
 from conservation._experiments.store import Claims
@@ -135,25 +135,7 @@ def reference(tmp_path_factory):
     assert main(["sweep", str(config), "--out", str(folder / "one"), "--quiet"]) == 0
     assert main(["sweep", str(config), "--out", str(folder / "warm"), "--worker",
                  "--quiet"]) == 0
-    return config, _arrays(folder / "one")
-
-
-def _arrays(folder) -> dict[str, dict[str, np.ndarray]]:
-    return {p.name: dict(np.load(p)) for p in sorted((folder / "points").glob("*.npz"))}
-
-
-def _assert_same(got, want):
-    """Every stored array equal to 1e-12 (strings exactly), except `batch_size` (the chunk's
-    size, which the worker's rule sets)."""
-    assert got.keys() == want.keys()
-    for name in want:
-        assert got[name].keys() == want[name].keys(), name
-        for k in set(want[name]) - {"batch_size"}:
-            if want[name][k].dtype.kind in "USO":
-                np.testing.assert_array_equal(got[name][k], want[name][k], err_msg=f"{name}:{k}")
-            else:
-                np.testing.assert_allclose(got[name][k], want[name][k], rtol=1e-12, atol=1e-12,
-                                           err_msg=f"{name}:{k}")
+    return config, stored_arrays(folder / "one")
 
 
 def test_shards_from_slurm_and_workers_mix(reference, tmp_path, monkeypatch, capsys):
@@ -176,7 +158,7 @@ def test_shards_from_slurm_and_workers_mix(reference, tmp_path, monkeypatch, cap
     assert "12/12 points" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["finished"] == POINTS
     assert not (out / "claims").exists()
-    _assert_same(_arrays(out), want)
+    assert_same_arrays(stored_arrays(out), want)
 
 
 def test_one_process_sweep_leaves_live_workers_points_to_them(reference, tmp_path, capsys):
@@ -196,7 +178,7 @@ def test_one_process_sweep_leaves_live_workers_points_to_them(reference, tmp_pat
     assert main(["sweep", str(config), "--out", str(out), "--quiet"]) == 0
     assert "12/12 points in" in capsys.readouterr().out
     assert not (out / "claims").exists()
-    _assert_same(_arrays(out), want)
+    assert_same_arrays(stored_arrays(out), want)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -297,4 +279,4 @@ def test_killed_worker_loses_only_its_claimed_points(reference, tmp_path, capsys
     assert json.loads((out / "summary.json").read_text())["finished"] == POINTS
     assert (out / "report.png").stat().st_size > 0
     assert not (out / "claims").exists()  # the dead worker's claim and heartbeat tidied
-    _assert_same(_arrays(out), want)
+    assert_same_arrays(stored_arrays(out), want)

@@ -40,8 +40,10 @@ COVERING = {
     "conservation/_laws/symmetry.py": ["tests/test_symmetry_laws.py", "tests/test_two_sided.py"],
     "conservation/_laws/counting.py": ["tests/test_counting.py"],
     "conservation/_laws/discovery.py": ["tests/test_discovery.py"],
-    "conservation/_dynamics/flow.py": ["tests/test_flow.py", "tests/test_statuses.py",
-                                       "tests/test_two_sided.py", "tests/test_long_runs.py"],
+    "conservation/_dynamics/flow.py": [
+        "tests/test_flow.py", "tests/test_statuses.py", "tests/test_two_sided.py",
+        "tests/test_long_runs.py", "tests/test_momentum_flows.py",
+        "tests/test_sweep.py::test_a_sharded_flow_runs_each_devices_members_there"],
     "conservation/_dynamics/train.py": ["tests/test_train.py", "tests/test_train_guards.py",
                                         "tests/test_two_sided.py"],
     "conservation/_dynamics/monitor.py": ["tests/test_statuses.py", "tests/test_two_sided.py",
@@ -53,6 +55,16 @@ COVERING = {
     "conservation/_dynamics/mechanics.py": ["tests/test_mechanics.py"],
     "conservation/_data/objective.py": ["tests/test_objective.py", "tests/test_augmentation.py"],
     "conservation/_data/groups.py": ["tests/test_groups.py"],
+    # The frontier modules (momentum, mirror and central flows, observables, transformers).
+    "conservation/_dynamics/fields.py": ["tests/test_momentum_flows.py",
+                                         "tests/test_momentum_runs.py"],
+    "conservation/_dynamics/central.py": ["tests/test_central_flow.py"],
+    "conservation/_dynamics/observables.py": ["tests/test_observables.py"],
+    "conservation/_laws/phase_space.py": ["tests/test_momentum_flows.py",
+                                          "tests/test_momentum_runs.py"],
+    "conservation/_laws/flows.py": ["tests/test_count_flows.py"],
+    "conservation/_laws/generators.py": ["tests/test_generators.py"],
+    "conservation/_laws/blocks.py": ["tests/test_transformer_models.py"],
 }
 
 SWAPS = {"<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=", "!=": "==", "+": "-",

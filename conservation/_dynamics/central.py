@@ -88,6 +88,20 @@ def top_eigenpairs(hvp: Callable, size: int, k: int, eigensolver: str = "auto",
     return w[::-1][:k], basis[:m].T @ s[:, ::-1][:, :k]
 
 
+def _pairs(k: int) -> tuple[np.ndarray, np.ndarray, Array]:
+    """The pairs i ≤ j of `numpy.triu_indices(k)` and their weights in a sum over all
+    ordered pairs (1 on the diagonal, 2 off it)."""
+    rows, cols = np.triu_indices(k)
+    return rows, cols, jnp.asarray(np.where(rows == cols, 1.0, 2.0))
+
+
+def _symmetric(values: Array, k: int) -> Array:
+    """The symmetric k×k matrix whose upper triangle (`numpy.triu_indices` order) is
+    `values`."""
+    rows, cols = np.triu_indices(k)
+    return jnp.zeros((k, k)).at[rows, cols].set(values).at[cols, rows].set(values)
+
+
 def solve_sdcp(q: Float[Array, "k k"], gram: Float[Array, "n n"], k: int,
                iterations: int = 300) -> Float[Array, "k k"]:
     """The oscillation covariance X of the complementarity problem
@@ -103,13 +117,10 @@ def solve_sdcp(q: Float[Array, "k k"], gram: Float[Array, "n n"], k: int,
         g2 = gram[0, 0]
         return jnp.reshape(jnp.where(g2 > 0, jnp.maximum(0.0, -2 * q[0, 0] / jnp.where(
             g2 > 0, g2, 1.0)), 0.0), (1, 1))
-    rows, cols = np.triu_indices(k)
-    weight = jnp.asarray(np.where(rows == cols, 1.0, 2.0))  # off-diagonal pairs count twice
+    rows, cols, weight = _pairs(k)
 
     def gradient(x):
-        coefficients = gram @ (weight * x[rows, cols])
-        b = jnp.zeros((k, k)).at[rows, cols].set(coefficients).at[cols, rows].set(coefficients)
-        return q + 0.5 * b
+        return q + 0.5 * _symmetric(gram @ (weight * x[rows, cols]), k)
 
     # ⟨X, B[X]⟩ = ‖Σ_ij X_ij g_ij‖² ≤ ‖X‖²_F Σ_ij ‖g_ij‖² (ordered pairs): a Lipschitz bound.
     lipschitz = 0.5 * jnp.sum(weight * jnp.diag(gram))
@@ -228,7 +239,7 @@ class CentralFlowField(AbstractVectorField):
         hvp = _hvp(grad, y)
         eigenvalues, u = top_eigenpairs(hvp, y.shape[0], k, self.eigensolver,
                                         self.lanczos_steps)
-        rows, cols = np.triu_indices(k)
+        rows, cols, weight = _pairs(k)
 
         def third(i, j):  # ∇_θ (u_iᵀ H(θ) u_j) at y, u held fixed
             return jax.grad(lambda z: jnp.vdot(u[:, i], _hvp(grad, z)(u[:, j])))(y)
@@ -238,11 +249,10 @@ class CentralFlowField(AbstractVectorField):
         # a_ij = 2δ_ij − η(UᵀHU)_ij; (UᵀHU) = diag(λ) at eigenvectors.
         a = 2 * jnp.eye(k) - self.lr * jnp.diag(eigenvalues)
         pair_rate = g @ gradient  # ⟨g_ij, ∇L⟩
-        rate = jnp.zeros((k, k)).at[rows, cols].set(pair_rate).at[cols, rows].set(pair_rate)
+        rate = _symmetric(pair_rate, k)
         # M/η = (relaxation/η²)·a + ⟨g, ∇L⟩ + ½B[X]: a's scale is 1/η², B's is η⁰.
         q = self.relaxation / self.lr**2 * a + rate
         x = solve_sdcp(q, g @ g.T, k, self.sdcp_iterations)
-        weight = jnp.asarray(np.where(rows == cols, 1.0, 2.0))
         velocity = -gradient - 0.5 * (weight * x[rows, cols]) @ g
         value = jnp.asarray(jnp.nan) if loss is None else loss(y)
         # The time average of the un-regularised loss over the oscillation: ½⟨∇²L, Σ⟩.
@@ -294,7 +304,11 @@ class CentralFlowComparison(eqx.Module):
       time-averaged loss the central flow predicts for GD; `stable_loss` (B, T).
     - `covariance` (B, T, k, k): X, the oscillation covariance in the top eigenbasis
       (σ² = `covariance[..., 0, 0]` for k = 1).
-    - `distance_central`, `distance_stable` (B, T): ‖θ_GD − θ_CF‖ and ‖θ_GD − θ_GF‖.
+    - `distance_central`, `distance_stable` (B, T): ‖θ_GD − θ_CF‖ and ‖θ_GD − θ_GF‖ at GD's
+      iterates.
+    - `midpoint_central`, `midpoint_stable` (B, T): the same from GD's second-order midpoint
+      θ*_k = (θ_{k−1} + 2θ_k + θ_{k+1})/4 (θ*_0 = θ_0), which averages out the period-2
+      oscillation about the centre; the central-flows paper measures its distances this way.
     - `gd`, `central`, `stable` (and `modified`, or None): the runs' `Result`s (statuses,
       law drifts).
     """
@@ -312,6 +326,8 @@ class CentralFlowComparison(eqx.Module):
     stable_sharpness: Float[Array, "B T"]
     distance_central: Float[Array, "B T"]
     distance_stable: Float[Array, "B T"]
+    midpoint_central: Float[Array, "B T"]
+    midpoint_stable: Float[Array, "B T"]
     gd: Result
     central: Result
     stable: Result
@@ -372,8 +388,9 @@ def central_flow_comparison(
       `ModifiedGradientField(lr)`.
     - `solver`, `rtol`, `max_steps`: of the flows (`gradient_flow`).
 
-    **Returns:** a `CentralFlowComparison`. GD keeps its parameters at every step (B·steps·P
-    numbers): meant for small models.
+    **Returns:** a `CentralFlowComparison`. GD runs one step past `steps` (the last save's
+    midpoint needs θ_{steps+1}; `gd`'s drifts include it) and keeps its parameters at every
+    step (B·steps·P numbers): meant for small models.
 
     **Example:**
 
@@ -399,8 +416,9 @@ def central_flow_comparison(
                             "uses to read θ(t); rename it.")
     watched = [*laws, _PARAMETERS]
     keep = [_PARAMETERS.name]
-    gd = train(objective, ensemble, optimizer("gd", lr=lr, weight_decay=weight_decay), steps,
-               n_save=steps + 1, step_time=float(lr), laws=watched, values=keep)
+    # One step past the end: the last save's second-order midpoint needs θ_{steps+1}.
+    gd = train(objective, ensemble, optimizer("gd", lr=lr, weight_decay=weight_decay),
+               steps + 1, n_save=steps + 2, step_time=float(lr), laws=watched, values=keep)
     t1 = float(lr) * steps
     flows = {}
     for name, f in (("central", field), ("stable", GradientField(weight_decay)),
@@ -411,7 +429,11 @@ def central_flow_comparison(
                                         rtol=rtol, max_steps=max_steps, laws=watched,
                                         values=keep, field=f)
     at = np.arange(n_save) * (steps // (n_save - 1))
-    theta_gd = gd.values[_PARAMETERS.name][:, at]
+    theta = gd.values[_PARAMETERS.name]
+    theta_gd = theta[:, at]
+    before = theta[:, np.maximum(at - 1, 0)]
+    midpoint = jnp.where((at > 0)[None, :, None],
+                         0.25 * (before + 2 * theta_gd + theta[:, at + 1]), theta_gd)
     theta_cf = flows["central"].values[_PARAMETERS.name]
     theta_gf = flows["stable"].values[_PARAMETERS.name]
     b, t, p = theta_cf.shape
@@ -431,5 +453,7 @@ def central_flow_comparison(
         stable_loss=seen.loss[2], stable_sharpness=seen.eigenvalues[2, ..., 0],
         distance_central=jnp.linalg.norm(theta_gd - theta_cf, axis=-1),
         distance_stable=jnp.linalg.norm(theta_gd - theta_gf, axis=-1),
+        midpoint_central=jnp.linalg.norm(midpoint - theta_cf, axis=-1),
+        midpoint_stable=jnp.linalg.norm(midpoint - theta_gf, axis=-1),
         gd=_without_parameters(gd), central=results["central"], stable=results["stable"],
         modified=results.get("modified"), window=window)

@@ -21,7 +21,15 @@ from .._data.objective import Objective
 from .._laws.base import check_laws
 from .._laws.phase_space import AbstractPhaseSpaceLaw, PhaseState
 from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
-from .._validation import ArgumentError, fail, integer, is_traced, model_parameters, number
+from .._validation import (
+    ArgumentError,
+    as_float64,
+    fail,
+    integer,
+    is_traced,
+    model_parameters,
+    number,
+)
 from .arguments import check_divergence, check_objective, same_parameters
 from .batching import check_flow_memory, default_batch_size, free_device_memory
 from .lockstep import solve_lanes
@@ -180,9 +188,29 @@ class _PhaseMonitor(LawMonitor):
         return self.values(state), {law.name: law.scale(self._on(law, state))
                                     for law in self.laws}
 
+    def drifts(self, values, reference, state=None):
+        """As `LawMonitor.drifts`; given the current `state`, a phase-space law measures its
+        drift there (`AbstractPhaseSpaceLaw.drift_at`: a time-weighted law against the size
+        of its terms now, not only at the start)."""
+        if state is None:
+            return super().drifts(values, reference)
+        ref_values, scales = reference
+        return {law.name: (law.drift_at(values[law.name], ref_values[law.name],
+                                        scales[law.name], state)
+                           if isinstance(law, AbstractPhaseSpaceLaw) else
+                           law.drift(values[law.name], ref_values[law.name], scales[law.name]))
+                for law in self.laws}
+
 
 def _check_phase_space(field, laws, velocity, ensemble, resumable, resume):
-    """The arguments only a phase-space (second-order) field takes, and what it cannot do."""
+    """The arguments only a phase-space (second-order) field takes; a resumed one continues
+    from `resume.velocity`."""
+    del resumable  # a phase-space Result keeps its velocity (`Result.velocity`)
+    if resume is not None and (resume.velocity is not None) != bool(field.phase_space):
+        raise ArgumentError(
+            f"`resume` is a {'second' if resume.velocity is not None else 'first'}-order "
+            f"flow's Result but `field` is {type(field).__name__}; resume a run with the "
+            "field it ran with.")
     if not field.phase_space:
         phase_laws = [law.name for law in laws if isinstance(law, AbstractPhaseSpaceLaw)]
         if phase_laws:
@@ -196,11 +224,12 @@ def _check_phase_space(field, laws, velocity, ensemble, resumable, resume):
                 f"{type(field).__name__} (first order); leave it out or use a "
                 "MomentumField / NesterovField.")
         return None
-    if resumable or resume is not None:
-        raise ArgumentError(
-            f"`{'resume' if resume is not None else 'resumable'}`: a phase-space flow "
-            f"({type(field).__name__}) cannot be resumed (its Result keeps θ, not the "
-            "velocity); run it to the final time at once.")
+    if resume is not None:
+        if velocity is not None:
+            raise ArgumentError(
+                "`velocity` and `resume` were both given; a resumed second-order flow "
+                "continues from `resume.velocity`: leave `velocity` out.")
+        velocity = resume.velocity
     if velocity is None:
         return None
     velocity = as_ensemble(model_parameters(velocity, "velocity"))
@@ -318,8 +347,9 @@ def gradient_flow(
       second-order field, `MomentumField` (heavy-ball ODE) or `NesterovField`, integrated in
       phase space (θ, v): the loss, the laws and `final` are θ's, `AbstractPhaseSpaceLaw`s
       (e.g. `AngularMomentumLaw`) are evaluated on (t, θ, v), the divergence norm is θ's,
-      `solver="auto"` picks `"tsit5"` (a small mass μ is stiff: pass `"kvaerno5"`), and the
-      run cannot be resumed (the velocity is not kept).
+      `solver="auto"` picks `"tsit5"` (a small mass μ is stiff: pass `"kvaerno5"`), and
+      with `resumable=True` the Result keeps the final velocity (`Result.velocity`), from
+      which `resume` continues (Nesterov's time goes on from `resume.t[-1]`).
     - `velocity`: second-order fields only: the start velocities v₀, a model (or ensemble)
       of the structure of `model` whose parameters are v₀ (default None: the field's own,
       v₀ = −c(∇L(θ₀) + λθ₀)).
@@ -414,10 +444,12 @@ def gradient_flow(
     solver_name = solver if isinstance(solver, str) else type(solver).__name__
     solver = _resolve_solver(solver)
     if batch_size is None:
-        y0, unravel = jfu.ravel_pytree(jtu.tree_map(lambda x: x[0], params))
+        free = free_device_memory()  # None on the CPU: no member to slice out (latency)
+        y0, unravel = ((None, None) if free is None else
+                       jfu.ravel_pytree(jtu.tree_map(lambda x: x[0], params)))
         batch_size = default_batch_size(
             lambda y: jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y), y0,
-            ensemble.size, solver, n_save, len(laws), free_device_memory())
+            ensemble.size, solver, n_save, len(laws), free)
     show = show_progress(progress)
     mesh = _ensemble_mesh(params)
     batch = min(batch_size, ensemble.size)
@@ -428,7 +460,7 @@ def gradient_flow(
         result = _flow(
             params, static, objective, field,
             (_PhaseMonitor if field.phase_space else LawMonitor)(laws), solver,
-            *(jnp.asarray(v, float) for v in (t0, t1, rtol, atol, divergence)),
+            *(as_float64(v) for v in (t0, t1, rtol, atol, divergence)),
             None if stop_at_loss is None else jnp.asarray(stop_at_loss, float),
             n_save, max_steps, show, ensemble.size, batch=batch,
             keep=keep, final_values=final_values, mesh=mesh, resume=carried,
@@ -533,7 +565,7 @@ def _warn_max_steps(status, name, max_steps):
     state went non-finite is `diverged`, stopped where it happened, and not a stiff flow)."""
     if isinstance(status, jax.core.Tracer):  # inside jit / eval_shape: nothing to inspect yet
         return
-    hit = int(jnp.sum(status == MAX_STEPS))
+    hit = int(np.sum(np.asarray(status) == MAX_STEPS))  # on the host: no program
     if hit:
         advice = ("raise `max_steps`" if name in ("stabilized", "kvaerno5") else
                   "a stiff flow (large Hessian eigenvalues) needs `solver=\"stabilized\"` (or "
@@ -744,7 +776,8 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
         model = as_model(y)
         at = point(t, y) if phase else model  # (first order: the model, built once)
         law_values = monitor.values(at)
-        return (objective(model), monitor.drifts(law_values, reference),
+        return (objective(model), monitor.drifts(law_values, reference,
+                                                 *((at,) if phase else ())),
                 monitor.conditions(at), {k: law_values[k] for k in keep})
 
     controller = step_size_controller(solver, rtol, atol, save_ts=ts)
@@ -838,6 +871,12 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
         saved = jax.lax.cond(jnp.any(at_start), with_start, lambda s: s, saved)
     loss, drift, condition, values, *observed = saved
     # A member stopped before its first step (diverged at its start) ends where it started.
+    speed = None
+    if phase and (resumable or resume is not None):
+        # What `resume` continues from: v at `final` (a member stopped before its first step:
+        # its start velocity).
+        begin = y0 if velocity is not None else jax.vmap(lambda r: field.start(grad, r))(y0)
+        speed = jnp.where((num_steps == 0)[:, None], begin[:, n:], final[:, n:])
     final = jnp.where((num_steps == 0)[:, None], theta(y0), theta(final))
     t_final = jnp.where(num_steps == 0, t0, t_final)
     # A loss that is non-finite at a save time whose gradient stayed finite (the flow went
@@ -847,6 +886,9 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
     status = mark_loss_increased(loss, status)
     if resume is not None:
         reference = resume[0]
+    elif resumable and phase:
+        reference = jax.lax.map(lambda y: monitor.reference(point(
+            t0, y if velocity is not None else field.start(grad, y))), y0)
     elif resumable:
         reference = jax.lax.map(lambda y: monitor.reference(as_model(y)), y0)
     else:
@@ -865,4 +907,6 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
         reference=reference,
         t_final=None if stop is None else t_final,
         observables=observed[0] if observed else {},
+        velocity=None if speed is None else Ensemble(
+            eqx.combine(jax.vmap(unravel)(speed), static), size),
     )

@@ -167,6 +167,9 @@ class Result(eqx.Module):
     - `observables`: observable name → its value at the save times, shape (B, T, *shape)
       (e.g. (B, T, k) for `Sharpness(k)`), for the `observables=` of the run (empty
       without); `inf` after a member stopped, like the drifts.
+    - `velocity`: a second-order flow's velocity v = θ̇ at `final` (an `Ensemble` of the
+      model's structure), only with `resumable=True` (what `resume` continues from); else
+      None.
 
     A run made with `resumable=True` can be continued with `gradient_flow(...,
     resume=result)` or `train(..., resume=result)`: the returned Result holds the whole run
@@ -195,6 +198,7 @@ class Result(eqx.Module):
     t_final: Float[Array, " B"] | None = None
     train_state: "TrainState | None" = None
     observables: dict[str, Array] = eqx.field(default_factory=dict)
+    velocity: Ensemble | None = None
 
     def status_names(self) -> list[str]:
         """The status of each member as a word."""

@@ -611,7 +611,9 @@ def choose_solver(objective, model, t1, *, max_steps: int = 100_000, field=None)
 
     - `objective`, `model`, `t1`: as for `gradient_flow` (an ensemble's first member is probed).
     - `max_steps`: the step budget of the solve.
-    - `field`: the flow's `AbstractVectorField` (default: plain gradient flow).
+    - `field`: the flow's `AbstractVectorField` (default: plain gradient flow). A
+      second-order field (`MomentumField`, `NesterovField`) is not probed: the answer is
+      `"tsit5"`, what `gradient_flow` runs it with, with NaN evidence.
 
     **Returns:** a `SolverChoice` (`name`, `reason`, and the evidence).
     """
@@ -621,4 +623,14 @@ def choose_solver(objective, model, t1, *, max_steps: int = 100_000, field=None)
     first = as_ensemble(model)[0]
     field = GradientField() if field is None else field
     params, static = eqx.partition(first, eqx.is_inexact_array)
+    if getattr(field, "phase_space", False):
+        # What gradient_flow(solver="auto") runs a second-order flow with, unprobed: the probe
+        # integrates θ alone, and the phase-space spectrum (−1/μ, complex pairs) is not the
+        # stabilised solvers' real negative one. The evidence fields are NaN (not measured).
+        nan = float("nan")
+        return SolverChoice(
+            "tsit5", f"a second-order flow ({type(field).__name__}) is integrated in phase "
+            "space by Tsit5 (not probed); a small mass μ makes its fast mode −1/μ stiff: "
+            'pass solver="kvaerno5" there',
+            int(sum(x.size for x in jtu.tree_leaves(params))), nan, nan, nan, nan)
     return _choose(params, static, objective, field, t1, max_steps)

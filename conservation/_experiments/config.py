@@ -425,7 +425,8 @@ DYNAMICS_SPECS = {"flow": FlowSpec, "modified_flow": ModifiedFlowSpec, "gd": GDS
                   "sign_flow": SignFlowSpec, "central_flow": CentralFlowSpec}
 FLOW_KINDS = ("flow", "modified_flow", "momentum_flow", "nesterov_flow", "sign_flow",
               "central_flow")
-# Second-order flows: their state (θ, v) is not resumable (`checkpoints` must be 1).
+# Second-order flows: their state is (θ, v) (a checkpoint keeps the velocity too), and they
+# also monitor the model's phase-space laws (`phase_space_laws`).
 PHASE_FLOW_KINDS = ("momentum_flow", "nesterov_flow")
 
 
@@ -927,10 +928,6 @@ def _check_consistency(model, data, loss, dynamics):
         if run.kind in FLOW_KINDS and run.solver == "heun" and run.max_steps < 2:
             raise ConfigError(f"field `dynamics[{i}].max_steps` must be ≥ 2 for 'heun'.")
         _check_checkpoints(run, i)
-        if run.kind in PHASE_FLOW_KINDS and run.checkpoints != 1:
-            raise ConfigError(f"field `dynamics[{i}].checkpoints` must be 1 for "
-                              f"{run.kind!r}: a second-order flow's velocity is not saved, so "
-                              "it cannot resume from a segment.")
 
 
 def default_n_save(run) -> int:

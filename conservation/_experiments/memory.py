@@ -30,10 +30,10 @@ from .._memory import (
     run_estimate,
     tree_bytes,
 )
-from .config import FLOW_KINDS, ConfigError, input_dim
+from .config import FLOW_KINDS, PHASE_FLOW_KINDS, ConfigError, input_dim
 
 __all__ = ["MemoryEstimate", "MemoryConfigError", "parameter_count", "feature_shape",
-           "law_entries", "estimate", "check_memory"]
+           "law_entries", "phase_law_entries", "state_size", "estimate", "check_memory"]
 
 _gb = gb  # the name older code imports
 
@@ -100,6 +100,27 @@ def feature_count(model, tokens: int) -> int:
     return feature_shape(model, tokens)[1]
 
 
+def phase_law_entries(model) -> tuple[int, int]:
+    """(numbers in all phase-space-law values, number of laws) of one member: what a
+    second-order flow monitors besides `law_entries` (`phase_space_laws`: one k × k
+    `AngularMomentumLaw` per pair of layers of a deep linear net, k the hidden width; none
+    for other models)."""
+    linear = model.kind == "deep_linear" or (
+        model.kind == "mlp" and model.activation == "linear" and not model.bias
+        and not model.normalize)
+    if not linear:
+        return 0, 0
+    hidden = model.widths[1:-1]
+    return sum(w * w for w in hidden), len(hidden)
+
+
+def state_size(run, parameters: int) -> int:
+    """Numbers in one member's solver state for a `[[dynamics]]` entry: the parameters θ,
+    or (θ, v) — twice as many — for a second-order flow (`momentum_flow`, `nesterov_flow`),
+    integrated in phase space."""
+    return 2 * parameters if run.kind in PHASE_FLOW_KINDS else parameters
+
+
 def law_entries(model) -> tuple[int, int]:
     """(numbers in all architecture-law values, number of laws) of one member."""
     kind = model.kind
@@ -148,11 +169,19 @@ def _run(config, run, members: int, parameters: int) -> MemoryEstimate:
     entries, count = law_entries(config.model)
     n_save = default_n_save(run)
     if run.kind in FLOW_KINDS:
-        implicit = _implicit(run.solver, parameters)
+        if run.kind in PHASE_FLOW_KINDS:
+            # The state is (θ, v): every solver copy, the start and final vectors and an
+            # implicit solver's Jacobian are of 2P numbers; the phase-space laws are
+            # monitored too. "auto" is Tsit5 for these flows (`gradient_flow`).
+            extra, more = phase_law_entries(config.model)
+            entries, count = entries + extra, count + more
+            implicit = run.solver == "kvaerno5"
+        else:
+            implicit = _implicit(run.solver, parameters)
         lanes = (_CPU_LANES_IMPLICIT if implicit else _CPU_LANES) \
             if free_device_memory() is None else 1
         return run_estimate(
-            members=members, parameters=parameters, lanes=min(lanes, members),
+            members=members, parameters=state_size(run, parameters), lanes=min(lanes, members),
             state_copies=FLOW_STATE_COPIES, resident_copies=FLOW_RESIDENT_COPIES,
             implicit=implicit, n_save=n_save, n_laws=count, law_entries=entries)
     slots = _optimizer_slots(run, parameters)

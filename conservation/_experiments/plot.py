@@ -99,6 +99,7 @@ def results_figure(results, *, title: str = "", max_laws: int = 4,
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.7 * rows + 0.6),
                              squeeze=False, sharex=True, sharey="col")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = set()  # (column, whether a panel of it drew a median)
     for row, (label, result) in enumerate(results):
         colour = colours[row % len(colours)]
         t = np.asarray(result.t, float)
@@ -106,7 +107,7 @@ def results_figure(results, *, title: str = "", max_laws: int = 4,
         status = np.asarray(result.status).reshape(-1)
         loss = np.asarray(result.loss, float)
         stops = _stop_points(t, loss, status)
-        _panel(axes[row, 0], t, loss, status, stops, colour, legend=True)
+        drawn.add((0, _panel(axes[row, 0], t, loss, status, stops, colour, legend=True)))
         axes[row, 0].set_ylabel("loss")
         axes[row, 0].set_title(label, fontsize=9, loc="left", color=colour)
         for col, name in enumerate(shown, start=1):
@@ -127,7 +128,8 @@ def results_figure(results, *, title: str = "", max_laws: int = 4,
                         transform=ax.transAxes, fontsize=8, color="0.5")
             else:
                 # From the first save after the start: the drift at t = 0 is 0 by definition.
-                _panel(ax, t[1:], np.maximum(curves[:, 1:], _FLOOR), status, stops, colour)
+                drawn.add((col, _panel(ax, t[1:], np.maximum(curves[:, 1:], _FLOOR), status,
+                                       stops, colour)))
             ax.set_ylabel(ylabel, fontsize=8)
         for col, name in enumerate(observed, start=1 + len(shown)):
             ax = axes[row, col]
@@ -145,7 +147,10 @@ def results_figure(results, *, title: str = "", max_laws: int = 4,
             ax.xaxis.set_tick_params(labelbottom=True)
             if step_time:
                 _step_axis(ax, step_time)
-    logarithmic = set(axes[:, :1 + len(shown)].ravel())  # observables: linear (λ may be < 0)
+    # Observables: linear (λ may be < 0). A column where no member of any run succeeded has
+    # nothing to put on a log scale (matplotlib refuses it): it stays linear, empty.
+    logarithmic = {ax for col in range(1 + len(shown)) if (col, True) in drawn
+                   for ax in axes[:, col]}
     for ax in axes.ravel():
         if ax in logarithmic:
             ax.set_yscale("log")
@@ -201,6 +206,7 @@ def _panel(ax, xs, curves, status, stops, colour, *, legend=False):
     else:
         ax.text(0.5, 0.5, "no member succeeded", ha="center", va="center",
                 transform=ax.transAxes, fontsize=8, color="C3")
+    drew = bool(ok.size)
     if stops:
         top = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
         counts = {}
@@ -216,6 +222,7 @@ def _panel(ax, xs, curves, status, stops, colour, *, legend=False):
                     label=f"{n} {name} ({_SYMBOL[marker]} where stopped; not in median)")
     if legend:
         ax.legend(fontsize=6, loc="lower left")
+    return drew
 
 
 def plot_landscapes(objectives, ensemble, results, file, *, title: str = "",

@@ -36,6 +36,7 @@ from .._dynamics.observables import GradientNorm, KernelDistance, Sharpness
 from .._dynamics.train import optimizer, train
 from .._laws.counting import count_laws
 from .._laws.discovery import find_symmetries
+from .._laws.phase_space import phase_space_laws
 from .._laws.symmetry import (
     AttentionRangeLaw,
     CyclicRatioLaw,
@@ -52,6 +53,7 @@ from .._models.transformer import BlockStack, FeedForward, SoftmaxAttention, Tra
 from .._text import text_table
 from .config import (
     FLOW_KINDS,
+    PHASE_FLOW_KINDS,
     Config,
     ConfigError,
     default_n_save,
@@ -461,6 +463,10 @@ def _partial_arrays(result: Result, laws, segment: int, identity) -> dict[str, n
     if result.train_state is not None:
         for i, leaf in enumerate(jax.tree_util.tree_leaves(result.train_state)):
             arrays[f"train_state/{i}"] = np.asarray(leaf)
+    if result.velocity is not None:  # a second-order flow continues from (θ, v)
+        params = eqx.filter(result.velocity.models, eqx.is_inexact_array)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            arrays[f"velocity{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
     arrays["partial/segment"] = np.asarray(segment)
     arrays["identity"] = identity_array(identity)
     return arrays
@@ -489,11 +495,15 @@ def _load_partial(path: pathlib.Path, run, ensemble: Ensemble, identity, log):
             if treedef.num_leaves != len(leaves):
                 raise CorruptFile(path, "its optimizer state has another structure")
             train_state = jax.tree_util.tree_unflatten(treedef, leaves)
+        velocity = None
+        if run.kind in PHASE_FLOW_KINDS:  # v at `final`, stored as the parameters are
+            velocity = final_ensemble({"final" + k[len("velocity"):]: v for k, v in
+                                       arrays.items() if k.startswith("velocity")}, ensemble)
         t_final = arrays.get("partial/t_final")
         result = dataclasses.replace(
             result, reference=(group("reference/values/"), group("reference/scales/")),
             t_final=None if t_final is None else jnp.asarray(t_final),
-            train_state=train_state)
+            train_state=train_state, velocity=velocity)
         return result, int(arrays["partial/segment"])
     except (CorruptFile, KeyError, ValueError, OSError) as e:
         log(f"{path} is not continued ({e}); the entry starts again")
@@ -804,6 +814,11 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
         with contextlib.suppress(UserError, AttributeError, TypeError, KeyError):
             previous_runs = {r["label"]: r for r in read_json(out / "summary.json")["runs"]}
     ensemble, objectives, laws = build(config)
+    # Second-order flows also monitor the phase-space laws the model declares (what they keep,
+    # beside the gradient-flow laws they break).
+    phase_laws = phase_space_laws(ensemble[0]) if config.laws.architecture else ()
+    phased = any(_get(run, "kind") in PHASE_FLOW_KINDS for run in config.dynamics)
+    monitored = laws + (phase_laws if phased else ())
     jobs = []
     for run in config.dynamics:
         for variant, objective in objectives.items():
@@ -823,8 +838,8 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
         "config": config_json,
         "backend": jax.default_backend(),
         "moment_fast_path": all(o.moments is not None for o in objectives.values()),
-        "laws": [law.name for law in laws],
-        "relative_drift": {law.name: getattr(law, "relative", True) for law in laws},
+        "laws": [law.name for law in monitored],
+        "relative_drift": {law.name: getattr(law, "relative", True) for law in monitored},
         "build_seconds": time.perf_counter() - start,
         "runs": [],
     }
@@ -838,6 +853,7 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
     relative = summary["relative_drift"]
     for i, (run, variant, objective, label, filename) in enumerate(jobs):
         kind = _get(run, "kind")
+        entry_laws = laws + (phase_laws if kind in PHASE_FLOW_KINDS else ())
         discrete = kind in ("gd", "sgd", "momentum", "adam")
         if discrete:
             step_times[label] = _get(run, "lr")
@@ -854,7 +870,7 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
             t0 = time.perf_counter()
             partial = out / (filename[:-len(".npz")] + ".partial.npz")
             result = jax.block_until_ready(execute_segments(
-                run, objective, ensemble, key=batch_key, progress=progress, laws=laws,
+                run, objective, ensemble, key=batch_key, progress=progress, laws=entry_laws,
                 partial=partial, identity=expected, log=log, resume=ours,
                 observables=observables_from_config(config, objective)))
             mechanics = None
@@ -865,7 +881,7 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
                     weight_decay=_get(run, "weight_decay"), momentum=_get(run, "momentum", 0.0),
                     batch_size=_get(run, "batch_size") or None, key=batch_key)
             seconds = time.perf_counter() - t0
-            arrays = result_arrays(result, laws)
+            arrays = result_arrays(result, entry_laws)
             if mechanics is not None:
                 arrays |= _mechanics_arrays(mechanics)
             arrays["identity"] = identity_array(expected)  # a copied-over file is detected

@@ -34,6 +34,7 @@ from .flows import (
     GradientFlow,
     MirrorFlow,
     PreconditionedFlow,
+    SignFlow,
     as_flow,
     known_law_gradients,
     phase_point,
@@ -542,7 +543,7 @@ def count_laws(
     key=None,
     n_sets: int | None = None,
     set_size: int = 32,
-    max_depth: int = 4,
+    max_depth: int | None = None,
     brackets_per_depth: int | None = None,
     patience: int = 1,
     max_rounds: int = 6,
@@ -569,8 +570,10 @@ def count_laws(
       `(key, n) -> inputs (n, *input_shape)` or `-> Dataset`.
     - `input_shape`: one input's shape (default: inferred for vector/token models).
     - `n_sets`, `set_size`: data sets drawn per round (default D + 4) and samples in each.
-    - `max_depth`: deepest bracket (≥ 0); `brackets_per_depth`: random brackets per depth and
-      round (default 2D).
+    - `max_depth`: deepest bracket (≥ 0; default 4, and for second-order flows, whose drift
+      spends one bracket per derivative in θ, 4 to 8 by the state's size: 7 up to 9
+      coordinates, 6 up to 25, 5 up to 69); `brackets_per_depth`: random brackets per
+      depth and round (default 2D).
     - `patience`: the count stops when this many rounds of fresh data sets (each with its
       gradient fields and brackets) add no rank; `max_rounds` bounds the rounds.
     - `early_stop`: False evaluates every depth in every round (no stop on a stable rank; it
@@ -632,7 +635,8 @@ def count_laws(
             return count_laws(jax.device_put(model, cpu), **{
                 k: jax.device_put(v, cpu) if isinstance(v, Dataset | jax.Array) else v
                 for k, v in args.items()})
-    max_depth = _check_count("max_depth", max_depth, 0)
+    if max_depth is not None:
+        max_depth = _check_count("max_depth", max_depth, 0)
     set_size = _check_count("set_size", set_size, 1)
     patience = _check_count("patience", patience, 0)
     max_rounds = _check_count("max_rounds", max_rounds, 1)
@@ -677,6 +681,9 @@ def count_laws(
     else:
         padded, mask, keep = model, None, None
         eval_params, eval_static = params, static
+
+    if max_depth is None:
+        max_depth = _default_depth(flow, jfu.ravel_pytree(eval_params)[0].size)
 
     def draw():
         x, y = sampler(n_sets)
@@ -777,6 +784,21 @@ def count_laws(
                     dead=() if probe is None else probe["dead"],
                     probe="" if probe is None else _coverage(model, sampler, probe),
                     cancelled=noisy, flow=flow.describe(), dimension=dim)
+
+
+def _default_depth(flow, parameters: int) -> int:
+    """4; for second-order flows up to 8 (their drift spends one bracket per derivative in
+    θ: a scalar-map linear net under momentum needs depth 5, NMF [1, 4, 1] depth 6), as deep
+    as the nested-derivative program stays compilable: it traces ~2.7^depth times the
+    field's ops, and a padded 55-coordinate state at depth 8 exhausted the compiler's memory.
+    A count the cap stops while its rank still rises says "not converged"."""
+    if not flow.second_order:
+        return 4
+    size = 2 * parameters + 1
+    return int(np.clip(np.log(_DEPTH_BUDGET / size) / np.log(2.7), 4, 8))
+
+
+_DEPTH_BUDGET = 1e4  # state coordinates × 2.7^depth allowed for the default depth
 
 
 def _input_shape(model) -> tuple[int, ...]:
@@ -883,9 +905,15 @@ def find_polynomial_laws(
     n_sets: int | None = None,
     set_size: int = 3,
     tol: float = 1e-9,
+    flow="gradient",
 ) -> PolynomialLaws:
     """The polynomials Q(θ) of degree ≤ `degree` (no constant term) with ⟨∇Q, ∇L_Z⟩ ≡ 0 for
     every data set Z of the class (all data, or augmented by `augment`).
+
+    `flow`: gradient flow (default) or another first-order flow whose field F_Z replaces
+    −∇L_Z in ⟨∇Q, F_Z⟩ ≡ 0: `PreconditionedFlow` (lr-weighted laws) or `MirrorFlow` (e.g.
+    the entropy: NMF's laws; points are then drawn positive on its coordinates). Momentum,
+    Nesterov (laws in (s, θ, v), not polynomials in θ) and sign flows are refused.
 
     Conditions are sampled at `n_points` random parameter points (Gaussian, the model's
     scale) for `n_sets` random data sets; the solution space is their common nullspace.
@@ -901,9 +929,16 @@ def find_polynomial_laws(
         n_sets = _check_count("n_sets", n_sets, 1)
     if augment is not None:
         as_augmentation(augment)
+    flow = as_flow(flow)
+    if flow.second_order or isinstance(flow, SignFlow):
+        raise ArgumentError(
+            f"`find_polynomial_laws` solves for polynomials in θ conserved by a first-order "
+            f"flow; it cannot handle {flow.describe()} (laws of second-order flows depend on "
+            f"(s, θ, v); sign fields are not smooth): use count_laws(..., flow=...) instead.")
     params, static = eqx.partition(model, eqx.is_inexact_array)
     theta0, unravel = jfu.ravel_pytree(params)
     dim = theta0.size
+    field = None if isinstance(flow, GradientFlow) else flow._resolve(model, theta0)
     monomials = _monomials(dim, degree)
     exponents = jnp.asarray(monomials, dtype=theta0.dtype)
     key = jax.random.PRNGKey(0) if key is None else key
@@ -918,9 +953,12 @@ def find_polynomial_laws(
     objectives = jax.tree_util.tree_map(lambda a: a[:, None], objectives)
     scale = float(jnp.sqrt(jnp.mean(theta0**2)))
     points = scale * jax.random.normal(k_points, (n_points, dim))
+    if field is not None and field.kind == "mirror":  # the entropy lives on θ > 0 there
+        points = jnp.where(field.mask > 0, jnp.abs(points), points)
 
     def fields(y):  # (n_sets, D), rows normalised
-        return _bracket_fields(unravel(y), static, objectives, 0)[0]
+        return _bracket_fields(unravel(y), static, objectives, 0, None, field,
+                               None if field is None else y)[0]
 
     def monomial_gradients(y):  # (n_monomials, D): ∂/∂θ_i of θ^α
         return jax.jacfwd(lambda z: jnp.prod(z[None, :] ** exponents, axis=1))(y)

@@ -1,0 +1,108 @@
+"""A flow's overhead over its bare gradient evaluations, at the CPU default batch.
+
+    python benchmarks/bench_overhead.py [--rounds 7] [--members 64]
+
+bench_core's problem (deep linear 16-32-32-8, n = 128, t1 = 50, rtol = atol = 1e-8, Tsit5)
+for an ensemble of 64 members, run by `gradient_flow` at its default `batch_size` (2 lanes on
+the CPU, 101 saves of loss, drifts and conditions, the divergence event). Its reference is the
+bare cost of the gradients it evaluates: Tsit5 is FSAL, 6 new gradients per step (accepted or
+rejected) and one at each member's start, Σ_m (6·steps_m + 1) member-gradients in all; the
+bare program is a `fori_loop` of the same vmapped gradient at the same width (2 members), run
+Σ/2 times, each evaluation fed into the next (nothing to hoist or fuse away). Variants:
+
+- `flow`: `gradient_flow(...)` as a user calls it (validation, the lanes' loop, the saves);
+- `flow_no_saves`: `n_save=2`, no laws (what the loop costs without the monitors);
+- `bare_gradients`: the fori_loop above.
+
+Every variant is compiled first, then `--rounds` rounds call each once in turn (a slow spell
+of the shared machine falls on all alike); the ratios are of the medians (and of the best
+rounds, for reference), in wall seconds and in this process's CPU seconds
+(`time.process_time`: on a machine shared with other jobs, less of their load leaks into it
+than into wall time; JAX's CPU work here runs on one thread). The load average of the machine
+is recorded. Goal (issue 24): the
+flow ≤ 1.3× its bare gradients. Writes benchmarks/results/overhead_<backend>.json.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import _harness  # noqa: F401  (pins threads before numpy/jax load)
+import jax
+import numpy as np
+from bench_core import RTOL, T1, WIDTHS, N, build
+from bench_ensembles import bare_programs
+
+import conservation as cn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--members", type=int, default=64)
+    args = parser.parse_args()
+
+    data, ensemble = build(args.members)
+    objective = cn.make_objective(cn.MSE(), data, ensemble)
+
+    def flow():
+        return cn.gradient_flow(objective, ensemble, T1, rtol=RTOL, solver="tsit5",
+                                progress=False)
+
+    def flow_no_saves():
+        return cn.gradient_flow(objective, ensemble, T1, rtol=RTOL, solver="tsit5",
+                                progress=False, n_save=2, laws=())
+
+    result = jax.block_until_ready(flow())
+    width = result.batch_size
+    steps = np.asarray(result.num_steps)
+    member_gradients = int(np.sum(6 * steps + 1))
+    evaluations = -(-member_gradients // width)  # batched evaluations at the flow's width
+    y0, _, gradients, _ = bare_programs(objective, ensemble)
+    y0 = y0[:width]
+
+    variants = {"flow": flow, "flow_no_saves": flow_no_saves,
+                "bare_gradients": lambda: gradients(y0, evaluations)}
+    first = {}
+    for name, fn in variants.items():  # compile (and a first run) apart
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        first[name] = time.perf_counter() - start
+    rounds: dict = {name: [] for name in variants}
+    cpu: dict = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn())
+            rounds[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    median = {name: statistics.median(r) for name, r in rounds.items()}
+    best = {name: min(r) for name, r in rounds.items()}
+    median_cpu = {name: statistics.median(r) for name, r in cpu.items()}
+    out = {
+        "problem": {"widths": list(WIDTHS), "n": N, "t1": T1, "rtol": RTOL,
+                    "members": args.members, "solver": "tsit5", "batch_size": width,
+                    "steps_mean": float(steps.mean()), "steps_max": int(steps.max()),
+                    "member_gradients": member_gradients, "bare_evaluations": evaluations,
+                    "status": result.summary()["status"]},
+        "rounds": args.rounds, "load_average": os.getloadavg(),
+        "first_call_s": first, "median_s": median, "best_s": best, "rounds_s": rounds,
+        "flow_over_bare_median": median["flow"] / median["bare_gradients"],
+        "flow_over_bare_best": best["flow"] / best["bare_gradients"],
+        "no_saves_over_bare_median": median["flow_no_saves"] / median["bare_gradients"],
+        "median_cpu_s": median_cpu, "rounds_cpu_s": cpu,
+        "flow_over_bare_median_cpu": median_cpu["flow"] / median_cpu["bare_gradients"],
+        "no_saves_over_bare_median_cpu": (median_cpu["flow_no_saves"]
+                                          / median_cpu["bare_gradients"]),
+        "goal_flow_over_bare": 1.3,
+    }
+    for key in ("problem", "median_s", "flow_over_bare_median", "flow_over_bare_best",
+                "no_saves_over_bare_median", "flow_over_bare_median_cpu",
+                "no_saves_over_bare_median_cpu", "load_average"):
+        print(key, out[key])
+    print(f"wrote {_harness.write('overhead', out)}")
+
+
+if __name__ == "__main__":
+    main()
