@@ -373,3 +373,21 @@ def test_a_dead_neuron_conserves_its_weights_and_only_its_own():
     assert count.laws == (2 + 2) + (2 + 1 + 2)
     assert count.verdict == "proved"
     assert "known laws: 9" in count.describe() and "unexplained: 0" in count.describe()
+
+
+def test_the_probe_draws_gaussian_inputs_at_the_stated_scales():
+    """What `describe` reports ("Gaussian inputs at scales 0.01, …, 1000") is what the probe
+    draws: per scale s, inputs of mean 0 and standard deviation s, with Gaussian tails (a
+    kurtosis of 3; a ratio such as s / N(0, 1) would be heavy-tailed)."""
+    from conservation._laws.counting import _Sampler
+
+    model = cn.MLP.random((3, 4, 2), key=KEY)
+    scales = (0.01, 1.0, 1000.0)
+    sampler = _Sampler(model, cn.MSE(), None, scales, (3,), 8, np.random.default_rng(0))
+    x, groups, text = sampler.probe(4000, KEY)
+    assert text == "12000 Gaussian inputs at scales 0.01, 1, 1000"
+    for g, s in enumerate(scales):
+        z = x[groups == g].ravel() / s
+        assert z.size == 12000
+        assert abs(np.mean(z)) < 0.05 and abs(np.std(z) - 1.0) < 0.03
+        assert abs(np.mean(z**4) / np.mean(z**2) ** 2 - 3.0) < 0.3

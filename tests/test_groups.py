@@ -186,3 +186,13 @@ def test_group_argument_errors():
         cn.OrthogonalGroup(2).average(jnp.zeros((2,) * 14), 14)
     with pytest.raises(ValueError, match="samples="):
         cn.OrthogonalGroup(5).average(jnp.zeros((5,) * 8), 8)
+
+
+@pytest.mark.parametrize("group", [cn.OrthogonalGroup(3), cn.OrthogonalGroup(1),
+                                   cn.CyclicShift(4), cn.SignFlips(2)], ids=str)
+def test_averaging_over_no_axis_is_the_identity(group, getkey):
+    """avg_g of the empty tensor product is the identity: a tensor averaged over 0 axes (a
+    moment of degree 0, e.g. E[y] or a constant feature) is returned as it is, trailing axes
+    and all, for the exact O(d) projection as for finite groups."""
+    tensor = jax.random.normal(getkey(), (5, 2))
+    np.testing.assert_array_equal(group.average(tensor, 0), tensor)
