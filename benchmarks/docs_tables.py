@@ -87,16 +87,44 @@ def latency(t) -> str:
 
 
 def mutation(t) -> str:
-    report = t._load("mutation_sample.json")
+    """The latest sample (seed 2), its survivors replayed on a later commit, and the survivors
+    judged equivalent (`mutation_judgments.json`, each with its reason)."""
+    sample = t._load("mutation_sample_seed2.json")
+    replay = t._load("mutation_replay_seed2.json")
+    judged = t._load("mutation_judgments.json")["equivalent"]
+
+    def key(m):
+        return m["file"], m["code"], m["old"], m["new"]
+
+    def equivalent(m):
+        return any(m["file"] == j["file"] and m["code"].startswith(j["code_starts"])
+                   and (m["old"], m["new"]) == (j["old"], j["new"]) for j in judged)
+
+    replayed = {key(m): m["result"] for m in replay["mutants"]}
     by_file = {}
-    for mutant in report["mutants"]:
-        counts = by_file.setdefault(mutant["file"], [0, 0])
-        counts[mutant["result"] != "killed"] += 1
-    rows = ["| module | killed | survived |", "|---|---|---|"]
-    rows += [f"| `{name}` | {k} | {s} |" for name, (k, s) in sorted(by_file.items())]
-    rows += ["", f"{report['sampled']} mutants sampled (seed {report['seed']}) of "
-             f"{report['population']} at commit {report['commit'][:7]}: {report['killed']} "
-             f"killed, {report['survived']} survived (raw score {report['score']:.0%})."]
+    for m in sample["mutants"]:
+        row = by_file.setdefault(m["file"], [0, 0, 0, 0])  # killed, killed on replay, eq., left
+        if m["result"] == "killed":
+            row[0] += 1
+        elif replayed.get(key(m)) == "killed":
+            row[1] += 1
+        elif equivalent(m):
+            row[2] += 1
+        else:
+            row[3] += 1
+    rows = ["| module | killed | killed on replay | equivalent | survived |",
+            "|---|---|---|---|---|"]
+    rows += [f"| `{name}` | {a} | {b} | {c} | {d} |"
+             for name, (a, b, c, d) in sorted(by_file.items())]
+    killed = sum(r[0] + r[1] for r in by_file.values())
+    eq = sum(r[2] for r in by_file.values())
+    left = sum(r[3] for r in by_file.values())
+    rows += ["", f"{sample['sampled']} mutants sampled (seed {sample['seed']}) of "
+             f"{sample['population']} at commit {sample['commit'][:7]}: {sample['killed']} "
+             f"killed there; the {sample['survived']} survivors replayed at commit "
+             f"{replay['commit'][:7]}: {killed - sample['killed']} killed. {eq} judged "
+             f"equivalent, {left} surviving: **{killed} of {killed + left} non-equivalent "
+             f"mutants killed ({killed / (killed + left):.0%})**."]
     return "\n".join(rows)
 
 

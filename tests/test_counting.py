@@ -140,6 +140,10 @@ def test_polynomial_finder_returns_the_balance_laws():
     assert np.linalg.matrix_rank(stacked, tol=1e-8) == 3
     assert "weights[0][0,0]^2 + weights[0][0,1]^2 - weights[1][0,0]^2 - weights[1][1,0]^2" \
         in found.describe()
+    # Negative control: a deep linear net has no linear law (no coordinate or sum of
+    # coordinates is conserved): none is found, and no zero row stands in for one.
+    none = cn.find_polynomial_laws(model, cn.MSE(), degree=1)
+    assert len(none) == 0 and none.coefficients.shape == (0, len(none.monomials)) == (0, 8)
 
 
 def test_polynomial_finder_quadratic_neuron_and_monitor_plug_in(getkey):
