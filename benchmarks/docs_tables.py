@@ -90,7 +90,10 @@ def mutation(t) -> str:
     """The latest sample (seed 2), its survivors replayed on a later commit, and the survivors
     judged equivalent (`mutation_judgments.json`, each with its reason)."""
     sample = t._load("mutation_sample_seed2.json")
-    replay = t._load("mutation_replay_seed2.json")
+    # The survivors replayed after the tests that followed the sample; the second file
+    # replays the three that survived the first replay and got a test after it.
+    replays = [t._load(name) for name in ("mutation_replay_seed2.json",
+                                          "mutation_replay_seed2b.json")]
     judged = t._load("mutation_judgments.json")["equivalent"]
 
     def key(m):
@@ -100,7 +103,7 @@ def mutation(t) -> str:
         return any(m["file"] == j["file"] and m["code"].startswith(j["code_starts"])
                    and (m["old"], m["new"]) == (j["old"], j["new"]) for j in judged)
 
-    replayed = {key(m): m["result"] for m in replay["mutants"]}
+    replayed = {key(m): m["result"] for r in replays for m in r["mutants"]}
     by_file = {}
     for m in sample["mutants"]:
         row = by_file.setdefault(m["file"], [0, 0, 0, 0])  # killed, killed on replay, eq., left
@@ -121,8 +124,9 @@ def mutation(t) -> str:
     left = sum(r[3] for r in by_file.values())
     rows += ["", f"{sample['sampled']} mutants sampled (seed {sample['seed']}) of "
              f"{sample['population']} at commit {sample['commit'][:7]}: {sample['killed']} "
-             f"killed there; the {sample['survived']} survivors replayed at commit "
-             f"{replay['commit'][:7]}: {killed - sample['killed']} killed. {eq} judged "
+             f"killed there; the {sample['survived']} survivors replayed at commits "
+             f"{' and '.join(r['commit'][:7] for r in replays)}: "
+             f"{killed - sample['killed']} killed. {eq} judged "
              f"equivalent, {left} surviving: **{killed} of {killed + left} non-equivalent "
              f"mutants killed ({killed / (killed + left):.0%})**."]
     return "\n".join(rows)
@@ -149,6 +153,36 @@ def train(t) -> str:
     return "\n".join(rows)
 
 
+COUNT_SETS = {"linear": "linear, heavy-ball momentum", "relu_paths":
+              "ReLU path fields, momentum", "nmf": "NMF, mirror flow", "nmf_momentum":
+              "NMF, mirror flow with momentum", "icnn": "ICNN, mirror flow", "icnn_momentum":
+              "ICNN, mirror flow with momentum"}
+
+
+def count_flows(t) -> str:
+    """Each measured set of "Keep the momentum"'s notebook: time against its Sage run, and the
+    verdicts and law counts of its configurations."""
+    report = t._load("count_flows_cpu.json")
+    rows = ["| set (the notebook's draws) | configurations | ours [s] | Sage [s] (64 cores) | "
+            "ours ÷ Sage | verdicts | laws |", "|---|---|---|---|---|---|---|"]
+    for name, label in COUNT_SETS.items():
+        if name not in report:
+            continue
+        r = report[name]
+        configs = r["configurations"]
+        verdicts = {}
+        for c in configs:
+            verdicts[c["verdict"]] = verdicts.get(c["verdict"], 0) + 1
+        laws = sorted({c["laws"] for c in configs})
+        rows.append(f"| {label} | {len(configs)} | {r['seconds']:.0f} | {r['sage_seconds']} | "
+                    f"{r['ratio']:.2f} | "
+                    + ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items())) + " | "
+                    + ", ".join(map(str, laws)) + " |")
+    machine = next(iter(report.values()))["machine"]
+    rows += ["", f"Machine: {machine}."]
+    return "\n".join(rows)
+
+
 def generate(t=None) -> dict[str, str]:
     """Every fragment's name and text (each ends with one newline); `t` is benchmarks/tables.py
     (imported here when not given)."""
@@ -158,7 +192,7 @@ def generate(t=None) -> dict[str, str]:
                 "solvers_auto_probe": t.solvers_auto_probe, "solvers_large": t.solvers_large,
                 "solvers_quick": t.solvers_quick, "augmentation": lambda: augmentation(t),
                 "latency": lambda: latency(t), "mutation": lambda: mutation(t),
-                "train": lambda: train(t)}
+                "train": lambda: train(t), "count_flows": lambda: count_flows(t)}
     return {name: build().strip() + "\n" for name, build in builders.items()}
 
 
