@@ -153,6 +153,34 @@ def train(t) -> str:
     return "\n".join(rows)
 
 
+def mutation_fresh(t) -> str:
+    """A fresh sample on the code of its commit: the unbiased raw score, per module, with the
+    survivors listed for judgment (`mutation_judgments.json`'s `fresh` entries: equivalent)."""
+    sample = t._load("mutation_sample_seed3.json")
+    judged = t._load("mutation_judgments.json").get("fresh", [])
+    by_file, left = {}, []
+    for m in sample["mutants"]:
+        row = by_file.setdefault(m["file"], [0, 0, 0])  # killed, equivalent, survived
+        eq = any(m["file"] == j["file"] and m["code"].startswith(j["code_starts"])
+                 and (m["old"], m["new"]) == (j["old"], j["new"]) for j in judged)
+        row[0 if m["result"] == "killed" else 1 if eq else 2] += 1
+        if m["result"] != "killed" and not eq:
+            left.append(m)
+    rows = ["| module | killed | equivalent | survived |", "|---|---|---|---|"]
+    rows += [f"| `{name}` | {a} | {b} | {c} |" for name, (a, b, c) in sorted(by_file.items())]
+    killed = sum(r[0] for r in by_file.values())
+    counted = killed + len(left)
+    rows += ["", f"{len(sample['mutants'])} mutants sampled (seed {sample['seed']}) of "
+             f"{sample['population']} at commit {sample['commit'][:7]}, run once on that "
+             f"code: **{killed} of {counted} non-equivalent mutants killed "
+             f"({killed / counted:.0%})**."]
+    if left:
+        rows += ["", "Surviving, not judged equivalent:", ""]
+        rows += [f"- `{m['file']}:{m['line']}` `{m['old']}` → `{m['new']}` in "
+                 f"`{m['code'][:70]}`" for m in left]
+    return "\n".join(rows)
+
+
 COUNT_SETS = {"linear": "linear, heavy-ball momentum", "relu_paths":
               "ReLU path fields, momentum", "nmf": "NMF, mirror flow", "nmf_momentum":
               "NMF, mirror flow with momentum", "icnn": "ICNN, mirror flow", "icnn_momentum":
@@ -192,7 +220,8 @@ def generate(t=None) -> dict[str, str]:
                 "solvers_auto_probe": t.solvers_auto_probe, "solvers_large": t.solvers_large,
                 "solvers_quick": t.solvers_quick, "augmentation": lambda: augmentation(t),
                 "latency": lambda: latency(t), "mutation": lambda: mutation(t),
-                "train": lambda: train(t), "count_flows": lambda: count_flows(t)}
+                "train": lambda: train(t), "count_flows": lambda: count_flows(t),
+                "mutation_fresh": lambda: mutation_fresh(t)}
     return {name: build().strip() + "\n" for name, build in builders.items()}
 
 

@@ -253,6 +253,8 @@ def test_bias_free_layers_and_block_layouts_are_searched_and_tabulated():
     assert by_set["scale", "layers[0]", "all"].size == w0.size == 6
     assert by_set["scale", "layers[1]", "all"].size == w1.size == 3
     assert not by_set["scale", "layers[0]", "all"].accepted
+    # A rescale set holds both sides: the unit's row of W0 (2) and its column of W1 (1).
+    assert [by_set["rescale", "layers[0]", str(j)].size for j in range(3)] == [3, 3, 3]
 
     k1, k2 = jax.random.split(jax.random.PRNGKey(5))
     model = _Repeated(eqx.nn.Linear(2, 2, key=k1), eqx.nn.Linear(4, 1, key=k2))
@@ -260,6 +262,8 @@ def test_bias_free_layers_and_block_layouts_are_searched_and_tabulated():
     units = {c.unit: c for c in found.candidates if c.family == "rescale"}
     assert {u for u, c in units.items() if c.accepted} == {"0 (block)", "1 (block)"}
     assert {u for u, c in units.items() if not c.accepted} == {"0 (strided)", "1 (strided)"}
+    # |A|: the unit's row of W0 and bias (2 + 1) and its block of W1's columns (2).
+    assert {c.size for c in units.values()} == {5}
     # The block law: |W0[j]|² + b0[j]² − |W1[:, 2j:2j+2]|², in numpy.
     w0, b0 = np.asarray(model.first.weight), np.asarray(model.first.bias)
     w1 = np.asarray(model.second.weight)
