@@ -395,3 +395,37 @@ def test_the_probe_draws_gaussian_inputs_at_the_stated_scales():
         assert z.size == 12000
         assert abs(np.mean(z)) < 0.05 and abs(np.std(z) - 1.0) < 0.03
         assert abs(np.mean(z**4) / np.mean(z**2) ** 2 - 3.0) < 0.3
+
+
+@pytest.mark.parametrize("widths", [(1, 2, 2), (2, 2, 1)])
+def test_polynomial_laws_of_a_net_with_a_width_one_end_are_conserved(widths):
+    """With a scalar input or output, the fields of all data sets at one point span only a
+    few directions, so a fixed number of sample points left spurious solutions (13 "laws"
+    of degree ≤ 2, none conserved). Expected: the 3 entries of the balance matrix
+    W1ᵀW1 − W0W0ᵀ (2×2, symmetric), and each found law conserved: its gradient orthogonal to
+    the loss gradient at random points and data (autodiff of the polynomial itself)."""
+    import equinox as eqx
+    import jax.flatten_util as jfu
+
+    model = cn.DeepLinear.random(widths, key=KEY)
+    found = cn.find_polynomial_laws(model, cn.MSE(), degree=2)
+    assert len(found) == 3
+    flat, unravel = jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))
+    static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
+    powers, coefficients = np.array(found.monomials), np.asarray(found.coefficients)
+
+    def laws(theta):
+        return jnp.asarray(coefficients) @ jnp.prod(theta[None, :] ** powers, axis=1)
+
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        theta = jnp.asarray(rng.standard_normal(flat.shape))
+        x = jnp.asarray(rng.standard_normal((8, widths[0])))
+        y = jnp.asarray(rng.standard_normal((8, widths[-1])))
+
+        def loss(t):
+            return jnp.mean(jnp.sum((jax.vmap(eqx.combine(unravel(t), static))(x) - y) ** 2, -1))
+
+        g, jac = jax.grad(loss)(theta), jax.jacobian(laws)(theta)
+        cosine = jac @ g / (np.linalg.norm(jac, axis=1) * np.linalg.norm(g))
+        assert np.max(np.abs(cosine)) < 1e-10

@@ -915,8 +915,9 @@ def find_polynomial_laws(
     the entropy: NMF's laws; points are then drawn positive on its coordinates). Momentum,
     Nesterov (laws in (s, θ, v), not polynomials in θ) and sign flows are refused.
 
-    Conditions are sampled at `n_points` random parameter points (Gaussian, the model's
-    scale) for `n_sets` random data sets; the solution space is their common nullspace.
+    Conditions are sampled at random parameter points (Gaussian, the model's scale), in
+    batches of `n_points`, for `n_sets` random data sets, until a batch no longer shrinks
+    their common nullspace (the solution space).
 
     **Returns:** a `PolynomialLaws` (basis, readable `describe()`, `laws` for the monitors).
     """
@@ -963,14 +964,24 @@ def find_polynomial_laws(
     def monomial_gradients(y):  # (n_monomials, D): ∂/∂θ_i of θ^α
         return jax.jacfwd(lambda z: jnp.prod(z[None, :] ** exponents, axis=1))(y)
 
-    blocks = []
-    for y in points:
-        f = fields(y)
-        blocks.append(np.asarray(f @ monomial_gradients(y).T))
-    system = np.concatenate(blocks)
-    _, s, vt = np.linalg.svd(system)
-    s = s / s[0]
-    null = vt[np.sum(s > tol):]
+    def conditions(points):
+        return [np.asarray(fields(y) @ monomial_gradients(y).T) for y in points]
+
+    # At one point the fields of all data sets span only the rank of the field space there
+    # (a few directions when a width is 1), so a fixed number of points can leave spurious
+    # solutions: add batches of fresh points until a batch no longer shrinks the solutions.
+    blocks, previous = conditions(points), None
+    for batch in range(1, 64):
+        _, s, vt = np.linalg.svd(np.concatenate(blocks))
+        s = s / s[0]
+        null = vt[np.sum(s > tol):]
+        if previous is not None and len(null) == previous:
+            break
+        previous = len(null)
+        more = jax.random.normal(jax.random.fold_in(k_points, batch), (n_points, dim)) * scale
+        if field is not None and field.kind == "mirror":
+            more = jnp.where(field.mask > 0, jnp.abs(more), more)
+        blocks += conditions(more)
     coefficients = _rref(null) if null.size else np.zeros((0, len(monomials)))
     names = _parameter_names(params)
     laws = tuple(_polynomial_law(row, exponents, i) for i, row in enumerate(coefficients))
