@@ -251,6 +251,18 @@ def test_find_polynomial_laws_follows_first_order_flows_and_refuses_momentum():
     # Same span: stacking adds no rank, and each law is conserved by −θ ⊙ ∇L (not by −∇L).
     assert np.linalg.matrix_rank(np.vstack([rows, laws.coefficients]), tol=1e-8) == 2
     assert len(cn.find_polynomial_laws(model, cn.MSE(), degree=1)) == 0  # gradient flow
+    # A mirror on the outer layer only (as on an input-convex net's): per hidden neuron k,
+    # Σ_i W₂[i, k] − ½ W₁[k, 0]² (dQ/dt = −⟨∇Q, P∇L⟩ with P = diag(θ) on W₂, I on W₁).
+    partial = cn.find_polynomial_laws(model, cn.MSE(), degree=2,
+                                      flow=cn.MirrorFlow(where=lambda m: m.weights[1]))
+    index = {m: i for i, m in enumerate(partial.monomials)}
+    closed = np.zeros((2, len(partial.monomials)))
+    for k in range(2):
+        for i in range(2):
+            closed[k, index[tuple(int(j == 2 + 2 * i + k) for j in range(6))]] = 1.0
+        closed[k, index[tuple(2 * int(j == k) for j in range(6))]] = -0.5
+    assert partial.coefficients.shape == (2, len(partial.monomials))
+    assert np.linalg.matrix_rank(np.vstack([closed, partial.coefficients]), tol=1e-8) == 2
     with pytest.raises(cn.ArgumentError, match="first-order"):
         cn.find_polynomial_laws(model, cn.MSE(), flow="momentum")
     with pytest.raises(cn.ArgumentError, match="first-order"):
