@@ -202,10 +202,9 @@ class _PhaseMonitor(LawMonitor):
                 for law in self.laws}
 
 
-def _check_phase_space(field, laws, velocity, ensemble, resumable, resume):
+def _check_phase_space(field, laws, velocity, ensemble, resume):
     """The arguments only a phase-space (second-order) field takes; a resumed one continues
     from `resume.velocity`."""
-    del resumable  # a phase-space Result keeps its velocity (`Result.velocity`)
     if resume is not None and (resume.velocity is not None) != bool(field.phase_space):
         raise ArgumentError(
             f"`resume` is a {'second' if resume.velocity is not None else 'first'}-order "
@@ -421,7 +420,7 @@ def gradient_flow(
                    "`ModifiedGradientField`, `MomentumField`)",
                    "e.g. field=conservation.GradientField(weight_decay=1e-3)")
     laws = check_laws(default_laws(ensemble[0]) if laws is None else laws, ensemble)
-    velocity = _check_phase_space(field, laws, velocity, ensemble, resumable, resume)
+    velocity = _check_phase_space(field, laws, velocity, ensemble, resume)
     observables = check_observables(observables)
     if resume is not None:
         check_resumed_observables(resume, observables)
@@ -433,12 +432,7 @@ def gradient_flow(
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
     check_flow_memory(objective, params, static, laws, keep, final_values, solver, n_save,
                       batch_size, ensemble.size)  # before anything is allocated
-    if isinstance(solver, str) and solver == "auto" and field.phase_space:
-        # The stiffness probe integrates θ alone; a second-order flow's spectrum (−1/μ and
-        # complex pairs) is not the Chebyshev solvers' real negative one anyway: Tsit5. A
-        # small mass μ (fast mode −1/μ) is stiff: pass solver="kvaerno5" there.
-        solver = "tsit5"
-    elif isinstance(solver, str) and solver == "auto":
+    if isinstance(solver, str) and solver == "auto":  # (Tsit5, unprobed, for phase space)
         solver = _choose(*eqx.partition(ensemble[0], eqx.is_inexact_array), objective, field,
                          t1, max_steps).name
     solver_name = solver if isinstance(solver, str) else type(solver).__name__
@@ -728,6 +722,11 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
     def grad(y):
         return jax.grad(lambda z: objective(as_model(z)))(y)
 
+    def initial(row):
+        # A phase-space flow's start state: the row (θ₀, v₀) when the velocities are given,
+        # else (θ₀, the field's own v₀).
+        return row if velocity is not None else field.start(grad, row)
+
     autonomous = type(field).rhs is AbstractVectorField.rhs
 
     def vector_field(*ty):
@@ -751,8 +750,7 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
         # to continue is stopped the same way (its status is the previous one).
         ok = jnp.isfinite(objective(as_model(row)))
         if resume is None and phase:
-            # Given start velocities: the row is the phase-space state already.
-            y = field.start(grad, row) if velocity is None else row
+            y = initial(row)
             reference = monitor.reference(point(t0, y))
         elif resume is None:
             y, reference = field.start(grad, row), monitor.reference(as_model(row))
@@ -875,8 +873,8 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
     if phase and (resumable or resume is not None):
         # What `resume` continues from: v at `final` (a member stopped before its first step:
         # its start velocity).
-        begin = y0 if velocity is not None else jax.vmap(lambda r: field.start(grad, r))(y0)
-        speed = jnp.where((num_steps == 0)[:, None], begin[:, n:], final[:, n:])
+        speed = jnp.where((num_steps == 0)[:, None], jax.vmap(initial)(y0)[:, n:],
+                          final[:, n:])
     final = jnp.where((num_steps == 0)[:, None], theta(y0), theta(final))
     t_final = jnp.where(num_steps == 0, t0, t_final)
     # A loss that is non-finite at a save time whose gradient stayed finite (the flow went
@@ -887,8 +885,7 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
     if resume is not None:
         reference = resume[0]
     elif resumable and phase:
-        reference = jax.lax.map(lambda y: monitor.reference(point(
-            t0, y if velocity is not None else field.start(grad, y))), y0)
+        reference = jax.lax.map(lambda y: monitor.reference(point(t0, initial(y))), y0)
     elif resumable:
         reference = jax.lax.map(lambda y: monitor.reference(as_model(y)), y0)
     else:

@@ -569,12 +569,21 @@ def _probe(params, static, objective, field, t1, rtol, max_steps):
 def _choose(params, static, objective, field, t1, max_steps, probe_rtol=1e-4,
             probe_steps=2_000):
     """The solver for the flow of `objective` from the model (params, static) to `t1`."""
+    num_params = int(sum(x.size for x in jtu.tree_leaves(params)))
+    if getattr(field, "phase_space", False):
+        # Unprobed: the probe integrates θ alone, and a second-order flow's spectrum (−1/μ
+        # and complex pairs) is not the stabilised solvers' real negative one. The evidence
+        # fields are NaN (not measured).
+        nan = float("nan")
+        return SolverChoice(
+            "tsit5", f"a second-order flow ({type(field).__name__}) is integrated in phase "
+            "space by Tsit5 (not probed); a small mass μ makes its fast mode −1/μ stiff: "
+            'pass solver="kvaerno5" there', num_params, nan, nan, nan, nan)
     rho0, rho_max, probe_t = (float(x) for x in _probe(
         params, static, objective, field, jnp.asarray(t1, float),
         jnp.asarray(probe_rtol, float), probe_steps))
     # A probe that stopped early (its step budget, a blow-up) has seen part of the path
     # only: its rho_max is a lower bound, which can only under-call stiffness.
-    num_params = int(sum(x.size for x in jtu.tree_leaves(params)))
     explicit_steps = float(t1) * rho_max / _EXPLICIT_STABILITY
     if not explicit_steps > _STIFF_STEPS:
         name, reason = "tsit5", (
@@ -623,14 +632,4 @@ def choose_solver(objective, model, t1, *, max_steps: int = 100_000, field=None)
     first = as_ensemble(model)[0]
     field = GradientField() if field is None else field
     params, static = eqx.partition(first, eqx.is_inexact_array)
-    if getattr(field, "phase_space", False):
-        # What gradient_flow(solver="auto") runs a second-order flow with, unprobed: the probe
-        # integrates θ alone, and the phase-space spectrum (−1/μ, complex pairs) is not the
-        # stabilised solvers' real negative one. The evidence fields are NaN (not measured).
-        nan = float("nan")
-        return SolverChoice(
-            "tsit5", f"a second-order flow ({type(field).__name__}) is integrated in phase "
-            "space by Tsit5 (not probed); a small mass μ makes its fast mode −1/μ stiff: "
-            'pass solver="kvaerno5" there',
-            int(sum(x.size for x in jtu.tree_leaves(params))), nan, nan, nan, nan)
     return _choose(params, static, objective, field, t1, max_steps)

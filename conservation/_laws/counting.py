@@ -953,9 +953,13 @@ def find_polynomial_laws(
                                    jnp.asarray(y))
     objectives = jax.tree_util.tree_map(lambda a: a[:, None], objectives)
     scale = float(jnp.sqrt(jnp.mean(theta0**2)))
-    points = scale * jax.random.normal(k_points, (n_points, dim))
-    if field is not None and field.kind == "mirror":  # the entropy lives on θ > 0 there
-        points = jnp.where(field.mask > 0, jnp.abs(points), points)
+
+    def draw(batch):  # `n_points` Gaussian points at the model's scale
+        key = k_points if batch == 0 else jax.random.fold_in(k_points, batch)
+        points = scale * jax.random.normal(key, (n_points, dim))
+        if field is not None and field.kind == "mirror":  # the entropy lives on θ > 0 there
+            points = jnp.where(field.mask > 0, jnp.abs(points), points)
+        return points
 
     def fields(y):  # (n_sets, D), rows normalised
         return _bracket_fields(unravel(y), static, objectives, 0, None, field,
@@ -970,18 +974,16 @@ def find_polynomial_laws(
     # At one point the fields of all data sets span only the rank of the field space there
     # (a few directions when a width is 1), so a fixed number of points can leave spurious
     # solutions: add batches of fresh points until a batch no longer shrinks the solutions.
-    blocks, previous = conditions(points), None
-    for batch in range(1, 64):
+    # Each batch that does shrinks them by ≥ 1, so this ends within len(monomials) + 2.
+    blocks, previous = [], None
+    for batch in itertools.count():
+        blocks += conditions(draw(batch))
         _, s, vt = np.linalg.svd(np.concatenate(blocks))
         s = s / s[0]
         null = vt[np.sum(s > tol):]
-        if previous is not None and len(null) == previous:
+        if len(null) == previous:
             break
         previous = len(null)
-        more = jax.random.normal(jax.random.fold_in(k_points, batch), (n_points, dim)) * scale
-        if field is not None and field.kind == "mirror":
-            more = jnp.where(field.mask > 0, jnp.abs(more), more)
-        blocks += conditions(more)
     coefficients = _rref(null) if null.size else np.zeros((0, len(monomials)))
     names = _parameter_names(params)
     laws = tuple(_polynomial_law(row, exponents, i) for i, row in enumerate(coefficients))
