@@ -87,12 +87,17 @@ def test_flow_stops_each_member_where_its_loss_crosses_the_goal(least_squares, b
     assert np.all(np.isinf(loss[2, 1:]))
 
 
+def _deep_linear_data():
+    k1, k2, _ = jax.random.split(jax.random.PRNGKey(0), 3)
+    teacher = cn.DeepLinear.random((3, 4, 2), key=k1)
+    return cn.teacher_dataset(teacher, cn.gaussian_inputs(k2, 16, (3,)))
+
+
 @pytest.fixture(scope="module")
 def deep_linear():
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    k3 = jax.random.split(jax.random.PRNGKey(0), 3)[2]
     widths = (3, 4, 2)
-    teacher = cn.DeepLinear.random(widths, key=k1)
-    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(k2, 16, (3,)))
+    data = _deep_linear_data()
     ensemble = cn.Ensemble.init(
         lambda k: cn.DeepLinear.random(widths, key=k, init_scale=0.6), k3, 2)
     return ensemble, cn.make_objective(cn.MSE(), data, ensemble)
@@ -205,3 +210,50 @@ def test_config_takes_a_loss_goal_and_passes_it_on(monkeypatch):
     monkeypatch.setattr(runner, "train", lambda *a, **k: seen.update(k))
     runner.execute(run, None, None, key=None, progress=False)
     assert seen["stop_at_loss"] == 1e-3
+
+
+def test_resumed_training_keeps_stopped_members_and_continues_the_others(deep_linear):
+    """A member that reached its loss goal or diverged before the stop keeps its status, step
+    count and parameters through `resume`; a running one goes on to its own goal, and one
+    whose loss had risen 10× (`loss_increased` is a verdict on the end point, not a stop)
+    goes on too. The resumed run equals one run of all 10 steps bit for bit (statuses from
+    the loss curves: GD at lr 0.05 crosses 0.5 after 4 steps for member 0 and 8 for member 1;
+    member 2 is NaN from the start; member 3, member 1 scaled 5.5×, is at 1e8 × its start
+    loss after 6 steps and overflows at the 7th)."""
+    ensemble, _ = deep_linear
+    nan = jax.tree.map(lambda a: a * jnp.nan, ensemble[0])
+    steep = jax.tree.map(lambda a: a * 5.5, ensemble[1])
+    members = cn.Ensemble.stack([ensemble[0], ensemble[1], nan, steep])
+    objective = cn.make_objective(cn.MSE(), _deep_linear_data(), members)
+    kwargs = dict(resumable=True, stop_at_loss=0.5)
+    whole = cn.train(objective, members, cn.optimizer("gd", lr=0.05), 10, n_save=6, **kwargs)
+    first = cn.train(objective, members, cn.optimizer("gd", lr=0.05), 6, n_save=4, **kwargs)
+    assert first.status_names() == ["reached_loss", "success", "diverged", "loss_increased"]
+    np.testing.assert_array_equal(first.num_steps, [4, 6, 0, 6])
+    both = cn.train(objective, first.final, cn.optimizer("gd", lr=0.05), 10, n_save=3,
+                    resume=first, **kwargs)
+    assert both.status_names() == ["reached_loss", "reached_loss", "diverged", "diverged"]
+    assert whole.status_names() == both.status_names()
+    np.testing.assert_array_equal(both.num_steps, whole.num_steps)
+    np.testing.assert_array_equal(both.num_steps[:3], [4, 8, 0])
+    for a, b, c in zip(jax.tree_util.tree_leaves(whole.final.models),
+                       jax.tree_util.tree_leaves(both.final.models),
+                       jax.tree_util.tree_leaves(first.final.models)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(b[0], c[0])  # member 0 did not move after its goal
+
+
+def test_a_resumed_flow_reports_the_statuses_of_its_continuation(least_squares):
+    """0 → 1 then resumed to t1 = 4 with a loss goal: member 0 crosses the goal at the closed-form
+    t* ≈ 1.59, inside the continuation, and says `reached_loss` there (its stop, not the
+    first part's `success`); member 1 runs to t1 (`success`); member 2 was below the goal at
+    its start and keeps its 0 steps."""
+    ensemble, objective = least_squares
+    kwargs = dict(solver="tsit5", rtol=1e-10, batch_size=2, resumable=True, stop_at_loss=GOAL)
+    first = cn.gradient_flow(objective, ensemble, 1.0, n_save=2, **kwargs)
+    assert first.status_names() == ["success", "success", "reached_loss"]
+    both = cn.gradient_flow(objective, first.final, T1, n_save=3, resume=first, **kwargs)
+    assert both.status_names() == ["reached_loss", "success", "reached_loss"]
+    t_star = so.brentq(lambda t: _loss(_w_flow(STARTS[0], t)) - GOAL, 0.0, T1, xtol=1e-14)
+    assert abs(float(both.t_final[0]) - t_star) < 1e-8
+    assert float(both.t_final[1]) == T1 and int(both.num_steps[2]) == 0
