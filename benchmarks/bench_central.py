@@ -15,15 +15,23 @@ anchor runs float32) and k = 1 (no cvxpy).
 
 The library integrates `CentralFlowField(lr, relaxation=4)` (the anchor's projection over a
 substep dt holds the eigenvalue with rate 1/dt = 4 per step: the same flow) with Tsit5 for the
-whole ensemble at once. Both are measured against a tight reference (the library's flow at
-rtol 1e-10) at t1, and timed interleaved in one process (`_harness.timed_interleaved`).
+whole ensemble at once, at several tolerances, with the dense Hessian and with Lanczos
+(`--lanczos-steps`). All runs are measured against a tight reference (the library's flow at
+rtol 1e-10, dense) at t1, and timed interleaved in one process
+(`_harness.timed_interleaved`; compile time apart). The JSON also records where the members
+are relative to the edge along the reference (ηS, σ², the steps with the oscillation on),
+the work counts, the ratios to the anchor (also at matched accuracy) and the load average.
+tests/test_bench_central.py checks that one anchor step is 4 Euler steps of the field.
 
-    python benchmarks/bench_central.py [--members 64] [--steps 30] [--rtol 1e-6]
+    python benchmarks/bench_central.py [--members 64] [--steps 30] [--rtols 1e-3 1e-4 1e-6]
 
-Writes benchmarks/results/central_cpu.json.
+Writes benchmarks/results/central_cpu.json (about 6 minutes on 2 loaded cores); then
+`python benchmarks/docs_tables.py` refreshes benchmarks/results/tables/central.md.
 """
 
 import argparse
+import json
+import os
 import time
 
 import _harness
@@ -38,16 +46,22 @@ import conservation as cn
 
 SUBSTEPS = 4  # the anchor's default `substeps`
 EIG_TOL = 1e-5  # the anchor's `compute_eigs` default
+OUTPUTS = 1
 
 
-def problem(members: int, init_scale: float):
-    """The deep linear net of tests/test_central_flow.py (4-5-5-2, a 4→2 linear teacher of
-    scale 2, 32 Gaussian inputs): gradient flow sharpens it past 2/η for lr = 0.12."""
+def problem(members: int, init_scale: float, outputs: int = OUTPUTS):
+    """A 4-5-5-`outputs` deep linear net (init `init_scale`), a 4→`outputs` linear teacher of
+    scale 2, 32 Gaussian inputs: gradient flow sharpens it past 2/η for lr = 0.12. With one
+    output (the default) the top Hessian eigenvalue stays well separated at the edge (ηλ₂ ≈
+    0.8 while ηλ₁ = 2); with two (the net of tests/test_central_flow.py) ηλ₂ rises to ≈ 1.98,
+    the top two eigenvalues cross, the k = 1 field jumps between eigenvectors and no adaptive
+    solver reaches a tight reference (steps grow ×10 per decade of rtol)."""
     kt, kx, ki = jax.random.split(jax.random.PRNGKey(0), 3)
-    teacher = cn.DeepLinear.random([4, 2], key=kt, init_scale=2.0)
+    teacher = cn.DeepLinear.random([4, outputs], key=kt, init_scale=2.0)
     data = cn.teacher_dataset(teacher, cn.gaussian_inputs(kx, 32, (4,)))
     ensemble = cn.Ensemble.init(
-        lambda k: cn.DeepLinear.random([4, 5, 5, 2], key=k, init_scale=init_scale), ki,
+        lambda k: cn.DeepLinear.random([4, 5, 5, outputs], key=k, init_scale=init_scale),
+        ki,
         members)
     objective = cn.make_objective(cn.MSE(), data, ensemble)
     params, static = eqx.partition(ensemble[0], eqx.is_inexact_array)
@@ -107,35 +121,74 @@ def run_anchor(step, flat, steps, key):
     return jnp.stack(finals), hvps
 
 
+def _flat(model):
+    return jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))[0]
+
+
+# θ itself as a law, kept at every save of the reference: where the edge of stability is.
+PARAMETERS = cn.FunctionLaw(_flat, "parameters")
+
+
+def edge_report(field, loss, trajectory, lr):
+    """Where the members are relative to the edge along the reference (B, T, P) at the GD
+    steps 0..T−1: ηS, the oscillation X, the first step with ηS ≥ 1.99 and the steps with
+    the oscillation on (X > 0), per member."""
+    grad = jax.grad(loss)
+    b, t, p = trajectory.shape
+    seen = jax.jit(lambda ys: jax.lax.map(lambda y: field.oscillation(grad, y, loss), ys))(
+        trajectory.reshape(b * t, p))
+    eta_s = np.asarray(lr * seen.eigenvalues[:, 0]).reshape(b, t)
+    x = np.asarray(seen.covariance[:, 0, 0]).reshape(b, t)
+    at_edge = eta_s >= 1.99
+    first = np.where(at_edge.any(axis=1), np.argmax(at_edge, axis=1), -1)
+    reached = first >= 0
+    return {
+        "eta_sharpness_start": _stats(eta_s[:, 0]),
+        "eta_sharpness_end": _stats(eta_s[:, -1]),
+        "members_reaching_edge": int(reached.sum()),
+        "members_oscillating_at_t1": int(np.sum(x[:, -1] > 0)),
+        "first_edge_step": _stats(first[reached]) if reached.any() else None,
+        "steps_oscillating": _stats(np.sum(x[:, 1:] > 0, axis=1)),
+        "sigma2_end": _stats(x[:, -1]),
+        "note": "ηS and the oscillation X = σ² of the central flow along the reference at "
+                "every GD step; 'at the edge' = ηS ≥ 1.99; steps_oscillating counts the GD "
+                "steps with X > 0 (the central flow differs from gradient flow there)",
+    }
+
+
+def _stats(a):
+    a = np.asarray(a, dtype=float)
+    return {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max())}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--members", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=0.12)
     parser.add_argument("--init-scale", type=float, default=0.2)
-    parser.add_argument("--rtol", type=float, default=1e-6)
-    parser.add_argument("--loose-rtol", type=float, default=1e-3,
-                        help="a second library run at about the anchor's accuracy")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--rtols", type=float, nargs="+", default=[1e-3, 1e-4, 1e-6],
+                        help="the library's tolerances, timed interleaved with the anchor")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--lanczos-steps", type=int, default=12)
     parser.add_argument("--reference-rtol", type=float, default=1e-10)
     args = parser.parse_args()
+    load_start = os.getloadavg()
     objective, ensemble, loss, flat = problem(args.members, args.init_scale)
     lr, steps, t1 = args.lr, args.steps, args.lr * args.steps
     p = flat.shape[1]
     field = cn.CentralFlowField(lr, relaxation=float(SUBSTEPS))
+    # The same field with the top eigenpair from `lanczos_steps` Lanczos steps instead of the
+    # dense Hessian (P products): closer to the anchor's LOBPCG in work per evaluation.
+    lanczos = cn.CentralFlowField(lr, relaxation=float(SUBSTEPS), eigensolver="lanczos",
+                                  lanczos_steps=args.lanczos_steps)
 
-    def library(rtol):
-        result = cn.gradient_flow(objective, ensemble, t1, n_save=2, solver="tsit5",
-                                  rtol=rtol, field=field, laws=[], progress=False)
-        final = jnp.stack([jfu.ravel_pytree(eqx.filter(result.final[b],
-                                                       eqx.is_inexact_array))[0]
-                           for b in range(args.members)])
-        return final, result.num_steps, result.status
+    def library(rtol, n_save=2, values="final", f=field):
+        result = cn.gradient_flow(objective, ensemble, t1, n_save=n_save, solver="tsit5",
+                                  rtol=rtol, field=f, laws=[PARAMETERS], values=values,
+                                  progress=False)
+        return result.final_values[PARAMETERS.name], result.num_steps, result.status, result
 
-    start = time.perf_counter()
-    reference, _, ref_status = library(args.reference_rtol)
-    reference_s = time.perf_counter() - start
-    print(f"reference: {reference_s:.1f} s", flush=True)
     step = anchor_step(loss, lr)
     hvp_count = {}
 
@@ -144,9 +197,24 @@ def main():
         hvp_count["hvps"] = hvps
         return final
 
-    timing = _harness.timed_interleaved(
-        {"library": lambda: library(args.rtol), "library_loose": lambda: library(
-            args.loose_rtol), "anchor": anchor}, repeats=args.repeats)
+    variants = {f"library_rtol_{rtol:g}": (lambda rtol=rtol: library(rtol)[:3])
+                for rtol in args.rtols}
+    variants |= {f"library_lanczos_rtol_{rtol:g}": (
+        lambda rtol=rtol: library(rtol, f=lanczos)[:3]) for rtol in args.rtols}
+    hvps_per_evaluation = {name: (args.lanczos_steps if "lanczos" in name else p)
+                           for name in variants}
+    rtol_of = {name: rtol for name, rtol in zip(variants, 2 * args.rtols)}
+    # The first call of the first library variant compiles the flow (rtol is traced: one
+    # program for every tolerance, the reference's included).
+    timing = _harness.timed_interleaved({**variants, "anchor": anchor}, repeats=args.repeats)
+    print("timed", flush=True)
+    start = time.perf_counter()
+    reference, ref_steps, ref_status, ref_result = library(
+        args.reference_rtol, n_save=steps + 1, values=[PARAMETERS.name])
+    jax.block_until_ready(reference)
+    reference_s = time.perf_counter() - start
+    print(f"reference: {reference_s:.1f} s", flush=True)
+    edge = edge_report(field, loss, ref_result.values[PARAMETERS.name], lr)
     anchor_final = timing["anchor"]["output"]
 
     def error(final):  # per member: ‖θ − θ_ref‖ / ‖θ_ref‖ at t1
@@ -154,31 +222,41 @@ def main():
                           / jnp.linalg.norm(reference, axis=1))
 
     # Work counts (each an autodiff pass: a gradient, a Hessian-vector product or the
-    # gradient of one, the third derivative). Tsit5: 6 field evaluations per solver step
-    # (7 stages, first same as last); each evaluation of the field (dense eigensolver up
-    # to 400 parameters) takes 1 gradient + P HVPs + 1 third derivative.
-    def library_work(solver_steps):
+    # gradient of one, the third derivative). Tsit5: 6 field evaluations per accepted or
+    # rejected solver step (7 stages, first same as last); each evaluation of the field
+    # (dense eigensolver up to 400 parameters) takes 1 gradient + P HVPs + 1 third
+    # derivative.
+    def library_work(solver_steps, hvps):
         evaluations = 6 * int(np.sum(np.asarray(solver_steps)))
-        return {"gradients": evaluations, "hvps": evaluations * p, "third": evaluations}
+        return {"gradients": evaluations, "hvps": evaluations * hvps, "third": evaluations}
 
     anchor_substeps = args.members * steps * SUBSTEPS
     anchor_work = {"gradients": anchor_substeps, "hvps": hvp_count["hvps"],
                    "third": anchor_substeps}
-    report = {"problem": {"model": "DeepLinear [4, 5, 5, 2]", "parameters": p,
-                          "init_scale": args.init_scale, "data": "32 Gaussian inputs, "
-                          "linear teacher of scale 2", "lr": lr, "gd_steps": steps, "t1": t1,
-                          "members": args.members, "k": 1, "relaxation": SUBSTEPS,
-                          "library_rtol": args.rtol, "library_loose_rtol": args.loose_rtol,
-                          "anchor_substeps": SUBSTEPS,
-                          "anchor_eig_tol": EIG_TOL},
-              "reference": {"rtol": args.reference_rtol, "run_s": reference_s,
-                            "status": np.asarray(ref_status).tolist()}}
+    report = {
+        "problem": {"model": f"DeepLinear [4, 5, 5, {OUTPUTS}]", "parameters": p,
+                    "init_scale": args.init_scale, "data": "32 Gaussian inputs, "
+                    f"linear teacher 4→{OUTPUTS} of scale 2", "lr": lr, "two_over_lr": 2 / lr,
+                    "gd_steps": steps, "t1": t1, "members": args.members, "k": 1,
+                    "relaxation": SUBSTEPS, "library_solver": "tsit5",
+                    "library_rtols": args.rtols,
+                    "library_lanczos_steps": args.lanczos_steps, "anchor_substeps": SUBSTEPS,
+                    "anchor_eig_tol": EIG_TOL, "repeats": args.repeats},
+        "edge_of_stability": edge,
+        "reference": {"rtol": args.reference_rtol, "run_s": reference_s,
+                      "solver_steps_mean": float(np.mean(np.asarray(ref_steps))),
+                      "status": sorted(set(ref_result.status_names()))},
+        "error": "per member ‖θ(t1) − θ_ref(t1)‖ / ‖θ_ref(t1)‖ against the reference "
+                 "(the library's flow at the reference rtol); the anchor is forward Euler "
+                 "with dt = η/4 on the same field, an O(dt) error",
+    }
     runs = [("anchor", anchor_work, anchor_final, {})]
-    for name in ("library", "library_loose"):
+    for name in variants:
         final, solver_steps, status = timing[name]["output"]
-        runs.append((name, library_work(solver_steps), final,
+        names = sorted({cn.STATUS_NAMES[int(s)] for s in np.asarray(status)})
+        runs.append((name, library_work(solver_steps, hvps_per_evaluation[name]), final,
                      {"solver_steps_mean": float(np.mean(np.asarray(solver_steps))),
-                      "status": np.asarray(status).tolist()}))
+                      "rtol": rtol_of[name], "status": names}))
     for name, work, final, extra in runs:
         run_s = timing[name]["run_s"]
         err = error(final)
@@ -190,18 +268,34 @@ def main():
                         "gradients_per_s": work["gradients"] / run_s,
                         "error_max": float(err.max()), "error_median": float(np.median(err)),
                         **extra}
-    report["ratios"] = {
-        f"{what}_{name}_over_anchor": report[name][key] / report["anchor"][key]
-        for name in ("library", "library_loose")
-        for what, key in (("members_per_s", "members_per_s"), ("error_max", "error_max"),
-                          ("autodiff_passes_per_s", "autodiff_passes_per_s"))}
+    anchor_r = report["anchor"]
+    report["ratios"] = {name: {
+        "members_per_s_over_anchor": report[name]["members_per_s"] / anchor_r["members_per_s"],
+        "gradients_per_s_over_anchor": report[name]["gradients_per_s"]
+        / anchor_r["gradients_per_s"],
+        "autodiff_passes_per_s_over_anchor": report[name]["autodiff_passes_per_s"]
+        / anchor_r["autodiff_passes_per_s"],
+        "error_max_over_anchor": report[name]["error_max"] / anchor_r["error_max"]}
+        for name in variants}
+    # Equal accuracy: the loosest library tolerance whose worst member is at least as close
+    # to the reference as the anchor's worst member.
+    report["matched_accuracy"] = {}
+    for eig in ("dense", "lanczos"):
+        matched = [name for name in variants if ("lanczos" in name) == (eig == "lanczos")
+                   and report[name]["error_max"] <= anchor_r["error_max"]]
+        loosest = max(matched, key=rtol_of.get, default=None)
+        report["matched_accuracy"][eig] = None if loosest is None else {
+            "library": loosest, **report["ratios"][loosest]}
+    report["load_average"] = {"start": list(load_start), "end": list(os.getloadavg()),
+                              "cores": os.cpu_count()}
     path = _harness.write("central", report)
     print(path)
-    for name in ("library", "library_loose", "anchor"):
+    for name in (*variants, "anchor"):
         r = report[name]
         print(f"{name}: {r['run_s']:.2f} s, {r['members_per_s']:.2f} members/s, "
               f"error max {r['error_max']:.2e}, work {r['work']}")
-    print(report["ratios"])
+    print(json.dumps({"edge": edge, "matched": report["matched_accuracy"],
+                      "load": report["load_average"]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def count_flows(t) -> str:
     verdicts and law counts of its configurations."""
     report = t._load("count_flows_cpu.json")
     rows = ["| set (the notebook's draws) | configurations | ours [s] | Sage [s] (64 cores) | "
-            "ours ÷ Sage | verdicts | laws |", "|---|---|---|---|---|---|---|"]
+            "ours ÷ Sage | verdicts | laws | load average |", "|---|---|---|---|---|---|---|---|"]
     for name, label in COUNT_SETS.items():
         if name not in report:
             continue
@@ -205,9 +205,65 @@ def count_flows(t) -> str:
         rows.append(f"| {label} | {len(configs)} | {r['seconds']:.0f} | {r['sage_seconds']} | "
                     f"{r['ratio']:.2f} | "
                     + ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items())) + " | "
-                    + ", ".join(map(str, laws)) + " |")
+                    + ", ".join(map(str, laws)) + " | "
+                    + (f"{r['load_average'][0]:.1f}" if "load_average" in r else "not recorded")
+                    + " |")
     machine = next(iter(report.values()))["machine"]
     rows += ["", f"Machine: {machine}."]
+    return "\n".join(rows)
+
+
+def central(t) -> str:
+    """The central flow for an ensemble in one program against the anchor's loop one seed at a
+    time (bench_central.py): throughput and error against the tight reference, per run."""
+    r = t._load("central_cpu.json")
+    pr, edge, env = r["problem"], r["edge_of_stability"], r["environment"]
+    rows = ["| run | members/s | gradients/s | autodiff passes/s | error at t1, max (median) "
+            "| gradients per member | compile [s] |", "|---|---|---|---|---|---|---|"]
+    a = r["anchor"]
+    rows.append(f"| anchor loop, one seed at a time (Euler, {pr['anchor_substeps']} substeps "
+                f"per step, LOBPCG) | {a['members_per_s']:.1f} | {a['gradients_per_s']:.0f} | "
+                f"{a['autodiff_passes_per_s']:.0f} | {a['error_max']:.1e} "
+                f"({a['error_median']:.1e}) | {a['work']['gradients'] / pr['members']:.0f} | "
+                f"{a['compile_s']:.1f} |")
+    for name in (n for n in r if n.startswith("library_")):
+        e = r[name]
+        eig = (f"Lanczos {pr['library_lanczos_steps']}" if "lanczos" in name
+               else f"dense Hessian ({pr['parameters']} HVPs)")
+        rows.append(f"| library, {pr['members']} members in one program (Tsit5, rtol "
+                    f"{e['rtol']:g}, {eig}) | {e['members_per_s']:.1f} | "
+                    f"{e['gradients_per_s']:.0f} | {e['autodiff_passes_per_s']:.0f} | "
+                    f"{e['error_max']:.1e} ({e['error_median']:.1e}) | "
+                    f"{e['work']['gradients'] / pr['members']:.0f} | {e['compile_s']:.1f} |")
+    matched = []
+    for eig, m in r["matched_accuracy"].items():
+        if m is not None:
+            matched.append(f"{eig} eigensolver, rtol {r[m['library']]['rtol']:g}: "
+                           f"{m['members_per_s_over_anchor']:.2f}× the anchor's members/s, "
+                           f"{m['gradients_per_s_over_anchor']:.2f}× its gradients/s, at "
+                           f"{m['error_max_over_anchor']:.2f}× its worst error")
+    first, osc = edge["first_edge_step"], edge["steps_oscillating"]
+    load = r["load_average"]
+    rows += ["",
+             f"Problem: {pr['model']} ({pr['parameters']} parameters, init "
+             f"{pr['init_scale']:g}), η = {pr['lr']:g} (2/η = {pr['two_over_lr']:.2f}), "
+             f"{pr['gd_steps']} GD steps (t1 = {pr['t1']:.2g}), {pr['members']} members, "
+             f"k = {pr['k']}, relaxation {pr['relaxation']}. Along the reference (rtol "
+             f"{r['reference']['rtol']:g}) ηS rises from {edge['eta_sharpness_start']['min']:.2f}–"
+             f"{edge['eta_sharpness_start']['max']:.2f}; {edge['members_reaching_edge']} of "
+             f"{pr['members']} members reach ηS ≥ 1.99 (GD step {first['min']:.0f}–"
+             f"{first['max']:.0f}, median {first['median']:.0f}) and oscillate (σ² > 0) for "
+             f"{osc['min']:.0f}–{osc['max']:.0f} of the {pr['gd_steps']} steps; at t1 |ηS − 2| ≤ "
+             f"{max(abs(v - 2) for v in edge['eta_sharpness_end'].values()):.0e}.",
+             "",
+             "At matched accuracy (the loosest tolerance whose worst member is at least as "
+             "close to the reference as the anchor's worst): " + "; ".join(matched) + ".",
+             "",
+             f"Best of {pr['repeats']} interleaved rounds, at commit "
+             f"{(env['commit'] or '?')[:7]}; machine: {env['cpu_count']} cores shared with "
+             f"other jobs (load average {load['start'][0]:.1f} at the start, "
+             f"{load['end'][0]:.1f} at the end): the ratios within the run are meaningful, "
+             f"the absolute rates are not; jax {env['versions']['jax']}, one thread."]
     return "\n".join(rows)
 
 
@@ -221,7 +277,7 @@ def generate(t=None) -> dict[str, str]:
                 "solvers_quick": t.solvers_quick, "augmentation": lambda: augmentation(t),
                 "latency": lambda: latency(t), "mutation": lambda: mutation(t),
                 "train": lambda: train(t), "count_flows": lambda: count_flows(t),
-                "mutation_fresh": lambda: mutation_fresh(t)}
+                "mutation_fresh": lambda: mutation_fresh(t), "central": lambda: central(t)}
     return {name: build().strip() + "\n" for name, build in builders.items()}
 
 

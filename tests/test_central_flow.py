@@ -395,3 +395,159 @@ def test_central_flow_tracks_gd_midpoints_from_below_the_edge():
     assert np.all((loss_ratio > 0.7) & (loss_ratio < 0.95)), loss_ratio
     assert np.all(np.asarray(c.stable_loss[0, late]) < 1e-2 * np.asarray(
         c.gd_loss_average[0, late]))
+
+
+# --- Scalar RMSProp (the paper's §4): `RMSPropCentralFlow`, `rmsprop_central_flow_comparison`.
+# The same 4-5-5-2 deep linear net. With η = 0.03, β₂ = 0.9 and ν₀ = ‖∇L(θ₀)‖² the effective
+# sharpness ηS/√ν starts at 0.04–0.05 and rises as ν follows the shrinking gradient: member 0
+# reaches 2 near step 110, member 1 near step 140; after a catapult both oscillate about 2.
+RMS_LR, RMS_BETA2, RMS_STEPS, RMS_SAVE, RMS_WINDOW = 0.03, 0.9, 240, 13, 20
+
+
+@pytest.fixture(scope="module")
+def rmsprop(problem):
+    objective, ensemble, _, _ = problem
+    return cn.rmsprop_central_flow_comparison(
+        objective, ensemble, RMS_LR, RMS_STEPS, beta2=RMS_BETA2, n_save=RMS_SAVE,
+        window=RMS_WINDOW, rtol=1e-9, max_steps=5000)
+
+
+def test_rmsprop_below_the_edge_is_the_stable_flow(problem, rmsprop):
+    """Below the edge (ηS/√ν < 1) the central flow is the stable flow, and both solve
+    dθ/dt = −∇L/√ν, dν/dt = (1 − β₂)/(β₂η)(‖∇L‖² − ν) (scipy's solve_ivp, rtol 1e-11)."""
+    _, ensemble, loss, _ = problem
+    grad = jax.jit(jax.grad(loss))
+    c = (1 - RMS_BETA2) / RMS_BETA2
+    t = np.asarray(rmsprop.t)
+
+    def f(_, y):
+        g = np.asarray(grad(jnp.asarray(y[:-1])))
+        return np.append(-g / np.sqrt(y[-1]), c / RMS_LR * (g @ g - y[-1]))
+
+    for b in range(2):
+        below = np.asarray(rmsprop.central_effective_sharpness[b]) < 1
+        n = int(np.argmin(below))  # the saves before the first one at or past 1
+        assert n >= 5 and np.all(below[:n])
+        np.testing.assert_array_equal(np.asarray(rmsprop.variance[b, :n]), 0.0)
+        np.testing.assert_allclose(rmsprop.central_nu[b, :n], rmsprop.stable_nu[b, :n],
+                                   rtol=1e-12)
+        theta0 = np.asarray(_theta(ensemble[b]))
+        g0 = np.asarray(grad(jnp.asarray(theta0)))
+        ref = solve_ivp(f, (0, t[n - 1]), np.append(theta0, g0 @ g0), t_eval=t[:n],
+                        rtol=1e-11, atol=1e-12, method="DOP853")
+        ref_loss = [float(loss(jnp.asarray(y))) for y in ref.y[:-1].T]
+        np.testing.assert_allclose(rmsprop.central_nu[b, :n], ref.y[-1], rtol=1e-6)
+        np.testing.assert_allclose(rmsprop.central_loss[b, :n], ref_loss, rtol=1e-6)
+        # Negative control: the time scaling matters (the paper's 1/β₂ left out).
+        assert not np.allclose(
+            rmsprop.central_nu[b, :n],
+            solve_ivp(lambda s, y: f(s, y) * np.append(np.ones(y.size - 1), RMS_BETA2),
+                      (0, t[n - 1]), np.append(theta0, g0 @ g0), t_eval=t[:n],
+                      rtol=1e-9).y[-1], rtol=1e-3)
+
+
+def test_rmsprop_central_flow_at_the_edge(rmsprop):
+    """At the edge the central flow pins ηS/√ν at 2 while discrete RMSProp oscillates about
+    it, and the central flow's ν and predicted loss L + ½Sσ² track RMSProp's (moving
+    averages) far better than the stable flow, whose ν and loss collapse."""
+    for b in range(2):
+        edge = np.asarray(rmsprop.variance[b]) > 0
+        first = int(np.argmax(edge))
+        assert 5 <= first <= 8 and np.all(edge[first:])
+        np.testing.assert_allclose(rmsprop.central_effective_sharpness[b, first:], 2.0,
+                                   atol=1e-6)
+        # The stable flow passes 2 and keeps rising (ν → 0 with the gradient); so stiff that
+        # Tsit5 may run out of steps (member 0: `max_steps`, NaN saves after it).
+        stable_sharp = np.asarray(rmsprop.stable_effective_sharpness[b, first + 1:])
+        assert np.all(np.nan_to_num(stable_sharp, nan=np.inf) > 2.3), stable_sharp
+        assert int(rmsprop.stable_status[b]) in (0, 1)  # success or max_steps, never NaN-ok
+        assert (int(rmsprop.stable_status[b]) == 0) == bool(np.all(np.isfinite(stable_sharp)))
+        # The last four saves (steps 180–240), past the catapult: RMSProp about 2.
+        late = slice(-4, None)
+        sharp = np.asarray(rmsprop.effective_sharpness[b, late])
+        assert np.all(np.abs(sharp - 2) < 0.2), sharp
+        average = np.asarray(rmsprop.loss_average[b, late])
+        central = np.abs(np.asarray(rmsprop.central_predicted_loss[b, late]) - average)
+        stable = np.abs(np.nan_to_num(np.asarray(rmsprop.stable_loss[b, late]), nan=0.0)
+                        - average)
+        # Measured: the central flow's predicted loss is within 1–4 % (member 0) and 5–22 %
+        # (member 1) of RMSProp's 20-step average (~2e-3); the stable flow's loss is ~1e-14:
+        # the ratio of the errors is 0.038 and 0.22.
+        ratio = np.max(central / stable)
+        assert 0.01 < ratio < 0.35, ratio
+        assert np.all(central / average < 0.3)
+        # ν: RMSProp's ν_k oscillates too; over these saves its mean is within 5 % of the
+        # central flow's (measured 4.3 % and 1.1 %), the stable flow's is ≥ 10× smaller.
+        nu = np.mean(np.asarray(rmsprop.nu[b, late]))
+        assert abs(np.mean(np.asarray(rmsprop.central_nu[b, late])) / nu - 1) < 0.05
+        stable_nu = np.asarray(rmsprop.stable_nu[b, late])  # (not saved past max_steps)
+        assert np.all(stable_nu[np.isfinite(stable_nu)] / nu < 0.1)
+    assert np.all(np.asarray(rmsprop.status) == 0)
+    assert np.all(np.asarray(rmsprop.central_status) == 0)
+
+
+def test_rmsprop_pointwise_against_finite_differences(problem):
+    """At a state past the edge (ηS/√ν = 2.02, near a minimum: ‖∇L‖² < ν) σ² is what holds
+    the effective sharpness E = ηS/√ν on its relaxation, dE/dt = κ(2 − E): checked with E,
+    ∇S and ∂E/∂ν from numpy's eigvalsh of dense Hessians and central differences (no third
+    derivatives), and the velocity and dν/dt of the paper's equations from them."""
+    objective, ensemble, loss, _ = problem
+    grad = jax.jit(jax.grad(loss))
+    hessian = jax.jit(jax.hessian(loss))
+    y = jax.jit(lambda y: jax.lax.fori_loop(0, 400, lambda _, y: y - 0.02 * grad(y), y))(
+        _theta(ensemble[0]))
+    theta = np.asarray(y)
+
+    def sharp(z):
+        return np.linalg.eigvalsh(np.asarray(hessian(jnp.asarray(z))))[-1]
+
+    s = sharp(theta)
+    nu = (RMS_LR * s / 2.02) ** 2
+    g = np.asarray(grad(y))
+    assert g @ g < 0.1 * nu
+    h = 1e-5
+    eye = np.eye(theta.size)
+    grad_s = np.array([(sharp(theta + h * e) - sharp(theta - h * e)) / (2 * h) for e in eye])
+    c, kappa = (1 - RMS_BETA2) / RMS_BETA2, 2.0 / RMS_LR
+    flow = cn.RMSPropCentralFlow(RMS_LR, RMS_BETA2)
+    o = eqx.filter_jit(flow.oscillation)(grad, y, jnp.asarray(nu), loss)
+
+    def rates(sigma2):
+        theta_dot = -(g + 0.5 * sigma2 * grad_s) / np.sqrt(nu)
+        nu_dot = c / RMS_LR * (g @ g + s**2 * sigma2 - nu)
+        effective_dot = (RMS_LR * grad_s @ theta_dot / np.sqrt(nu)
+                         - RMS_LR * s / (2 * nu**1.5) * nu_dot)
+        return theta_dot, nu_dot, effective_dot
+
+    target = kappa * (2 - RMS_LR * s / np.sqrt(nu))
+    d0, d1 = rates(0.0)[2], rates(1.0)[2] - rates(0.0)[2]
+    sigma2 = (target - d0) / d1
+    assert sigma2 > 0
+    np.testing.assert_allclose(float(o.variance), sigma2, rtol=1e-5)
+    np.testing.assert_allclose(float(o.effective_sharpness), 2.02, rtol=1e-10)
+    theta_dot, nu_dot, _ = rates(sigma2)
+    np.testing.assert_allclose(o.velocity, theta_dot, rtol=1e-5, atol=1e-7 * np.abs(
+        theta_dot).max())
+    np.testing.assert_allclose(float(o.nu_rate), nu_dot, rtol=1e-5)
+    np.testing.assert_allclose(float(o.predicted_loss), float(loss(y)) + 0.5 * s * sigma2,
+                               rtol=1e-8)
+    # Negative control: ν's oscillation term with σ² in place of S²σ² (the JAX anchor's U
+    # for HU) holds E on a different σ², far outside the tolerance.
+    wrong = c / RMS_LR * (g @ g + sigma2 - nu)
+    assert abs(wrong - float(o.nu_rate)) > 0.1 * abs(float(o.nu_rate))
+    # and σ² 10 % off breaks the relaxation the reference requires.
+    assert abs(rates(1.1 * sigma2)[2] - target) > 1e-3 * abs(target)
+
+
+def test_rmsprop_arguments(problem):
+    with pytest.raises(cn.ArgumentError, match="beta2"):
+        cn.RMSPropCentralFlow(0.1, beta2=1.0)
+    with pytest.raises(cn.ArgumentError, match="eps"):
+        cn.RMSPropCentralFlow(0.1, eps=-1.0)
+    with pytest.raises(cn.ArgumentError, match="lr"):
+        cn.RMSPropCentralFlow(0.0)
+    objective, ensemble, _, _ = problem
+    with pytest.raises(cn.ArgumentError, match="steps"):
+        cn.rmsprop_central_flow_comparison(objective, ensemble, 0.1, 7, n_save=3)
+    with pytest.raises(cn.ArgumentError, match="nu0"):
+        cn.rmsprop_central_flow_comparison(objective, ensemble, 0.1, 8, n_save=3, nu0=0.0)

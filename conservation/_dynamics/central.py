@@ -31,7 +31,14 @@ from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
 from .._validation import ArgumentError, choice, fail, integer, is_traced, number
 from .arguments import check_objective
 from .flow import AbstractVectorField, GradientField, ModifiedGradientField, gradient_flow
-from .monitor import Result
+from .monitor import (
+    DIVERGED,
+    FAILED,
+    MAX_STEPS,
+    SUCCESS,
+    Result,
+    mark_loss_increased,
+)
 from .train import optimizer, train
 
 EIGENSOLVERS = ("auto", "dense", "lanczos")
@@ -457,3 +464,329 @@ def central_flow_comparison(
         midpoint_stable=jnp.linalg.norm(midpoint - theta_gf, axis=-1),
         gd=_without_parameters(gd), central=results["central"], stable=results["stable"],
         modified=results.get("modified"), window=window)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar RMSProp (the paper's §4): one adaptive scalar ν for all parameters.
+
+
+def _check_rmsprop(lr, beta2, eps, relaxation):
+    number("lr", _shown(lr), ">0", array=True,
+           fix="the learning rate η of the scalar RMSProp the flow follows")
+    number("beta2", _shown(beta2), "(0,1)", array=True,
+           fix="β₂ in ν ← β₂ν + (1 − β₂)‖∇L‖², e.g. 0.99")
+    number("eps", _shown(eps), ">=0", array=True, fix="ε in θ ← θ − η∇L/(√ν + ε), e.g. 0")
+    number("relaxation", _shown(relaxation), ">0", array=True,
+           fix="the rate (per step) at which an overshooting effective sharpness returns to "
+               "2, e.g. 2.0")
+
+
+class RMSPropOscillation(eqx.Module):
+    """What the scalar-RMSProp central flow predicts at one state (θ, ν)
+    (`RMSPropCentralFlow.oscillation`).
+
+    - `sharpness`: S, the top Hessian eigenvalue; `effective_sharpness`: ηS/(√ν + ε), the
+      quantity RMSProp's stability pins at 2; `eigenvector`: the unit top eigenvector (P,).
+    - `variance`: σ², the oscillation's variance along the top eigenvector (0 below the edge).
+    - `velocity`: dθ/dt; `nu_rate`: dν/dt (time t = η·step).
+    - `loss`: L(θ); `predicted_loss`: RMSProp's time-averaged loss, L(θ) + ½Sσ².
+    """
+
+    sharpness: Float[Array, ""]
+    effective_sharpness: Float[Array, ""]
+    eigenvector: Float[Array, " P"]
+    variance: Float[Array, ""]
+    velocity: Float[Array, " P"]
+    nu_rate: Float[Array, ""]
+    loss: Float[Array, ""]
+    predicted_loss: Float[Array, ""]
+
+
+class RMSPropCentralFlow(eqx.Module):
+    """The central flow of scalar RMSProp (Cohen, Damian et al., ICLR 2025, §4) and its stable
+    flow, on the state y = (θ, ν) (the flat parameters and the scalar ν, one vector of P + 1
+    entries), in time t = η·step like `CentralFlowField`.
+
+    Scalar RMSProp (the paper's ordering): ν_{k+1} = β₂ν_k + (1 − β₂)‖∇L(θ_k)‖²,
+    θ_{k+1} = θ_k − η∇L(θ_k)/(√ν_{k+1} + ε). With r = √ν + ε and c = (1 − β₂)/β₂ (the
+    paper's 1/β₂ accounts for ν being updated before the step), the **stable flow** is
+
+        dθ/dt = −∇L/r,    dν/dt = (c/η)(‖∇L‖² − ν),
+
+    and the **central flow** adds the oscillation of variance σ² along the top unit Hessian
+    eigenvector u (eigenvalue S): its third-derivative pull on θ and its contribution S²σ² to
+    the mean squared gradient,
+
+        dθ/dt = −(∇L + ½σ²∇S)/r,    dν/dt = (c/η)(‖∇L‖² + S²σ² − ν),    ∇S = ∇(uᵀHu),
+
+    with σ² ≥ 0 the smallest oscillation that keeps the effective sharpness ηS/r at or below 2:
+    with a = 2 − ηS/r, σ² = max(0, −q/b) where κa + da/dt = q + bσ² (b > 0; κ =
+    `relaxation`/η, the same Baumgarte term as `CentralFlowField`). Below the edge σ² = 0 and
+    the central flow is the stable flow. At the edge ν is held where η²S² = 4r², i.e. the
+    oscillation raises ν instead of S being pushed down (the paper's "self-stabilisation via
+    ν"). (The anchor's JAX code `central_flows_jax` uses U in place of HU in ν's oscillation
+    term; its PyTorch code and the paper use HU, as here.)
+
+    One eigenvalue at the edge (the paper's scalar-RMSProp analysis); eigenpairs and ∇S as in
+    `CentralFlowField` (`eigensolver`, `lanczos_steps`).
+
+    **Arguments:** `lr` η > 0, `beta2` β₂ in (0, 1), `eps` ε ≥ 0, `relaxation` κη > 0 (all
+    traced: new values do not recompile); `eigensolver`, `lanczos_steps`.
+
+    **Example:** `rmsprop_central_flow_comparison(objective, model, lr, steps, beta2=0.9)`
+    integrates it (and the stable flow) next to discrete scalar RMSProp; by hand,
+    `RMSPropCentralFlow(0.01, 0.9)(jax.grad(loss), jnp.append(theta, nu))` is dy/dt.
+    """
+
+    lr: Array = eqx.field(converter=jnp.asarray)
+    beta2: Array = eqx.field(default=0.99, converter=jnp.asarray)
+    eps: Array = eqx.field(default=0.0, converter=jnp.asarray)
+    relaxation: Array = eqx.field(default=2.0, converter=jnp.asarray)
+    eigensolver: str = eqx.field(default="auto", static=True)
+    lanczos_steps: int = eqx.field(default=40, static=True)
+
+    def __check_init__(self):
+        _check_rmsprop(self.lr, self.beta2, self.eps, self.relaxation)
+        choice("eigensolver", self.eigensolver, EIGENSOLVERS)
+        integer("lanczos_steps", self.lanczos_steps, minimum=1)
+
+    def oscillation(self, grad: Callable, theta: Float[Array, " P"], nu: Float[Array, ""],
+                    loss: Callable | None = None) -> RMSPropOscillation:
+        """The central flow's quantities at the state (`theta`, `nu`) (`grad(theta)` =
+        ∇L(θ); `loss(theta)` = L(θ), optional: without it the losses are NaN)."""
+        eta = self.lr
+        c = (1 - self.beta2) / self.beta2
+        root = jnp.sqrt(nu)
+        r = root + self.eps
+        s, u = top_eigenpairs(_hvp(grad, theta), theta.shape[0], 1, self.eigensolver,
+                              self.lanczos_steps)
+        s, u = s[0], u[:, 0]
+        grad_s = jax.grad(lambda z: jnp.vdot(u, _hvp(grad, z)(u)))(theta)  # u held fixed
+        g = grad(theta)
+        g2 = jnp.vdot(g, g)
+        a = 2 - eta * s / r
+        # a = 2 − ηS/r: da/dt = (ηS/r²)·ν̇/(2√ν) − (η/r)⟨∇S, θ̇⟩, linear in σ² through
+        # ν̇ = (c/η)(‖g‖² − ν + S²σ²) and θ̇ = −(g + ½σ²∇S)/r.
+        dr = eta * s / (2 * root * r**2) * (c / eta)  # ∂(da/dt)/∂(‖g‖² − ν + S²σ²)
+        q = self.relaxation / eta * a + dr * (g2 - nu) + eta / r**2 * jnp.vdot(grad_s, g)
+        b = dr * s**2 + eta / (2 * r**2) * jnp.vdot(grad_s, grad_s)
+        variance = jnp.where(b > 0, jnp.maximum(0.0, -q / jnp.where(b > 0, b, 1.0)), 0.0)
+        velocity = -(g + 0.5 * variance * grad_s) / r
+        nu_rate = c / eta * (g2 + s**2 * variance - nu)
+        value = jnp.asarray(jnp.nan) if loss is None else loss(theta)
+        return RMSPropOscillation(s, eta * s / r, u, variance, velocity, nu_rate, value,
+                                  value + 0.5 * s * variance)
+
+    def __call__(self, grad: Callable, y: Float[Array, " P+1"]) -> Float[Array, " P+1"]:
+        """dy/dt of the central flow at the state y = (θ, ν)."""
+        o = self.oscillation(grad, y[:-1], y[-1])
+        return jnp.append(o.velocity, o.nu_rate)
+
+    def stable(self, grad: Callable, y: Float[Array, " P+1"]) -> Float[Array, " P+1"]:
+        """dy/dt of the stable flow (no oscillation) at the state y = (θ, ν)."""
+        theta, nu = y[:-1], y[-1]
+        g = grad(theta)
+        c = (1 - self.beta2) / self.beta2
+        return jnp.append(-g / (jnp.sqrt(nu) + self.eps), c / self.lr * (jnp.vdot(g, g) - nu))
+
+
+class RMSPropComparison(eqx.Module):
+    """Discrete scalar RMSProp, its central flow and its stable flow from the same
+    initialisations (`rmsprop_central_flow_comparison`). B members, T saves at t = η·step.
+
+    - `t` (T,), `steps` (T,): the save times and the RMSProp steps they are.
+    - `loss`, `loss_average` (B, T): RMSProp's loss at the saved steps and its centred moving
+      average over `window` steps; `nu`, `effective_sharpness` (B, T): its ν_k and
+      ηS(θ_k)/(√ν_k + ε).
+    - `central_loss`, `central_predicted_loss` (L + ½Sσ², the time-averaged loss it
+      predicts), `central_nu`, `central_effective_sharpness`, `variance` (σ²) (B, T).
+    - `stable_loss`, `stable_nu`, `stable_effective_sharpness` (B, T).
+    - `distance_central`, `distance_stable` (B, T): ‖θ_k − θ_CF(t)‖, ‖θ_k − θ_SF(t)‖;
+      `midpoint_central`, `midpoint_stable`: the same from the second-order midpoint
+      (θ_{k−1} + 2θ_k + θ_{k+1})/4 (θ_0 at the start).
+    - `status`, `central_status`, `stable_status` (B,): codes of `STATUS_NAMES` (`success`
+      only for a finite run; the flows' `max_steps`/`failed` from the solver).
+    """
+
+    t: Float[Array, " T"]
+    steps: Array
+    loss: Float[Array, "B T"]
+    loss_average: Float[Array, "B T"]
+    nu: Float[Array, "B T"]
+    effective_sharpness: Float[Array, "B T"]
+    central_loss: Float[Array, "B T"]
+    central_predicted_loss: Float[Array, "B T"]
+    central_nu: Float[Array, "B T"]
+    central_effective_sharpness: Float[Array, "B T"]
+    variance: Float[Array, "B T"]
+    stable_loss: Float[Array, "B T"]
+    stable_nu: Float[Array, "B T"]
+    stable_effective_sharpness: Float[Array, "B T"]
+    distance_central: Float[Array, "B T"]
+    distance_stable: Float[Array, "B T"]
+    midpoint_central: Float[Array, "B T"]
+    midpoint_stable: Float[Array, "B T"]
+    status: Array
+    central_status: Array
+    stable_status: Array
+    window: int = eqx.field(static=True)
+
+
+@eqx.filter_jit
+def _rmsprop_run(flow, static, unravel, objective, y0, nu0, steps, ts, rtol, max_steps):
+    """Discrete scalar RMSProp (steps + 1 steps, every iterate and ν_k kept) and the central
+    and stable flows (saved at `ts`), for every row of `y0` (θ₀) and `nu0` (ν₀)."""
+    import diffrax as dfx  # (the solvers module imports it too; kept local to this path)
+
+    def loss(y):
+        return objective(eqx.combine(unravel(y), static))
+
+    grad = jax.grad(loss)
+
+    def discrete(theta, nu):
+        def step(carry, _):
+            theta, nu = carry
+            g = grad(theta)
+            nu_next = flow.beta2 * nu + (1 - flow.beta2) * jnp.vdot(g, g)
+            return (theta - flow.lr * g / (jnp.sqrt(nu_next) + flow.eps), nu_next), (theta, nu)
+
+        _, (thetas, nus) = jax.lax.scan(step, (theta, nu), None, length=steps + 2)
+        return thetas, nus
+
+    def solve(field, y):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: field(grad, y)), dfx.Tsit5(), ts[0], ts[-1], None,
+            y, saveat=dfx.SaveAt(ts=ts),
+            stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol),
+            max_steps=max_steps, throw=False)
+        ok = sol.result == dfx.RESULTS.successful
+        status = jnp.where(ok, SUCCESS, jnp.where(
+            sol.result == dfx.RESULTS.max_steps_reached, MAX_STEPS, FAILED))
+        return sol.ys, status
+
+    def member(theta0, nu0):
+        thetas, nus = discrete(theta0, nu0)
+        central, central_status = solve(flow, jnp.append(theta0, nu0))
+        stable, stable_status = solve(flow.stable, jnp.append(theta0, nu0))
+        return thetas, nus, central, central_status, stable, stable_status
+
+    return jax.vmap(member)(y0, nu0)
+
+
+@eqx.filter_jit
+def _rmsprop_observe(flow, static, unravel, objective, ys):
+    """The flow's `RMSPropOscillation` at every state of `ys` (B, N, P + 1), shaped (B, N)."""
+
+    def loss(y):
+        return objective(eqx.combine(unravel(y), static))
+
+    grad = jax.grad(loss)
+    b, n = ys.shape[:2]
+    seen = jax.lax.map(lambda y: flow.oscillation(grad, y[:-1], y[-1], loss),
+                       ys.reshape(b * n, -1))
+    return jtu.tree_map(lambda x: x.reshape((b, n) + x.shape[1:]), seen)
+
+
+def rmsprop_central_flow_comparison(
+    objective: Objective,
+    model: AbstractModel | Ensemble,
+    lr: ScalarLike,
+    steps: int,
+    *,
+    beta2: ScalarLike = 0.99,
+    eps: ScalarLike = 0.0,
+    nu0: ScalarLike | None = None,
+    n_save: int = 101,
+    relaxation: ScalarLike = 2.0,
+    window: int = 8,
+    rtol: ScalarLike = 1e-8,
+    max_steps: int = 100_000,
+    eigensolver: str = "auto",
+) -> RMSPropComparison:
+    """Run discrete scalar RMSProp (`steps` steps), its central flow and its stable flow
+    (`RMSPropCentralFlow`) from every member of `model`, to t = `lr`·`steps`, and compare them
+    at `n_save` saves.
+
+    **Arguments:**
+
+    - `objective`, `model`: as for `gradient_flow` (a model or an `Ensemble`).
+    - `lr`: η > 0; `steps`: RMSProp steps, a multiple of `n_save` − 1 (saves fall on steps).
+    - `beta2`, `eps`, `relaxation`, `eigensolver`: of the `RMSPropCentralFlow`.
+    - `nu0`: the start ν₀ > 0 of every run (default: ‖∇L(θ₀)‖² of each member, so that ν
+      starts at its stable-flow value instead of RMSProp's usual 0, whose first steps are
+      of size η/√(1 − β₂) regardless of the loss).
+    - `window`: steps in the moving average of RMSProp's loss (≥ 1).
+    - `rtol`, `max_steps`: of the flows (Tsit5, atol = rtol).
+
+    **Returns:** an `RMSPropComparison`. Keeps every RMSProp iterate (B·steps·P numbers):
+    meant for small models.
+
+    **Example:**
+
+        cmp = rmsprop_central_flow_comparison(objective, net, lr=0.01, steps=300, beta2=0.9)
+        cmp.central_effective_sharpness  # ≈ 2 once RMSProp is at the edge of stability
+    """
+    ensemble = as_ensemble(model)
+    check_objective(objective)
+    number("lr", lr, ">0", fix="the learning rate of scalar RMSProp")
+    steps = integer("steps", steps, minimum=1)
+    n_save = integer("n_save", n_save, minimum=2)
+    if steps % (n_save - 1):
+        raise fail("steps", steps, f"must be a multiple of n_save − 1 = {n_save - 1} (every "
+                   "save is a step)", f"e.g. steps={(steps // (n_save - 1) + 1) * (n_save - 1)}")
+    window = integer("window", window, minimum=1)
+    if nu0 is not None:
+        number("nu0", nu0, ">0", fix="the start value of ν, or None (‖∇L(θ₀)‖²)")
+    number("rtol", rtol, "rtol", fix="e.g. rtol=1e-8 (the default)")
+    max_steps = integer("max_steps", max_steps, minimum=1)
+    flow = RMSPropCentralFlow(lr, beta2, eps, relaxation, eigensolver)
+    params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
+    y0 = jax.vmap(lambda p: jfu.ravel_pytree(p)[0])(params)
+    unravel = jfu.ravel_pytree(jtu.tree_map(lambda x: x[0], params))[1]
+    if nu0 is None:
+        start = jax.vmap(jax.grad(lambda y: objective(eqx.combine(unravel(y), static))))(y0)
+        nus = jnp.sum(start**2, axis=1)
+        if not bool(jnp.all(nus > 0)):
+            raise ArgumentError("a member starts at a stationary point (‖∇L(θ₀)‖ = 0), where "
+                                "ν₀ = ‖∇L(θ₀)‖² is 0; pass `nu0` > 0.")
+    else:
+        nus = jnp.full((ensemble.size,), float(nu0))
+    ts = jnp.linspace(0.0, float(lr) * steps, n_save)
+    thetas, nu_k, central, cstatus, stable, sstatus = _rmsprop_run(
+        flow, static, unravel, objective, y0, nus, steps, ts, jnp.asarray(rtol, float),
+        max_steps)
+
+    def observe_all(ys):
+        return _rmsprop_observe(flow, static, unravel, objective, ys)
+
+    at = np.arange(n_save) * (steps // (n_save - 1))
+    discrete = jnp.concatenate([thetas, nu_k[..., None]], axis=-1)
+    seen_d = observe_all(discrete[:, at])
+    seen_c, seen_s = observe_all(central), observe_all(stable)
+    losses = jax.vmap(jax.vmap(lambda y: objective(eqx.combine(unravel(y), static))))(
+        thetas[:, :steps + 1])
+    theta_k = thetas[:, at]
+    midpoint = jnp.where((at > 0)[None, :, None], 0.25 * (
+        thetas[:, np.maximum(at - 1, 0)] + 2 * theta_k + thetas[:, at + 1]), theta_k)
+    finite = jnp.all(jnp.isfinite(thetas), axis=(1, 2)) & jnp.all(jnp.isfinite(losses), axis=1)
+    status = mark_loss_increased(losses[:, at], jnp.where(finite, SUCCESS, DIVERGED))
+
+    def flow_status(code, ys, seen):
+        ok = jnp.all(jnp.isfinite(ys), axis=(1, 2)) & jnp.all(jnp.isfinite(seen.loss), axis=1)
+        return mark_loss_increased(seen.loss, jnp.where((code == SUCCESS) & ~ok, DIVERGED,
+                                                        code))
+
+    return RMSPropComparison(
+        t=ts, steps=jnp.asarray(at), loss=losses[:, at],
+        loss_average=jnp.asarray(_moving_average(np.asarray(losses), window)[:, at]),
+        nu=nu_k[:, at], effective_sharpness=seen_d.effective_sharpness,
+        central_loss=seen_c.loss, central_predicted_loss=seen_c.predicted_loss,
+        central_nu=central[..., -1], central_effective_sharpness=seen_c.effective_sharpness,
+        variance=seen_c.variance, stable_loss=seen_s.loss, stable_nu=stable[..., -1],
+        stable_effective_sharpness=seen_s.effective_sharpness,
+        distance_central=jnp.linalg.norm(theta_k - central[..., :-1], axis=-1),
+        distance_stable=jnp.linalg.norm(theta_k - stable[..., :-1], axis=-1),
+        midpoint_central=jnp.linalg.norm(midpoint - central[..., :-1], axis=-1),
+        midpoint_stable=jnp.linalg.norm(midpoint - stable[..., :-1], axis=-1),
+        status=status, central_status=flow_status(cstatus, central, seen_c),
+        stable_status=flow_status(sstatus, stable, seen_s), window=window)
