@@ -7,7 +7,8 @@ fires too; the seconds it reports are the compile or the cache load). Cases:
 
 - README example without the persistent cache, cold (an empty cache folder,
   `cn.enable_compilation_cache()`) and warm (a second process on the same folder);
-- `conservation run configs/quickstart.toml` cold and warm (the CLI's cache is on by default).
+- `conservation run configs/quickstart.toml` cold and warm (the CLI's cache is on by default);
+- `import conservation` alone (no program: what every process pays before its first call).
 
 `--baseline DIR` runs every case also with the package found in DIR first on PYTHONPATH
 (e.g. `git archive HEAD conservation | tar -x -C DIR` of an earlier commit), interleaved with
@@ -58,6 +59,8 @@ def readme_example() -> str:
 
 def _case(name: str, cache: str | None, out: pathlib.Path) -> str:
     """The program text of one case."""
+    if name == "import":
+        return PRELUDE + "import conservation\n"
     if name == "readme":
         enable = "import conservation as cn; cn.enable_compilation_cache()\n" if cache else ""
         return PRELUDE + enable + readme_example()
@@ -121,10 +124,12 @@ def main() -> None:
         precompile(path, scratch)
     for _ in range(args.rounds):
         for code, path in codes.items():  # interleaved: a slow spell hits both alike
-            for name in ("readme", "quickstart"):
+            for name in ("import", "readme", "quickstart"):
                 cases = {f"{name}_cold": None, f"{name}_warm": None}
                 if name == "readme":
                     cases = {"readme_no_cache": None, **cases}
+                if name == "import":
+                    cases = {"import_no_cache": None}
                 folder = tempfile.mkdtemp(dir=scratch)  # empty: cold, then warm on it
                 for case in cases:
                     cache = None if case.endswith("no_cache") else folder

@@ -23,10 +23,21 @@ MAX_SKIPPED = 2  # blocks marked `<!-- skip: reason -->`: keep them few
 
 
 def _reexported():
-    """Names bound by `from .<module> import <name> as <name>` in conservation/__init__.py."""
+    """Names bound by `from .<module> import <name> as <name>` in conservation/__init__.py:
+    at the top level (imported eagerly) or under `if TYPE_CHECKING:` (imported on first use
+    by the package's `__getattr__`, from the module its `_LAZY` table names)."""
     tree = ast.parse((ROOT / "conservation" / "__init__.py").read_text())
-    return [alias.asname or alias.name for node in tree.body
-            if isinstance(node, ast.ImportFrom) and node.level > 0 for alias in node.names]
+    lazy = [node for top in tree.body
+            if isinstance(top, ast.If) and ast.unparse(top.test) == "TYPE_CHECKING"
+            for node in top.body]
+    eager = [(node, alias) for node in tree.body
+             if isinstance(node, ast.ImportFrom) and node.level > 0 for alias in node.names]
+    typed = [(node, alias) for node in lazy
+             if isinstance(node, ast.ImportFrom) and node.level > 0 for alias in node.names]
+    # The lazy table imports each name from the module the typed import names.
+    assert {alias.asname or alias.name: f".{node.module}" for node, alias in typed} == (
+        conservation._LAZY)
+    return [alias.asname or alias.name for _, alias in eager + typed]
 
 
 def _documented():

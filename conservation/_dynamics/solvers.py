@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .._validation import as_float64
 from . import rock4_coefficients as _tables
 
 _MS = np.asarray(_tables.MS, np.int32)  # Chebyshev degrees with tabulated coefficients (1..148)
@@ -68,7 +69,7 @@ class AbstractChebyshevSolver(dfx.AbstractAdaptiveSolver):
     """
 
     safety: float = 1.2
-    init_iterations: int = 20
+    init_iterations: int = eqx.field(default=20, static=True)
 
     term_structure: ClassVar = dfx.AbstractTerm
     interpolation_cls: ClassVar[Callable[..., dfx.ThirdOrderHermitePolynomialInterpolation]] = (
@@ -275,7 +276,7 @@ class ROCK4(AbstractChebyshevSolver):
     - `max_stages`: at most this many stages per step (9..152).
     """
 
-    max_stages: int = _MAX_STAGES
+    max_stages: int = eqx.field(default=_MAX_STAGES, static=True)
 
     def __check_init__(self):
         if not 9 <= self.max_stages <= _MAX_STAGES:
@@ -308,7 +309,7 @@ class RKC(AbstractChebyshevSolver):
       √(rtol/(10ε)): 3000 at rtol 1e-8, 300 at 1e-10).
     """
 
-    max_stages: int = 1000
+    max_stages: int = eqx.field(default=1000, static=True)
 
     def __check_init__(self):
         if self.max_stages < 2:
@@ -356,7 +357,7 @@ class StabilizedRK(AbstractChebyshevSolver):
     """
 
     switch: float = 50.0
-    max_stages: int = 1000
+    max_stages: int = eqx.field(default=1000, static=True)
 
     def __check_init__(self):
         if not 0 < self.switch <= _MAX_H_RHO:
@@ -515,9 +516,9 @@ class SolverChoice(eqx.Module):
       its start), or where its step budget ran out.
     """
 
-    name: str
-    reason: str
-    num_params: int
+    name: str = eqx.field(static=True)
+    reason: str = eqx.field(static=True)
+    num_params: int = eqx.field(static=True)
     rho0: float
     rho_max: float
     explicit_steps: float
@@ -580,8 +581,8 @@ def _choose(params, static, objective, field, t1, max_steps, probe_rtol=1e-4,
             "space by Tsit5 (not probed); a small mass μ makes its fast mode −1/μ stiff: "
             'pass solver="kvaerno5" there', num_params, nan, nan, nan, nan)
     rho0, rho_max, probe_t = (float(x) for x in _probe(
-        params, static, objective, field, jnp.asarray(t1, float),
-        jnp.asarray(probe_rtol, float), probe_steps))
+        params, static, objective, field, as_float64(t1), as_float64(probe_rtol),
+        probe_steps))
     # A probe that stopped early (its step budget, a blow-up) has seen part of the path
     # only: its rho_max is a lower bound, which can only under-call stiffness.
     explicit_steps = float(t1) * rho_max / _EXPLICIT_STABILITY

@@ -14,6 +14,7 @@ from .._laws.base import check_unique_names
 from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
 from .._validation import (
     ArgumentError,
+    as_float64,
     choice,
     fail,
     integer,
@@ -91,14 +92,14 @@ def optimizer(
     if kind != "adam":
         hyperparams["momentum"] = momentum
     betas = (b1, b2) if kind == "adam" else ()
-    hyperparams = {k: jnp.asarray(v, float) for k, v in hyperparams.items()}
+    hyperparams = {k: as_float64(v) for k, v in hyperparams.items()}
     if lr_scales is not None:
         if isinstance(lr_scales, str | bytes) or not hasattr(lr_scales, "__len__"):
             raise fail("lr_scales", lr_scales, "must be None or a sequence with one factor "
                        "per parameter array", "e.g. lr_scales=[1.0, 0.25] for a 2-layer net")
         for s in lr_scales:
             number("lr_scales", s, ">0", fix="every learning-rate factor must be positive")
-        lr_scales = tuple(jnp.asarray(s, float) for s in lr_scales)
+        lr_scales = tuple(as_float64(s) for s in lr_scales)
     return optax.GradientTransformationExtraArgs(
         _Init(kind, betas, hyperparams), _Update(kind, betas, lr_scales))
 
@@ -301,7 +302,7 @@ def train(
         carry = _resumed_carry(resume, carry)
         history = [[resume.loss, resume.values, resume.drift, resume.condition]
                    + ([resume.observables] if observers is not None else [])]
-    stop = None if stop_at_loss is None else jnp.asarray(stop_at_loss, float)
+    stop = None if stop_at_loss is None else as_float64(stop_at_loss)
     bar = tqdm(total=steps - done, desc="train", disable=not show_progress(progress),
                unit="step")
     for _ in range(n_chunks):
@@ -309,7 +310,7 @@ def train(
         # kept: law-sized memory is B × law size, not B × saves × law size.
         carry, (*observed, last) = _run_chunk(
             carry, static, objective, monitor, optim, chunk, batch_size, jnp.asarray(steps),
-            jnp.asarray(divergence, float), keep, stop, observers, observed_reference)
+            as_float64(divergence), keep, stop, observers, observed_reference)
         history.append(_one_save(observed))
         bar.update(min(chunk, steps - done - bar.n))
     bar.close()
@@ -328,7 +329,7 @@ def train(
     # On the host (as JAX would: int64 → float64, then one IEEE product): six fewer
     # one-operation programs on the first call.
     t = done + np.minimum(np.arange(n_chunks + 1) * chunk, steps - done)
-    t = (jnp.asarray(t * float(step_time)) if isinstance(step_time, int | float)
+    t = (as_float64(t * float(step_time)) if isinstance(step_time, int | float)
          else jnp.asarray(t) * step_time)
     if resume is not None:
         t = jnp.concatenate([resume.t, t[1:]])

@@ -1,0 +1,117 @@
+"""A warm first call pays for little besides its own work: `import conservation` leaves out
+what a first flow or training run does not need (every public name still importable, from the
+module that defines it), and the auto solver probe hands XLA one program, not one more for
+its scalar arguments."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.flatten_util
+import jax.monitoring
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import conservation as cn
+from conservation._dynamics import solvers
+from conservation._dynamics.flow import GradientField
+
+# Modules a README-style run (models, data, objective, gradient_flow, train, pointwise_check)
+# never touches: pydantic and the config tables, the sweep runner, law discovery and counting,
+# the central-flow analysis, the other model families.
+UNNEEDED = ("pydantic", "conservation._experiments.config", "conservation._experiments.sweep",
+            "conservation._laws.counting", "conservation._laws.discovery",
+            "conservation._laws.generators", "conservation._dynamics.central",
+            "conservation._models.transformer")
+
+
+# In a fresh process: the modules `import conservation` loads, then the programs compiled
+# by making optimizers (their hyperparameters go to the device as they are: no program).
+SCRIPT = r"""
+import json, sys, jax, jax.monitoring
+import conservation as cn
+loaded = sorted(sys.modules)
+programs = []
+def listen(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+        programs.append(kwargs.get("fun_name"))
+jax.monitoring.register_event_duration_secs_listener(listen)
+cn.optimizer("gd", lr=0.05)
+cn.optimizer("momentum", lr=0.1, momentum=0.9, weight_decay=1e-4)
+cn.optimizer("adam", lr=1e-3, lr_scales=[1.0, 0.5])
+print(json.dumps({"loaded": loaded, "programs": programs}))
+"""
+
+
+def test_import_leaves_out_what_a_first_run_does_not_need():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], check=True, capture_output=True,
+                         text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    loaded = set(found["loaded"])
+    assert "conservation._dynamics.flow" in loaded  # control: the core is imported eagerly
+    assert "conservation._dynamics.train" in loaded
+    assert {m for m in UNNEEDED if m in loaded} == set()
+    assert found["programs"] == []
+
+
+def test_every_lazy_name_is_the_object_its_module_defines():
+    lazy = cn._LAZY
+    assert len(lazy) > 40 and set(lazy) <= set(cn.__all__)
+    for name, module in lazy.items():
+        # The reference is the defining module's own attribute, imported directly.
+        want = getattr(importlib.import_module(f"conservation{module}"), name)
+        assert getattr(cn, name) is want, name
+    assert set(cn.__all__) <= set(dir(cn))
+    namespace = {}
+    exec("from conservation import *", namespace)
+    assert set(cn.__all__) <= set(namespace)
+    with pytest.raises(AttributeError, match="no attribute 'NotAName'"):
+        cn.NotAName  # noqa: B018  (a name that is neither eager nor lazy)
+
+
+@pytest.fixture
+def programs():
+    """The names of the XLA programs handed to the compiler inside the `with` block."""
+    names = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield names
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_the_probe_is_one_program_and_its_scalar_transfers_change_nothing(programs):
+    # Shapes no other test uses, so that nothing is compiled already in this process.
+    key = jax.random.PRNGKey(5)
+    net = cn.DeepLinear.random([3, 7, 2], key=key)
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(6), (23, 3)))
+    data = cn.Dataset(x, x @ np.full((3, 2), 0.5))
+    objective = cn.make_objective(cn.MSE(), data, net)
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    field = GradientField()  # (its weight decay is put on the device once, here)
+    del programs[:]
+    choice = solvers._choose(params, static, objective, field, 3.0, 1000)
+    assert programs == ["jit(_probe)"]
+    # The same program as with jnp scalars: the call below compiles only the two
+    # scalars' transfers, and its numbers equal the answer's bit for bit.
+    del programs[:]
+    rho0, rho_max, probe_t = (float(v) for v in solvers._probe(
+        params, static, objective, field, jnp.asarray(3.0, float),
+        jnp.asarray(1e-4, float), 2_000))
+    assert "jit(_probe)" not in programs
+    assert (choice.rho0, choice.rho_max, choice.probe_t) == (rho0, rho_max, probe_t)
+    # And ρ is the Hessian's: ρ₀ (a few power iterations: a lower bound) is within 2 % below
+    # the largest eigenvalue of the dense Hessian at θ₀ (numpy on jax.hessian of the loss).
+    y0, unravel = jax.flatten_util.ravel_pytree(params)
+    hessian = jax.hessian(lambda y: objective(eqx.combine(unravel(y), static)))(y0)
+    top = np.linalg.eigvalsh(np.asarray(hessian))[-1]
+    assert 0.98 * top <= choice.rho0 <= top * (1 + 1e-12)
+    assert choice.rho_max >= choice.rho0 and choice.name == "tsit5"
