@@ -379,6 +379,22 @@ def test_a_dead_neuron_conserves_its_weights_and_only_its_own():
     assert "known laws: 9" in count.describe() and "unexplained: 0" in count.describe()
 
 
+
+def test_a_dead_neuron_under_momentum_keeps_two_laws_per_frozen_weight():
+    """Heavy-ball momentum without friction (τ = 0): a weight that never gets a gradient keeps
+    v_w and θ_w − t·v_w, two laws per frozen coordinate. Hidden neuron 2 has zero incoming
+    weights and a negative bias, so its row (2), bias (1) and outgoing weight (1) are frozen:
+    8 laws, all explained (`proved`); the live 2-2-1 ReLU net keeps none under momentum."""
+    k = jax.random.split(jax.random.PRNGKey(11), 2)
+    w0 = jax.random.normal(k[0], (3, 2)).at[2].set(0.0)
+    model = cn.MLP((w0, jax.random.normal(k[1], (1, 3))),
+                   (jnp.array([0.3, -0.2, -1.0]), jnp.array([0.0])))
+    count = cn.count_laws(model, cn.MSE(), flow=cn.MomentumFlow())
+    assert count.dead == ((0, 2),)
+    assert count.laws == 2 * (2 + 1 + 1)
+    assert count.verdict == "proved"
+    assert "known laws: 8" in count.describe() and "unexplained: 0" in count.describe()
+
 def test_the_probe_draws_gaussian_inputs_at_the_stated_scales():
     """What `describe` reports ("Gaussian inputs at scales 0.01, …, 1000") is what the probe
     draws: per scale s, inputs of mean 0 and standard deviation s, with Gaussian tails (a

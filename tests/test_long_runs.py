@@ -257,3 +257,18 @@ def test_a_resumed_flow_reports_the_statuses_of_its_continuation(least_squares):
     t_star = so.brentq(lambda t: _loss(_w_flow(STARTS[0], t)) - GOAL, 0.0, T1, xtol=1e-14)
     assert abs(float(both.t_final[0]) - t_star) < 1e-8
     assert float(both.t_final[1]) == T1 and int(both.num_steps[2]) == 0
+
+
+def test_a_member_starting_just_above_its_goal_runs_to_the_crossing(least_squares):
+    """A start 1 % of the way above the goal (in loss above the minimum) is not at the goal:
+    the member takes steps and stops at the closed-form crossing time, which is early but not
+    0 (the lanes decide "starts at its goal" themselves)."""
+    ensemble, objective = least_squares
+    goal = _loss(STARTS[0]) - 0.01 * (_loss(STARTS[0]) - L_MIN)
+    result = cn.gradient_flow(objective, ensemble, T1, solver="tsit5", rtol=1e-10, n_save=5,
+                              batch_size=2, stop_at_loss=goal)
+    assert result.status_names() == ["reached_loss", "reached_loss", "reached_loss"]
+    t_star = so.brentq(lambda t: _loss(_w_flow(STARTS[0], t)) - goal, 0.0, T1, xtol=1e-14)
+    assert 0 < t_star < 0.1
+    assert abs(float(result.t_final[0]) - t_star) < 1e-8
+    assert int(result.num_steps[0]) > 0 and int(result.num_steps[2]) == 0

@@ -193,3 +193,21 @@ def test_symmetrised_moment_loss_near_a_fit(getkey):
     value = float(exact(model))
     assert value >= 0.0
     assert abs(value - float(ref_loss)) <= 1e-14 * float(exact.moments.c)
+
+
+def test_moments_of_an_ensemble_are_its_members_features(getkey):
+    """`Moments.from_data` of an ensemble uses its first member (the features Ψ(x) do not
+    depend on θ): a one-member ensemble gives the model's own moments, bit for bit, and so
+    does a two-member one (against numpy's XᵀX/n: a linear layer's features are its inputs)."""
+    model = cn.DeepLinear.random((3, 2), key=getkey())
+    xs = jax.random.normal(getkey(), (11, 3))
+    data = cn.Dataset(xs, jax.random.normal(getkey(), (11, 2)))
+    alone = cn.Moments.from_data(model, data)
+    one = cn.Moments.from_data(cn.Ensemble.stack([model]), data)
+    two = cn.Moments.from_data(cn.Ensemble.stack([model, jax.tree.map(jnp.negative, model)]),
+                               data)
+    for m in (one, two):
+        for a, b in [(alone.M, m.M), (alone.B, m.B), (alone.c, m.c)]:
+            np.testing.assert_array_equal(a, b)
+    x = np.asarray(xs)
+    assert relative_error(alone.M, x.T @ x / 11) <= 1e-12

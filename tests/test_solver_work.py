@@ -165,3 +165,23 @@ def test_stage_times_of_a_time_dependent_field(solver, order, ratio, worst):
     # one.
     term = dfx.ODETerm(lambda t, y, args: -y)
     assert solver.order(term) == order
+
+
+@eqx.filter_jit
+def _error_estimate(solver, h):
+    """The embedded error estimate of one step of the stiff-plus-forced system of
+    `_forced_step`, with the forcing cos(t + 0.5) (cos t would zero the h⁴ term by symmetry)."""
+    term = dfx.ODETerm(lambda t, y, args: jnp.stack([-100.0 * y[0], jnp.cos(t + 0.5)]))
+    y0 = jnp.zeros(2)
+    state = solver.init(term, 0.0, h, y0.at[0].set(1e-300), None)
+    return solver.step(term, 0.0, h, y0, None, state, False)[1][1]
+
+
+@pytest.mark.parametrize("solver", [cn.ROCK4(), cn.RKC()], ids=["rock4", "rkc"])
+def test_declared_error_order_is_the_estimates_slope(solver):
+    """The step-size controller scales h by (tol/err)^(1/error_order), so the declared
+    `error_order` must be the order of the estimate: its measured slope over one halving of h
+    (ROCK4 ≈ 4.0, RKC ≈ 2.9) lies within 0.35 of it."""
+    errors = [abs(float(_error_estimate(solver, jnp.asarray(h)))) for h in (0.025, 0.0125)]
+    slope = np.log2(errors[0] / errors[1])
+    assert abs(slope - solver.error_order(None)) < 0.35, (slope, errors)
