@@ -153,32 +153,42 @@ def train(t) -> str:
     return "\n".join(rows)
 
 
+FRESH_SAMPLES = ("mutation_sample_seed3.json", "mutation_sample_seed4.json",
+                 "mutation_sample_seed5.json")
+
+
 def mutation_fresh(t) -> str:
-    """A fresh sample on the code of its commit: the unbiased raw score, per module, with the
-    survivors listed for judgment (`mutation_judgments.json`'s `fresh` entries: equivalent)."""
-    sample = t._load("mutation_sample_seed3.json")
+    """Each fresh sample on the code of its commit: the unbiased raw score, per module, with
+    the survivors listed for judgment (`mutation_judgments.json`'s `fresh` entries:
+    equivalent)."""
     judged = t._load("mutation_judgments.json").get("fresh", [])
-    by_file, left = {}, []
-    for m in sample["mutants"]:
-        row = by_file.setdefault(m["file"], [0, 0, 0])  # killed, equivalent, survived
-        eq = any(m["file"] == j["file"] and m["code"].startswith(j["code_starts"])
-                 and (m["old"], m["new"]) == (j["old"], j["new"]) for j in judged)
-        row[0 if m["result"] == "killed" else 1 if eq else 2] += 1
-        if m["result"] != "killed" and not eq:
-            left.append(m)
-    rows = ["| module | killed | equivalent | survived |", "|---|---|---|---|"]
-    rows += [f"| `{name}` | {a} | {b} | {c} |" for name, (a, b, c) in sorted(by_file.items())]
-    killed = sum(r[0] for r in by_file.values())
-    counted = killed + len(left)
-    rows += ["", f"{len(sample['mutants'])} mutants sampled (seed {sample['seed']}) of "
-             f"{sample['population']} at commit {sample['commit'][:7]}, run once on that "
-             f"code: **{killed} of {counted} non-equivalent mutants killed "
-             f"({killed / counted:.0%})**."]
-    if left:
-        rows += ["", "Surviving, not judged equivalent:", ""]
-        rows += [f"- `{m['file']}:{m['line']}` `{m['old']}` → `{m['new']}` in "
-                 f"`{m['code'][:70]}`" for m in left]
-    return "\n".join(rows)
+    out = []
+    for name in FRESH_SAMPLES:
+        sample = t._load(name)
+        if sample is None:
+            continue
+        by_file, left = {}, []
+        for m in sample["mutants"]:
+            row = by_file.setdefault(m["file"], [0, 0, 0])  # killed, equivalent, survived
+            eq = any(m["file"] == j["file"] and m["code"].startswith(j["code_starts"])
+                     and (m["old"], m["new"]) == (j["old"], j["new"]) for j in judged)
+            row[0 if m["result"] == "killed" else 1 if eq else 2] += 1
+            if m["result"] != "killed" and not eq:
+                left.append(m)
+        killed = sum(r[0] for r in by_file.values())
+        counted = killed + len(left)
+        out += [f"**Seed {sample['seed']}**: {len(sample['mutants'])} mutants sampled of "
+                f"{sample['population']} at commit {sample['commit'][:7]}, run once on that "
+                f"code: **{killed} of {counted} non-equivalent mutants killed "
+                f"({killed / counted:.0%})**.", "",
+                "| module | killed | equivalent | survived |", "|---|---|---|---|"]
+        out += [f"| `{f}` | {a} | {b} | {c} |" for f, (a, b, c) in sorted(by_file.items())]
+        if left:
+            out += ["", "Surviving, not judged equivalent:", ""]
+            out += [f"- `{m['file']}:{m['line']}` `{m['old']}` → `{m['new']}` in "
+                    f"`{m['code'][:70]}`" for m in left]
+        out += [""]
+    return "\n".join(out).rstrip()
 
 
 COUNT_SETS = {"linear": "linear, heavy-ball momentum", "relu_paths":
