@@ -231,3 +231,16 @@ def test_find_symmetries_reports_the_generators_and_bad_arguments_are_named():
         cn.gradient_flow(cn.make_objective(cn.MSE(), data, model),
                          cn.MLP.random((2, 4, 1), key=KEY), 1.0,
                          laws=search.generators.laws)
+
+
+def test_blocks_are_named_by_the_axis_they_act_on():
+    """A matrix leaf has a row block (GL acting on its rows: 3² = 9 coefficients for the 3 × 4
+    first layer) and a column block (4² = 16); the names say which, and the size error names
+    the largest block."""
+    model = cn.DeepLinear.random((4, 3, 2), key=jax.random.PRNGKey(0))
+    found = cn.find_generators(model, cn.MSE(), count=False)
+    assert found.blocks == ("weights[0]·rows", "weights[0]·cols", "weights[1]·rows",
+                            "weights[1]·cols")
+    with pytest.raises(cn.ArgumentError, match=r"38 coefficients \(largest block: "
+                                                r"weights\[0\]·cols, 16\)"):
+        cn.find_generators(model, cn.MSE(), max_coefficients=37)

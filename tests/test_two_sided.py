@@ -244,3 +244,27 @@ def test_subspace_drift_is_absolute_and_flagged_so():
     assert law.relative is False and cn.BalanceLaw(0).relative is True
     assert {type(x).__name__: x.relative for x in (cn.FourierPhaseLaw(1), cn.CyclicRatioLaw())
             } == {"FourierPhaseLaw": False, "CyclicRatioLaw": False}
+
+
+def test_mirror_and_lr_balance_drifts():
+    """The laws of the mirror and per-layer-lr flows, broken by plain GD: the mirror balance
+    Q_i = Σ_j W1[i, j] − Σ_k W2[k, i] relative to each unit's Σ|W1[i, :]| + Σ|W2[:, i]|, and the
+    lr-weighted balance W2ᵀW2/η₂ − W1W1ᵀ/η₁ relative to ‖W2ᵀW2/η₂‖ + ‖W1W1ᵀ/η₁‖ (one
+    component: the matrix, its scale the sum of the two norms)."""
+    lrs = (1.0, 0.25)
+
+    def mirror_np(p):
+        w1, w2 = p.weights
+        return (w1.sum(axis=1) - w2.sum(axis=0),
+                np.abs(w1).sum(axis=1) + np.abs(w2).sum(axis=0))
+
+    def lr_balance_np(p):
+        w1, w2 = p.weights
+        high, low = w2.T @ w2 / lrs[1], w1 @ w1.T / lrs[0]
+        return high - low, np.linalg.norm(high) + np.linalg.norm(low)
+
+    ensemble, result = run_final(lambda k: cn.DeepLinear.random([3, 4, 2], key=k),
+                                 (cn.MirrorBalanceLaw(0), cn.LrBalanceLaw(0, lrs)),
+                                 data_for((3,), 2), lr=0.1)
+    check_family(ensemble, result, "mirror_balance[0]", mirror_np)
+    check_family(ensemble, result, "lr_balance[0]", lr_balance_np)

@@ -63,7 +63,8 @@ COVERING = {
     "conservation/_dynamics/central.py": ["tests/test_central_flow.py"],
     "conservation/_dynamics/observables.py": ["tests/test_observables.py"],
     "conservation/_laws/phase_space.py": ["tests/test_momentum_flows.py",
-                                          "tests/test_momentum_runs.py"],
+                                          "tests/test_momentum_runs.py",
+                                          "tests/test_two_sided.py"],
     "conservation/_laws/flows.py": [
         "tests/test_count_flows.py",
         "tests/test_counting.py::test_a_dead_neuron_under_momentum_keeps_two_laws_per_frozen_weight"],

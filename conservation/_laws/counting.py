@@ -32,10 +32,9 @@ from .._validation import ArgumentError, fail, integer, model_parameters, number
 from .base import FunctionLaw
 from .flows import (
     GradientFlow,
-    MirrorFlow,
-    PreconditionedFlow,
     SignFlow,
     as_flow,
+    embed,
     known_law_gradients,
     phase_point,
 )
@@ -327,9 +326,11 @@ def _pad_linear(model, pad_to):
     return DeepLinear(weights), jnp.asarray(mask), np.flatnonzero(mask)
 
 
-def _pad_data(x, y, width):
-    pad = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])  # noqa
-    return pad(x), pad(y)
+def _pad_data(x, y, shapes):
+    """Inputs and targets (sets, set size, *shape) zero-padded to `shapes` = (input, output)."""
+    pad = lambda a, to: np.pad(a, [(0, 0)] * 2 + [(0, n - m) for m, n in  # noqa: E731
+                                                  zip(a.shape[2:], to)])
+    return pad(x, shapes[0]), pad(y, shapes[1])
 
 
 @eqx.filter_jit
@@ -571,9 +572,9 @@ def count_laws(
     - `input_shape`: one input's shape (default: inferred for vector/token models).
     - `n_sets`, `set_size`: data sets drawn per round (default D + 4) and samples in each.
     - `max_depth`: deepest bracket (≥ 0; default 4, and for second-order flows, whose drift
-      spends one bracket per derivative in θ, 4 to 8 by the state's size: 7 up to 9
-      coordinates, 6 up to 25, 5 up to 69); `brackets_per_depth`: random brackets per
-      depth and round (default 2D).
+      spends one bracket per derivative in θ, 4 to 7 by the state's size: 7 up to 23
+      coordinates, 6 up to 63, 5 up to 173, counted on the real model also under `pad_to`);
+      `brackets_per_depth`: random brackets per depth and round (default 2D).
     - `patience`: the count stops when this many rounds of fresh data sets (each with its
       gradient fields and brackets) add no rank; `max_rounds` bounds the rounds.
     - `early_stop`: False evaluates every depth in every round (no stop on a stable rank; it
@@ -585,7 +586,10 @@ def count_laws(
       a probe of `probe_size` inputs per scale (reported in `never_coactive`).
     - `pad_to`: (layers, width): evaluate a `DeepLinear` embedded in a zero-padded network
       of that shape (padding frozen), so that counts of every architecture that fits share
-      one compiled program per bracket depth (sweeps over architectures).
+      one compiled program per bracket depth (sweeps over architectures). The default depth
+      of a second-order count is then the real model's, capped by what the padded program's
+      size allows to compile (6 for 55 to 101 padded coordinates): a count that the cap
+      stops says "not converged"; count it unpadded (`pad_to=None`) to go deeper.
 
     - `flow`: the training flow whose laws are counted: `"gradient"` (default), `"momentum"`,
       `"nesterov"`, `"mirror"`, `"sign"`, or a flow with parameters (`MomentumFlow`,
@@ -623,11 +627,15 @@ def count_laws(
             raise fail(name_, flag_, "must be True or False")
     if pad_to is not None:
         if not isinstance(pad_to, tuple | list) or len(pad_to) != 2:
-            raise fail("pad_to", pad_to, "must be None or a pair (layers, width) of ints ≥ 1")
-        pad_to = (_check_count("pad_to", pad_to[0], 1), _check_count("pad_to", pad_to[1], 1))
-        if isinstance(flow, PreconditionedFlow | MirrorFlow) or getattr(flow, "potential", None):
-            raise ArgumentError(f"`pad_to` works with Euclidean flows (gradient, momentum, "
-                                f"Nesterov, sign); pass `pad_to=None` for {flow.describe()}.")
+            raise fail("pad_to", pad_to, "must be None, a pair (layers, width) of ints ≥ 1, or "
+                       "(frame model, frame input shape)")
+        if isinstance(pad_to[0], eqx.Module):
+            pad_to = (pad_to[0], shape("pad_to", pad_to[1]))
+        else:
+            pad_to = (_check_count("pad_to", pad_to[0], 1), _check_count("pad_to", pad_to[1], 1))
+        if callable(getattr(flow, "potential", None)):
+            raise ArgumentError(f"`pad_to` cannot embed a user mirror potential; pass "
+                                f"`pad_to=None` for {flow.describe()}.")
     if not _on_cpu():
         args = {k: v for k, v in locals().items() if k not in ("model", "s_", "name_", "flag_")}
         cpu = jax.devices("cpu")[0]
@@ -667,8 +675,17 @@ def count_laws(
         if augmentation is not None:
             raise ArgumentError("`pad_to` needs `augment=None` (a group acts on the real "
                                 "input dimensions only).")
-        padded, mask, keep = _pad_linear(model, tuple(pad_to))
+        if isinstance(pad_to[0], eqx.Module):  # any model, in a frame of the same structure
+            padded, mask, keep, pad_shapes = embed(model, pad_to[0], input_shape, pad_to[1],
+                                                   jax.random.fold_in(key, 2))
+        else:
+            padded, mask, keep = _pad_linear(model, tuple(pad_to))
+            pad_shapes = ((pad_to[1],), (pad_to[1],))
         eval_params, eval_static = eqx.partition(padded, eqx.is_inexact_array)
+        if field is not None:  # per-parameter arrays (mirror mask, lr) at the real entries
+            field = field.padded(keep, mask.size)
+            if not flow.second_order:
+                point = np.asarray(jfu.ravel_pytree(eval_params)[0])
         if flow.second_order:
             # (s, θ, v) of the padded net, padded velocities 0: the padding then stays an
             # invariant submanifold of every field, on which brackets are the real net's.
@@ -683,12 +700,22 @@ def count_laws(
         eval_params, eval_static = params, static
 
     if max_depth is None:
-        max_depth = _default_depth(flow, jfu.ravel_pytree(eval_params)[0].size)
+        # From the real model's size, padded or not: the padding adds no rank at any depth
+        # (an invariant submanifold), so the depth a count needs is the real model's (a
+        # padded (2, 5) NMF frame would otherwise cap NMF [1, 4, 1] at depth 4, short of the
+        # 6 it needs), capped where the padded program can still be compiled: LLVM ran out
+        # of section memory (a hard crash) at depth 7 on the 55 coordinates of linear
+        # [1, 2, 3, 1] in pad_to=(3, 3), and a recount unpadded in the same process crashed
+        # too; unpadded, that count is proved at depth 7.
+        max_depth = _default_depth(flow, parameters)
+        if pad_to is not None:
+            wide = jfu.ravel_pytree(eval_params)[0].size
+            max_depth = min(max_depth, _default_depth(flow, wide, _PADDED_BUDGET))
 
     def draw():
         x, y = sampler(n_sets)
         if pad_to is not None:
-            x, y = _pad_data(x, y, pad_to[1])
+            x, y = _pad_data(x, y, pad_shapes)
         # In chunks of a fixed number of sets: one compiled builder for any `n_sets`.
         size = -(-n_sets // _CHUNK) * _CHUNK
         x, y = (np.concatenate([a, np.repeat(a[:1], size - n_sets, axis=0)]) for a in (x, y))
@@ -786,19 +813,27 @@ def count_laws(
                     cancelled=noisy, flow=flow.describe(), dimension=dim)
 
 
-def _default_depth(flow, parameters: int) -> int:
-    """4; for second-order flows up to 8 (their drift spends one bracket per derivative in
-    θ: a scalar-map linear net under momentum needs depth 5, NMF [1, 4, 1] depth 6), as deep
-    as the nested-derivative program stays compilable: it traces ~2.7^depth times the
-    field's ops, and a padded 55-coordinate state at depth 8 exhausted the compiler's memory.
-    A count the cap stops while its rank still rises says "not converged"."""
+def _default_depth(flow, parameters: int, budget: float | None = None) -> int:
+    """4; for second-order flows up to 7 (their drift spends one bracket per derivative in
+    θ: a scalar-map linear net under momentum needs depth 5, NMF [1, 4, 1] depth 6, linear
+    [1, 2, 3, 1] depth 7), as deep as the nested-derivative program stays compilable: it
+    traces ~2.7^depth times the field's ops, and a padded 55-coordinate state at depths 7
+    and 8 exhausted the compiler's memory. A count the cap stops while its rank still rises
+    says "not converged". `parameters`: the real model's D, also under `pad_to` (the padding
+    adds no rank at any depth); with `budget=_PADDED_BUDGET`, the padded program's D (its cap)."""
     if not flow.second_order:
         return 4
     size = 2 * parameters + 1
-    return int(np.clip(np.log(_DEPTH_BUDGET / size) / np.log(2.7), 4, 8))
+    budget = _DEPTH_BUDGET if budget is None else budget
+    return int(np.clip(np.log(budget / size) / np.log(2.7), 4, 7))
 
 
-_DEPTH_BUDGET = 1e4  # state coordinates × 2.7^depth allowed for the default depth
+# State coordinates × 2.7^depth allowed for the default depth: 7 up to 23 coordinates (linear
+# [1, 2, 3, 1]'s 23 need depth 7: rank 2, 3, 5, 7, 10, 13, 18, 19), 6 up to 63, 5 up to 173.
+_DEPTH_BUDGET = 2.5e4
+# The same for a padded program (its state, not the real model's): depth 6 of NMF's
+# 101-coordinate (2, 5) frame compiled; depth 7 of a 55-coordinate pad_to=(3, 3) did not.
+_PADDED_BUDGET = 4.5e4
 
 
 def _input_shape(model) -> tuple[int, ...]:

@@ -283,6 +283,19 @@ class _Field(eqx.Module):
     potential: Callable | None = eqx.field(static=True, default=None)
     exponential: bool = eqx.field(static=True, default=False)
 
+    def padded(self, keep: np.ndarray, size: int) -> "_Field":
+        """The field of a padded embedding (`count_laws(pad_to=...)`): the per-parameter
+        arrays (mirror mask, learning rates) placed at the real flat positions `keep` of
+        `size` padded parameters. The padding's values do not matter: its gradient is
+        masked to zero, so every field vanishes there."""
+        if self.kind == "potential":
+            raise ArgumentError("`pad_to` cannot embed a user mirror potential (it is a "
+                                "function of the real model); pass `pad_to=None`.")
+        mask = None if self.mask is None else jnp.zeros(size).at[keep].set(self.mask)
+        lr = None if self.lr is None else jnp.ones(size).at[keep].set(self.lr)
+        return eqx.tree_at(lambda f: (f.mask, f.lr), self, (mask, lr),
+                           is_leaf=lambda x: x is None)
+
     def position(self, y):
         """θ from the state."""
         if self.kind in ("momentum", "nesterov"):
@@ -340,7 +353,7 @@ def known_law_gradients(flow: AbstractFlow, model, y: np.ndarray,
     - weights that get no gradient from any data set (`coordinates`, flat indices): one law
       each for first-order fields that act coordinate-wise (θ_w), two for second-order ones
       (s·v_w and θ_w + v_w/τ; v_w and θ_w − t·v_w at τ = 0; t^r·v_w and θ_w + t·v_w/(r − 1)
-      for Nesterov);
+      for Nesterov, θ_w − t ln t·v_w at r = 1);
     - for a `DeepLinear` under a Euclidean momentum or Nesterov flow, the angular momenta
       c(s)·⟨v, ξ_A(θ)⟩ of the orthogonal symmetry W_l ↦ RW_l, W_{l+1} ↦ W_{l+1}Rᵀ of each
       hidden layer (A antisymmetric; ξ_A is then an antisymmetric linear map and ⟨∇L, ξ_A⟩ = 0,
@@ -380,11 +393,15 @@ def known_law_gradients(flow: AbstractFlow, model, y: np.ndarray,
     for w in np.asarray(coordinates, int):
         e_theta, e_v = np.zeros(n), np.zeros(n)
         e_theta[1 + w], e_v[1 + dim + w] = 1.0, 1.0
-        if nesterov:  # t^r v_w and θ_w + t v_w / (r − 1)
+        if nesterov:  # t^r v_w and θ_w + t v_w / (r − 1); θ_w − t ln t · v_w at r = 1
             first = s**tau * e_v
             first[0] = tau * s ** (tau - 1) * v[w]
-            second = e_theta + (s / (tau - 1) if tau != 1 else 0.0) * e_v
-            second[0] = v[w] / (tau - 1) if tau != 1 else 0.0
+            if tau != 1:
+                second = e_theta + s / (tau - 1) * e_v
+                second[0] = v[w] / (tau - 1)
+            else:
+                second = e_theta - s * np.log(s) * e_v
+                second[0] = -(np.log(s) + 1.0) * v[w]
         elif tau > 0:  # s v_w and θ_w + v_w / τ
             first = s * e_v
             first[0] = v[w]
@@ -422,3 +439,79 @@ def known_law_gradients(flow: AbstractFlow, model, y: np.ndarray,
                     row[1 + dim:] = c * xi(a, mats, l)
                     rows.append(row)
     return np.array(rows).reshape(-1, n)
+
+
+def embed(model, frame, input_shape: tuple[int, ...], frame_input: tuple[int, ...], key):
+    """`model` embedded in `frame`, a model of the same structure whose every parameter leaf
+    is at least as large: each of the model's leaves becomes the leading block of the frame's
+    (the frame's values elsewhere, frozen by the returned mask), and inputs of `input_shape`
+    are zero-padded to `frame_input` (`count_laws(pad_to=(frame, frame_input))`).
+
+    The embedding is valid when the padded model, on zero-padded inputs, computes the model's
+    outputs zero-padded, for every value of the real parameters near θ: the real coordinates'
+    fields are then the model's, and every bracket too (the padding is frozen). This is
+    checked at θ and at two random points around it, on random inputs, to 1e-10 relative;
+    a frame that fails raises an `ArgumentError`.
+
+    **Returns:** (padded model, mask: 1.0 on the real flat entries, keep: their flat indices,
+    (padded input shape, padded output shape)).
+    """
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    f_params, f_static = eqx.partition(frame, eqx.is_inexact_array)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    f_leaves, f_treedef = jax.tree_util.tree_flatten(f_params)
+    if treedef != f_treedef or type(model) is not type(frame):
+        raise ArgumentError(f"`pad_to` = (frame, input_shape): the frame must be a "
+                            f"{type(model).__name__} with the model's parameter structure "
+                            "and larger leaves; got a different structure.")
+    for a, b in zip(leaves, f_leaves):
+        if a.ndim != b.ndim or any(m > n for m, n in zip(a.shape, b.shape)):
+            raise ArgumentError(f"`pad_to`'s frame has a leaf of shape {b.shape} where the "
+                                f"model's is {a.shape}: every frame leaf must be at least as "
+                                "large in every axis.")
+    if len(frame_input) != len(input_shape) or any(
+            m > n for m, n in zip(input_shape, frame_input)):
+        raise ArgumentError(f"`pad_to`'s input shape {tuple(frame_input)} must be at least "
+                            f"the model's input shape {tuple(input_shape)} in every axis.")
+    blocks = [tuple(slice(0, n) for n in a.shape) for a in leaves]
+    masks = [np.zeros(b.shape) for b in f_leaves]
+    for m, block in zip(masks, blocks):
+        m[block] = 1.0
+
+    def place(real):
+        return jax.tree_util.tree_unflatten(f_treedef, [
+            jnp.asarray(b, a.dtype).at[block].set(a)
+            for a, b, block in zip(real, f_leaves, blocks)])
+
+    padded = eqx.combine(place(leaves), f_static)
+    out = jax.eval_shape(model, jax.ShapeDtypeStruct(input_shape, jnp.float64)).shape
+    try:
+        frame_out = jax.eval_shape(padded, jax.ShapeDtypeStruct(frame_input, jnp.float64)).shape
+    except Exception as e:  # noqa: BLE001 — any failure means the frame cannot take it
+        raise ArgumentError(f"`pad_to`'s frame does not take inputs of shape "
+                            f"{tuple(frame_input)} ({type(e).__name__}: {str(e)[:160]}).") from None
+    if len(frame_out) != len(out) or any(m > n for m, n in zip(out, frame_out)):
+        raise ArgumentError(f"`pad_to`'s frame gives outputs of shape {frame_out}, which "
+                            f"cannot hold the model's {out}.")
+    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
+    x = rng.standard_normal((4, *input_shape))
+    x_pad = np.zeros((4, *frame_input))
+    x_pad[(slice(None), *(slice(0, n) for n in input_shape))] = x
+    scale = float(np.sqrt(np.mean(np.concatenate([np.ravel(a) for a in leaves]) ** 2))) or 1.0
+    for trial in range(3):  # θ, then two random points around it (the brackets need a
+        real = [a if trial == 0 else a + 0.3 * scale * rng.standard_normal(a.shape)  # germ)
+                for a in leaves]
+        here = eqx.combine(jax.tree_util.tree_unflatten(treedef, real), static)
+        there = eqx.combine(place(real), f_static)
+        want = np.zeros((4, *frame_out))
+        want[(slice(None), *(slice(0, n) for n in out))] = np.asarray(
+            jax.vmap(here)(jnp.asarray(x)))
+        got = np.asarray(jax.vmap(there)(jnp.asarray(x_pad)))
+        if not np.allclose(got, want, rtol=1e-10, atol=1e-10 * (np.abs(want).max() or 1.0)):
+            raise ArgumentError(
+                "`pad_to`'s frame does not compute the model's outputs (zero-padded) on "
+                "zero-padded inputs (largest difference "
+                f"{float(np.abs(got - want).max()):.3g}): the padding must not feed the real "
+                "outputs, e.g. zero-padded weight matrices.")
+    mask = np.concatenate([m.ravel() for m in masks])
+    return padded, jnp.asarray(mask), np.flatnonzero(mask), (tuple(frame_input), frame_out)
