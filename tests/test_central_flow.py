@@ -551,3 +551,18 @@ def test_rmsprop_arguments(problem):
         cn.rmsprop_central_flow_comparison(objective, ensemble, 0.1, 7, n_save=3)
     with pytest.raises(cn.ArgumentError, match="nu0"):
         cn.rmsprop_central_flow_comparison(objective, ensemble, 0.1, 8, n_save=3, nu0=0.0)
+
+
+def test_lanczos_stops_growing_at_an_invariant_subspace():
+    """H = diag(5, 5, 5, 1, 1, 1): a Krylov space from any start closes after two vectors.
+    Lanczos with 6 steps must give the eigenvalues 5 and 1 with eigenvectors of H (numpy's
+    `eigh` as the reference), not Ritz values of whatever it appends after the space closed."""
+    from conservation._dynamics.central import top_eigenpairs
+
+    h = np.diag([5.0, 5.0, 5.0, 1.0, 1.0, 1.0])
+    values, vectors = top_eigenpairs(lambda z: jnp.asarray(h) @ z, 6, 2, "lanczos",
+                                     lanczos_steps=6)
+    np.testing.assert_allclose(values, np.linalg.eigvalsh(h)[::-1][[0, 3]], rtol=1e-12)
+    vectors = np.asarray(vectors)
+    np.testing.assert_allclose(h @ vectors, vectors * np.asarray(values), atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=0), 1.0, rtol=1e-12)

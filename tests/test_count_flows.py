@@ -71,19 +71,25 @@ def reference_laws(dims, order, friction=0, mirror=False, seed=0, paths=False):
              for x in state}
     fields = [sp.Matrix(f) for f in fields]
     at = lambda f: [sp.sympify(e).subs(point) for e in f]  # noqa: E731
+    return len(state) - _lie_rank(fields, state, at)
+
+
+def _lie_rank(fields, state, at):
+    """The rank at the point (`at` evaluates a field there) of the Lie algebra the fields
+    generate: brackets of the fields with the last brackets that added rank, until none does
+    (the notebook's iteration), exactly over the rationals."""
     rows = [at(f) for f in fields]
-    rank = sp.Matrix(rows).rank()
-    base = new = fields
+    rank, new = sp.Matrix(rows).rank(), fields
     while rank < len(state) and new:
         added = []
-        for a, b in itertools.product(base, new):
+        for a, b in itertools.product(fields, new):
             bracket = b.jacobian(state) * a - a.jacobian(state) * b
             if sp.Matrix(rows + [at(bracket)]).rank() > rank:
                 rows.append(at(bracket))
                 rank += 1
                 added.append(bracket)
         new = added
-    return len(state) - rank
+    return rank
 
 
 def linear(dims, positive=False):
@@ -335,18 +341,7 @@ def _icnn_reference(n1, n2, n3, bias):
     rng = np.random.default_rng(0)
     point = {x: sp.Integer(int(rng.integers(1, 9))) for x in state}
     at = lambda f: list(f.subs(point))  # noqa: E731
-    rows = [at(f) for f in fields]
-    rank, new = sp.Matrix(rows).rank(), fields
-    while rank < len(state) and new:
-        added = []
-        for f, g in itertools.product(fields, new):
-            bracket = g.jacobian(state) * f - f.jacobian(state) * g
-            if sp.Matrix(rows + [at(bracket)]).rank() > rank:
-                rows.append(at(bracket))
-                rank += 1
-                added.append(bracket)
-        new = added
-    return len(state) - rank
+    return len(state) - _lie_rank(fields, state, at)
 
 
 def _icnn_model(dims, bias):

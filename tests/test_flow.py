@@ -335,7 +335,8 @@ def test_one_progress_bar_per_ensemble_flow(linear_problem, capsys):
     err = capsys.readouterr().err
     assert result.status_names() == ["success"] * 4
     assert err.count("\n") == 1, err  # one bar, closed once (not one per member)
-    assert err.rstrip().endswith("]") and "flow: t=5/5, members 4/4" in err, err
+    final = err.rstrip().split("\r")[-1]  # the bar as it was left, after its last redraw
+    assert final.endswith("]") and final.startswith("flow: t=5/5, members 4/4 |"), err
 
 
 def _refill_schedule(steps, lanes):

@@ -1,12 +1,14 @@
 """Every equinox Module of the public API keeps its structure out of its leaves: a field
-holding a Python int, str or bool (or a tuple of such) is `static`, so the Module's leaves are
+holding a Python int, str, bool or function (or a tuple of such) is `static`, so the Module's leaves are
 its arrays. `jax.jit`/`jax.vmap` over a model, law, field or solver then see only numbers
 that are meant to be traced, and `jax.tree.map` over a model (a NaN member, a rescaled copy)
 touches only its weights. A sizing int left as a leaf works under `eqx.filter_jit` but
 becomes a tracer under `jax.jit` (`range(tracer)` fails) and a float under `tree.map`."""
 
+import collections.abc
 import dataclasses
 import inspect
+import types
 import typing
 
 import equinox as eqx
@@ -30,9 +32,17 @@ def _public_modules():
     return found
 
 
+def _callable(annotation) -> bool:
+    return annotation is collections.abc.Callable or (
+        typing.get_origin(annotation) is collections.abc.Callable)
+
+
 def _structural(annotation) -> bool:
-    if annotation in SCALARS:
+    if annotation in SCALARS or _callable(annotation):
         return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # e.g. str | None
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(a in SCALARS or _callable(a) for a in args)
     if typing.get_origin(annotation) is tuple:
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
         return bool(args) and all(a in SCALARS + (float,) for a in args)

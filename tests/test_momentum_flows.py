@@ -427,3 +427,36 @@ def test_config_kinds_build_their_fields():
     # Second-order flows resume from (θ, v): segments are accepted (tests/test_momentum_runs.py).
     run = parse_config(_config("momentum_flow", mass=0.5, checkpoints=2, n_save=11)).dynamics[0]
     assert run.checkpoints == 2
+
+
+def test_angular_momentum_of_each_hidden_layer_of_a_deeper_net():
+    """A 3-layer net has two hidden layers; the law of layer l pairs layers l and l + 1 only:
+    J_l = w·antisym(W_l V_lᵀ − V_{l+1}ᵀ W_{l+1}) with antisym(M) = (M − Mᵀ)/2, against numpy
+    at a random point (a law that paired other layers has other shapes or values)."""
+    rng = np.random.default_rng(5)
+    shapes = [(4, 3), (3, 4), (2, 3)]
+    ws = [rng.normal(size=s) for s in shapes]
+    vs = [rng.normal(size=s) for s in shapes]
+    point = cn.PhaseState(jnp.asarray(0.3), jnp.asarray(1.5),
+                          cn.DeepLinear([jnp.asarray(w) for w in ws]),
+                          cn.DeepLinear([jnp.asarray(v) for v in vs]))
+    for layer in (0, 1):
+        m = ws[layer] @ vs[layer].T - vs[layer + 1].T @ ws[layer + 1]
+        np.testing.assert_allclose(cn.AngularMomentumLaw(layer)(point), 1.5 * (m - m.T) / 2,
+                                   rtol=1e-13, atol=1e-14)
+
+
+def test_sign_field_against_its_formula():
+    """SignField at a point, against numpy: −(g + λθ)/√((g + λθ)² + ε²) for ε > 0, and
+    −sign(g + λθ) for ε = 0 (a zero component stays 0), with g the gradient given."""
+    y = jnp.asarray([0.3, -2.0, 0.0, 1e-3])
+    g = np.array([1.5, 0.2, 0.0, -4.0])
+
+    def grad(z):
+        return jnp.asarray(g) + 0.0 * z
+
+    for eps, wd in [(0.5, 0.0), (0.5, 0.1), (0.0, 0.1), (0.0, 0.0)]:
+        total = g + wd * np.asarray(y)
+        want = (-total / np.sqrt(total**2 + eps**2)) if eps > 0 else -np.sign(total)
+        got = cn.SignField(weight_decay=wd, smoothing=eps)(grad, y)
+        np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)

@@ -65,12 +65,14 @@ def test_gd_numbers_equal_a_numpy_rerun(linear_problem, steps, saved):
                       step_time=LR, progress=False)
     np.testing.assert_array_equal(np.asarray(result.num_steps), [steps, steps])
     np.testing.assert_allclose(np.asarray(result.t), LR * np.asarray(saved), rtol=1e-15)
+    finals = []
     for member in range(2):
         weights = [np.asarray(w[member]) for w in ensemble.models.weights]
         path = numpy_gd(weights, x, y, LR, steps)
         for got, want in zip(result.final.models.weights, path[-1]):
             np.testing.assert_allclose(np.asarray(got[member]), want, rtol=1e-11, atol=1e-14)
         loss = [numpy_loss(path[k], x, y) for k in saved]
+        finals.append(loss[-1])
         np.testing.assert_allclose(np.asarray(result.loss[member]), loss, rtol=1e-11)
         for layer in (0, 1):
             q0, scale = balance(path[0], layer)
@@ -83,6 +85,11 @@ def test_gd_numbers_equal_a_numpy_rerun(linear_problem, steps, saved):
             # max_drift is the worst over every step, not only the saved ones.
             np.testing.assert_allclose(float(result.max_drift[name][member]), max(drift),
                                        rtol=1e-9)
+    summary = result.summary()
+    assert summary["final_loss_median"] == pytest.approx(np.median(finals), rel=1e-11)
+    assert summary["num_steps_max"] == steps
+    assert summary["max_drift"]["balance[0]"] == pytest.approx(
+        float(np.max(np.asarray(result.max_drift["balance[0]"]))), rel=1e-15)
 
 
 def run_final(model_fn, laws, objective_fn, steps=5, lr=0.05, weight_decay=0.0):
