@@ -566,3 +566,15 @@ def test_lanczos_stops_growing_at_an_invariant_subspace():
     vectors = np.asarray(vectors)
     np.testing.assert_allclose(h @ vectors, vectors * np.asarray(values), atol=1e-12)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=0), 1.0, rtol=1e-12)
+
+
+def test_sdcp_without_third_derivatives_returns_no_oscillation_for_every_k():
+    """With B = 0 (all third derivatives zero, a quadratic loss) no oscillation can lower the
+    sharpness: the k = 1 closed form returns x = 0 (g² = 0), and so must the k = 2 iterative
+    solver, for q with a negative eigenvalue (over the edge) and a positive one."""
+    from conservation._dynamics.central import solve_sdcp
+
+    for q in (jnp.asarray([[-0.3, 0.1], [0.1, 0.2]]), jnp.asarray([[0.3, 0.0], [0.0, 0.2]])):
+        np.testing.assert_array_equal(solve_sdcp(q, jnp.zeros((3, 3)), 2), np.zeros((2, 2)))
+    np.testing.assert_array_equal(solve_sdcp(jnp.asarray([[-0.3]]), jnp.zeros((1, 1)), 1),
+                                  np.zeros((1, 1)))

@@ -43,8 +43,10 @@ def test_moments_do_not_depend_on_chunking(zoo, getkey):
     data = cn.Dataset(xs, _random_targets(getkey(), model, xs))
     whole = cn.Moments.from_data(model, data, chunk_size=37)
     chunked = cn.Moments.from_data(model, data, chunk_size=8)  # 5 chunks, last one padded
-    for a, b in [(whole.M, chunked.M), (whole.B, chunked.B), (whole.c, chunked.c)]:
-        assert relative_error(a, b) <= 1e-13
+    single = cn.Moments.from_data(model, data, chunk_size=1)  # the smallest chunk allowed
+    for m in (chunked, single):
+        for a, b in [(whole.M, m.M), (whole.B, m.B), (whole.c, m.c)]:
+            assert relative_error(a, b) <= 1e-13
     assert whole.M.shape == (64, 64) and whole.n == 37
 
 

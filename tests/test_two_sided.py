@@ -275,3 +275,21 @@ def test_mirror_and_lr_balance_drifts():
                                  data_for((3,), 2), lr=0.1)
     check_family(ensemble, result, "mirror_balance[0]", mirror_np)
     check_family(ensemble, result, "lr_balance[0]", lr_balance_np)
+
+
+def test_modified_flow_effective_start_against_its_formula():
+    """Heavy ball's modified flow starts at θ̃₀ = θ₀ + ηβ/(1 − β)²·(∇L(θ₀) + λθ₀) (its slow
+    manifold), written out in numpy with a hand-given gradient; without `effective_start` it
+    starts at θ₀."""
+    theta = jnp.asarray([0.4, -1.2, 2.0])
+    g = np.array([1.0, 0.5, -3.0])
+
+    def grad(z):
+        return jnp.asarray(g) + 0.0 * z
+
+    lr, beta, lam = 0.1, 0.6, 0.05
+    field = cn.ModifiedGradientField(lr, beta, lam)
+    want = np.asarray(theta) + lr * beta / (1 - beta) ** 2 * (g + lam * np.asarray(theta))
+    np.testing.assert_allclose(field.start(grad, theta), want, rtol=1e-15)
+    plain = cn.ModifiedGradientField(lr, beta, lam, effective_start=False)
+    np.testing.assert_array_equal(plain.start(grad, theta), theta)
