@@ -208,8 +208,9 @@ class Result(eqx.Module):
         """JSON-ready digest: per-law worst drift over successful members (`success`, and
         `reached_loss`: stopped on their goal), statuses, steps, `final_loss_median` over the
         `success` members only (a member stopped on its goal has no loss at the last save:
-        its goal is its final loss), and `final_loss_below_accuracy`: how many members' final loss is below 1e-14 × their
-        initial loss, beyond the accuracy every objective guarantees (see `below_accuracy`)."""
+        its goal is its final loss), and `final_loss_below_accuracy`: how many members' final
+        loss is below 1e-14 × their initial loss, beyond the accuracy every objective
+        guarantees (see `below_accuracy`)."""
         status = np.asarray(self.status)
         ok = status == SUCCESS
         ran = ok | (status == REACHED_LOSS)
