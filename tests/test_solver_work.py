@@ -186,3 +186,15 @@ def test_declared_error_order_is_the_estimates_slope(solver):
     errors = [abs(float(_error_estimate(solver, jnp.asarray(h)))) for h in (0.025, 0.0125)]
     slope = np.log2(errors[0] / errors[1])
     assert abs(slope - solver.error_order(None)) < 0.35, (slope, errors)
+
+
+def test_the_auto_choice_sizes_stabilized_steps_by_the_rkc_stage_formula():
+    """`choose_solver` calls a flow too stiff for the stabilised solver when t1·ρ divided by
+    its largest step's h·ρ exceeds a quarter of `max_steps`: that h·ρ is where RKC's stage
+    count 1 + ⌊√(1 + 1.54·h·ρ)⌋ (numpy here) reaches StabilizedRK's `max_stages`."""
+    from conservation._dynamics.solvers import _stabilized_max_h_rho
+
+    h_rho = _stabilized_max_h_rho()
+    stages = cn.StabilizedRK().max_stages
+    assert 1 + int(np.floor(np.sqrt(1.0 + 1.54 * h_rho) + 1e-12)) == stages
+    assert 1 + int(np.floor(np.sqrt(1.0 + 1.54 * h_rho * (1 - 1e-6)))) == stages - 1

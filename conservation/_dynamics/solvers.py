@@ -494,7 +494,8 @@ _EXPLICIT_STABILITY = 3.5
 # Below this many stability-limited Tsit5 steps, stiffness costs an explicit solver little.
 _STIFF_STEPS = 5_000
 def _stabilized_max_h_rho():
-    # The largest h·ρ of StabilizedRK's RKC steps: 1 + ⌊√(1 + 1.54·h·ρ)⌋ ≤ max_stages.
+    # The h·ρ at which StabilizedRK's RKC steps reach `max_stages` stages (1 + ⌊√(1 + 1.54·h·ρ)⌋):
+    # the size of its largest steps, for the auto choice's step estimate.
     stages = StabilizedRK().max_stages
     return ((stages - 1) ** 2 - 1) / 1.54
 
