@@ -17,6 +17,7 @@ initialisations.
 import dataclasses
 from collections.abc import Callable
 
+import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.flatten_util as jfu
@@ -362,6 +363,27 @@ def _moving_average(loss: np.ndarray, window: int) -> np.ndarray:
     return (c[:, hi] - c[:, lo]) / (hi - lo)[None, :]
 
 
+def _check_schedule(steps, n_save, window, what):
+    """`steps`, `n_save` and `window` of a comparison, checked: every save falls on a step."""
+    steps = integer("steps", steps, minimum=1)
+    n_save = integer("n_save", n_save, minimum=2)
+    if steps % (n_save - 1):
+        raise fail("steps", steps, f"must be a multiple of n_save − 1 = {n_save - 1} (every "
+                   f"save is a {what})",
+                   f"e.g. steps={(steps // (n_save - 1) + 1) * (n_save - 1)}")
+    return steps, n_save, integer("window", window, minimum=1)
+
+
+def _at_saves(thetas, at):
+    """The iterates θ_k at the saved steps `at` of `thetas` (B, steps + 2, P), and their
+    second-order midpoints (θ_{k−1} + 2θ_k + θ_{k+1})/4 (θ_0 itself at the start)."""
+    theta_k = thetas[:, at]
+    before = thetas[:, np.maximum(at - 1, 0)]
+    midpoint = jnp.where((at > 0)[None, :, None],
+                         0.25 * (before + 2 * theta_k + thetas[:, at + 1]), theta_k)
+    return theta_k, midpoint
+
+
 def central_flow_comparison(
     objective: Objective,
     model: AbstractModel | Ensemble,
@@ -407,12 +429,7 @@ def central_flow_comparison(
     ensemble = as_ensemble(model)
     check_objective(objective)
     number("lr", lr, ">0", fix="the learning rate of gradient descent")
-    steps = integer("steps", steps, minimum=1)
-    n_save = integer("n_save", n_save, minimum=2)
-    if steps % (n_save - 1):
-        raise fail("steps", steps, f"must be a multiple of n_save − 1 = {n_save - 1} (every "
-                   "save is a GD step)", f"e.g. steps={(steps // (n_save - 1) + 1) * (n_save - 1)}")
-    window = integer("window", window, minimum=1)
+    steps, n_save, window = _check_schedule(steps, n_save, window, "GD step")
     if not isinstance(modified, bool):
         raise fail("modified", modified, "must be True or False")
     field = CentralFlowField(lr, k=k, relaxation=relaxation, eigensolver=eigensolver,
@@ -436,11 +453,7 @@ def central_flow_comparison(
                                         rtol=rtol, max_steps=max_steps, laws=watched,
                                         values=keep, field=f)
     at = np.arange(n_save) * (steps // (n_save - 1))
-    theta = gd.values[_PARAMETERS.name]
-    theta_gd = theta[:, at]
-    before = theta[:, np.maximum(at - 1, 0)]
-    midpoint = jnp.where((at > 0)[None, :, None],
-                         0.25 * (before + 2 * theta_gd + theta[:, at + 1]), theta_gd)
+    theta_gd, midpoint = _at_saves(gd.values[_PARAMETERS.name], at)
     theta_cf = flows["central"].values[_PARAMETERS.name]
     theta_gf = flows["stable"].values[_PARAMETERS.name]
     b, t, p = theta_cf.shape
@@ -636,8 +649,6 @@ class RMSPropComparison(eqx.Module):
 def _rmsprop_run(flow, static, unravel, objective, y0, nu0, steps, ts, rtol, max_steps):
     """Discrete scalar RMSProp (steps + 1 steps, every iterate and ν_k kept) and the central
     and stable flows (saved at `ts`), for every row of `y0` (θ₀) and `nu0` (ν₀)."""
-    import diffrax as dfx  # (the solvers module imports it too; kept local to this path)
-
     def loss(y):
         return objective(eqx.combine(unravel(y), static))
 
@@ -729,12 +740,7 @@ def rmsprop_central_flow_comparison(
     ensemble = as_ensemble(model)
     check_objective(objective)
     number("lr", lr, ">0", fix="the learning rate of scalar RMSProp")
-    steps = integer("steps", steps, minimum=1)
-    n_save = integer("n_save", n_save, minimum=2)
-    if steps % (n_save - 1):
-        raise fail("steps", steps, f"must be a multiple of n_save − 1 = {n_save - 1} (every "
-                   "save is a step)", f"e.g. steps={(steps // (n_save - 1) + 1) * (n_save - 1)}")
-    window = integer("window", window, minimum=1)
+    steps, n_save, window = _check_schedule(steps, n_save, window, "step")
     if nu0 is not None:
         number("nu0", nu0, ">0", fix="the start value of ν, or None (‖∇L(θ₀)‖²)")
     number("rtol", rtol, "rtol", fix="e.g. rtol=1e-8 (the default)")
@@ -765,9 +771,7 @@ def rmsprop_central_flow_comparison(
     seen_c, seen_s = observe_all(central), observe_all(stable)
     losses = jax.vmap(jax.vmap(lambda y: objective(eqx.combine(unravel(y), static))))(
         thetas[:, :steps + 1])
-    theta_k = thetas[:, at]
-    midpoint = jnp.where((at > 0)[None, :, None], 0.25 * (
-        thetas[:, np.maximum(at - 1, 0)] + 2 * theta_k + thetas[:, at + 1]), theta_k)
+    theta_k, midpoint = _at_saves(thetas, at)
     finite = jnp.all(jnp.isfinite(thetas), axis=(1, 2)) & jnp.all(jnp.isfinite(losses), axis=1)
     status = mark_loss_increased(losses[:, at], jnp.where(finite, SUCCESS, DIVERGED))
 
