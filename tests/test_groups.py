@@ -196,3 +196,29 @@ def test_averaging_over_no_axis_is_the_identity(group, getkey):
     and all, for the exact O(d) projection as for finite groups."""
     tensor = jax.random.normal(getkey(), (5, 2))
     np.testing.assert_array_equal(group.average(tensor, 0), tensor)
+
+
+def test_the_largest_exact_orthogonal_average_within_the_memory_limit():
+    """O(4) on 8 axes needs 7!! = 105 Brauer tensors of 4⁸ entries (52.5 MiB), under the
+    limit; 9!! of them would not be. It must be computed exactly, not refused: the result is
+    invariant under a random rotation, the projection is orthogonal and idempotent, and an
+    invariant tensor (a product of Kronecker deltas) is its own average."""
+    d, n_axes = 4, 8
+    rng = np.random.default_rng(5)
+    tensor = rng.standard_normal((d,) * n_axes)
+    group = cn.OrthogonalGroup(d)
+    avg = np.asarray(group.average(jnp.asarray(tensor), n_axes))
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    rotated = avg
+    for axis in range(n_axes):
+        rotated = np.moveaxis(np.tensordot(q, rotated, axes=([1], [axis])), 0, axis)
+    scale = np.abs(avg).max()
+    assert scale > 0.1
+    np.testing.assert_allclose(rotated, avg, atol=1e-13 * scale)
+    assert abs(np.vdot(tensor - avg, avg)) < 1e-12 * np.vdot(avg, avg)
+    np.testing.assert_allclose(np.asarray(group.average(jnp.asarray(avg), n_axes)), avg,
+                               atol=1e-13 * scale)
+    eye = np.eye(d)
+    deltas = np.einsum("ab,cd,ef,gh->acbdegfh", eye, eye, eye, eye)
+    np.testing.assert_allclose(np.asarray(group.average(jnp.asarray(deltas), n_axes)), deltas,
+                               atol=1e-13)
