@@ -69,6 +69,18 @@ def test_run_writes_results_plot_and_summary(tmp_path, capsys):
     assert width > 600 and height > 200
 
 
+def _record_plots(monkeypatch):
+    """The labels of every figure of runs the runner draws, in order."""
+    drawn, real = [], runner.plot_results
+
+    def record(results, *args, **kwargs):
+        drawn.append([label for label, _ in results])
+        return real(results, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "plot_results", record)
+    return drawn
+
+
 def test_a_crash_keeps_finished_runs(tmp_path, monkeypatch):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY)
@@ -82,9 +94,13 @@ def test_a_crash_keeps_finished_runs(tmp_path, monkeypatch):
         return real(run, *args, **kwargs)
 
     monkeypatch.setattr(runner, "execute", crash_on_second)
+    drawn = _record_plots(monkeypatch)
     assert main(["run", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 130
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [r["label"] for r in summary["runs"]] == ["flow (rtol 1e-09)"]
+    # The figure of the runs that finished is drawn once, on the way out.
+    assert drawn == [["flow (rtol 1e-09)"]]
+    assert _png_size(tmp_path / "out" / "plot.png")[0] > 600
     assert (tmp_path / "out" / summary["runs"][0]["file"]).is_file()
     assert not list((tmp_path / "out").glob(".*tmp"))  # no half-written files left behind
 
@@ -98,9 +114,10 @@ def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_quickstart_main_job(tmp_path):
+def test_quickstart_main_job(tmp_path, monkeypatch):
     """The README's first command: the embedded quickstart config, end to end."""
     out = tmp_path / "quickstart"
+    drawn = _record_plots(monkeypatch)
     assert main(["run", str(ROOT / "configs" / "quickstart.toml"), "--out", str(out),
                  "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -114,6 +131,8 @@ def test_quickstart_main_job(tmp_path):
     # Near a perfect fit (momentum reaches ~1e-30) the factored moment loss stays positive.
     assert all(run["final_loss_median"] > 0.0 for run in summary["runs"])
     assert _png_size(out / "plot.png")[0] > 600
+    # Drawn once, with every run (a quick config is not redrawn after each of its runs).
+    assert drawn == [[run["label"] for run in summary["runs"]]]
 
 
 @pytest.mark.slow  # the Fig. 1 physics is tested fast in test_symmetry_laws / test_counting

@@ -796,6 +796,9 @@ def run_config(config: Config, *, out_dir: str | os.PathLike | None = None,
         return _run_locked(config, out, progress=progress, log=log, force=force)
 
 
+_REDRAW_SECONDS = 60.0  # between runs, figures are redrawn at most this often
+
+
 def _run_locked(config, out, *, progress, log, force) -> dict:
     for orphan in remove_orphans(out):
         log(f"removed {orphan.name}, left by an interrupted write")
@@ -851,56 +854,75 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
     finished, theory, step_times = [], [], {}
     batch_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     relative = summary["relative_drift"]
-    for i, (run, variant, objective, label, filename) in enumerate(jobs):
-        kind = _get(run, "kind")
-        entry_laws = laws + (phase_laws if kind in PHASE_FLOW_KINDS else ())
-        discrete = kind in ("gd", "sgd", "momentum", "adam")
-        if discrete:
-            step_times[label] = _get(run, "lr")
-        check_interrupted()
-        expected = _entry_identity(config_json, i, label)
-        stored = _load_finished(out / filename, ensemble, expected, log) if ours else None
-        if stored is not None:
-            log(f"[{i + 1}/{len(jobs)}] {label}: finished earlier, skipped")
-            result = result_from_arrays(stored, ensemble)
-            mechanics = _mechanics_from_arrays(stored)
-            seconds = previous_runs.get(label, {}).get("seconds")
-        else:
-            log(f"[{i + 1}/{len(jobs)}] {label}")
-            t0 = time.perf_counter()
-            partial = out / (filename[:-len(".npz")] + ".partial.npz")
-            result = jax.block_until_ready(execute_segments(
-                run, objective, ensemble, key=batch_key, progress=progress, laws=entry_laws,
-                partial=partial, identity=expected, log=log, resume=ours,
-                observables=observables_from_config(config, objective)))
-            mechanics = None
-            if discrete and kind != "adam" and laws and all(
-                    isinstance(law, AbstractMechanicsLaw) for law in laws):
-                mechanics = track_mechanics(
-                    objective, ensemble, laws, lr=_get(run, "lr"), steps=_get(run, "steps"),
-                    weight_decay=_get(run, "weight_decay"), momentum=_get(run, "momentum", 0.0),
-                    batch_size=_get(run, "batch_size") or None, key=batch_key)
-            seconds = time.perf_counter() - t0
-            arrays = result_arrays(result, entry_laws)
-            if mechanics is not None:
-                arrays |= _mechanics_arrays(mechanics)
-            arrays["identity"] = identity_array(expected)  # a copied-over file is detected
-            save_npz(out / filename, arrays)
-            partial.unlink(missing_ok=True)  # the entry is whole: no segment to continue
-            check_interrupted()  # a Ctrl-C swallowed during the run: stop now it is saved
-        finished.append((label, result))
-        entry = {"label": label, "kind": kind, "data": variant or "plain",
-                 "file": filename, "seconds": seconds, **result.summary()}
-        if mechanics is not None:
-            theory.append((label, mechanics))
-            entry["mechanics"] = {"discrete_identity_error": mechanics.discrete_error(),
-                                  "continuous_theory_error": mechanics.continuous_error()}
+    drawn = [time.perf_counter()]
+
+    def write_figures():
+        # Drawn when the runs end or one fails, and between runs only when the last drawing
+        # is _REDRAW_SECONDS old: redrawing after every quick run cost as much as the
+        # quickstart's runs themselves. Each run's data are saved as it ends, so a killed
+        # process loses at most the figures, which a rerun draws without recomputing.
+        drawn[0] = time.perf_counter()
+        if theory:
             atomic_write(out / "mechanics.png",
                          lambda f: plot_mechanics(theory, f, title=config.name))
-        summary["runs"].append(entry)
-        write_json(out / "summary.json", summary)
-        atomic_write(out / "plot.png", lambda f: plot_results(
-            finished, f, title=config.name, relative=relative, step_times=step_times))
+        if finished:
+            atomic_write(out / "plot.png", lambda f: plot_results(
+                finished, f, title=config.name, relative=relative, step_times=step_times))
+
+    try:
+        for i, (run, variant, objective, label, filename) in enumerate(jobs):
+            kind = _get(run, "kind")
+            entry_laws = laws + (phase_laws if kind in PHASE_FLOW_KINDS else ())
+            discrete = kind in ("gd", "sgd", "momentum", "adam")
+            if discrete:
+                step_times[label] = _get(run, "lr")
+            check_interrupted()
+            expected = _entry_identity(config_json, i, label)
+            stored = _load_finished(out / filename, ensemble, expected, log) if ours else None
+            if stored is not None:
+                log(f"[{i + 1}/{len(jobs)}] {label}: finished earlier, skipped")
+                result = result_from_arrays(stored, ensemble)
+                mechanics = _mechanics_from_arrays(stored)
+                seconds = previous_runs.get(label, {}).get("seconds")
+            else:
+                log(f"[{i + 1}/{len(jobs)}] {label}")
+                t0 = time.perf_counter()
+                partial = out / (filename[:-len(".npz")] + ".partial.npz")
+                result = jax.block_until_ready(execute_segments(
+                    run, objective, ensemble, key=batch_key, progress=progress, laws=entry_laws,
+                    partial=partial, identity=expected, log=log, resume=ours,
+                    observables=observables_from_config(config, objective)))
+                mechanics = None
+                if discrete and kind != "adam" and laws and all(
+                        isinstance(law, AbstractMechanicsLaw) for law in laws):
+                    mechanics = track_mechanics(
+                        objective, ensemble, laws, lr=_get(run, "lr"), steps=_get(run, "steps"),
+                        weight_decay=_get(run, "weight_decay"), momentum=_get(run, "momentum", 0.0),
+                        batch_size=_get(run, "batch_size") or None, key=batch_key)
+                seconds = time.perf_counter() - t0
+                arrays = result_arrays(result, entry_laws)
+                if mechanics is not None:
+                    arrays |= _mechanics_arrays(mechanics)
+                arrays["identity"] = identity_array(expected)  # a copied-over file is detected
+                save_npz(out / filename, arrays)
+                partial.unlink(missing_ok=True)  # the entry is whole: no segment to continue
+                check_interrupted()  # a Ctrl-C swallowed during the run: stop now it is saved
+            finished.append((label, result))
+            entry = {"label": label, "kind": kind, "data": variant or "plain",
+                     "file": filename, "seconds": seconds, **result.summary()}
+            if mechanics is not None:
+                theory.append((label, mechanics))
+                entry["mechanics"] = {"discrete_identity_error": mechanics.discrete_error(),
+                                      "continuous_theory_error": mechanics.continuous_error()}
+            summary["runs"].append(entry)
+            write_json(out / "summary.json", summary)
+            if i + 1 < len(jobs) and time.perf_counter() - drawn[0] > _REDRAW_SECONDS:
+                write_figures()  # a long config: show what is done so far
+    except BaseException:
+        with contextlib.suppress(Exception):  # never hide the run's own error
+            write_figures()
+        raise
+    write_figures()
     if _has_two_parameters(ensemble) and config.augmentation is not None:
         atomic_write(out / "landscape.png", lambda f: plot_landscapes(
             objectives, ensemble, finished, f, title=config.name))
