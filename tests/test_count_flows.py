@@ -507,3 +507,38 @@ def test_known_laws_of_frozen_weights_are_conserved_by_the_drift(flow):
     # Negative control: a weight with a gradient is not frozen, and its rows are not conserved.
     moving = known_law_gradients(flow, model, y, np.array([1]))
     assert np.max(np.abs(moving @ drift)) > 1e-2
+
+
+@pytest.mark.parametrize("flow", [cn.MomentumFlow(), cn.MomentumFlow(friction=0.7),
+                                  cn.NesterovFlow(damping=2.5)],
+                         ids=["momentum", "momentum-friction", "nesterov"])
+def test_angular_momenta_of_a_deep_linear_net_are_conserved_by_the_drift(flow):
+    """A DeepLinear W₂W₁ with a hidden width 3 has 3 angular momenta c(s)⟨v, ξ_A θ⟩
+    (ξ_A: W₁ ↦ AW₁, W₂ ↦ −W₂A, A antisymmetric), checked pointwise against the phase-space
+    drift written out by hand. Any loss of the product P = W₂W₁ has ∇W₁ = W₂ᵀG, ∇W₂ = GW₁ᵀ
+    (G = ∂L/∂P): a random G stands for every data set. Negative control: a gradient that is
+    not of this form (a loss of W₁ and W₂ apart) is not orthogonal to them."""
+    from conservation._laws.flows import known_law_gradients
+
+    model = cn.DeepLinear.random((2, 3, 2), key=KEY)
+    w1, w2 = (np.asarray(w) for w in model.weights)
+    assert w1.shape == (3, 2) and w2.shape == (2, 3)
+    rng = np.random.default_rng(1)
+    n = w1.size + w2.size
+    s = 1.3
+    theta, v = np.concatenate([w1.ravel(), w2.ravel()]), rng.normal(size=n)
+    y = np.concatenate([[s], theta, v])
+    g = rng.normal(size=(2, 2))
+    grad = np.concatenate([(w2.T @ g).ravel(), (g @ w1.T).ravel()])
+
+    def drift(grad):
+        if isinstance(flow, cn.NesterovFlow):
+            return np.concatenate([[1.0], v, -(float(flow.damping) / s) * v - grad])
+        tau = float(flow.friction)
+        return np.concatenate([[tau * s if tau else 1.0], v, -tau * v - grad])
+
+    rows = known_law_gradients(flow, model, y, np.zeros(0, int))
+    assert rows.shape == (3, 1 + 2 * n)
+    assert np.linalg.matrix_rank(rows) == 3
+    np.testing.assert_allclose(rows @ drift(grad), 0.0, atol=1e-12)
+    assert np.max(np.abs(rows @ drift(rng.normal(size=n)))) > 1e-2

@@ -339,6 +339,28 @@ def test_one_progress_bar_per_ensemble_flow(linear_problem, capsys):
     assert final.endswith("]") and final.startswith("flow: t=5/5, members 4/4 |"), err
 
 
+def test_progress_bar_shows_the_slowest_running_members_time(capsys):
+    """The host side of the bar, without compiling a flow (the slow test above runs it
+    whole): its time is that of the member furthest behind among those still running, its
+    count the members finished, its fill their summed progress."""
+    from conservation._dynamics.flow import _FlowBar
+
+    with _FlowBar(4, 5.0, show=True) as bar:
+        _FlowBar.update(np.array([0, 1, 2]), np.array([0.2, 0.6, 0.9]),
+                        np.array([False, False, True]))
+        assert bar.bar.desc == "flow: t=0/5, members 1/4"  # member 3 has not started
+        assert bar.bar.n == pytest.approx(0.2 + 0.6 + 1.0)
+        _FlowBar.update(np.array([3]), np.array([0.8]), np.array([False]))
+        assert bar.bar.desc == "flow: t=1/5, members 1/4"  # min(0.2, 0.6, 0.8)·5
+        _FlowBar.update(np.array([0]), np.array([0.7]), np.array([False]))
+        assert bar.bar.desc == "flow: t=3/5, members 1/4"  # now member 1 is furthest behind
+        _FlowBar.update(np.array([0, 1, 3]), np.array([1.0, 1.0, 1.0]),
+                        np.array([True, True, True]))
+        assert bar.bar.desc == "flow: t=5/5, members 4/4" and bar.bar.n == pytest.approx(4.0)
+    assert _FlowBar.active is None
+    capsys.readouterr()
+
+
 def _refill_schedule(steps, lanes):
     """Loop iterations of `lanes` lanes taking members in order, each lane loading the next
     member in the iteration after its member's last step (list scheduling, simulated)."""

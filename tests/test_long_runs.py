@@ -126,6 +126,13 @@ def test_resumed_flow_continues_from_its_last_state_with_drifts_from_theta0(deep
         np.testing.assert_array_equal(both.drift[name][:, :3], first.drift[name])
         np.testing.assert_allclose(both.max_drift[name], whole.max_drift[name], atol=1e-9)
     assert np.all(np.asarray(both.num_steps) > np.asarray(first.num_steps))
+    # The resumed Result carries θ₀'s references on, so that it can be resumed again with the
+    # drifts still measured from θ₀: the same arrays as the one run's.
+    ref_whole, ref_both = (jax.tree.leaves(r.reference) for r in (whole, both))
+    assert len(ref_both) == len(ref_whole) > 0
+    for got, want in zip(ref_both, ref_whole):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
     with pytest.raises(cn.ArgumentError, match="t1"):
         cn.gradient_flow(objective, first.final, 2.0, resume=first, **kwargs)
     with pytest.raises(cn.ArgumentError, match="model"):
