@@ -155,7 +155,7 @@ def train(t) -> str:
 
 FRESH_SAMPLES = ("mutation_sample_seed3.json", "mutation_sample_seed4.json",
                  "mutation_sample_seed5.json", "mutation_sample_seed6.json",
-                 "mutation_sample_seed7.json")
+                 "mutation_sample_seed7.json", "mutation_sample_seed8.json")
 
 
 def mutation_fresh(t) -> str:

@@ -542,3 +542,19 @@ def test_angular_momenta_of_a_deep_linear_net_are_conserved_by_the_drift(flow):
     assert np.linalg.matrix_rank(rows) == 3
     np.testing.assert_allclose(rows @ drift(grad), 0.0, atol=1e-12)
     assert np.max(np.abs(rows @ drift(rng.normal(size=n)))) > 1e-2
+
+
+def test_default_depth_of_second_order_counts_follows_the_state_size():
+    """The default depth of a second-order count by its state's size 2D + 1 (D the real
+    model's parameters): 7 up to 23 coordinates (linear [1, 2, 3, 1]'s 23 need depth 7),
+    6 up to 63, 5 up to 173, then 4; first-order counts stay at 4. Padded programs are
+    capped (by their own D) where depth 7 crashed the compiler (55 coordinates of
+    pad_to=(3, 3)) and depth 6 compiled (NMF's 101-coordinate frame)."""
+    from conservation._laws.counting import _PADDED_BUDGET, _default_depth
+
+    momentum = cn.MomentumFlow()
+    by_size = {11: 7, 12: 6, 31: 6, 32: 5, 86: 5, 87: 4, 400: 4, 1: 7}
+    assert {d: _default_depth(momentum, d) for d in by_size} == by_size
+    assert {_default_depth(cn.MirrorFlow(), d) for d in (1, 11, 400)} == {4}
+    assert _default_depth(momentum, 27, _PADDED_BUDGET) == 6  # 55 coordinates
+    assert _default_depth(momentum, 50, _PADDED_BUDGET) == 6  # 101 coordinates

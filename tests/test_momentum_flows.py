@@ -460,3 +460,27 @@ def test_sign_field_against_its_formula():
         want = (-total / np.sqrt(total**2 + eps**2)) if eps > 0 else -np.sign(total)
         got = cn.SignField(weight_decay=wd, smoothing=eps)(grad, y)
         np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
+
+
+def test_fields_default_to_their_plain_forms():
+    """Every field's defaults, against the plain ODE written out in numpy: no weight decay,
+    the exact sign (no smoothing), a start at rest, Nesterov's τ starting at t₀ = 1."""
+    theta = jnp.asarray([0.3, -2.0, 0.5])
+    v = np.array([0.7, -0.15, 0.4])
+    g = np.array([1.5, 0.2, -4.0])  # signs unlike θ's: a decay λθ would change the sign
+
+    def grad(z):
+        return jnp.asarray(g) + 0.0 * z
+
+    np.testing.assert_array_equal(cn.SignField()(grad, theta), -np.sign(g))
+    p = np.array([1.0, 0.5, 2.0])
+    np.testing.assert_allclose(cn.PreconditionedField(p)(grad, theta), -p * g, rtol=1e-15)
+    momentum = cn.MomentumField(0.25)
+    np.testing.assert_allclose(momentum.acceleration(grad, 0.3, theta, jnp.asarray(v)),
+                               -(v + g) / 0.25, rtol=1e-15)
+    nesterov = cn.NesterovField()
+    np.testing.assert_allclose(nesterov.acceleration(grad, 0.5, theta, jnp.asarray(v)),
+                               -3.0 * v / 1.5 - g, rtol=1e-15)
+    np.testing.assert_allclose(nesterov.weight(1.0), 8.0, rtol=1e-15)  # ((t + 1)/1)³
+    for field in (momentum, nesterov):
+        np.testing.assert_array_equal(field.initial_velocity(grad, theta), 0.0)

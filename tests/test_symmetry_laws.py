@@ -146,6 +146,28 @@ def test_isotypic_components():
     assert [(u.shape[1], single) for u, single in components] == [(4, False)]
 
 
+@pytest.mark.parametrize("group", [cn.CyclicShift(n) for n in range(2, 10)]
+                         + [cn.Permutations(n) for n in range(2, 7)], ids=str)
+def test_isotypic_components_leave_out_the_fixed_vectors(group):
+    """Character theory of the regular shift and permutation actions on Rⁿ: the trivial
+    component is the constant vectors (left out); C_n has ⌊(n − 1)/2⌋ planes of frequencies
+    1, 2, … and, for even n, the alternating sign line; S_n has the (n − 1)-dimensional
+    standard irreducible. The averaged group matrices (the projector on the constants) are
+    1 − 2⁻⁵² or 1 + 2⁻⁵² on the constants in floating point, for some n each way: a constant
+    vector must never be taken for a non-trivial component."""
+    n = group.dim
+    components = cn.isotypic_components(group)
+    dims = sorted(u.shape[1] for u, _ in components)
+    if isinstance(group, cn.Permutations):
+        expected = [n - 1]
+    else:
+        expected = sorted([2] * ((n - 1) // 2) + [1] * (n % 2 == 0))
+    assert dims == expected and all(single for _, single in components)
+    basis = np.concatenate([u for u, _ in components], axis=1)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(n - 1), atol=1e-12)
+    np.testing.assert_allclose(basis.T @ np.ones(n), 0.0, atol=1e-12)
+
+
 def test_fig2_gd_keeps_the_ratio_to_round_off_plain_data_break_it():
     """The seed paper's Fig. 2 setting: 150 GD steps at lr 0.015 from its 6 inits."""
     config = cn_config("fig2_linear_c3.toml")

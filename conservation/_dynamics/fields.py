@@ -132,8 +132,8 @@ class MomentumField(AbstractPhaseSpaceField):
 
 class NesterovField(AbstractPhaseSpaceField):
     """Nesterov's ODE θ̈ + (3/τ)θ̇ + ∇L(θ) + λθ = 0 (Su, Boyd & Candès 2016) in its own time
-    τ = t + t₀: the flow's time t starts at 0, τ at `start_time` t₀ > 0 (the ODE is singular
-    at τ = 0). Starts from v₀ = −c(∇L(θ₀) + λθ₀) (`start_velocity` c; default 0, at rest).
+    τ = t + t₀: the flow's time t starts at 0, τ at `start_time` t₀ > 0 (default 1; the ODE is
+    singular at τ = 0). Starts from v₀ = −c(∇L(θ₀) + λθ₀) (`start_velocity` c; default 0, at rest).
 
     Its friction is 3/τ, so w(t) = (τ/t₀)³: Q = (τ/t₀)³⟨v, Aθ⟩ is conserved for every
     antisymmetric symmetry generator A (`AngularMomentumLaw`).
