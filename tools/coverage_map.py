@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from mutate import COVERING, ROOT
+from mutate import COVERING, ROOT, mutants
 
 
 def _file_lines(work: pathlib.Path, test: str, data: pathlib.Path,
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
                 parsed.parse_source()
                 code[module] = sorted(parsed.statements)
                 # Coverage credits a statement to its first line; a mutant can sit on any.
-                count = len((work / module).read_text().splitlines())
-                first[module] = {str(n): parsed.first_line(n) for n in range(1, count + 1)
+                carrying = {m["line"] for m in mutants(work / module, module)}
+                first[module] = {str(n): parsed.first_line(n) for n in sorted(carrying)
                                  if parsed.first_line(n) != n}
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(work)], cwd=ROOT,

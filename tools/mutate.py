@@ -13,11 +13,12 @@ excluded) replaced by a plausible mistake:
 - names        `max`↔`min`, `all`↔`any`, `True`↔`False`.
 
 Each mutant runs the test files that cover its module (`COVERING`, the default test command's
-markers: slow tests excluded) with `-x`; it is *killed* if they fail or time out, *survived*
-if they pass. The score is killed / (killed + survived); the survivors are listed with their
-line, to be judged equivalent (no observable change) or not. `--sample` draws that many
-mutants at random (seeded) from all of them: the full set is thousands of mutants, each a
-test run of tens of seconds.
+markers: slow tests excluded) and, with `--map` (made by `tools/coverage_map.py` at HEAD),
+every other default test file that executes the mutated line, with `-x`; it is *killed* if
+they fail or time out, *survived* if they pass. The score is killed / (killed + survived);
+the survivors are listed with their line, to be judged equivalent (no observable change) or
+not. `--sample` draws that many mutants at random (seeded) from all of them: the full set is
+thousands of mutants, each a test run of tens of seconds.
 """
 
 import argparse
@@ -156,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--files", nargs="*", default=sorted(COVERING),
                         help="modules to mutate (default: the numeric core)")
     parser.add_argument("--out", default="benchmarks/results/mutation.json")
+    parser.add_argument("--map", default=None, metavar="JSON",
+                        help="a `tools/coverage_map.py` map of HEAD: also run every default "
+                             "test file that executes the mutated line")
     parser.add_argument("--replay", nargs="*", default=None, metavar="JSON",
                         help="instead of sampling, run again the survivors of earlier result "
                              "files on HEAD (found by their line's code, wherever it moved)")
@@ -165,11 +169,28 @@ def main(argv=None) -> int:
                             text=True).stdout.strip()
     results = []
     out = ROOT / args.out
+    reach = None
+    if args.map is not None:
+        reach = json.loads((ROOT / args.map).read_text())
+        if reach["commit"] != commit:
+            parser.error(f"--map was made at {reach['commit'][:7]}, HEAD is {commit[:7]}: "
+                         "line numbers differ; run tools/coverage_map.py again")
+
+    def tests_for(m: dict) -> list[str]:
+        # COVERING's files first (the likeliest to fail fast under -x), then the rest of the
+        # default suite's files that execute the mutated statement.
+        tests = list(COVERING[m["file"]])
+        if reach is not None:
+            line = reach["first_line"][m["file"]].get(str(m["line"]), m["line"])
+            tests += [t for t in reach["lines"][m["file"]].get(str(line), [])
+                      if t not in tests]
+        return tests
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def report(population: int) -> dict:
         killed = sum(r["result"] == "killed" for r in results)
         return {"commit": commit, "population": population, "sampled": len(results),
+                "map": None if reach is None else reach["commit"],
                 "seed": args.seed, "killed": killed, "survived": len(results) - killed,
                 "timeouts": sum(r["how"] == "timeout" for r in results),
                 "score": killed / len(results) if results else None, "mutants": results}
@@ -191,11 +212,12 @@ def main(argv=None) -> int:
                 original = target.read_text()
                 target.write_text(apply(original, m))
                 start = time.perf_counter()
-                verdict = run_tests(work, COVERING[m["file"]], args.timeout,
-                                    pathlib.Path(tmp) / "cache")
+                tests = tests_for(m)
+                verdict = run_tests(work, tests, args.timeout, pathlib.Path(tmp) / "cache")
                 target.write_text(original)
                 m |= {"result": "survived" if verdict == "passed" else "killed",
                       "how": verdict, "seconds": round(time.perf_counter() - start, 1),
+                      "test_files": len({t.split("::")[0] for t in tests}),
                       "code": original.splitlines()[m["line"] - 1].strip()}
                 results.append(m)
                 # After every mutant: a run stopped part-way keeps what it measured.
