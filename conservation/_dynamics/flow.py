@@ -710,9 +710,7 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
         return eqx.combine(unravel(theta(y)), static)
 
     def point(t, y):
-        # What the laws are evaluated on: the model, or for a phase-space flow (t, w(t), θ, v).
-        if not phase:
-            return as_model(y)
+        # What a phase-space flow's laws are evaluated on: (t, w(t), θ, v).
         return PhaseState(t, field.weight(t), as_model(y),
                           eqx.combine(unravel(y[..., n:]), static))
 

@@ -296,13 +296,6 @@ class _Field(eqx.Module):
         return eqx.tree_at(lambda f: (f.mask, f.lr), self, (mask, lr),
                            is_leaf=lambda x: x is None)
 
-    def position(self, y):
-        """θ from the state."""
-        if self.kind in ("momentum", "nesterov"):
-            dim = (y.shape[0] - 1) // 2
-            return y[1:1 + dim]
-        return y
-
     def __call__(self, gradient, y):
         if self.kind in ("momentum", "nesterov"):
             dim = (y.shape[0] - 1) // 2

@@ -467,7 +467,8 @@ def find_generators(
                         [w[r] for w in probe])[leaf] for r in range(probe[0].shape[0])], 1)
             norms[cols] = np.linalg.norm(images, axis=1) / math.sqrt(probe[0].shape[0])
             keep.append(cols[_independent(images.T)])
-        return np.sort(np.concatenate(keep)), norms
+        # No leaf with a coefficient of this kind (all-scalar leaves have no skew part).
+        return np.sort(np.concatenate(keep)) if keep else np.zeros(0, int), norms
 
     keeps = {v: reduce(t, o) for v, t, o in (("gl", gl_t, owner_gl), ("sym", sym_t, owner_sym),
                                              ("skew", skew_t, owner_skew))}

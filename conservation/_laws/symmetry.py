@@ -271,7 +271,8 @@ def isotypic_components(group, *, seed: int = 0) -> list[tuple[np.ndarray, bool]
     """
     integer("seed", seed, minimum=0)
     if isinstance(group, OrthogonalGroup):
-        return [(np.eye(group.dim), True)] if group.dim > 1 else []
+        # Irreducible on R^d with the scalars as commutant; for d = 1, {±1}'s sign line.
+        return [(np.eye(group.dim), True)]
     if not isinstance(group, AbstractFiniteGroup):
         raise fail("group", group, "must be a finite conservation group or OrthogonalGroup",
                    "e.g. conservation.CyclicShift(3)")
@@ -389,7 +390,7 @@ def augmentation_laws(model, augment) -> tuple[AbstractLaw, ...]:
                 return (EquivariantResidualLaw(), EquivariantRowSumLaw())
             return ()
         h = model.weights[0].shape[0]
-        if not isinstance(group, AbstractFiniteGroup):  # includes (exact) OrthogonalGroup
+        if not isinstance(group, AbstractFiniteGroup):  # a user group with no commutant here
             return ()
         laws = []
         components = [u for u, single in isotypic_components(group) if single and u.shape[1] > h]
