@@ -115,3 +115,47 @@ def test_the_probe_is_one_program_and_its_scalar_transfers_change_nothing(progra
     top = np.linalg.eigvalsh(np.asarray(hessian))[-1]
     assert 0.98 * top <= choice.rho0 <= top * (1 + 1e-12)
     assert choice.rho_max >= choice.rho0 and choice.name == "tsit5"
+
+
+def test_auto_compiles_the_tsit5_solve_while_it_probes_and_the_call_reuses_it(monkeypatch):
+    """`solver="auto"` compiles the Tsit5 solve in a second thread while its probe runs; when
+    the probe chooses Tsit5 the call runs that very program: one `_flow` compile, not two,
+    and the numbers of an explicit `solver="tsit5"` run bit for bit (which compiles nothing
+    more). A shape no other test uses, so that every program here is new to the process."""
+    from conservation._dynamics import flow as flow_module
+
+    started = []
+    real = flow_module._compile_ahead
+
+    def spy(args, kwargs):
+        started.append(args[5])  # the solver it compiles for
+        return real(args, kwargs)
+
+    monkeypatch.setattr(flow_module, "_can_compile_ahead", lambda: True)
+    monkeypatch.setattr(flow_module, "_compile_ahead", spy)
+    key_t, key_x, key_i = jax.random.split(jax.random.PRNGKey(7), 3)
+    teacher = cn.DeepLinear.random([3, 7, 2], key=key_t)
+    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(key_x, 11, (3,)))
+    ensemble = cn.Ensemble.init(lambda k: cn.DeepLinear.random([3, 7, 2], key=k), key_i, 3)
+    objective = cn.make_objective(cn.MSE(), data, ensemble)
+    programs = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            programs.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        auto = cn.gradient_flow(objective, ensemble, 2.0, rtol=1e-9, n_save=5)
+        solves = programs.count("jit(_flow)")
+        explicit = cn.gradient_flow(objective, ensemble, 2.0, rtol=1e-9, n_save=5,
+                                    solver="tsit5")
+        again = programs.count("jit(_flow)")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert auto.solver == "tsit5" and len(started) == 1
+    assert isinstance(started[0], type(flow_module._resolve_solver("tsit5")))
+    assert solves == 1 and again == 1, programs
+    for a, b in [(auto.loss, explicit.loss), (auto.num_steps, explicit.num_steps),
+                 *[(auto.drift[k], explicit.drift[k]) for k in auto.drift]]:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

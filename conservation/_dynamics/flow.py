@@ -1,7 +1,11 @@
 """Gradient flow dθ/dt = −∇L(θ), integrated with diffrax for a whole ensemble at once."""
 
 import abc
+import atexit
+import contextlib
 import dataclasses
+import os
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -432,35 +436,45 @@ def gradient_flow(
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
     check_flow_memory(objective, params, static, laws, keep, final_values, solver, n_save,
                       batch_size, ensemble.size)  # before anything is allocated
-    if isinstance(solver, str) and solver == "auto":  # (Tsit5, unprobed, for phase space)
-        solver = _choose(*eqx.partition(ensemble[0], eqx.is_inexact_array), objective, field,
-                         t1, max_steps).name
-    solver_name = solver if isinstance(solver, str) else type(solver).__name__
-    solver = _resolve_solver(solver)
-    if batch_size is None:
-        free = free_device_memory()  # None on the CPU: no member to slice out (latency)
-        y0, unravel = ((None, None) if free is None else
-                       jfu.ravel_pytree(jtu.tree_map(lambda x: x[0], params)))
-        batch_size = default_batch_size(
-            lambda y: jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y), y0,
-            ensemble.size, solver, n_save, len(laws), free)
     show = show_progress(progress)
     mesh = _ensemble_mesh(params)
-    batch = min(batch_size, ensemble.size)
     carried = None
     if resume is not None:
         carried = (resume.reference, _continuing(resume.status))
+
+    def arguments(solver):
+        # `_flow`'s arguments with `solver` (resolved), and the lanes they run on.
+        lanes = batch_size
+        if lanes is None:
+            free = free_device_memory()  # None on the CPU: no member to slice out (latency)
+            y0, unravel = ((None, None) if free is None else
+                           jfu.ravel_pytree(jtu.tree_map(lambda x: x[0], params)))
+            lanes = default_batch_size(
+                lambda y: jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y),
+                y0, ensemble.size, solver, n_save, len(laws), free)
+        batch = min(lanes, ensemble.size)
+        args = (params, static, objective, field,
+                (_PhaseMonitor if field.phase_space else LawMonitor)(laws), solver,
+                *(as_float64(v) for v in (t0, t1, rtol, atol, divergence)),
+                None if stop_at_loss is None else jnp.asarray(stop_at_loss, float),
+                n_save, max_steps, show, ensemble.size)
+        kwargs = dict(batch=batch, keep=keep, final_values=final_values, mesh=mesh,
+                      resume=carried, resumable=bool(resumable), velocity=velocity,
+                      observers=ObservableMonitor(observables, objective) if observables
+                      else None)
+        return args, kwargs, batch
+
+    if isinstance(solver, str) and solver == "auto":  # (Tsit5, unprobed, for phase space)
+        ahead = _compile_ahead(*arguments(_resolve_solver("tsit5"))[:2]) if (
+            not field.phase_space and mesh is None and _can_compile_ahead()) else None
+        solver = _choose(*eqx.partition(ensemble[0], eqx.is_inexact_array), objective, field,
+                         t1, max_steps).name
+        if ahead is not None and solver == "tsit5":
+            ahead.join()  # the solve below is then the program compiled meanwhile
+    solver_name = solver if isinstance(solver, str) else type(solver).__name__
+    args, kwargs, batch = arguments(_resolve_solver(solver))
     with _FlowBar(ensemble.size, t1, show):
-        result = _flow(
-            params, static, objective, field,
-            (_PhaseMonitor if field.phase_space else LawMonitor)(laws), solver,
-            *(as_float64(v) for v in (t0, t1, rtol, atol, divergence)),
-            None if stop_at_loss is None else jnp.asarray(stop_at_loss, float),
-            n_save, max_steps, show, ensemble.size, batch=batch,
-            keep=keep, final_values=final_values, mesh=mesh, resume=carried,
-            resumable=bool(resumable), velocity=velocity,
-            observers=ObservableMonitor(observables, objective) if observables else None,
-        )
+        result = _flow(*args, **kwargs)
         if show:  # the bar closes when the solve has finished, not when it was dispatched
             result = jax.block_until_ready(result)
     _warn_max_steps(result.status, solver_name, max_steps)
@@ -470,6 +484,36 @@ def gradient_flow(
     if resume is not None:
         result = join(resume, result)
     return dataclasses.replace(result, solver=solver_name, batch_size=batch)
+
+
+def _can_compile_ahead() -> bool:
+    """Whether `solver="auto"` compiles the Tsit5 solve while its probe runs: on the CPU
+    backend (the lanes do not depend on free memory there) with a second core to do it on."""
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    return jax.default_backend() == "cpu" and cores > 1
+
+
+def _compile_ahead(args, kwargs) -> threading.Thread:
+    """Compile `_flow(*args, **kwargs)` in a background thread (XLA compiles without the
+    GIL): the solve most probes choose (Tsit5) compiles on the second core while the probe
+    compiles and runs on the first. The executable is the one a call compiles (JAX keeps it
+    for the call), so no number changes; a choice of another solver leaves it unused."""
+    def compile_():
+        # A failure here is the solve's own, raised by the call that follows.
+        with contextlib.suppress(Exception):
+            _flow.lower(*args, **kwargs).compile()
+
+    thread = threading.Thread(target=compile_, name="conservation-compile-ahead", daemon=True)
+    thread.start()
+    _AHEAD[:] = [t for t in _AHEAD if t.is_alive()] + [thread]
+    return thread
+
+
+# Compiles still running when the interpreter exits are waited for (an unused one, when the
+# probe chose another solver): a thread stopped inside XLA during shutdown could crash it.
+_AHEAD: list[threading.Thread] = []
+atexit.register(lambda: [thread.join() for thread in _AHEAD])
 
 
 def _continuing(status):
