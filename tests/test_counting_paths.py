@@ -337,6 +337,27 @@ def test_a_bias_paired_by_position_gives_the_softmax_translation_laws(softmax_he
     assert found.independent == found.n_laws == 3
 
 
+class _Wrapped(eqx.Module):
+    """`_Affine` one level down (leaves `head.kernel`, `head.offset`)."""
+
+    head: _Affine
+
+    def __call__(self, x):
+        return self.head(x)
+
+
+def test_a_bias_is_paired_by_position_inside_a_submodule(softmax_head):
+    """The same affine head as a submodule: its bias is still the next leaf of the same
+    parent (`head`), so the same three translation laws are found, with the same values."""
+    model, data, _ = softmax_head
+    found = cn.find_symmetries(_Wrapped(model), cn.CrossEntropy(), data)
+    assert [law.name for law in found.laws] == ["translation[head.kernel]"]
+    assert [c.unit for c in found.accepted] == ["0", "1", "bias"]
+    kernel, offset = np.asarray(model.kernel), np.asarray(model.offset)
+    np.testing.assert_allclose(found.laws[0](_Wrapped(model)), [*kernel.sum(0), offset.sum()],
+                               rtol=1e-14)
+
+
 def test_the_softmax_head_count_confirms_the_three_laws(softmax_head):
     """`count_laws` (on its own random cross-entropy targets) agrees: the gradient of
     −Σ_k y_k log softmax(f)_k in the logits, (Σ_k y_k) p − y, sums to zero over the classes,
