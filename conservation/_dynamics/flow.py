@@ -464,15 +464,19 @@ def gradient_flow(
                       else None)
         return args, kwargs, batch
 
+    ahead = None  # (the arguments compiled ahead, the thread compiling them)
     if isinstance(solver, str) and solver == "auto":  # (Tsit5, unprobed, for phase space)
-        ahead = _compile_ahead(*arguments(_resolve_solver("tsit5"))[:2]) if (
-            not field.phase_space and mesh is None and _can_compile_ahead()) else None
+        if not field.phase_space and mesh is None and _can_compile_ahead():
+            speculated = arguments(_resolve_solver("tsit5"))
+            ahead = (speculated, _compile_ahead(*speculated[:2]))
         solver = _choose(*eqx.partition(ensemble[0], eqx.is_inexact_array), objective, field,
                          t1, max_steps).name
-        if ahead is not None and solver == "tsit5":
-            ahead.join()  # the solve below is then the program compiled meanwhile
     solver_name = solver if isinstance(solver, str) else type(solver).__name__
-    args, kwargs, batch = arguments(_resolve_solver(solver))
+    if ahead is not None and solver == "tsit5":
+        (args, kwargs, batch), thread = ahead
+        thread.join()  # the solve below is then the program compiled meanwhile
+    else:
+        args, kwargs, batch = arguments(_resolve_solver(solver))
     with _FlowBar(ensemble.size, t1, show):
         result = _flow(*args, **kwargs)
         if show:  # the bar closes when the solve has finished, not when it was dispatched
@@ -513,7 +517,12 @@ def _compile_ahead(args, kwargs) -> threading.Thread:
 # Compiles still running when the interpreter exits are waited for (an unused one, when the
 # probe chose another solver): a thread stopped inside XLA during shutdown could crash it.
 _AHEAD: list[threading.Thread] = []
-atexit.register(lambda: [thread.join() for thread in _AHEAD])
+
+
+@atexit.register
+def _wait_for_compiles_ahead():
+    for thread in _AHEAD:
+        thread.join()
 
 
 def _continuing(status):

@@ -854,14 +854,15 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
     finished, theory, step_times = [], [], {}
     batch_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     relative = summary["relative_drift"]
-    drawn = [time.perf_counter()]
+    drawn = time.perf_counter()  # when the figures were last drawn
 
     def write_figures():
+        nonlocal drawn
         # Drawn when the runs end or one fails, and between runs only when the last drawing
         # is _REDRAW_SECONDS old: redrawing after every quick run cost as much as the
         # quickstart's runs themselves. Each run's data are saved as it ends, so a killed
         # process loses at most the figures, which a rerun draws without recomputing.
-        drawn[0] = time.perf_counter()
+        drawn = time.perf_counter()
         if theory:
             atomic_write(out / "mechanics.png",
                          lambda f: plot_mechanics(theory, f, title=config.name))
@@ -916,7 +917,7 @@ def _run_locked(config, out, *, progress, log, force) -> dict:
                                       "continuous_theory_error": mechanics.continuous_error()}
             summary["runs"].append(entry)
             write_json(out / "summary.json", summary)
-            if i + 1 < len(jobs) and time.perf_counter() - drawn[0] > _REDRAW_SECONDS:
+            if i + 1 < len(jobs) and time.perf_counter() - drawn > _REDRAW_SECONDS:
                 write_figures()  # a long config: show what is done so far
     except BaseException:
         with contextlib.suppress(Exception):  # never hide the run's own error
