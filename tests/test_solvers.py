@@ -5,6 +5,7 @@ import decimal
 import diffrax as dfx
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -424,6 +425,43 @@ def test_auto_probe_of_a_loss_starting_at_exactly_zero_runs_to_t1():
     assert choice.rho0 == pytest.approx(4.0, rel=1e-12), choice
     assert choice.rho_max == pytest.approx(4.0, rel=1e-12), choice
     assert choice.name == "tsit5", choice
+
+
+def _diffrax_probe(objective, model, t1):
+    """The probe written as one `diffrax.diffeqsolve` (how it was before its hand-written
+    loop): StabilizedRK at rtol = atol = 1e-4 from t = 0 to t1 (dt0=None), stopped by an event
+    at 1e-12 of the starting loss; (ρ₀, ρ_max, where it stopped)."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    y0, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def loss(y):
+        return objective(eqx.combine(unravel(y), static))
+
+    term = dfx.ODETerm(lambda t, y, args: -jax.grad(loss)(y))
+    solver = cn.StabilizedRK()
+    loss0 = loss(y0)
+    rho0 = solver.init(term, 0.0, t1, y0, None)[1]
+    sol = dfx.diffeqsolve(
+        term, solver, 0.0, t1, None, y0, saveat=dfx.SaveAt(t1=True, solver_state=True),
+        stepsize_controller=cn.step_size_controller(solver, 1e-4, 1e-4), max_steps=2_000,
+        throw=False, event=dfx.Event(lambda t, y, args, **kwargs: (
+            (loss0 > 0) & (loss(y) <= 1e-12 * loss0) | ~jnp.all(jnp.isfinite(y)))))
+    return float(rho0), float(jnp.maximum(rho0, sol.solver_state[2])), float(sol.ts[-1])
+
+
+def test_the_probe_takes_the_steps_of_diffrax():
+    """`choose_solver`'s probe is a hand-written loop of the solver's `step` and the
+    controller's `adapt_step_size` (a third less to compile than `diffeqsolve`): its ρ₀, ρ_max
+    and stopping time equal those of the same probe run by `diffrax.diffeqsolve`, bit for bit,
+    on a flow that converges early (stops at the event), one that runs to t1, and one whose ρ
+    grows along the way."""
+    cases = [(*_least_squares(True)[:2], 100.0), (*_least_squares(False)[:2], 100.0),
+             (_Point(jnp.zeros(2)), _Ramp(jnp.asarray(1.0), jnp.asarray(1.0),
+                                          jnp.asarray(1000.0)), 100.0)]
+    for model, objective, t1 in cases:
+        choice = cn.choose_solver(objective, model, t1)
+        reference = _diffrax_probe(objective, model, t1)
+        assert (choice.rho0, choice.rho_max, choice.probe_t) == reference, (choice, reference)
 
 
 def test_bad_solver_name_lists_choices(deep_linear):

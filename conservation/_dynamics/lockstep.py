@@ -57,6 +57,13 @@ def _where(pred, new, old):
     return jtu.tree_map(pick, new, old)
 
 
+def _clip_floor(t1):
+    """100 ULPs below `t1`: a step ending beyond it ends at t1 (`_clip_to_end`)."""
+    for _ in range(100):
+        t1 = eqxi.prevbefore(t1)
+    return t1
+
+
 def _clip_to_end(tprev, tnext, t1, t1_clip_floor, keep_step):
     # As diffrax's loop: a step ending within 100 ULPs of t1 ends at t1 (after a rejection,
     # halfway there), so that no step is too short for a stable dense output.
@@ -151,9 +158,7 @@ def solve_lanes(
                        else (lambda t, y, args: vector_field(y)))
     error_order = solver.error_order(term)
     t0 = jnp.zeros((), t1.dtype) if t0 is None else jnp.asarray(t0, t1.dtype)
-    t1_clip_floor = t1
-    for _ in range(100):
-        t1_clip_floor = eqxi.prevbefore(t1_clip_floor)
+    t1_clip_floor = _clip_floor(t1)
 
     def load(row, extra_row):
         # What diffeqsolve does before its loop: the first step and the solver's and the

@@ -31,6 +31,7 @@ import numpy as np
 
 from .._validation import as_float64
 from . import rock4_coefficients as _tables
+from .lockstep import _clip_floor, _clip_to_end
 
 _MS = np.asarray(_tables.MS, np.int32)  # Chebyshev degrees with tabulated coefficients (1..148)
 # Offset of each degree's coefficients in RECF:
@@ -537,35 +538,59 @@ _PROBE_CONVERGED = 1e-12
 
 @eqx.filter_jit
 def _probe(params, static, objective, field, t1, rtol, max_steps):
-    # Everything traced or a Module: one compile per model/objective structure.
+    # Everything traced or a Module: one compile per model/objective structure. The loop is a
+    # plain `lax.while_loop` around the solver's `step` and the controller's
+    # `adapt_step_size`, the calls `diffeqsolve` makes (the same steps), without its saving,
+    # event and dense-output machinery, which the probe does not need.
     y0, unravel = jfu.ravel_pytree(params)
 
     def loss(y):
         return objective(eqx.combine(unravel(y), static))
 
     grad = jax.jit(jax.grad(loss))  # traced once, not at each of the solver's calls
-
-    def vector_field(t, y, args):
-        return field(grad, y)
-
-    def converged(t, y, args, **kwargs):
-        # A start at L ≤ 0 (a custom loss) gives no scale: probe to t1. A non-finite state
-        # (a NaN loss, let through by `StopOnNonFinite`) ends the probe too.
-        return ((loss0 > 0) & (loss(y) <= _PROBE_CONVERGED * loss0)
-                | ~jnp.all(jnp.isfinite(y)))
-
-    term = dfx.ODETerm(vector_field)
+    term = dfx.ODETerm(lambda t, y, args: field(grad, y))
     # StabilizedRK, not ROCK4 alone: even at rtol 1e-4 ROCK4's rounding floor holds its
     # steps at h·ρ ~ 2000 in a stiff tail (a flow that never converges), ~10× the work.
     solver = StabilizedRK()
+    controller = step_size_controller(solver, rtol, rtol)
+    error_order = solver.error_order(term)
+    t0 = jnp.zeros((), y0.dtype)
     loss0 = loss(y0)
-    rho0 = solver.init(term, 0.0, t1, y0, None)[1]
-    sol = dfx.diffeqsolve(
-        term, solver, 0.0, t1, None, y0,
-        saveat=dfx.SaveAt(t1=True, solver_state=True),
-        stepsize_controller=step_size_controller(solver, rtol, rtol),
-        max_steps=max_steps, throw=False, event=dfx.Event(converged))
-    return rho0, jnp.maximum(rho0, sol.solver_state[2]), sol.ts[-1]
+    state = solver.init(term, t0, t1, y0, None)
+    # First step 0.01: what `diffeqsolve` took with dt0=None (its wrapped term is no
+    # `ODETerm`, so diffrax's initial-step heuristic answers 0.01).
+    next_t, controller_state = controller.init(term, t0, t1, y0, 0.01, None, solver.func,
+                                               error_order)
+    next_t = jnp.minimum(next_t, t1)
+    t1_clip_floor = _clip_floor(t1)
+
+    def stopped(y):
+        # At a minimum: the loss below 1e-12 of a positive start (a start at L ≤ 0, a custom
+        # loss, gives no scale: probe to t1). A non-finite state (a NaN loss, let through by
+        # `StopOnNonFinite`) ends the probe too.
+        return (loss0 > 0) & (loss(y) <= _PROBE_CONVERGED * loss0) | ~jnp.all(jnp.isfinite(y))
+
+    def running(carry):
+        t, _, _, _, _, steps, done = carry
+        return (t < t1) & (steps < max_steps) & ~done
+
+    def attempt(carry):
+        t, next_t, y, state, controller_state, steps, _ = carry
+        y1, y_error, _, state1, _ = solver.step(term, t, next_t, y, None, state, False)
+        y_error = jnp.where(jnp.isnan(y_error), jnp.inf, y_error)
+        keep, t, next_t, _, controller_state, _ = controller.adapt_step_size(
+            t, next_t, y, y1, None, y_error, error_order, controller_state)
+        t = jnp.minimum(t, t1)
+        next_t = _clip_to_end(t, next_t, t1, t1_clip_floor, keep)
+        y = jnp.where(keep, y1, y)
+        state = jtu.tree_map(lambda new, old: jnp.where(keep, new, old), state1, state)
+        return t, next_t, y, state, controller_state, steps + 1, keep & stopped(y)
+
+    rho0 = state[1]
+    t, _, _, state, *_ = jax.lax.while_loop(
+        running, attempt, (t0, next_t, y0, state, controller_state,
+                           jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
+    return rho0, jnp.maximum(rho0, state[2]), t
 
 
 def _choose(params, static, objective, field, t1, max_steps, probe_rtol=1e-4,
