@@ -118,3 +118,44 @@ def test_train_argument_errors(problem):
         cn.optimizer("gd", lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="kind"):
         cn.optimizer("lbfgs", lr=0.1)
+
+
+def test_saves_grouped_in_calls_equal_one_call_per_save(problem, monkeypatch):
+    """`train` runs several saves per compiled call (≥ 10 calls when the saves allow): every
+    saved number, status, step count, max drift and the final model equal those of one call
+    per save bit for bit (the same steps, in one scan instead of many dispatches)."""
+    from conservation._dynamics import train as train_module
+
+    ensemble, objective = problem
+    calls = []
+    real = train_module._run_chunk
+
+    def counted(*args, **kwargs):
+        calls.append(args[6])  # saves per call
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_run_chunk", counted)
+
+    def run():
+        return cn.train(objective, ensemble, cn.optimizer("momentum", lr=0.02, momentum=0.9),
+                        steps=120, n_save=61, values="all")
+
+    # The group size against a brute-force search: the largest divisor leaving ≥ 10 calls.
+    for n in range(1, 300):
+        want = max([d for d in range(1, n + 1) if n % d == 0 and n // d >= 10], default=1)
+        assert train_module._saves_per_call(n) == want, n
+    grouped = run()
+    assert calls == [6] * 10, calls  # 60 saves of 2 steps: 10 calls of 6
+    monkeypatch.setattr(train_module, "_CALLS", 10**9)  # one save per call, as before
+    del calls[:]
+    single = run()
+    assert calls == [1] * 60, calls
+    for a, b in zip(jax.tree_util.tree_leaves((grouped.loss, grouped.values, grouped.drift,
+                                               grouped.condition, grouped.max_drift,
+                                               grouped.status, grouped.num_steps,
+                                               grouped.final, grouped.t)),
+                    jax.tree_util.tree_leaves((single.loss, single.values, single.drift,
+                                               single.condition, single.max_drift,
+                                               single.status, single.num_steps,
+                                               single.final, single.t))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

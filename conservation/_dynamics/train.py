@@ -297,7 +297,7 @@ def train(
         overrides, keep, observers)
     # Saves as (B, T_i, …) blocks along axis 1: the start (or the resumed run's saves), then
     # one per chunk.
-    history = [_one_save(observed)]
+    history = [observed]
     if resume is not None:
         carry = _resumed_carry(resume, carry)
         history = [[resume.loss, resume.values, resume.drift, resume.condition]
@@ -305,27 +305,25 @@ def train(
     stop = None if stop_at_loss is None else as_float64(stop_at_loss)
     bar = tqdm(total=steps - done, desc="train", disable=not show_progress(progress),
                unit="step")
-    for _ in range(n_chunks):
-        # Every chunk returns all law values, but only the last chunk's (the final model's) are
-        # kept: law-sized memory is B × law size, not B × saves × law size.
+    saves = _saves_per_call(n_chunks)
+    for _ in range(n_chunks // saves):
+        # Every call returns the law values of its last save only (the final model's, after
+        # the last call): law-sized memory is B × law size, not B × saves × law size.
         carry, (*observed, last) = _run_chunk(
-            carry, static, objective, monitor, optim, chunk, batch_size, jnp.asarray(steps),
-            as_float64(divergence), keep, stop, observers, observed_reference)
-        history.append(_one_save(observed))
-        bar.update(min(chunk, steps - done - bar.n))
+            carry, static, objective, monitor, optim, chunk, saves, batch_size,
+            jnp.asarray(steps), as_float64(divergence), keep, stop, observers,
+            observed_reference)
+        history.append(observed)
+        bar.update(min(saves * chunk, steps - done - bar.n))
     bar.close()
 
     params, opt_state, keys, status, count, max_drift, reference = carry
-    loss = _stack([h[0] for h in history])
+    loss, values, drift, condition, *observed = _stack(history)
     status = final_status(loss, status)
     if stop is not None:  # the goal reached by the last step
         status = jnp.where((status == SUCCESS) & (loss[:, -1] <= stop),
                            jnp.asarray(REACHED_LOSS, status.dtype), status)
-    values = {k: _stack([h[1][k] for h in history]) for k in history[0][1]}
-    drift = {k: _stack([h[2][k] for h in history]) for k in history[0][2]}
-    condition = {k: _stack([h[3][k] for h in history]) for k in history[0][3]}
-    observed = ({} if observers is None else
-                {k: _stack([h[4][k] for h in history]) for k in history[0][4]})
+    observed = observed[0] if observed else {}
     # On the host (as JAX would: int64 → float64, then one IEEE product): six fewer
     # one-operation programs on the first call.
     t = done + np.minimum(np.arange(n_chunks + 1) * chunk, steps - done)
@@ -345,14 +343,28 @@ def train(
     )
 
 
+# A call of `_run_chunk` runs this many saves at least (when they divide the run's saves): one
+# dispatch per save cost ~1 ms, as much as 400 steps of a small model.
+_CALLS = 10
+
+
+def _saves_per_call(n_chunks: int) -> int:
+    """The saves each `_run_chunk` call makes: the largest divisor of `n_chunks` that leaves
+    ≥ `_CALLS` calls (a progress bar's steps), so that every call is the same program."""
+    return max([d for d in range(1, n_chunks // _CALLS + 1) if n_chunks % d == 0], default=1)
+
+
 def _one_save(observed):
-    """The monitors observed at one save, (B, …) each, as a block of one save (B, 1, …)."""
+    """The monitors observed at one save, (B, …) each, as a block of one save (B, 1, …)
+    (inside the programs that observe them: not one indexing operation per leaf and save)."""
     return jtu.tree_map(lambda v: v[:, None], list(observed))
 
 
-def _stack(blocks):
-    """Blocks of saves (B, T_i, …) joined along the save axis."""
-    return jnp.concatenate(blocks, axis=1)
+@jax.jit  # one program for every monitor, not a concatenation per leaf and shape
+def _stack(history):
+    """The blocks of saves (B, T_i, …) of every monitor joined along the save axis: a list
+    of blocks [loss, values, drift, condition(, observables)] → one such list."""
+    return jtu.tree_map(lambda *blocks: jnp.concatenate(blocks, axis=1), *history)
 
 
 def _check_resume(resume, ensemble, steps, step_time) -> int:
@@ -477,12 +489,13 @@ def _start(params, static, objective, monitor, optim, keys, overrides, keep, obs
         return carry, (objective(model), kept, zeros, monitor.conditions(model),
                        observers.values(model, observed), reference[0]), observed
 
-    return jax.vmap(one)(params, keys, overrides)
+    carry, (*observed, last), observed_reference = jax.vmap(one)(params, keys, overrides)
+    return carry, (*_one_save(observed), last), observed_reference
 
 
 @eqx.filter_jit
-def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, steps, divergence,
-               keep, stop=None, observers=None, observed_reference=None):
+def _run_chunk(carry, static, objective, monitor, optim, chunk, saves, batch_size, steps,
+               divergence, keep, stop=None, observers=None, observed_reference=None):
     global TRACES
     TRACES += 1  # runs once per trace: counts compilations of the training program
     def one(carry, observed_reference):
@@ -512,13 +525,18 @@ def _run_chunk(carry, static, objective, monitor, optim, chunk, batch_size, step
                          for k in max_drift}
             return (p, state, key, status, count + take, max_drift, reference), None
 
-        carry, _ = jax.lax.scan(step, carry, None, length=chunk)
-        model = eqx.combine(carry[0], static)
-        values = monitor.values(model)
-        observed = (() if observers is None
-                    else (observers.values(model, observed_reference),))
-        return carry, (objective(model), {k: values[k] for k in keep},
-                       monitor.drifts(values, carry[-1]), monitor.conditions(model),
-                       *observed, values)
+        def save(carry, _):
+            carry, _ = jax.lax.scan(step, carry, None, length=chunk)
+            model = eqx.combine(carry[0], static)
+            values = monitor.values(model)
+            observed = (() if observers is None
+                        else (observers.values(model, observed_reference),))
+            return carry, (objective(model), {k: values[k] for k in keep},
+                           monitor.drifts(values, carry[-1]), monitor.conditions(model),
+                           *observed)
 
+        carry, observed = jax.lax.scan(save, carry, None, length=saves)
+        return carry, (*observed, monitor.values(eqx.combine(carry[0], static)))
+
+    # (B, saves, …) blocks: the scan's save axis after the members'.
     return jax.vmap(one)(carry, observed_reference)
