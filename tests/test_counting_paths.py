@@ -431,3 +431,17 @@ def test_two_flatten_layouts_that_both_hold_are_kept_apart():
     for law in found.laws:
         np.testing.assert_allclose(law(model), [want], rtol=1e-13)
     assert (found.n_laws, found.independent) == (2, 1)
+
+
+def test_describe_of_an_unconverged_count_names_why_by_its_known_laws():
+    """An unconverged count with as many laws as the known ones is an upper bound whose rank
+    was still rising (not "fewer laws than the known ones": that wording is for a count
+    below them, where an assumed law does not hold)."""
+    def text(laws, known):
+        return cn.LawCount(laws=laws, parameters=10, rank=10 - laws, singular_values=np.ones(1),
+                           gap=1.0, rank_by_depth=(10 - laws,), proved=False,
+                           verdict="not converged", known=known).describe()
+
+    assert "still rising" in text(3, 3) and "fewer laws" not in text(3, 3)
+    assert "still rising" in text(4, 3) and "fewer laws" not in text(4, 3)
+    assert "fewer laws than the known ones" in text(2, 3) and "still rising" not in text(2, 3)

@@ -68,6 +68,7 @@ def test_tanh_mlp_has_no_rescale_law():
     found = cn.find_symmetries(model, cn.MSE(), _data(jax.random.PRNGKey(4), 32, (2,), 1),
                                count=False)
     assert found.laws == ()
+    assert found.n_laws == found.independent == 0  # no law: no gradient, rank 0
     rescale = [c for c in found.candidates if c.family == "rescale"]
     assert len(rescale) == 3 and all(c.residual > 1e-3 for c in rescale)
 
