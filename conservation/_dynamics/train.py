@@ -296,7 +296,7 @@ def train(
         params, static, objective, monitor, optim, jax.random.split(key, ensemble.size),
         overrides, keep, observers)
     # Saves as (B, T_i, …) blocks along axis 1: the start (or the resumed run's saves), then
-    # one per chunk.
+    # one block per call of `_run_chunk`.
     history = [observed]
     if resume is not None:
         carry = _resumed_carry(resume, carry)
@@ -343,8 +343,8 @@ def train(
     )
 
 
-# A call of `_run_chunk` runs this many saves at least (when they divide the run's saves): one
-# dispatch per save cost ~1 ms, as much as 400 steps of a small model.
+# The fewest calls of `_run_chunk` a run makes when its saves allow (see `_saves_per_call`): one
+# call per save cost ~1 ms of dispatch each, as much as 400 steps of a small model.
 _CALLS = 10
 
 
