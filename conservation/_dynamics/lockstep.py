@@ -64,6 +64,28 @@ def _clip_floor(t1):
     return t1
 
 
+def attempt_step(solver, controller, term, error_order, t1, t1_clip_floor, y, tprev, tnext,
+                 solver_state, controller_state):
+    """One step attempt of one member from `tprev` to `tnext`, as diffrax's loop makes it:
+    the solver's step, a NaN error made infinite, the controller's verdict and next step
+    (clipped to t1), the state kept where the step was accepted. Returns (y, tprev, tnext,
+    solver state, controller state, accepted, the step's dense output, failed)."""
+    y1, y_error, dense_info, new_solver_state, solver_result = solver.step(
+        term, tprev, tnext, y, None, solver_state, False)
+    if y_error is not None:  # None: the controller says it needs an error estimate
+        y_error = jnp.where(jnp.isnan(y_error), jnp.inf, y_error)
+    keep, new_tprev, new_tnext, _, new_controller_state, controller_result = (
+        controller.adapt_step_size(tprev, tnext, y, y1, None, y_error, error_order,
+                                   controller_state))
+    new_tprev = jnp.minimum(new_tprev, t1)
+    new_tnext = _clip_to_end(new_tprev, new_tnext, t1, t1_clip_floor, keep)
+    failed = ((keep & (solver_result != dfx.RESULTS.successful))
+              | (controller_result != dfx.RESULTS.successful))
+    return (jnp.where(keep, y1, y), new_tprev, new_tnext,
+            _where(keep, new_solver_state, solver_state), new_controller_state, keep,
+            dense_info, failed)
+
+
 def _clip_to_end(tprev, tnext, t1, t1_clip_floor, keep_step):
     # As diffrax's loop: a step ending within 100 ULPs of t1 ends at t1 (after a rejection,
     # halfway there), so that no step is too short for a stable dense output.
@@ -170,20 +192,8 @@ def solve_lanes(
         return y, tnext, solver.init(term, t0, tnext, y, None), controller_state, aux
 
     def step(y, tprev, tnext, solver_state, controller_state):
-        y1, y_error, dense_info, new_solver_state, solver_result = solver.step(
-            term, tprev, tnext, y, None, solver_state, False)
-        if y_error is not None:  # None: the controller says it needs an error estimate
-            y_error = jnp.where(jnp.isnan(y_error), jnp.inf, y_error)
-        keep, new_tprev, new_tnext, _, new_controller_state, controller_result = (
-            controller.adapt_step_size(tprev, tnext, y, y1, None, y_error, error_order,
-                                       controller_state))
-        new_tprev = jnp.minimum(new_tprev, t1)
-        new_tnext = _clip_to_end(new_tprev, new_tnext, t1, t1_clip_floor, keep)
-        failed = ((keep & (solver_result != dfx.RESULTS.successful))
-                  | (controller_result != dfx.RESULTS.successful))
-        return (jnp.where(keep, y1, y), new_tprev, new_tnext,
-                _where(keep, new_solver_state, solver_state), new_controller_state, keep,
-                dense_info, failed)
+        return attempt_step(solver, controller, term, error_order, t1, t1_clip_floor, y,
+                            tprev, tnext, solver_state, controller_state)
 
     def interpolate(tprev, tnext, dense_info, t):
         return solver.interpolation_cls(t0=tprev, t1=tnext, **dense_info).evaluate(t)

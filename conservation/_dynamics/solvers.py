@@ -31,7 +31,7 @@ import numpy as np
 
 from .._validation import as_float64
 from . import rock4_coefficients as _tables
-from .lockstep import _clip_floor, _clip_to_end
+from .lockstep import _clip_floor, attempt_step
 
 _MS = np.asarray(_tables.MS, np.int32)  # Chebyshev degrees with tabulated coefficients (1..148)
 # Offset of each degree's coefficients in RECF:
@@ -539,9 +539,9 @@ _PROBE_CONVERGED = 1e-12
 @eqx.filter_jit
 def _probe(params, static, objective, field, t1, rtol, max_steps):
     # Everything traced or a Module: one compile per model/objective structure. The loop is a
-    # plain `lax.while_loop` around the solver's `step` and the controller's
-    # `adapt_step_size`, the calls `diffeqsolve` makes (the same steps), without its saving,
-    # event and dense-output machinery, which the probe does not need.
+    # plain `lax.while_loop` of `attempt_step` (the lanes' step attempt, which makes the calls
+    # `diffeqsolve` makes: the same steps), without diffrax's saving, event and dense-output
+    # machinery, which the probe does not need.
     y0, unravel = jfu.ravel_pytree(params)
 
     def loss(y):
@@ -576,14 +576,9 @@ def _probe(params, static, objective, field, t1, rtol, max_steps):
 
     def attempt(carry):
         t, next_t, y, state, controller_state, steps, _ = carry
-        y1, y_error, _, state1, _ = solver.step(term, t, next_t, y, None, state, False)
-        y_error = jnp.where(jnp.isnan(y_error), jnp.inf, y_error)
-        keep, t, next_t, _, controller_state, _ = controller.adapt_step_size(
-            t, next_t, y, y1, None, y_error, error_order, controller_state)
-        t = jnp.minimum(t, t1)
-        next_t = _clip_to_end(t, next_t, t1, t1_clip_floor, keep)
-        y = jnp.where(keep, y1, y)
-        state = jtu.tree_map(lambda new, old: jnp.where(keep, new, old), state1, state)
+        y, t, next_t, state, controller_state, keep, _, _ = attempt_step(
+            solver, controller, term, error_order, t1, t1_clip_floor, y, t, next_t, state,
+            controller_state)
         return t, next_t, y, state, controller_state, steps + 1, keep & stopped(y)
 
     rho0 = state[1]
