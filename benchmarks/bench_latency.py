@@ -12,7 +12,9 @@ fires too; the seconds it reports are the compile or the cache load). Cases:
 
 `--baseline DIR` runs every case also with the package found in DIR first on PYTHONPATH
 (e.g. `git archive HEAD conservation | tar -x -C DIR` of an earlier commit), interleaved with
-the current code, so before/after ratios come from one run of one machine. Every case finds
+the current code, so before/after ratios come from one run of one machine. DIR may hold
+dependencies as well (the `ml_dtypes` an earlier install resolved to): each case records the
+`ml_dtypes` version it ran with. Every case finds
 the package's bytecode compiled (as an installed copy has it; written once, untimed, into a
 scratch folder), and the machine's load average is recorded with the results: on a shared
 machine the wall seconds scale with it, the program counts do not. Writes
@@ -45,7 +47,9 @@ def _listen(event, seconds, **kwargs):
         _programs[1] += seconds
 jax.monitoring.register_event_duration_secs_listener(_listen)
 def _report():
-    print("LATENCY " + json.dumps({{"programs": _programs[0], "compile_s": _programs[1]}}))
+    import ml_dtypes  # imported by JAX already; its version sets ~0.6 s of import time
+    print("LATENCY " + json.dumps({{"programs": _programs[0], "compile_s": _programs[1],
+                                   "ml_dtypes": ml_dtypes.__version__}}))
 atexit.register(_report)
 """
 
@@ -138,7 +142,8 @@ def main() -> None:
                     print(code, case, json.dumps(entry), flush=True)
     summary = {code: {case: {"wall_s": min(r["wall_s"] for r in runs),
                              "compile_s": min(r["compile_s"] for r in runs),
-                             "programs": runs[0]["programs"], "rounds": runs}
+                             "programs": runs[0]["programs"],
+                             "ml_dtypes": runs[0]["ml_dtypes"], "rounds": runs}
                       for case, runs in cases.items()}
                for code, cases in results.items()}
     payload = {"rounds": args.rounds, "results": summary, "load_average": os.getloadavg(),

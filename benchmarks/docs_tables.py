@@ -59,6 +59,7 @@ def augmentation(t) -> str:
 
 
 _LATENCY_CASES = {
+    "import_no_cache": "`import conservation`",
     "readme_no_cache": "README example, no cache",
     "readme_cold": "README example, cold cache",
     "readme_warm": "README example, warm cache",
@@ -71,13 +72,15 @@ def latency(t) -> str:
     report = t._load("latency_cpu.json")
     now, before = report["results"]["current"], report["results"]["baseline"]
     rows = ["| case | before [s] | after [s] | after ÷ before | programs before → after | "
-            "compile/load [s] before → after |", "|---|---|---|---|---|---|"]
+            "compile/load [s] before → after | ml_dtypes before → after |",
+            "|---|---|---|---|---|---|---|"]
     for key, entry in now.items():
         old = before[key]
         rows.append(f"| {_LATENCY_CASES.get(key, key)} | {old['wall_s']:.1f} | "
                     f"{entry['wall_s']:.1f} | {entry['wall_s'] / old['wall_s']:.2f} | "
                     f"{old['programs']} → {entry['programs']} | {old['compile_s']:.1f} → "
-                    f"{entry['compile_s']:.1f} |")
+                    f"{entry['compile_s']:.1f} | {old.get('ml_dtypes', '?')} → "
+                    f"{entry.get('ml_dtypes', '?')} |")
     env = report["environment"]
     goals = ", ".join(f"{_LATENCY_CASES.get(k, k)} ≤ {v:g} s" for k, v in report["goal_s"].items())
     rows += ["", f"Goals: {goals}. Measured at commit {env['commit'][:7]}, "

@@ -4,6 +4,7 @@ module that defines it), and the auto solver probe hands XLA one program, not on
 its scalar arguments."""
 
 import importlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -159,3 +160,14 @@ def test_auto_compiles_the_tsit5_solve_while_it_probes_and_the_call_reuses_it(mo
     for a, b in [(auto.loss, explicit.loss), (auto.num_steps, explicit.num_steps),
                  *[(auto.drift[k], explicit.drift[k]) for k in auto.drift]]:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ml_dtypes_is_a_release_that_imports_fast():
+    """JAX imports ml_dtypes in every process; its 0.7.0 release takes ~0.58 s of that (its
+    ufunc loops registered in quadratic time), 0.6.0 ~0.015 s with the same dtypes.
+    `pyproject.toml` caps it below 0.7, so a fresh install resolves to a fast one."""
+    version = importlib.metadata.version("ml_dtypes")
+    assert tuple(int(x) for x in version.split(".")[:2]) < (0, 7), version
+    requirement = [r for r in importlib.metadata.requires("conservation")
+                   if r.replace("-", "_").startswith("ml_dtypes")]
+    assert requirement and "<0.7" in requirement[0].replace(" ", ""), requirement

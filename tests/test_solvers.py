@@ -537,3 +537,21 @@ def test_unrolled_explicit_solvers_equal_diffrax_steps_and_match_the_closed_form
                           max_steps=10_000)
     exact = np.stack([scipy.linalg.expm(-a * t) @ y0 for t in ts])  # independent reference
     assert np.max(np.abs(np.asarray(sol.ys) - exact)) < 10 * rtol * np.max(np.abs(y0))
+
+
+def test_the_clip_floor_is_100_ulps_below_t1_as_numpy_counts_them():
+    """A step ending above the clip floor ends at t1 (diffrax's `_clip_to_end`); the floor,
+    computed as a loop, is t1 moved 100 floating-point numbers down by `numpy.nextafter`, bit
+    for bit, across binades (1.0 and 2.0 have 100 numbers below them of half the spacing)."""
+    from conservation._dynamics.lockstep import _clip_floor
+
+    # (Normal numbers only: XLA on the CPU flushes subnormals to zero.)
+    for t1 in (20.0, 1.0, 2.0, 1e-3, 3.0e300, 1e-300, float(np.nextafter(1.0, 2.0))):
+        expected = np.float64(t1)
+        for _ in range(100):
+            expected = np.nextafter(expected, -np.inf)
+        got = jax.jit(_clip_floor)(jnp.asarray(t1))
+        assert np.asarray(got).view(np.int64) == expected.view(np.int64), (t1, got, expected)
+    # One traced loop, not 100 unrolled steps (~500 equations, 40 % of the probe's program,
+    # traced and lowered at every first call).
+    assert len(jax.make_jaxpr(_clip_floor)(1.0).eqns) < 5
