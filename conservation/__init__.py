@@ -5,6 +5,7 @@ compares drifts with tolerances far below float32 resolution. `Dataset` stores i
 this default float dtype whatever they arrive as (integer, float32, ...).
 """
 
+import gc
 import importlib
 import importlib.metadata
 from typing import TYPE_CHECKING
@@ -406,3 +407,12 @@ try:
     __version__ = importlib.metadata.version("conservation")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
+
+# What is imported by now (JAX, equinox, diffrax, optax, this package: over 100 000 objects
+# the cyclic collector tracks) lives as long as the process. Frozen, the collector no longer
+# walks it: not in the full collections that tracing triggers during a run, nor in the ones
+# the interpreter makes at exit, a large part of a short script's time
+# (docs/guides/first_call.md). Reference counting still frees these objects; only a cycle
+# among them would stay (modules and functions form none that ends). `gc.unfreeze()`
+# undoes it.
+gc.freeze()

@@ -62,7 +62,8 @@ def _clip_floor(t1):
     # diffrax unrolls these 100 `prevbefore`s; as a loop they are the same operations (the
     # same floor, bit for bit) in one traced body instead of ~500 equations, which were 40 %
     # of the stiffness probe's program and cost its tracing and lowering at every first call.
-    return jax.lax.fori_loop(0, 100, lambda _, t: eqxi.prevbefore(t), t1)
+    # (A scan, not `fori_loop`, whose Python-int bounds compile a conversion program.)
+    return jax.lax.scan(lambda t, _: (eqxi.prevbefore(t), None), t1, length=100)[0]
 
 
 def attempt_step(solver, controller, term, error_order, t1, t1_clip_floor, y, tprev, tnext,
@@ -80,11 +81,17 @@ def attempt_step(solver, controller, term, error_order, t1, t1_clip_floor, y, tp
                                    controller_state))
     new_tprev = jnp.minimum(new_tprev, t1)
     new_tnext = _clip_to_end(new_tprev, new_tnext, t1, t1_clip_floor, keep)
-    failed = ((keep & (solver_result != dfx.RESULTS.successful))
-              | (controller_result != dfx.RESULTS.successful))
+    failed = (keep & _unsuccessful(solver_result)) | _unsuccessful(controller_result)
     return (jnp.where(keep, y1, y), new_tprev, new_tnext,
             _where(keep, new_solver_state, solver_state), new_controller_state, keep,
             dense_info, failed)
+
+
+def _unsuccessful(result) -> Array:
+    """`result != diffrax.RESULTS.successful`, traced. (equinox compares two results known at
+    trace time, such as an explicit solver's, eagerly: a one-operation program compiled on
+    a first call.)"""
+    return jnp.asarray(result._value) != dfx.RESULTS.successful._value
 
 
 def _clip_to_end(tprev, tnext, t1, t1_clip_floor, keep_step):
