@@ -8,7 +8,11 @@ fires too; the seconds it reports are the compile or the cache load). Cases:
 - README example without the persistent cache, cold (an empty cache folder,
   `cn.enable_compilation_cache()`) and warm (a second process on the same folder);
 - `conservation run configs/quickstart.toml` cold and warm (the CLI's cache is on by default);
-- `import conservation` alone (no program: what every process pays before its first call).
+- `import conservation` alone (no program: what every process pays before its first call);
+- `import ml_dtypes` alone, after numpy (JAX imports it in every process).
+
+Every case also records its exit: the seconds from its last exit handler to the end of the
+process (the interpreter's teardown).
 
 `--baseline DIR` runs every case also with the package found in DIR first on PYTHONPATH
 (e.g. `git archive HEAD conservation | tar -x -C DIR` of an earlier commit), interleaved with
@@ -39,18 +43,19 @@ EVENT = "/jax/core/compile/backend_compile_duration"
 
 PRELUDE = f"""
 import atexit, json, os, sys, time
-import jax, jax.monitoring
 _programs = [0, 0.0]
+def _report():  # registered before JAX's: the last exit handler to run, then only teardown
+    import ml_dtypes  # imported by JAX already; its version sets ~0.6 s of import time
+    print("LATENCY " + json.dumps({{"programs": _programs[0], "compile_s": _programs[1],
+                                   "ml_dtypes": ml_dtypes.__version__,
+                                   "exit_started": time.time()}}), flush=True)
+atexit.register(_report)
+import jax, jax.monitoring
 def _listen(event, seconds, **kwargs):
     if event == {EVENT!r}:
         _programs[0] += 1
         _programs[1] += seconds
 jax.monitoring.register_event_duration_secs_listener(_listen)
-def _report():
-    import ml_dtypes  # imported by JAX already; its version sets ~0.6 s of import time
-    print("LATENCY " + json.dumps({{"programs": _programs[0], "compile_s": _programs[1],
-                                   "ml_dtypes": ml_dtypes.__version__}}))
-atexit.register(_report)
 """
 
 
@@ -94,11 +99,28 @@ def run_case(name: str, cache: str | None, baseline: str | None, scratch: pathli
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _case(name, cache, out / "out")], env=env,
                           capture_output=True, text=True, cwd=out)
-    wall = time.perf_counter() - start
+    wall, ended = time.perf_counter() - start, time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     line = [x for x in proc.stdout.splitlines() if x.startswith("LATENCY ")][-1]
-    return {"wall_s": wall, **json.loads(line[len("LATENCY "):])}
+    entry = json.loads(line[len("LATENCY "):])
+    # The interpreter's teardown after the last exit handler (its final garbage collections,
+    # freeing every module), part of the wall time a user waits for.
+    entry["exit_s"] = ended - entry.pop("exit_started")
+    return {"wall_s": wall, **entry}
+
+
+def ml_dtypes_import(baseline: str | None, scratch: pathlib.Path) -> float:
+    """Seconds `import ml_dtypes` takes after numpy (JAX imports it in every process)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env["PYTHONPYCACHEPREFIX"] = str(scratch / "pycache")
+    if baseline:
+        env["PYTHONPATH"] = baseline
+    code = ("import time, numpy\nstart = time.perf_counter()\nimport ml_dtypes\n"
+            "print(time.perf_counter() - start)")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, check=True, cwd=scratch)
+    return float(proc.stdout.split()[-1])
 
 
 def precompile(baseline: str | None, scratch: pathlib.Path) -> None:
@@ -140,18 +162,25 @@ def main() -> None:
                     entry = run_case(name, cache, path, scratch)
                     results[code].setdefault(case, []).append(entry)
                     print(code, case, json.dumps(entry), flush=True)
+            seconds = ml_dtypes_import(path, scratch)
+            results[code].setdefault("ml_dtypes_import", []).append({"seconds": seconds})
+            print(code, "ml_dtypes_import", seconds, flush=True)
     summary = {code: {case: {"wall_s": min(r["wall_s"] for r in runs),
                              "compile_s": min(r["compile_s"] for r in runs),
+                             "exit_s": min(r["exit_s"] for r in runs),
                              "programs": runs[0]["programs"],
                              "ml_dtypes": runs[0]["ml_dtypes"], "rounds": runs}
-                      for case, runs in cases.items()}
+                      for case, runs in cases.items() if case != "ml_dtypes_import"}
                for code, cases in results.items()}
+    for code, cases in results.items():
+        summary[code]["ml_dtypes_import_s"] = min(
+            r["seconds"] for r in cases["ml_dtypes_import"])
     payload = {"rounds": args.rounds, "results": summary, "load_average": os.getloadavg(),
                "goal_s": {"readme_cold": 8.0, "readme_warm": 3.0, "quickstart_cold": 15.0}}
     if "baseline" in summary:
         payload["current_over_baseline"] = {
             case: summary["current"][case]["wall_s"] / summary["baseline"][case]["wall_s"]
-            for case in summary["current"]}
+            for case in summary["current"] if case != "ml_dtypes_import_s"}
     path = _harness.write("latency", payload)
     print(f"wrote {path}")
 
