@@ -76,8 +76,10 @@ def _case(name: str, cache: str | None, out: pathlib.Path) -> str:
     argv = ["run", str(ROOT / "configs" / "quickstart.toml"), "--out", str(out), "--quiet"]
     if cache is None:
         argv.append("--no-cache")
+    # As the `conservation` command runs it (`main()` reading sys.argv).
     return PRELUDE + ("from conservation._experiments.cli import main\n"
-                      f"rc = main({argv!r})\nsys.stdout.flush()\nsys.exit(rc)\n")
+                      f"sys.argv = ['conservation', *{argv!r}]\n"
+                      "rc = main()\nsys.stdout.flush()\nsys.exit(rc)\n")
 
 
 def run_case(name: str, cache: str | None, baseline: str | None, scratch: pathlib.Path) -> dict:

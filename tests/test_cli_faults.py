@@ -3,6 +3,7 @@ files, damaged manifests, `sweep --force`, SIGTERM, a closed stdout, a second Ct
 integer class labels. One tiny model shape throughout, so the compiled programs are shared."""
 
 import errno
+import gc
 import io
 import json
 import os
@@ -239,17 +240,22 @@ def test_after_an_interrupt_the_exiting_command_ignores_a_second_one(finished, t
     monkeypatch.setattr(sys, "argv", ["conservation", "run", str(config), "--out",
                                       str(tmp_path / "out"), "--quiet"])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    gc.unfreeze()  # (what `import conservation` froze, so that the command's freeze shows)
     try:
         assert main() == 130
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        # The command's exit: what it made is frozen, out of the final collections' way.
+        assert gc.get_freeze_count() > 0
     finally:
+        gc.unfreeze()
         for s, handler in handlers.items():
             signal.signal(s, handler)
     assert "interrupted" in capsys.readouterr().err
-    # Called from Python (argv given), the caller's handlers stay.
+    # Called from Python (argv given), the caller's handlers and collector stay.
     assert main(["run", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 130
     assert signal.getsignal(signal.SIGINT) is handlers[signal.SIGINT]
+    assert gc.get_freeze_count() == 0
 
 
 @pytest.mark.slow  # a fresh interpreter, stopped by a real SIGTERM

@@ -11,6 +11,7 @@ line and status 1. `--debug` adds the Python traceback.
 
 import argparse
 import errno
+import gc
 import os
 import pathlib
 import signal
@@ -117,8 +118,20 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The `conservation` command; returns the exit status. `argv=None` (the command itself)
     also makes the exiting process ignore a second Ctrl-C / SIGTERM after the first was
-    handled (JAX's exit handlers would print a traceback); a call with `argv` leaves the
-    caller's signal handlers alone."""
+    handled (JAX's exit handlers would print a traceback), and freezes the process's objects
+    for the garbage collector once done; a call with `argv` leaves the caller's signal
+    handlers and collector alone."""
+    try:
+        return _command(argv)
+    finally:
+        if argv is None:
+            # The process ends now: the interpreter's last collections need not walk every
+            # object the run made (the results are written; nothing is left to free in time
+            # to matter), which is most of a warm run's exit.
+            gc.freeze()
+
+
+def _command(argv: list[str] | None) -> int:
     program = argv is None
     args = _parser().parse_args(argv)
     if not getattr(args, "no_cache", False):
