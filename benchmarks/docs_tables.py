@@ -71,19 +71,24 @@ _LATENCY_CASES = {
 def latency(t) -> str:
     report = t._load("latency_cpu.json")
     now, before = report["results"]["current"], report["results"]["baseline"]
-    rows = ["| case | before [s] | after [s] | after ÷ before | programs before → after | "
-            "compile/load [s] before → after | exit [s] before → after | "
-            "ml_dtypes before → after |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| case | before [s] | after [s] | after ÷ before | after, each round [s] | "
+            "programs before → after | compile/load [s] before → after | "
+            "exit [s] before → after | ml_dtypes before → after |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for key, entry in now.items():
         if not isinstance(entry, dict):
             continue
         old = before[key]
+
+        def rounds(e):
+            return " / ".join(f"{r['wall_s']:.1f}" for r in e["rounds"])
 
         def exit_s(e):
             return f"{e['exit_s']:.2f}" if "exit_s" in e else "?"
 
         rows.append(f"| {_LATENCY_CASES.get(key, key)} | {old['wall_s']:.1f} | "
                     f"{entry['wall_s']:.1f} | {entry['wall_s'] / old['wall_s']:.2f} | "
+                    f"{rounds(entry)} | "
                     f"{old['programs']} → {entry['programs']} | {old['compile_s']:.1f} → "
                     f"{entry['compile_s']:.1f} | {exit_s(old)} → {exit_s(entry)} | "
                     f"{old.get('ml_dtypes', '?')} → {entry.get('ml_dtypes', '?')} |")
@@ -94,7 +99,8 @@ def latency(t) -> str:
         rows += [f"`import ml_dtypes` alone (after numpy): {before['ml_dtypes_import_s']:.3f} s "
                  f"before, {now['ml_dtypes_import_s']:.3f} s after. Exit: from the last exit "
                  "handler to the end of the process (the interpreter's teardown).", ""]
-    rows += [f"Goals: {goals}. Best of {report['rounds']} interleaved round(s), measured at "
+    rows += [f"Goals: {goals}. Before and after: the best of {report['rounds']} interleaved "
+             f"round(s), measured at "
              f"commit {env['commit'][:7]}. Machine: {env['device']}, {env['cpu_count']} cores, "
              f"jax {env['versions']['jax']}."]
     return "\n".join(rows)
