@@ -2,7 +2,10 @@
 
 Importing this package turns on JAX's float64 mode (`jax_enable_x64`): conservation work
 compares drifts with tolerances far below float32 resolution. `Dataset` stores its arrays in
-this default float dtype whatever they arrive as (integer, float32, ...).
+this default float dtype whatever they arrive as (integer, float32, ...). It also freezes
+(`gc.freeze()`) the objects that exist once it is imported, JAX's modules most of them, so
+that the garbage collector stops walking them (faster collections and exit); objects made
+later are collected as usual, and `gc.unfreeze()` undoes it.
 """
 
 import gc
