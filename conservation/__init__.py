@@ -416,6 +416,6 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
 # walks it: not in the full collections that tracing triggers during a run, nor in the ones
 # the interpreter makes at exit, a large part of a short script's time
 # (docs/guides/first_call.md). Reference counting still frees these objects; only a cycle
-# among them would stay (modules and functions form none that ends). `gc.unfreeze()`
-# undoes it.
+# among them would stay uncollected, and modules and their functions live to the end
+# anyway. `gc.unfreeze()` undoes it.
 gc.freeze()
