@@ -75,17 +75,17 @@ def latency(t) -> str:
             "programs before → after | compile/load [s] before → after | "
             "exit [s] before → after | ml_dtypes before → after |",
             "|---|---|---|---|---|---|---|---|---|"]
+
+    def rounds(e):
+        return " / ".join(f"{r['wall_s']:.1f}" for r in e["rounds"])
+
+    def exit_s(e):
+        return f"{e['exit_s']:.2f}" if "exit_s" in e else "?"
+
     for key, entry in now.items():
-        if not isinstance(entry, dict):
+        if not isinstance(entry, dict):  # ml_dtypes_import_s: a number, below the table
             continue
         old = before[key]
-
-        def rounds(e):
-            return " / ".join(f"{r['wall_s']:.1f}" for r in e["rounds"])
-
-        def exit_s(e):
-            return f"{e['exit_s']:.2f}" if "exit_s" in e else "?"
-
         rows.append(f"| {_LATENCY_CASES.get(key, key)} | {old['wall_s']:.1f} | "
                     f"{entry['wall_s']:.1f} | {entry['wall_s'] / old['wall_s']:.2f} | "
                     f"{rounds(entry)} | "
