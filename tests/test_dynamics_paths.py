@@ -369,6 +369,51 @@ def test_default_field_methods_are_the_autonomous_first_order_ones():
     np.testing.assert_array_equal(np.asarray(field.position(y)), np.asarray(y))
 
 
+def test_gradient_field_leaves_a_zero_weight_decay_out_and_traces_a_non_zero_one():
+    """`GradientField()` (λ = 0) is −∇L with no λy term in its program (with the term, XLA
+    recomputed every Runge–Kutta stage's input in each of its consumers: a third of a flow's
+    time); any non-zero λ keeps the term with λ traced, so that two values share one program
+    (and a λ traced where the field is made keeps it). Numbers against numpy."""
+    a = jnp.array([[2.0, 1.0], [1.0, 3.0]])
+    y = jnp.array([0.5, -1.5])
+
+    def grad(z):
+        return a @ z
+
+    zero = cn.GradientField()
+    assert not zero.decays and not cn.GradientField(0.0).decays
+    assert cn.GradientField(0.1).decays
+    eqns = jax.make_jaxpr(lambda z: zero(grad, z))(y).jaxpr.eqns
+    assert [e.primitive.name for e in eqns] == ["dot_general", "neg"], eqns
+    np.testing.assert_allclose(np.asarray(zero(grad, y)), -(np.asarray(a) @ np.asarray(y)),
+                               rtol=1e-15)
+
+    traces = []
+
+    @eqx.filter_jit
+    def apply(field, z):
+        traces.append(field)
+        return field(grad, z)
+
+    for lam in (0.1, 0.25):
+        want = -(np.asarray(a) @ np.asarray(y) + lam * np.asarray(y))
+        np.testing.assert_allclose(np.asarray(apply(cn.GradientField(lam), y)), want,
+                                   rtol=1e-15)
+    assert len(traces) == 1  # the second λ reused the first one's program
+    apply(zero, y)
+    assert len(traces) == 2  # λ = 0: a program of its own
+
+    @jax.jit
+    def traced(lam):
+        field = cn.GradientField(lam)
+        assert field.decays
+        return field(grad, y)
+
+    np.testing.assert_allclose(np.asarray(traced(0.5)),
+                               -(np.asarray(a) @ np.asarray(y) + 0.5 * np.asarray(y)),
+                               rtol=1e-15)
+
+
 # ---------------------------------------------------------------------------------------------
 # Solvers: the auto choice's kvaerno5 branch, StabilizedRK's order and checks.
 

@@ -539,6 +539,46 @@ def test_unrolled_explicit_solvers_equal_diffrax_steps_and_match_the_closed_form
     assert np.max(np.abs(np.asarray(sol.ys) - exact)) < 10 * rtol * np.max(np.abs(y0))
 
 
+@pytest.mark.parametrize("name", ["tsit5", "dopri8"])
+def test_the_lanes_take_an_unrolled_step_without_stacking_its_stages(name):
+    """In the lanes a step's stage vectors stay apart (`step_stages`: a tuple), so that no
+    step copies them into one (stages, P) array: stacked, they are `step`'s dense output,
+    bit for bit; the lanes' step attempt has no concatenation of stage-many vectors (it had
+    one before, at every step). The saves stack them (`test_lanes_take_each_members_own_
+    steps` compares the saved values with one diffrax solve per member)."""
+    from conservation._dynamics.flow import SOLVERS
+    from conservation._dynamics.lockstep import attempt_step
+
+    solver = SOLVERS[name]()
+    stages = len(solver.method.tableau.c) + 1
+    a, y0 = _linear_flow(np.logspace(-1, 2, 6), seed=3)
+    term = dfx.ODETerm(lambda t, y, args: -a @ y - 0.3 * jnp.sin(y))
+    state = solver.init(term, 0.0, 0.02, y0, None)
+    _, _, dense, _, _ = solver.step_stages(term, 0.0, 0.02, y0, None, state, False)
+    _, _, stacked, _, _ = solver.step(term, 0.0, 0.02, y0, None, state, False)
+    assert isinstance(dense["k"], tuple) and len(dense["k"]) == stages
+    np.testing.assert_array_equal(np.stack(dense["k"]), stacked["k"])
+
+    controller = dfx.PIDController(rtol=1e-8, atol=1e-8)
+
+    def attempt(y):
+        return attempt_step(solver, controller, term, 5, jnp.asarray(1.0), jnp.asarray(0.99),
+                            y, jnp.asarray(0.0), jnp.asarray(0.02), state,
+                            controller.init(term, 0.0, 1.0, y, 0.02, None, solver.func, 5)[1])
+
+    def concatenations(jaxpr):  # output shapes, nested programs (jnp.stack's) included
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("concatenate", "stack"):
+                yield eqn.outvars[0].aval.shape
+            for value in eqn.params.values():
+                for item in value if isinstance(value, tuple | list) else (value,):
+                    if isinstance(item, jax.extend.core.ClosedJaxpr):
+                        yield from concatenations(item.jaxpr)
+
+    shapes = list(concatenations(jax.make_jaxpr(attempt)(y0).jaxpr))
+    assert all(shape[0] != stages for shape in shapes), shapes
+
+
 def test_the_clip_floor_is_100_ulps_below_t1_as_numpy_counts_them():
     """A step ending above the clip floor ends at t1 (diffrax's `_clip_to_end`); the floor,
     computed as a loop, is t1 moved 100 floating-point numbers down by `numpy.nextafter`, bit

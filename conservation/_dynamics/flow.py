@@ -105,15 +105,29 @@ class AbstractVectorField(eqx.Module):
 
 
 class GradientField(AbstractVectorField):
-    """Gradient flow dθ/dt = −∇L(θ) − λθ (weight decay λ, default 0)."""
+    """Gradient flow dθ/dt = −∇L(θ) − λθ (weight decay λ, default 0).
+
+    Any two non-zero λ share one compiled solve (λ is traced); λ = 0 has a solve of its own,
+    without the λθ term."""
 
     # Arrays, not Python floats: a new value must not recompile the solve.
     weight_decay: Array = eqx.field(default=0.0, converter=jnp.asarray)
+    # Whether λ may be non-zero, known when the field is made (static). With the term, XLA
+    # fuses each Runge–Kutta stage's input y₀ + Σ aᵢⱼkⱼ (kⱼ = −h(gⱼ + λyⱼ), recursively) into
+    # every one of its consumers instead of computing it once: at λ = 0 that cost a flow a
+    # third of its time.
+    decays: bool = eqx.field(static=True, init=False, repr=False)
+
+    def __post_init__(self):
+        decay = self.weight_decay
+        self.decays = isinstance(decay, jax.core.Tracer) or bool(np.any(np.asarray(decay) != 0))
 
     def __check_init__(self):
         number("weight_decay", _shown(self.weight_decay), ">=0", array=True)
 
     def __call__(self, grad, y):
+        if not self.decays:
+            return -grad(y)
         return -(grad(y) + self.weight_decay * y)
 
 

@@ -41,6 +41,7 @@ from equinox import internal as eqxi
 
 from .._custom_types import Array
 from .monitor import DIVERGED, FAILED, MAX_STEPS, REACHED_LOSS, SUCCESS
+from .unrolled import AbstractUnrolledERK
 
 _RUNNING = -1
 # diffrax's marker for an implicit solver's root-finder tolerances "taken from the step-size
@@ -72,7 +73,11 @@ def attempt_step(solver, controller, term, error_order, t1, t1_clip_floor, y, tp
     the solver's step, a NaN error made infinite, the controller's verdict and next step
     (clipped to t1), the state kept where the step was accepted. Returns (y, tprev, tnext,
     solver state, controller state, accepted, the step's dense output, failed)."""
-    y1, y_error, dense_info, new_solver_state, solver_result = solver.step(
+    # An unrolled Runge–Kutta method's dense output keeps its stage vectors apart
+    # (`step_stages`): `interpolate` stacks them for the steps that save, instead of every
+    # step copying all seven into one array.
+    step = solver.step_stages if isinstance(solver, AbstractUnrolledERK) else solver.step
+    y1, y_error, dense_info, new_solver_state, solver_result = step(
         term, tprev, tnext, y, None, solver_state, False)
     if y_error is not None:  # None: the controller says it needs an error estimate
         y_error = jnp.where(jnp.isnan(y_error), jnp.inf, y_error)
@@ -204,6 +209,8 @@ def solve_lanes(
                             tprev, tnext, solver_state, controller_state)
 
     def interpolate(tprev, tnext, dense_info, t):
+        dense_info = {name: jnp.stack(value) if isinstance(value, tuple) else value
+                      for name, value in dense_info.items()}
         return solver.interpolation_cls(t0=tprev, t1=tnext, **dense_info).evaluate(t)
 
     def locate(tprev, tnext, dense_info, hit):

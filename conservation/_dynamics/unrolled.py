@@ -49,6 +49,13 @@ class AbstractUnrolledERK(dfx.AbstractAdaptiveSolver):
         return terms.vf(t0, y0, args)  # f(t0, y0): the first stage of the first step
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        y1, y_error, dense_info, f, result = self.step_stages(terms, t0, t1, y0, args,
+                                                              solver_state, made_jump)
+        return y1, y_error, dict(dense_info, k=jnp.stack(dense_info["k"])), f, result
+
+    def step_stages(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        """`step`, with the dense output's stage vectors `k` a tuple instead of one stacked
+        array (the ensemble's lanes stack them only for the steps that save)."""
         tableau = self.method.tableau
         f = solver_state
         if made_jump is not False:  # after a jump the stored f(y0) is stale
@@ -61,8 +68,7 @@ class AbstractUnrolledERK(dfx.AbstractAdaptiveSolver):
             ks.append(terms.prod(f, h))
         y_error = sum(float(b) * k for b, k in zip(tableau.b_error, ks) if b != 0)
         # First same as last: y (the last stage's input) is y₁ and f = f(t1, y₁).
-        dense_info = dict(y0=y0, y1=y, k=jnp.stack(ks))
-        return y, y_error, dense_info, f, dfx.RESULTS.successful
+        return y, y_error, dict(y0=y0, y1=y, k=tuple(ks)), f, dfx.RESULTS.successful
 
 
 class Tsit5(AbstractUnrolledERK):
