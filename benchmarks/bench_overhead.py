@@ -83,6 +83,7 @@ def main() -> None:
     out = {
         "problem": {"widths": list(WIDTHS), "n": N, "t1": T1, "rtol": RTOL,
                     "members": args.members, "solver": "tsit5", "batch_size": width,
+                    "n_save": int(result.loss.shape[1]), "laws": sorted(result.max_drift),
                     "steps_mean": float(steps.mean()), "steps_max": int(steps.max()),
                     "member_gradients": member_gradients, "bare_evaluations": evaluations,
                     "status": result.summary()["status"]},

@@ -173,6 +173,37 @@ def train(t) -> str:
     return "\n".join(rows)
 
 
+def overhead(t) -> str:
+    report = t._load("overhead_cpu.json")
+    problem, env, rounds = report["problem"], report["environment"], report["rounds_s"]
+    median, bare = report["median_s"], report["median_s"]["bare_gradients"]
+
+    def per_round(name):
+        return " / ".join(f"{v / b:.2f}" for v, b in zip(rounds[name],
+                                                          rounds["bare_gradients"]))
+
+    rows = ["| run | median [s] | ÷ bare gradients (median) | each round |",
+            "|---|---|---|---|",
+            f"| `gradient_flow` ({problem['n_save']} saves of the loss and "
+            f"{', '.join(problem['laws'])}) | "
+            f"{median['flow']:.3f} | {report['flow_over_bare_median']:.2f}× | "
+            f"{per_round('flow')} |",
+            f"| without saves or laws (`n_save=2, laws=()`) | {median['flow_no_saves']:.3f} | "
+            f"{report['no_saves_over_bare_median']:.2f}× | {per_round('flow_no_saves')} |",
+            f"| the bare gradients (`fori_loop`, same width and count) | {bare:.3f} | 1× | — |",
+            "",
+            f"Goal ≤ {report['goal_flow_over_bare']:g}×. Deep linear {problem['widths']}, "
+            f"{problem['members']} members, t1 = {problem['t1']:g}, rtol {problem['rtol']:g}, "
+            f"Tsit5 on {problem['batch_size']} lanes: {problem['member_gradients']} member "
+            f"gradients. {report['rounds']} interleaved rounds; load average "
+            f"{report['load_average'][0]:.1f}; CPU-time ratios "
+            f"{report['flow_over_bare_median_cpu']:.2f}× / "
+            f"{report['no_saves_over_bare_median_cpu']:.2f}×; at commit "
+            f"{(env['commit'] or '?')[:7]}, {env['cpu_count']} cores, jax "
+            f"{env['versions']['jax']}."]
+    return "\n".join(rows)
+
+
 FRESH_SAMPLES = ("mutation_sample_seed3.json", "mutation_sample_seed4.json",
                  "mutation_sample_seed5.json", "mutation_sample_seed6.json",
                  "mutation_sample_seed7.json", "mutation_sample_seed8.json",
@@ -310,7 +341,8 @@ def generate(t=None) -> dict[str, str]:
                 "solvers_auto_probe": t.solvers_auto_probe, "solvers_large": t.solvers_large,
                 "solvers_quick": t.solvers_quick, "augmentation": lambda: augmentation(t),
                 "latency": lambda: latency(t), "mutation": lambda: mutation(t),
-                "train": lambda: train(t), "count_flows": lambda: count_flows(t),
+                "train": lambda: train(t), "overhead": lambda: overhead(t),
+                "count_flows": lambda: count_flows(t),
                 "mutation_fresh": lambda: mutation_fresh(t), "central": lambda: central(t)}
     return {name: build().strip() + "\n" for name, build in builders.items()}
 
