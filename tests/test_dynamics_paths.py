@@ -413,6 +413,22 @@ def test_gradient_field_leaves_a_zero_weight_decay_out_and_traces_a_non_zero_one
                                -(np.asarray(a) @ np.asarray(y) + 0.5 * np.asarray(y)),
                                rtol=1e-15)
 
+    # The other fields with a weight decay leave it out the same way, and keep it otherwise:
+    # the heavy-ball acceleration −(v + ∇L + λθ)/μ and Nesterov's −3v/τ − ∇L − λθ.
+    an, yn, v = np.asarray(a), np.asarray(y), np.array([0.25, 2.0])
+    for make in (lambda lam: cn.MomentumField(0.5, lam), lambda lam: cn.NesterovField(2.0, lam),
+                 lambda lam: cn.SignField(lam, 0.1),
+                 lambda lam: cn.PreconditionedField(jnp.array([1.0, 0.5]), lam)):
+        assert not make(0.0).decays and make(0.1).decays
+    state = jnp.concatenate([y, jnp.asarray(v)])
+    for lam in (0.0, 0.1):
+        heavy = cn.MomentumField(0.5, lam).rhs(grad, jnp.asarray(0.0), state)
+        np.testing.assert_allclose(np.asarray(heavy[2:]), -(v + an @ yn + lam * yn) / 0.5,
+                                   rtol=1e-15)
+        nesterov = cn.NesterovField(2.0, lam).rhs(grad, jnp.asarray(1.0), state)
+        np.testing.assert_allclose(np.asarray(nesterov[2:]),
+                                   -3.0 * v / 3.0 - an @ yn - lam * yn, rtol=1e-15)
+
 
 # ---------------------------------------------------------------------------------------------
 # Solvers: the auto choice's kvaerno5 branch, StabilizedRK's order and checks.

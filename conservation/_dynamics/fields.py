@@ -19,7 +19,7 @@ import jax.tree_util as jtu
 
 from .._custom_types import Array, Float, ScalarLike
 from .._validation import ArgumentError, fail, number
-from .flow import AbstractVectorField, _shown
+from .flow import AbstractVectorField, _shown, _WeightDecay
 
 
 class AbstractPhaseSpaceField(AbstractVectorField):
@@ -69,7 +69,7 @@ def _check_velocity_scale(value):
            fix="c in v₀ = −c(∇L(θ₀) + λθ₀); 0 starts at rest")
 
 
-class MomentumField(AbstractPhaseSpaceField):
+class MomentumField(AbstractPhaseSpaceField, _WeightDecay):
     """The heavy-ball ODE μθ̈ + θ̇ = −∇L(θ) − λθ (mass μ > 0, weight decay λ ≥ 0), from
     v₀ = −c(∇L(θ₀) + λθ₀) (`start_velocity` c; default 0: at rest).
 
@@ -121,16 +121,16 @@ class MomentumField(AbstractPhaseSpaceField):
 
     def acceleration(self, grad, t, theta, v):
         del t
-        return -(v + grad(theta) + self.weight_decay * theta) / self.mass
+        return -self.decayed(v + grad(theta), theta) / self.mass
 
     def weight(self, t):
         return jnp.exp(t / self.mass)
 
     def initial_velocity(self, grad, theta):
-        return -self.start_velocity * (grad(theta) + self.weight_decay * theta)
+        return -self.start_velocity * self.decayed(grad(theta), theta)
 
 
-class NesterovField(AbstractPhaseSpaceField):
+class NesterovField(AbstractPhaseSpaceField, _WeightDecay):
     """Nesterov's ODE θ̈ + (3/τ)θ̇ + ∇L(θ) + λθ = 0 (Su, Boyd & Candès 2016) in its own time
     τ = t + t₀: the flow's time t starts at 0, τ at `start_time` t₀ > 0 (default 1; the ODE is
     singular at τ = 0). Starts from v₀ = −c(∇L(θ₀) + λθ₀) (`start_velocity` c; default 0, at rest).
@@ -153,16 +153,16 @@ class NesterovField(AbstractPhaseSpaceField):
 
     def acceleration(self, grad, t, theta, v):
         tau = t + self.start_time
-        return -3.0 * v / tau - grad(theta) - self.weight_decay * theta
+        return -self.decayed(3.0 * v / tau + grad(theta), theta)
 
     def weight(self, t):
         return ((t + self.start_time) / self.start_time) ** 3
 
     def initial_velocity(self, grad, theta):
-        return -self.start_velocity * (grad(theta) + self.weight_decay * theta)
+        return -self.start_velocity * self.decayed(grad(theta), theta)
 
 
-class SignField(AbstractVectorField):
+class SignField(AbstractVectorField, _WeightDecay):
     """Sign-gradient flow dθ/dt = −sign(∇L(θ) + λθ), the continuous limit of sign descent
     (Adam with β₁ = β₂ = 0 in the limit of small ε). With `smoothing` ε > 0 the sign is
     replaced by g/√(g² + ε²).
@@ -184,13 +184,13 @@ class SignField(AbstractVectorField):
                fix="ε in g/√(g² + ε²); 0 is the exact sign")
 
     def __call__(self, grad, y):
-        g = grad(y) + self.weight_decay * y
+        g = self.decayed(grad(y), y)
         eps = self.smoothing
         smooth = g / jnp.sqrt(g**2 + eps**2 + jnp.where(eps > 0, 0.0, 1.0))
         return -jnp.where(eps > 0, smooth, jnp.sign(g))
 
 
-class PreconditionedField(AbstractVectorField):
+class PreconditionedField(AbstractVectorField, _WeightDecay):
     """dθ/dt = −P(∇L(θ) + λθ) with a constant diagonal preconditioner P = diag(p), p > 0, one
     entry per flat parameter (in `jax.flatten_util.ravel_pytree` order of the model's
     floating-point leaves). `PreconditionedField.per_leaf(model, lrs)` builds P from one
@@ -234,7 +234,7 @@ class PreconditionedField(AbstractVectorField):
                 f"`field` has a preconditioner of {self.preconditioner.shape[0]} entries but "
                 f"the model has {y.shape[0]} parameters; build it for this model "
                 "(PreconditionedField.per_leaf(model, lrs)).")
-        return -self.preconditioner * (grad(y) + self.weight_decay * y)
+        return -self.preconditioner * self.decayed(grad(y), y)
 
 
 class MirrorField(AbstractVectorField):

@@ -104,31 +104,39 @@ class AbstractVectorField(eqx.Module):
         return y
 
 
-class GradientField(AbstractVectorField):
-    """Gradient flow dθ/dt = −∇L(θ) − λθ (weight decay λ, default 0).
+class _WeightDecay(eqx.Module):
+    """The weight decay λ of a field (its `weight_decay`), with its λθ term left out of the
+    program where λ is a concrete zero: `decays` (static) records, when the field is made,
+    whether λ may be non-zero. Any two non-zero λ share one compiled solve (λ is traced); λ = 0
+    has a solve of its own.
 
-    Any two non-zero λ share one compiled solve (λ is traced); λ = 0 has a solve of its own,
-    without the λθ term."""
+    (With the term in the program, even at λ = 0, XLA computes every Runge–Kutta stage's input
+    y₀ + Σⱼ aᵢⱼkⱼ again in each operation that reads it, recursively since each kⱼ holds the
+    λyⱼ of its own stage: a third of a gradient flow's time.)"""
 
-    # Arrays, not Python floats: a new value must not recompile the solve.
-    weight_decay: Array = eqx.field(default=0.0, converter=jnp.asarray)
-    # Whether λ may be non-zero, known when the field is made (static). With the term, XLA
-    # fuses each Runge–Kutta stage's input y₀ + Σ aᵢⱼkⱼ (kⱼ = −h(gⱼ + λyⱼ), recursively) into
-    # every one of its consumers instead of computing it once: at λ = 0 that cost a flow a
-    # third of its time.
     decays: bool = eqx.field(static=True, init=False, repr=False)
 
     def __post_init__(self):
         decay = self.weight_decay
         self.decays = isinstance(decay, jax.core.Tracer) or bool(np.any(np.asarray(decay) != 0))
 
+    def decayed(self, g, theta):
+        """g + λθ (`g` itself where λ is a concrete zero)."""
+        return g + self.weight_decay * theta if self.decays else g
+
+
+class GradientField(AbstractVectorField, _WeightDecay):
+    """Gradient flow dθ/dt = −∇L(θ) − λθ (weight decay λ, default 0; λ = 0 compiles a solve
+    without the λθ term, any two non-zero λ share one)."""
+
+    # Arrays, not Python floats: a new value must not recompile the solve.
+    weight_decay: Array = eqx.field(default=0.0, converter=jnp.asarray)
+
     def __check_init__(self):
         number("weight_decay", _shown(self.weight_decay), ">=0", array=True)
 
     def __call__(self, grad, y):
-        if not self.decays:
-            return -grad(y)
-        return -(grad(y) + self.weight_decay * y)
+        return -self.decayed(grad(y), y)
 
 
 class ModifiedGradientField(AbstractVectorField):
