@@ -373,7 +373,8 @@ def test_gradient_field_leaves_a_zero_weight_decay_out_and_traces_a_non_zero_one
     """`GradientField()` (λ = 0) is −∇L with no λy term in its program (with the term, XLA
     recomputed every Runge–Kutta stage's input in each of its consumers: a third of a flow's
     time); any non-zero λ keeps the term with λ traced, so that two values share one program
-    (and a λ traced where the field is made keeps it). Numbers against numpy."""
+    (and a λ traced where the field is made keeps it), and asks a gradient that has one for
+    its `decayed` sum. Numbers against numpy."""
     a = jnp.array([[2.0, 1.0], [1.0, 3.0]])
     y = jnp.array([0.5, -1.5])
 
@@ -420,6 +421,16 @@ def test_gradient_field_leaves_a_zero_weight_decay_out_and_traces_a_non_zero_one
                  lambda lam: cn.SignField(lam, 0.1),
                  lambda lam: cn.PreconditionedField(jnp.array([1.0, 0.5]), lam)):
         assert not make(0.0).decays and make(0.1).decays
+    # A gradient with a `decayed(θ, λ)` (gradient_flow's, which adds λθ array by array) is
+    # asked for ∇L + λθ; at λ = 0 it is not.
+    def routed(z):
+        return a @ z
+
+    routed.decayed = lambda z, lam: a @ z + lam * z + 100.0  # (marked: not the fallback)
+    np.testing.assert_allclose(np.asarray(cn.GradientField(0.1)(routed, y)),
+                               -(an @ yn + 0.1 * yn + 100.0), rtol=1e-15)
+    np.testing.assert_allclose(np.asarray(cn.GradientField()(routed, y)), -(an @ yn),
+                               rtol=1e-15)
     state = jnp.concatenate([y, jnp.asarray(v)])
     for lam in (0.0, 0.1):
         heavy = cn.MomentumField(0.5, lam).rhs(grad, jnp.asarray(0.0), state)

@@ -101,7 +101,7 @@ def test_continuous_theory_is_first_order_in_the_learning_rate(getkey, momentum)
 def test_gradient_flow_keeps_the_laws(getkey):
     ensemble, objective, laws = _problem(getkey(), activation="linear")
     rtol = 1e-9
-    # values="all" in both runs: one compiled solve (the weight decay is traced).
+    # values="all" in both runs (λ = 0 and λ = 0.1 are two programs: the first has no λθ).
     result = cn.gradient_flow(objective, ensemble, 5.0, solver="tsit5", rtol=rtol, laws=laws,
                               values="all")
     assert result.status_names() == ["success"] * 2

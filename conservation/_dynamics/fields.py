@@ -121,13 +121,13 @@ class MomentumField(AbstractPhaseSpaceField, _WeightDecay):
 
     def acceleration(self, grad, t, theta, v):
         del t
-        return -self.decayed(v + grad(theta), theta) / self.mass
+        return -(v + self.decayed_grad(grad, theta)) / self.mass
 
     def weight(self, t):
         return jnp.exp(t / self.mass)
 
     def initial_velocity(self, grad, theta):
-        return -self.start_velocity * self.decayed(grad(theta), theta)
+        return -self.start_velocity * self.decayed_grad(grad, theta)
 
 
 class NesterovField(AbstractPhaseSpaceField, _WeightDecay):
@@ -153,13 +153,13 @@ class NesterovField(AbstractPhaseSpaceField, _WeightDecay):
 
     def acceleration(self, grad, t, theta, v):
         tau = t + self.start_time
-        return -self.decayed(3.0 * v / tau + grad(theta), theta)
+        return -3.0 * v / tau - self.decayed_grad(grad, theta)
 
     def weight(self, t):
         return ((t + self.start_time) / self.start_time) ** 3
 
     def initial_velocity(self, grad, theta):
-        return -self.start_velocity * self.decayed(grad(theta), theta)
+        return -self.start_velocity * self.decayed_grad(grad, theta)
 
 
 class SignField(AbstractVectorField, _WeightDecay):
@@ -184,7 +184,7 @@ class SignField(AbstractVectorField, _WeightDecay):
                fix="ε in g/√(g² + ε²); 0 is the exact sign")
 
     def __call__(self, grad, y):
-        g = self.decayed(grad(y), y)
+        g = self.decayed_grad(grad, y)
         eps = self.smoothing
         smooth = g / jnp.sqrt(g**2 + eps**2 + jnp.where(eps > 0, 0.0, 1.0))
         return -jnp.where(eps > 0, smooth, jnp.sign(g))
@@ -234,7 +234,7 @@ class PreconditionedField(AbstractVectorField, _WeightDecay):
                 f"`field` has a preconditioner of {self.preconditioner.shape[0]} entries but "
                 f"the model has {y.shape[0]} parameters; build it for this model "
                 "(PreconditionedField.per_leaf(model, lrs)).")
-        return -self.preconditioner * self.decayed(grad(y), y)
+        return -self.preconditioner * self.decayed_grad(grad, y)
 
 
 class MirrorField(AbstractVectorField):

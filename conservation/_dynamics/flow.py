@@ -120,9 +120,15 @@ class _WeightDecay(eqx.Module):
         decay = self.weight_decay
         self.decays = isinstance(decay, jax.core.Tracer) or bool(np.any(np.asarray(decay) != 0))
 
-    def decayed(self, g, theta):
-        """g + λθ (`g` itself where λ is a concrete zero)."""
-        return g + self.weight_decay * theta if self.decays else g
+    def decayed_grad(self, grad, theta):
+        """∇L(θ) + λθ (∇L(θ) where λ is a concrete zero), for the gradient `grad`; with the
+        sum taken parameter array by parameter array where `grad` has a `decayed(θ, λ)`
+        (`gradient_flow`'s does)."""
+        if not self.decays:
+            return grad(theta)
+        if hasattr(grad, "decayed"):
+            return grad.decayed(theta, self.weight_decay)
+        return grad(theta) + self.weight_decay * theta
 
 
 class GradientField(AbstractVectorField, _WeightDecay):
@@ -136,7 +142,7 @@ class GradientField(AbstractVectorField, _WeightDecay):
         number("weight_decay", _shown(self.weight_decay), ">=0", array=True)
 
     def __call__(self, grad, y):
-        return -self.decayed(grad(y), y)
+        return -self.decayed_grad(grad, y)
 
 
 class ModifiedGradientField(AbstractVectorField):
@@ -792,8 +798,23 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
     # Traced once and then called: the solvers evaluate the gradient at ~25 places in their
     # loop bodies (stages, saves, diffrax's shape checks), each a fresh trace without the jit.
     @jax.jit
-    def grad(y):
+    def gradient(y):
         return jax.grad(lambda z: objective(as_model(z)))(y)
+
+    @jax.jit
+    def decayed(y, weight_decay):
+        # ∇L(θ) + λθ with λθ added to each parameter array before they are joined into one
+        # vector (`_WeightDecay.decayed_grad`): added to the joined vector, XLA recomputes
+        # every Runge–Kutta stage's input in each of its consumers.
+        params = unravel(y)
+        g = jax.grad(lambda p: objective(eqx.combine(p, static)))(params)
+        return jfu.ravel_pytree(jtu.tree_map(lambda a, b: a + weight_decay * b, g,
+                                             params))[0]
+
+    def grad(y):
+        return gradient(y)
+
+    grad.decayed = decayed
 
     def initial(row):
         # A phase-space flow's start state: the row (θ₀, v₀) when the velocities are given,
