@@ -441,6 +441,31 @@ def test_gradient_field_leaves_a_zero_weight_decay_out_and_traces_a_non_zero_one
                                    -3.0 * v / 3.0 - an @ yn - lam * yn, rtol=1e-15)
 
 
+def test_a_weight_decay_set_after_the_field_was_made_is_kept():
+    """`decays` is set when a field is made; a λ put in afterwards (`eqx.tree_at`) must not be
+    left out: `gradient_flow` makes the field again, and runs it as `GradientField(0.1)` (the
+    same numbers), not as λ = 0. The translation-like check: with λ the parameters shrink
+    faster, so the final losses differ from λ = 0's."""
+    key = jax.random.PRNGKey(11)
+    teacher = cn.DeepLinear.random([2, 3, 2], key=key)
+    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(jax.random.PRNGKey(12), 8, (2,)))
+    ensemble = cn.Ensemble.init(lambda k: cn.DeepLinear.random([2, 3, 2], key=k),
+                                jax.random.PRNGKey(13), 2)
+    objective = cn.make_objective(cn.MSE(), data, ensemble)
+    late = eqx.tree_at(lambda f: f.weight_decay, cn.GradientField(), 0.1)
+    assert not late.decays  # what a run must not trust
+
+    def run(field):
+        return cn.gradient_flow(objective, ensemble, 1.0, n_save=3, solver="tsit5",
+                                progress=False, field=field)
+
+    made, zero = run(cn.GradientField(0.1)), run(cn.GradientField())
+    np.testing.assert_array_equal(np.asarray(run(late).loss), np.asarray(made.loss))
+    assert not np.allclose(np.asarray(made.loss[:, -1]), np.asarray(zero.loss[:, -1]))
+    assert cn.choose_solver(objective, ensemble, 1.0, field=late).rho0 > \
+        cn.choose_solver(objective, ensemble, 1.0, field=cn.GradientField()).rho0
+
+
 # ---------------------------------------------------------------------------------------------
 # Solvers: the auto choice's kvaerno5 branch, StabilizedRK's order and checks.
 

@@ -131,6 +131,13 @@ class _WeightDecay(eqx.Module):
         return grad(theta) + self.weight_decay * theta
 
 
+def _remade(field):
+    """`field`, made again from its own arguments where it has a weight decay: `decays` is
+    set when a field is made, so a field whose λ was changed afterwards (`eqx.tree_at`, a
+    `tree_map`) would otherwise leave a non-zero λ out of its program."""
+    return dataclasses.replace(field) if isinstance(field, _WeightDecay) else field
+
+
 class GradientField(AbstractVectorField, _WeightDecay):
     """Gradient flow dθ/dt = −∇L(θ) − λθ (weight decay λ, default 0; λ = 0 compiles a solve
     without the λθ term, any two non-zero λ share one)."""
@@ -446,7 +453,7 @@ def gradient_flow(
         raise fail("resumable", resumable, "must be True or False")
     if progress is not None and not isinstance(progress, bool | np.bool_):
         raise fail("progress", progress, "must be True, False or None (only on a terminal)")
-    field = GradientField() if field is None else field
+    field = GradientField() if field is None else _remade(field)
     if not isinstance(field, AbstractVectorField):
         raise fail("field", field, "must be an `AbstractVectorField` (e.g. `GradientField`, "
                    "`ModifiedGradientField`, `MomentumField`)",

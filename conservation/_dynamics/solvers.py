@@ -649,9 +649,9 @@ def choose_solver(objective, model, t1, *, max_steps: int = 100_000, field=None)
     **Returns:** a `SolverChoice` (`name`, `reason`, and the evidence).
     """
     from .._models.base import as_ensemble
-    from .flow import GradientField  # _flow imports this module
+    from .flow import GradientField, _remade  # _flow imports this module
 
     first = as_ensemble(model)[0]
-    field = GradientField() if field is None else field
+    field = GradientField() if field is None else _remade(field)
     params, static = eqx.partition(first, eqx.is_inexact_array)
     return _choose(params, static, objective, field, t1, max_steps)
