@@ -454,6 +454,11 @@ def test_a_weight_decay_set_after_the_field_was_made_is_kept():
     objective = cn.make_objective(cn.MSE(), data, ensemble)
     late = eqx.tree_at(lambda f: f.weight_decay, cn.GradientField(), 0.1)
     assert not late.decays  # what a run must not trust
+    # Called directly, such a field refuses (one line naming the argument and the fix).
+    with pytest.raises(cn.ArgumentError, match=r"`weight_decay` of this GradientField was set "
+                                               r"after it was made.*GradientField\(\.\.\., "
+                                               r"weight_decay=λ\)"):
+        late(lambda z: z, jnp.ones(2))
 
     def run(field):
         return cn.gradient_flow(objective, ensemble, 1.0, n_save=3, solver="tsit5",

@@ -104,6 +104,11 @@ class AbstractVectorField(eqx.Module):
         return y
 
 
+def _may_be_nonzero(value) -> bool:
+    """False only for a concrete zero (a traced value may be anything)."""
+    return isinstance(value, jax.core.Tracer) or bool(np.any(np.asarray(value) != 0))
+
+
 class _WeightDecay(eqx.Module):
     """The weight decay λ of a field (its `weight_decay`), with its λθ term left out of the
     program where λ is a concrete zero: `decays` (static) records, when the field is made,
@@ -117,14 +122,21 @@ class _WeightDecay(eqx.Module):
     decays: bool = eqx.field(static=True, init=False, repr=False)
 
     def __post_init__(self):
-        decay = self.weight_decay
-        self.decays = isinstance(decay, jax.core.Tracer) or bool(np.any(np.asarray(decay) != 0))
+        self.decays = _may_be_nonzero(self.weight_decay)
 
     def decayed_grad(self, grad, theta):
         """∇L(θ) + λθ (∇L(θ) where λ is a concrete zero), for the gradient `grad`; with the
         sum taken parameter array by parameter array where `grad` has a `decayed(θ, λ)`
         (`gradient_flow`'s does)."""
         if not self.decays:
+            # A λ put in after the field was made (`gradient_flow` makes it again; a direct
+            # call cannot): refused, not left out. (Traced, λ is the one it was made with.)
+            if not isinstance(self.weight_decay, jax.core.Tracer) and _may_be_nonzero(
+                    self.weight_decay):
+                raise ArgumentError(
+                    f"`weight_decay` of this {type(self).__name__} was set after it was made "
+                    "(eqx.tree_at?), so its program leaves it out; make the field with it, "
+                    f"e.g. {type(self).__name__}(..., weight_decay=λ).")
             return grad(theta)
         if hasattr(grad, "decayed"):
             return grad.decayed(theta, self.weight_decay)
