@@ -74,7 +74,9 @@ def _commit() -> str | None:
              "benchmarks/*.py", "pyproject.toml"],
             cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return None
+        # A copy without its .git (a device machine's working tree): the commit it was made
+        # from, when the command that copied it says so.
+        return os.environ.get("CONSERVATION_COMMIT")
     return head + ("+dirty" if dirty.strip() else "")
 
 
@@ -91,6 +93,9 @@ def environment() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        # an accelerator's runtime (e.g. the CUDA version); the CPU's says nothing more
+        "platform_version": None if device.platform == "cpu" else getattr(
+            device.client, "platform_version", None),
         "versions": {"jax": jax.__version__, "diffrax": diffrax.__version__,
                      "equinox": equinox.__version__, "numpy": numpy.__version__},
         "threads": {var: os.environ.get(var) for var in THREAD_VARS} | {

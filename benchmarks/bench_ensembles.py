@@ -220,12 +220,14 @@ def main():
                            [1, 16, 64] if cpu else [1, 64, 1024, 8192])
     report = {"problem": {"widths": WIDTHS, "n": N, "t1": T1, "rtol": RTOL, "atol": RTOL,
                           "solver": "tsit5", "lockstep": True}, "sizes": {}}
+    name = "ensembles_quick" if args.quick else "ensembles"
     for b in sizes:
         report["sizes"][str(b)] = one_size(b, args.repeats, with_torch=not args.no_torch,
                                            cpu=cpu)
         print(b, {k: (v.get("members_per_s"), v.get("run_s")) if isinstance(v, dict) else v
                   for k, v in report["sizes"][str(b)].items()}, flush=True)
-    print("wrote", _harness.write("ensembles_quick" if args.quick else "ensembles", report))
+        _harness.write(name, report)  # after every size: a timeout keeps what finished
+    print("wrote", _harness.write(name, report))
 
 
 if __name__ == "__main__":

@@ -1,53 +1,81 @@
 #!/usr/bin/env bash
-# The accelerator checks in one command, for a session lent a GPU (CI has none):
+# The accelerator checks, for a session lent a GPU (CI has none):
 #
-#     bash benchmarks/gpu_check.sh [suite] [ensembles] [solvers]     # default: all three
+#     bash benchmarks/gpu_check.sh [ensembles] [memory] [suite] [solvers]   # default: all four
 #
-# - suite: the README's test command on the device (8 processes), its last lines to suite.log;
-# - ensembles: bench_ensembles.py (B = 1, 64, 1024, 8192: lanes, refilled lanes, the previous
-#   vmapped loop, diffrax's Tsit5, bare gradients, torchdiffeq) → ensembles_<backend>.json;
-# - solvers: the stiff attention flow at B = 16 and 256 (stabilised, Kvaerno5, Tsit5 capped,
-#   ROCK4 alone) → solvers_stiff_attention[_B256]_<backend>.json.
+# - ensembles: bench_ensembles.py (B = 1, 64, 1024, 8192: lanes, refilled lanes, diffrax's Tsit5
+#   in the lanes, the previous vmapped loop, bare solve, bare gradients, torchdiffeq)
+#   → ensembles_<backend>.json, written after every size;
+# - memory: bench_memory.py (the default batch_size and the device's memory peak against the
+#   library's estimate: deep linear at B = 8192, the 106 k-parameter flow at B = 256)
+#   → memory_<backend>.json;
+# - suite: the README's test command on the device (SUITE_WORKERS processes, default 14); at its
+#   time limit it is interrupted (SIGINT), so that pytest still prints what failed so far;
+# - solvers: the stiff attention flow at B = 16, then at B = 256, each in its own process with
+#   half of SOLVERS_S (stabilised, Kvaerno5, Tsit5 capped, ROCK4 alone)
+#   → solvers_stiff_attention_B16_<backend>.json, solvers_stiff_attention_B256_<backend>.json.
 #
+# The device tool's budget is 15 min with the machine's start, one command at most 10 min: run
+# `ensembles memory suite` in one call and `solvers` in a second while the machine is warm.
 # Logs and JSON are copied to $OUT (the folder the device tool brings back) or ./gpu_check/.
-# Each part has its own time limit (SUITE_S, ENSEMBLES_S, SOLVERS_S seconds; 300 each) so that
-# one slow part cannot eat the others'; ENSEMBLES_ARGS / SOLVERS_ARGS replace the benchmarks'
-# arguments (e.g. ENSEMBLES_ARGS="--quick --repeats 1" for a smoke run on the CPU).
+# Each part has its own time limit (ENSEMBLES_S 230, MEMORY_S 70, SUITE_S 200, SOLVERS_S 280
+# seconds) so that one slow part cannot eat the others'; ENSEMBLES_ARGS / SOLVERS_ARGS replace
+# the benchmarks' arguments (e.g. ENSEMBLES_ARGS="--quick --repeats 1" for a smoke run on the
+# CPU, MEMORY_ARGS=--quick). PYTHON names the interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check}
 mkdir -p "$out"
+py=${PYTHON:-python3}
 export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 parts=("$@")
-[[ ${#parts[@]} -eq 0 ]] && parts=(suite ensembles solvers)
+[[ ${#parts[@]} -eq 0 ]] && parts=(ensembles memory suite solvers)
 for part in "${parts[@]}"; do
-    [[ $part =~ ^(suite|ensembles|solvers)$ ]] || {
-        echo "unknown part '$part': choose suite, ensembles or solvers" >&2; exit 2; }
+    [[ $part =~ ^(suite|ensembles|memory|solvers)$ ]] || {
+        echo "unknown part '$part': choose ensembles, memory, suite or solvers" >&2; exit 2; }
 done
-backend=$(python -c "import jax; print(jax.default_backend())")
-{ echo "backend $backend"; nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1; } \
+backend=$($py -c "import jax; print(jax.default_backend())")
+{ echo "backend $backend"; $py -c "import jax; d = jax.devices()[0]; \
+print(d.device_kind, '|', getattr(d.client, 'platform_version', ''), '| jax', jax.__version__)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; } \
     > "$out/device.txt"
+# Copy to $out the JSON this run wrote (newer than device.txt), never an older one beside it.
+fresh() {
+    find benchmarks/results -maxdepth 1 -name "$1*_$backend.json" -newer "$out/device.txt" \
+        -exec cp {} "$out/" \;
+}
 status=0
 for part in "${parts[@]}"; do
     start=$SECONDS
     case $part in
-        suite)
-            timeout "${SUITE_S:-300}" python -m pytest -q -n 8 --dist loadfile 2>&1 \
-                | tail -n 60 > "$out/suite.log" ;;
         ensembles)
             # shellcheck disable=SC2086  # the arguments are meant to split
-            timeout "${ENSEMBLES_S:-300}" python benchmarks/bench_ensembles.py \
-                ${ENSEMBLES_ARGS:---repeats 3} > "$out/ensembles.log" 2>&1 \
-                && cp benchmarks/results/ensembles*_"$backend".json "$out/" ;;
-        solvers)
+            timeout "${ENSEMBLES_S:-230}" $py benchmarks/bench_ensembles.py \
+                ${ENSEMBLES_ARGS:---repeats 2} > "$out/ensembles.log" 2>&1
+            code=$?
+            fresh ensembles ;;
+        memory)
             # shellcheck disable=SC2086
-            timeout "${SOLVERS_S:-300}" python benchmarks/bench_solvers.py \
-                ${SOLVERS_ARGS:---sections stiff_attention --batch 16 256 --repeats 0 \
-                --tsit5-members 1 --rock4-members 2 --count-members 4} \
-                > "$out/solvers.log" 2>&1 \
-                && cp benchmarks/results/solvers_*_"$backend".json "$out/" ;;
+            timeout "${MEMORY_S:-70}" $py benchmarks/bench_memory.py ${MEMORY_ARGS:-} \
+                > "$out/memory.log" 2>&1
+            code=$?
+            fresh memory ;;
+        suite)
+            timeout -s INT -k 20 "${SUITE_S:-200}" $py -m pytest -q -rfE \
+                -n "${SUITE_WORKERS:-14}" --dist loadfile > "$out/suite.log" 2>&1
+            code=$?
+            tail -n 25 "$out/suite.log" ;;
+        solvers)
+            code=0
+            for b in 16 256; do
+                # shellcheck disable=SC2086
+                timeout "$(( ${SOLVERS_S:-280} / 2 ))" $py benchmarks/bench_solvers.py \
+                    ${SOLVERS_ARGS:---sections stiff_attention --repeats 0 --tsit5-members 1 \
+                    --rock4-members 2 --count-members 4} --batch "$b" \
+                    > "$out/solvers_B$b.log" 2>&1 || code=$?
+            done
+            fresh solvers_ ;;
     esac
-    code=$?
     echo "$part: exit $code in $((SECONDS - start)) s" | tee -a "$out/device.txt"
     [[ $code -ne 0 ]] && status=1
 done
