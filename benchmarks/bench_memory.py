@@ -14,7 +14,8 @@ case's alone:
 Each records the lanes the default resolved to (`Result.batch_size`), the run's status and
 wall time (compile included), the device's bytes in use before the flow and its peak after,
 and the estimate `gradient_flow` checks before it allocates (`MemoryEstimate`, per part). On
-the CPU the allocator reports nothing: the memory fields are null (`--quick` is a smoke run).
+the CPU the allocator reports nothing: there it runs only with `--quick` (a smoke run, its memory
+fields null).
 Writes benchmarks/results/memory_<backend>.json (`--quick`: memory_quick_<backend>.json).
 """
 
@@ -93,6 +94,13 @@ def main():
     args = parser.parse_args()
     if args.case_json:
         print(json.dumps(one_case(*json.loads(args.case_json))))
+        return
+    import jax
+
+    if jax.default_backend() == "cpu" and not args.quick:
+        # (run_all.py runs every benchmark: this one has nothing to measure on the CPU)
+        print("bench_memory.py measures an accelerator's memory peak, which the CPU does not "
+              "report: nothing to do here (--quick runs the small cases as a smoke test)")
         return
     report = {"cases": {}}
     name = "memory_quick" if args.quick else "memory"

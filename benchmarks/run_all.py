@@ -17,7 +17,8 @@ QUICK = {"bench_core.py": ["--members", "8", "--repeats", "1"],
          "bench_counting.py": ["--configs", "3"],
          "bench_solvers.py": ["--quick", "--repeats", "1"],
          "bench_ensembles.py": ["--quick", "--repeats", "1", "--no-torch"],
-         "bench_lanes.py": ["--quick"]}
+         "bench_lanes.py": ["--quick"],
+         "bench_memory.py": ["--quick"]}
 
 
 def main():
