@@ -11,7 +11,7 @@ The evidence behind the CPU default `batch_size` (`conservation._dynamics.batchi
 - `attention_small_kvaerno5`: the same flow with Kvaerno5, B = 8;
 - `attention_small_tsit5`: the same flow with Tsit5 to t1 = 1 (to t1 = 50 it is stiff), B = 16;
 - `attention_stabilized`: bench_solvers' full-size attention (d = 8, 16 tokens, n = 64),
-  `solver="stabilized"`, B = 4;
+  `solver="stabilized"`, B = 8;
 - `dln_large`: deep linear 128-256-256-32 (106 k parameters), n = 4096, Tsit5, t1 = 20, B = 4.
 
 For each flow and lane count: members/s (best of `--repeats` rounds, all lane counts timed
@@ -58,7 +58,7 @@ def _problem(name):
     small = name.startswith("attention_small")
     make, data, key = _attention_problem(*((4, 6, 2, 16) if small else (8, 16, 2, 64)))
     solver = name.rsplit("_", 1)[1]
-    size = 8 if solver == "kvaerno5" else 16 if small else 4
+    size = 8 if solver == "kvaerno5" or not small else 16
     ensemble = cn.Ensemble.init(make, key, size)
     t1 = 1.0 if solver == "tsit5" else 50.0
     return ensemble, cn.make_objective(cn.MSE(), data, ensemble), solver, t1

@@ -1,6 +1,6 @@
 """How many ensemble members one solve holds side by side (its lanes): the default `batch_size`.
 
-On the CPU 2 lanes (4 for an implicit solver), as `benchmarks/bench_lanes.py` measured. On an
+On the CPU 4 lanes (2 for a Chebyshev solver), as `benchmarks/bench_lanes.py` measured. On an
 accelerator, where lanes step in lockstep, the batch should be as large as the device memory
 allows (that is what fills it), and no larger (out-of-memory errors come from XLA mid-run). A
 lane holds its solver state (~12 parameter vectors for an explicit Runge–Kutta method with
@@ -30,21 +30,33 @@ from .._memory import (
     tree_size,
 )
 
-__all__ = ["free_device_memory", "peak_live_bytes", "member_bytes", "default_batch_size",
-           "check_flow_memory", "check_train_memory"]
+__all__ = ["free_device_memory", "peak_live_bytes", "member_bytes", "cpu_lanes",
+           "default_batch_size", "check_flow_memory", "check_train_memory"]
 
 _STATE_COPIES = FLOW_STATE_COPIES  # y, y₁, error, ~7 RK stages / dense-output coefficients
 _FILL = 0.75  # of the free device memory: XLA's temporaries beyond the estimate, fragmentation
 # Lanes on the CPU (`benchmarks/bench_lanes.py`, 2-core CPU, members/s against one member at a
-# time). Lanes share a gradient's per-operation overhead and the loop's per-iteration overhead
-# (a Chebyshev solver's stage loop, an implicit one's Newton iterations), which dominate small
-# models: with 2 lanes attention d = 4 gains 3.0× (Tsit5), 1.62× (stabilised), 1.14×
-# (Kvaerno5), d = 8 2.16× (stabilised), deep linear 16-32-32-8 1.13×. Where a gradient is a few
-# large products there is little to share and the lanes' selects cost it back (deep linear
-# 128-256-256-32: 0.86×). 4 lanes gain more on the smallest flows (Tsit5 4.24×, Kvaerno5
-# 1.46×) and lose more on the deep linear ones (0.94×, 0.79×): 4 for an implicit solver only.
-_CPU_LANES = 2
-_CPU_LANES_IMPLICIT = 4
+# time, `lanes_cpu.json`). Lanes share a gradient's per-operation overhead and the loop's
+# per-iteration overhead (an implicit solver's Newton iterations), which dominate small models:
+# with 2 / 4 lanes attention d = 4 gains 3.21× / 4.22× (Tsit5), 1.32× / 1.62× (Kvaerno5), deep
+# linear 16-32-32-8 1.10× / 1.22×, deep linear 128-256-256-32 (a few large products, little to
+# share) 0.87× / 0.89×: 4 lanes for Runge–Kutta and implicit solvers. A Chebyshev solver's
+# steps take as many stages as the stiffest lane needs, so its lanes wait for each other at
+# every step: on attention d = 8 (stabilised) 4 lanes run 0.60× the members/s of 2 at B = 8
+# and 0.74× at B = 4, and on attention d = 4 at B = 16 1.05×: 2 lanes for those.
+_CPU_LANES = 4
+_CPU_LANES_CHEBYSHEV = 2
+
+
+def cpu_lanes(solver, size: int) -> int:
+    """The CPU's default lanes for `solver` (a solver object or a name; "auto" counts as the
+    largest default) and `size` members: 4, 2 for a Chebyshev solver (`"stabilized"`,
+    `StabilizedRK`, `ROCK4`, `RKC`), never more than the members."""
+    from .solvers import AbstractChebyshevSolver
+
+    chebyshev = (solver == "stabilized" if isinstance(solver, str)
+                 else isinstance(solver, AbstractChebyshevSolver))
+    return max(1, min(size, _CPU_LANES_CHEBYSHEV if chebyshev else _CPU_LANES))
 
 
 def member_bytes(grad, y0, solver, n_save: int, n_laws: int) -> int:
@@ -62,11 +74,10 @@ def member_bytes(grad, y0, solver, n_save: int, n_laws: int) -> int:
 
 def default_batch_size(grad, y0, size: int, solver, n_save: int, n_laws: int,
                        free: float | None) -> int:
-    """Lanes per solve (at least 1, at most `size`): on the CPU (`free` None) 2, 4 for an
-    implicit solver; on an accelerator as many as fit in `_FILL` of the `free` bytes."""
+    """Lanes per solve (at least 1, at most `size`): on the CPU (`free` None) `cpu_lanes`;
+    on an accelerator as many as fit in `_FILL` of the `free` bytes."""
     if free is None:
-        implicit = isinstance(solver, dfx.AbstractImplicitSolver)
-        return min(size, _CPU_LANES_IMPLICIT if implicit else _CPU_LANES)
+        return cpu_lanes(solver, size)
     fit = int(_FILL * free // member_bytes(grad, y0, solver, n_save, n_laws))
     return max(1, min(size, fit))
 
@@ -136,15 +147,14 @@ def check_flow_memory(objective, params, static, laws, keep, final_values: bool,
     estimate (`conservation._memory.run_estimate`) exceeds the available memory, before
     anything of it is allocated; return the estimate otherwise.
 
-    Lanes: `batch_size`, else the CPU default (2, 4 for an implicit solver); on an
-    accelerator the default batch takes what fits, so one lane is checked. The gradient's
+    Lanes: `batch_size`, else the CPU default (`cpu_lanes`); on an accelerator the default
+    batch takes what fits, so one lane is checked. The gradient's
     working set per lane comes from the liveness sweep of its jaxpr."""
     parameters = tree_size(_member_shapes(params))
     implicit = _implicit(solver, parameters)
     size = _members_here(params, size)
     if batch_size is None:
-        lanes = (_CPU_LANES_IMPLICIT if implicit else _CPU_LANES) \
-            if free_device_memory() is None else 1
+        lanes = cpu_lanes(solver, size) if free_device_memory() is None else 1
     else:
         lanes = batch_size
     lanes = min(lanes, size)

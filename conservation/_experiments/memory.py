@@ -163,7 +163,7 @@ def _optimizer_slots(run, parameters: int) -> float:
 def _run(config, run, members: int, parameters: int) -> MemoryEstimate:
     """One `[[dynamics]]` entry by `run_estimate`, as `gradient_flow` / `train` size it
     (without the gradient's working set, measured when they start)."""
-    from .._dynamics.batching import _CPU_LANES, _CPU_LANES_IMPLICIT, _implicit
+    from .._dynamics.batching import _implicit, cpu_lanes
     from .config import default_n_save
 
     entries, count = law_entries(config.model)
@@ -178,8 +178,7 @@ def _run(config, run, members: int, parameters: int) -> MemoryEstimate:
             implicit = run.solver == "kvaerno5"
         else:
             implicit = _implicit(run.solver, parameters)
-        lanes = (_CPU_LANES_IMPLICIT if implicit else _CPU_LANES) \
-            if free_device_memory() is None else 1
+        lanes = cpu_lanes(run.solver, members) if free_device_memory() is None else 1
         return run_estimate(
             members=members, parameters=state_size(run, parameters), lanes=min(lanes, members),
             state_copies=FLOW_STATE_COPIES, resident_copies=FLOW_RESIDENT_COPIES,
