@@ -4,7 +4,7 @@
 
 Problem: n = 128 teacher samples, t ∈ [0, 50], rtol = atol = 1e-8, Tsit5 (diffrax) vs RK45
 (scipy, the same Dormand–Prince order 5(4) family). Reported, each with compile time separate
-from run time: conservation's ensemble on the moment fast path with the default `batch_size` (2
+from run time: conservation's ensemble on the moment fast path with the default `batch_size` (4
 lanes on CPU, all side by side on GPU) and all 64 in lanes (`batch_size=64`, lockstep); the
 naive per-sample loss; a Python loop of one-member calls; scipy `solve_ivp` per member with a
 hand-written numpy gradient. Ratios are taken within this one run, relative to the default.

@@ -12,7 +12,7 @@ divergence event. For every B it reports, compile time apart (best of warm calls
   efficiency (mean/max steps: the loop runs the slowest member's steps);
 - `refill`: B/4 lanes, each loading the next member when its own finishes;
 - `one_at_a_time`: `batch_size=1` (CPU only: on a GPU it is B × the B = 1 row; the CPU
-  default is 2 lanes, see bench_lanes.py);
+  default is 4 lanes for Tsit5, see bench_lanes.py);
 - `lanes_diffrax_tsit5`, `one_at_a_time_diffrax_tsit5`: the same with diffrax's own Tsit5
   (its stages in a loop) instead of the library's unrolled one;
 - `diffrax_vmap`: the loop the library used before, `jax.vmap` of one `diffrax.diffeqsolve`

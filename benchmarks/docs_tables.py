@@ -190,8 +190,18 @@ def overhead(t) -> str:
             f"{per_round('flow')} |",
             f"| without saves or laws (`n_save=2, laws=()`) | {median['flow_no_saves']:.3f} | "
             f"{report['no_saves_over_bare_median']:.2f}× | {per_round('flow_no_saves')} |",
-            f"| the bare gradients (`fori_loop`, same width and count) | {bare:.3f} | 1× | — |",
-            "",
+            f"| the bare gradients (`fori_loop`, same width and count) | {bare:.3f} | 1× | — |"]
+    if "flow_2_lanes" in median:  # the previous CPU default, against its own bare gradients
+        bare2 = median["bare_gradients_2_lanes"]
+        rows += [
+            f"| `gradient_flow` on 2 lanes (`batch_size=2`) | {median['flow_2_lanes']:.3f} | "
+            f"{report['flow_2_lanes_over_bare_2_lanes_median']:.2f}× (of the bare gradients "
+            f"at 2 lanes) | " + " / ".join(f"{v / b:.2f}" for v, b in zip(
+                rounds["flow_2_lanes"], rounds["bare_gradients_2_lanes"])) + " |",
+            f"| the bare gradients at 2 lanes | {bare2:.3f} | 1× | — |",
+            "", f"The default ({problem['batch_size']} lanes) takes "
+            f"{report['flow_over_flow_2_lanes_median']:.2f}× the wall time of 2 lanes."]
+    rows += ["",
             f"Goal ≤ {report['goal_flow_over_bare']:g}×. Deep linear {problem['widths']}, "
             f"{problem['members']} members, t1 = {problem['t1']:g}, rtol {problem['rtol']:g}, "
             f"Tsit5 on {problem['batch_size']} lanes: {problem['member_gradients']} member "

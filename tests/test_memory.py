@@ -112,9 +112,11 @@ def test_default_batch_fills_the_free_memory_and_no_more(monkeypatch):
     assert per >= 12 * y0.size * 8 + n * widths[1] * 8
     implicit = member_bytes(grad, y0, dfx.Kvaerno5(), 101, 2)
     assert implicit - per == 2 * y0.size ** 2 * 8  # dense Jacobian and its factors
-    # The CPU: 2 lanes, 4 for an implicit solver (bench_lanes.py), never more than the members.
-    assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, None) == 2
+    # The CPU: 4 lanes, 2 for a Chebyshev solver (bench_lanes.py), never more than the members.
+    assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, None) == 4
+    assert default_batch_size(grad, y0, 3, dfx.Tsit5(), 101, 2, None) == 3
     assert default_batch_size(grad, y0, 7, cn.StabilizedRK(), 101, 2, None) == 2
+    assert default_batch_size(grad, y0, 7, cn.ROCK4(), 101, 2, None) == 2
     assert default_batch_size(grad, y0, 7, dfx.Kvaerno5(), 101, 2, None) == 4
     assert default_batch_size(grad, y0, 1, dfx.Kvaerno5(), 101, 2, None) == 1
     for fit in (1, 3, 7):
@@ -138,13 +140,14 @@ def test_default_batch_fills_the_free_memory_and_no_more(monkeypatch):
                          laws=model.laws()[:2], progress=False)
     assert seen == [3]
 
-    # On the CPU (no memory statistics); one model runs alone whatever the solver.
+    # On the CPU (no memory statistics): 4 lanes, 2 for the stabilised solver, at most the
+    # members; one model runs alone whatever the solver.
     monkeypatch.setattr(flow, "free_device_memory", lambda: None)
     for solver, model_or_ensemble in (("tsit5", ensemble), ("stabilized", ensemble),
                                       ("kvaerno5", ensemble), ("kvaerno5", model)):
         with pytest.raises(KeyboardInterrupt):
             cn.gradient_flow(objective, model_or_ensemble, 1.0, solver=solver, progress=False)
-    assert seen == [3, 2, 2, 4, 1]
+    assert seen == [3, 4, 2, 4, 1]
 
 
 # ------------------------------------------------- issue 23: exact features, API, sweep, ulimit

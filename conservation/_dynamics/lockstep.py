@@ -20,13 +20,9 @@ the next member of the ensemble, so an ensemble larger than L keeps every lane b
 queue is empty instead of waiting for the slowest member of each fixed chunk.
 
 Every member keeps its own step sequence: its numbers are those of its own diffrax solve, to
-round-off (tested). Measured on the 2-core CPU (`benchmarks/bench_ensembles.py`, deep linear
-16-32-32-8, 101 saves): 1.31× / 1.37× the members/s of the vmapped `diffeqsolve` at B = 16 /
-64 with the unrolled Tsit5 of `unrolled.py`, 0.93× / 1.04× with diffrax's Tsit5 (on the CPU
-the loop's own changes neither gain nor lose); one member at a time beats B and B/4 lanes on
-that flow. Small models and solvers with inner loops gain from a few lanes on the CPU too (they
-share the per-operation overhead: 1.1–3.0× with 2 lanes on attention flows,
-`benchmarks/bench_lanes.py`), so the CPU default is 2 lanes. Not yet measured on a GPU.
+round-off (tested). What the loop gains over the vmapped `diffeqsolve`, and how many lanes
+pay on the CPU (the default, `batching.cpu_lanes`), is measured in `docs/benchmarks/
+ensembles.md` (`benchmarks/bench_ensembles.py`, `benchmarks/bench_lanes.py`).
 """
 
 from collections.abc import Callable
