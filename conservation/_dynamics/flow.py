@@ -383,10 +383,10 @@ def gradient_flow(
       its own step size and takes the steps its own solve would; a lane whose member has
       finished loads the next one, so `batch_size` < ensemble size wastes no lockstep time
       on fixed chunks). 1 runs one diffrax solve per member, one after another. On the CPU
-      the default is 2 lanes (4 with an implicit solver): lanes share the per-operation
-      overhead of small models' gradients and of the solver's inner loops, 1.1–3.0× the
-      members/s of one member at a time on attention flows, 0.86–1.13× on deep linear ones
-      (`benchmarks/bench_lanes.py`). On GPU/TPU the default is as many members as fit in
+      the default is 4 lanes, 2 for the stabilised solver (whose lanes wait at every step
+      for the stage count of the stiffest): lanes share the per-operation overhead of small
+      models' gradients and of the solver's inner loops (docs/benchmarks/ensembles.md,
+      "Lanes on the CPU"). On GPU/TPU the default is as many members as fit in
       3/4 of the device's free memory (solver state, one gradient evaluation's working set
       and the saved scalars per member, see `conservation._dynamics.batching`), at most the
       whole ensemble.
