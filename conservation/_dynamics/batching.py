@@ -38,12 +38,12 @@ _FILL = 0.75  # of the free device memory: XLA's temporaries beyond the estimate
 # Lanes on the CPU (`benchmarks/bench_lanes.py`, 2-core CPU, members/s against one member at a
 # time, `lanes_cpu.json`). Lanes share a gradient's per-operation overhead and the loop's
 # per-iteration overhead (an implicit solver's Newton iterations), which dominate small models:
-# with 2 / 4 lanes attention d = 4 gains 3.14× / 4.22× (Tsit5), 1.00× / 1.45× (Kvaerno5), deep
-# linear 16-32-32-8 1.22× / 1.30×: 4 lanes for Runge–Kutta and implicit solvers. (Where a
-# gradient is a few large products there is little to share: deep linear 128-256-256-32 runs
-# 0.82× / 0.75×, one member at a time is fastest there.) A Chebyshev solver's steps take as
-# many stages as the stiffest lane needs, so its lanes wait for each other at every step:
-# attention d = 8 at B = 8 gains 2.50× / 1.77×, d = 4 at B = 16 1.99× / 1.62×: 2 lanes there.
+# with 2 / 4 lanes attention d = 4 gains 3.24× / 4.32× (Tsit5), 1.17× / 1.56× (Kvaerno5), deep
+# linear 16-32-32-8 1.14× / 1.27×: 4 lanes for Runge–Kutta and implicit solvers. (Where a
+# gradient is a few large products there is little to share: deep linear 128-256-256-32 gains
+# 1.20× / 1.07×.) A Chebyshev solver's steps take as many stages as the stiffest lane needs,
+# so its lanes wait for each other at every step: the stabilised solver on attention d = 8 at
+# B = 8 gains 2.17× / 1.83× (d = 4 at B = 16: 1.94× / 2.01×): 2 lanes for it.
 _CPU_LANES = 4
 _CPU_LANES_CHEBYSHEV = 2
 
