@@ -12,6 +12,7 @@ The evidence behind the CPU default `batch_size` (`conservation._dynamics.batchi
 - `attention_small_tsit5`: the same flow with Tsit5 to t1 = 1 (to t1 = 50 it is stiff), B = 16;
 - `attention_stabilized`: bench_solvers' full-size attention (d = 8, 16 tokens, n = 64),
   `solver="stabilized"`, B = 8;
+- `dln_mid`: deep linear 64-128-128-32 (28 672 parameters), n = 512, Tsit5, t1 = 20, B = 8;
 - `dln_large`: deep linear 128-256-256-32 (106 k parameters), n = 4096, Tsit5, t1 = 20, B = 4.
 
 For each flow and lane count: members/s (best of `--repeats` rounds, all lane counts timed
@@ -47,13 +48,14 @@ def _problem(name):
     if name == "dln_small":
         data, ensemble = build(16)
         return ensemble, cn.make_objective(cn.MSE(), data, ensemble), "tsit5", 50.0
-    if name == "dln_large":
-        widths = [128, 256, 256, 32]
+    if name in ("dln_mid", "dln_large"):
+        widths, n, size = (([64, 128, 128, 32], 512, 8) if name == "dln_mid" else
+                           ([128, 256, 256, 32], 4096, 4))
         k_teacher, k_x, k_models = jax.random.split(jax.random.PRNGKey(0), 3)
         data = cn.teacher_dataset(cn.DeepLinear.random(widths, key=k_teacher),
-                                  cn.gaussian_inputs(k_x, 4096, (widths[0],)))
+                                  cn.gaussian_inputs(k_x, n, (widths[0],)))
         ensemble = cn.Ensemble.init(
-            lambda k: cn.DeepLinear.random(widths, key=k, init_scale=0.7), k_models, 4)
+            lambda k: cn.DeepLinear.random(widths, key=k, init_scale=0.7), k_models, size)
         return ensemble, cn.make_objective(cn.MSE(), data, ensemble), "tsit5", 20.0
     small = name.startswith("attention_small")
     make, data, key = _attention_problem(*((4, 6, 2, 16) if small else (8, 16, 2, 64)))
@@ -118,7 +120,7 @@ def one_flow(name, repeats):
 
 
 FLOWS = ("dln_small", "attention_small_tsit5", "attention_small_stabilized",
-         "attention_small_kvaerno5", "attention_stabilized", "dln_large")
+         "attention_small_kvaerno5", "attention_stabilized", "dln_mid", "dln_large")
 
 
 def main():

@@ -238,6 +238,7 @@ _LANES_FLOWS = {
     "attention_small_stabilized": "attention d = 4, 6 tokens, n = 16",
     "attention_small_kvaerno5": "attention d = 4, 6 tokens, n = 16",
     "attention_stabilized": "attention d = 8, 16 tokens, n = 64",
+    "dln_mid": "deep linear 64-128-128-32, n = 512, t1 = 20",
     "dln_large": "deep linear 128-256-256-32, n = 4096, t1 = 20",
 }
 

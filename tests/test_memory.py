@@ -119,6 +119,9 @@ def test_default_batch_fills_the_free_memory_and_no_more(monkeypatch):
     assert default_batch_size(grad, y0, 7, cn.ROCK4(), 101, 2, None) == 2
     assert default_batch_size(grad, y0, 7, dfx.Kvaerno5(), 101, 2, None) == 4
     assert default_batch_size(grad, y0, 1, dfx.Kvaerno5(), 101, 2, None) == 1
+    # Above 4096 parameters per member 2 lanes (a gradient of larger products shares little).
+    assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, None, parameters=4096) == 4
+    assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, None, parameters=4097) == 2
     for fit in (1, 3, 7):
         free = (fit + 0.5) * per / 0.75
         assert default_batch_size(grad, y0, 7, dfx.Tsit5(), 101, 2, free) == fit
@@ -148,6 +151,15 @@ def test_default_batch_fills_the_free_memory_and_no_more(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             cn.gradient_flow(objective, model_or_ensemble, 1.0, solver=solver, progress=False)
     assert seen == [3, 4, 2, 4, 1]
+    # Members of more than 4096 parameters: 2 lanes (counted per member, not per ensemble).
+    big = cn.Ensemble.init(lambda k: cn.MLP.random((3, 683, 2), key=k),
+                           jax.random.PRNGKey(1), 5)
+    assert sum(a.size for a in jax.tree_util.tree_leaves(
+        eqx.filter(big[0], eqx.is_inexact_array))) == 4100
+    with pytest.raises(KeyboardInterrupt):
+        cn.gradient_flow(cn.make_objective(cn.MSE(), cn.Dataset(x, np.tanh(x[:, :2])), big),
+                         big, 1.0, solver="tsit5", progress=False)
+    assert seen[-1] == 2
 
 
 # ------------------------------------------------- issue 23: exact features, API, sweep, ulimit

@@ -31,7 +31,7 @@ from .._memory import (
 )
 
 __all__ = ["free_device_memory", "peak_live_bytes", "member_bytes", "cpu_lanes",
-           "default_batch_size", "check_flow_memory", "check_train_memory"]
+           "member_parameters", "default_batch_size", "check_flow_memory", "check_train_memory"]
 
 _STATE_COPIES = FLOW_STATE_COPIES  # y, y₁, error, ~7 RK stages / dense-output coefficients
 _FILL = 0.75  # of the free device memory: XLA's temporaries beyond the estimate, fragmentation
@@ -43,20 +43,25 @@ _FILL = 0.75  # of the free device memory: XLA's temporaries beyond the estimate
 # gradient is a few large products there is little to share: deep linear 128-256-256-32 gains
 # 1.20× / 1.07×.) A Chebyshev solver's steps take as many stages as the stiffest lane needs,
 # so its lanes wait for each other at every step: the stabilised solver on attention d = 8 at
-# B = 8 gains 2.17× / 1.83× (d = 4 at B = 16: 1.94× / 2.01×): 2 lanes for it.
+# B = 8 gains 2.17× / 1.83× (d = 4 at B = 16: 1.94× / 2.01×): 2 lanes for it. Where a member's
+# gradient is a few larger products there is little to share, and 4 lanes lose to 2 (deep
+# linear 64-128-128-32, 28 672 parameters, and 128-256-256-32): 2 lanes above 4096 parameters.
 _CPU_LANES = 4
-_CPU_LANES_CHEBYSHEV = 2
+_CPU_LANES_FEW = 2
+_LARGE_MODEL = 4096  # parameters
 
 
-def cpu_lanes(solver, size: int) -> int:
+def cpu_lanes(solver, size: int, parameters: int) -> int:
     """The CPU's default lanes for `solver` (a solver object or a name; "auto" counts as the
-    largest default) and `size` members: 4, 2 for a Chebyshev solver (`"stabilized"`,
-    `StabilizedRK`, `ROCK4`, `RKC`), never more than the members."""
+    largest default), `size` members of `parameters` parameters each: 4; 2 for a Chebyshev
+    solver (`"stabilized"`, `StabilizedRK`, `ROCK4`, `RKC`) or above `_LARGE_MODEL`
+    parameters; never more than the members."""
     from .solvers import AbstractChebyshevSolver
 
     chebyshev = (solver == "stabilized" if isinstance(solver, str)
                  else isinstance(solver, AbstractChebyshevSolver))
-    return max(1, min(size, _CPU_LANES_CHEBYSHEV if chebyshev else _CPU_LANES))
+    few = chebyshev or parameters > _LARGE_MODEL
+    return max(1, min(size, _CPU_LANES_FEW if few else _CPU_LANES))
 
 
 def member_bytes(grad, y0, solver, n_save: int, n_laws: int) -> int:
@@ -73,16 +78,22 @@ def member_bytes(grad, y0, solver, n_save: int, n_laws: int) -> int:
 
 
 def default_batch_size(grad, y0, size: int, solver, n_save: int, n_laws: int,
-                       free: float | None) -> int:
-    """Lanes per solve (at least 1, at most `size`): on the CPU (`free` None) `cpu_lanes`;
-    on an accelerator as many as fit in `_FILL` of the `free` bytes."""
+                       free: float | None, parameters: int | None = None) -> int:
+    """Lanes per solve (at least 1, at most `size`): on the CPU (`free` None) `cpu_lanes` for
+    members of `parameters` parameters (default `y0.size`); on an accelerator as many as fit
+    in `_FILL` of the `free` bytes."""
     if free is None:
-        return cpu_lanes(solver, size)
+        return cpu_lanes(solver, size, y0.size if parameters is None else parameters)
     fit = int(_FILL * free // member_bytes(grad, y0, solver, n_save, n_laws))
     return max(1, min(size, fit))
 
 
 # ------------------------------------------------------------- the memory check of a run
+
+
+def member_parameters(params) -> int:
+    """Parameters of one member (`params` carries the ensemble axis first)."""
+    return tree_size(_member_shapes(params))
 
 
 def _member_shapes(params):
@@ -154,7 +165,7 @@ def check_flow_memory(objective, params, static, laws, keep, final_values: bool,
     implicit = _implicit(solver, parameters)
     size = _members_here(params, size)
     if batch_size is None:
-        lanes = cpu_lanes(solver, size) if free_device_memory() is None else 1
+        lanes = cpu_lanes(solver, size, parameters) if free_device_memory() is None else 1
     else:
         lanes = batch_size
     lanes = min(lanes, size)

@@ -35,7 +35,12 @@ from .._validation import (
     number,
 )
 from .arguments import check_divergence, check_objective, same_parameters
-from .batching import check_flow_memory, default_batch_size, free_device_memory
+from .batching import (
+    check_flow_memory,
+    default_batch_size,
+    free_device_memory,
+    member_parameters,
+)
 from .lockstep import solve_lanes
 from .monitor import (
     DIVERGED,
@@ -498,7 +503,7 @@ def gradient_flow(
                            jfu.ravel_pytree(jtu.tree_map(lambda x: x[0], params)))
             lanes = default_batch_size(
                 lambda y: jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y),
-                y0, ensemble.size, solver, n_save, len(laws), free)
+                y0, ensemble.size, solver, n_save, len(laws), free, member_parameters(params))
         batch = min(lanes, ensemble.size)
         args = (params, static, objective, field,
                 (_PhaseMonitor if field.phase_space else LawMonitor)(laws), solver,

@@ -178,7 +178,8 @@ def _run(config, run, members: int, parameters: int) -> MemoryEstimate:
             implicit = run.solver == "kvaerno5"
         else:
             implicit = _implicit(run.solver, parameters)
-        lanes = cpu_lanes(run.solver, members) if free_device_memory() is None else 1
+        lanes = cpu_lanes(run.solver, members, parameters) if free_device_memory() is None \
+            else 1
         return run_estimate(
             members=members, parameters=state_size(run, parameters), lanes=min(lanes, members),
             state_copies=FLOW_STATE_COPIES, resident_copies=FLOW_RESIDENT_COPIES,
