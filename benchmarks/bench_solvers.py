@@ -384,7 +384,8 @@ def main():
                         help="members Tsit5 runs on in stiff_attention (it hits max_steps)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="gradient_flow's batch_size in stiff_attention (default: the "
-                        "library's: on the CPU 4 lanes, 2 for the stabilised solver; on a GPU as many as "
+                        "library's: on the CPU 4 lanes, 2 for the stabilised solver or above 4096 "
+                        "parameters; on a GPU as many as "
                         "fit; the ensemble size runs all members side by side)")
     parser.add_argument("--kvaerno5-members", type=int, default=None,
                         help="members Kvaerno5 and the drift-matched stabilised runs take in "

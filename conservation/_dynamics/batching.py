@@ -38,14 +38,14 @@ _FILL = 0.75  # of the free device memory: XLA's temporaries beyond the estimate
 # Lanes on the CPU (`benchmarks/bench_lanes.py`, 2-core CPU, members/s against one member at a
 # time, `lanes_cpu.json`). Lanes share a gradient's per-operation overhead and the loop's
 # per-iteration overhead (an implicit solver's Newton iterations), which dominate small models:
-# with 2 / 4 lanes attention d = 4 gains 3.24× / 4.32× (Tsit5), 1.17× / 1.56× (Kvaerno5), deep
-# linear 16-32-32-8 1.14× / 1.27×: 4 lanes for Runge–Kutta and implicit solvers. (Where a
-# gradient is a few large products there is little to share: deep linear 128-256-256-32 gains
-# 1.20× / 1.07×.) A Chebyshev solver's steps take as many stages as the stiffest lane needs,
-# so its lanes wait for each other at every step: the stabilised solver on attention d = 8 at
-# B = 8 gains 2.17× / 1.83× (d = 4 at B = 16: 1.94× / 2.01×): 2 lanes for it. Where a member's
-# gradient is a few larger products there is little to share, and 4 lanes lose to 2 (deep
-# linear 64-128-128-32, 28 672 parameters, and 128-256-256-32): 2 lanes above 4096 parameters.
+# with 2 / 4 lanes attention d = 4 gains 3.13× / 4.17× (Tsit5), 1.37× / 1.63× (Kvaerno5), deep
+# linear 16-32-32-8 1.14× / 1.24×: 4 lanes. A Chebyshev solver's steps take as many stages as
+# the stiffest lane needs, so its lanes wait for each other at every step: with the stabilised
+# solver 4 lanes ran 0.71×, 0.85× and 1.01× the members/s of 2 on attention d = 8 at B = 8 in
+# three runs (d = 4: 0.81×, 1.03×, 1.02×): 2 lanes for it. Where a member's gradient is a few
+# larger products there is little to share: deep linear 64-128-128-32 (28 672 parameters)
+# 1.02× / 1.02×, 128-256-256-32 0.89× / 0.82× (4 lanes behind 2 in three runs): 2 lanes above
+# 4096 parameters.
 _CPU_LANES = 4
 _CPU_LANES_FEW = 2
 _LARGE_MODEL = 4096  # parameters

@@ -388,8 +388,9 @@ def gradient_flow(
       its own step size and takes the steps its own solve would; a lane whose member has
       finished loads the next one, so `batch_size` < ensemble size wastes no lockstep time
       on fixed chunks). 1 runs one diffrax solve per member, one after another. On the CPU
-      the default is 4 lanes, 2 for the stabilised solver (whose lanes wait at every step
-      for the stage count of the stiffest): lanes share the per-operation overhead of small
+      the default is 4 lanes; 2 for the stabilised solver (whose lanes wait at every step
+      for the stage count of the stiffest) or for members of more than 4096 parameters (whose
+      gradients have little per-operation overhead to share): lanes share the per-operation overhead of small
       models' gradients and of the solver's inner loops (docs/benchmarks/ensembles.md,
       "Lanes on the CPU"). On GPU/TPU the default is as many members as fit in
       3/4 of the device's free memory (solver state, one gradient evaluation's working set
