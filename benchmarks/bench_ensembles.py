@@ -226,8 +226,8 @@ def main():
                                            cpu=cpu)
         print(b, {k: (v.get("members_per_s"), v.get("run_s")) if isinstance(v, dict) else v
                   for k, v in report["sizes"][str(b)].items()}, flush=True)
-        _harness.write(name, report)  # after every size: a timeout keeps what finished
-    print("wrote", _harness.write(name, report))
+        path = _harness.write(name, report)  # after every size: a timeout keeps what finished
+    print("wrote", path)
 
 
 if __name__ == "__main__":

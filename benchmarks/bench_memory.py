@@ -113,8 +113,8 @@ def main():
         else:  # out of memory or another failure: say so, keep the other cases
             report["cases"][case] = {"failed": done.stderr.strip().splitlines()[-1:]}
         print(case, report["cases"][case], flush=True)
-        _harness.write(name, report)  # after every case: a timeout keeps what finished
-    print("wrote", _harness.write(name, report))
+        path = _harness.write(name, report)  # after every case: a timeout keeps what finished
+    print("wrote", path)
 
 
 if __name__ == "__main__":

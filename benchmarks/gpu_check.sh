@@ -39,9 +39,12 @@ backend=$($py -c "import jax; print(jax.default_backend())")
 print(d.device_kind, '|', getattr(d.client, 'platform_version', ''), '| jax', jax.__version__)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; } \
     > "$out/device.txt"
-# Copy to $out the JSON this run wrote (newer than device.txt), never an older one beside it.
+# Copy to $out the JSON this run wrote (newer than the marker made before any part ran), never
+# an older one beside it.
+started=$(mktemp)
+trap 'rm -f "$started"' EXIT
 fresh() {
-    find benchmarks/results -maxdepth 1 -name "$1*_$backend.json" -newer "$out/device.txt" \
+    find benchmarks/results -maxdepth 1 -name "$1*_$backend.json" -newer "$started" \
         -exec cp {} "$out/" \;
 }
 status=0

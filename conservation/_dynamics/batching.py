@@ -161,7 +161,7 @@ def check_flow_memory(objective, params, static, laws, keep, final_values: bool,
     Lanes: `batch_size`, else the CPU default (`cpu_lanes`); on an accelerator the default
     batch takes what fits, so one lane is checked. The gradient's
     working set per lane comes from the liveness sweep of its jaxpr."""
-    parameters = tree_size(_member_shapes(params))
+    parameters = member_parameters(params)
     implicit = _implicit(solver, parameters)
     size = _members_here(params, size)
     if batch_size is None:

@@ -390,12 +390,12 @@ def gradient_flow(
       on fixed chunks). 1 runs one diffrax solve per member, one after another. On the CPU
       the default is 4 lanes; 2 for the stabilised solver (whose lanes wait at every step
       for the stage count of the stiffest) or for members of more than 4096 parameters (whose
-      gradients have little per-operation overhead to share): lanes share the per-operation overhead of small
-      models' gradients and of the solver's inner loops (docs/benchmarks/ensembles.md,
-      "Lanes on the CPU"). On GPU/TPU the default is as many members as fit in
-      3/4 of the device's free memory (solver state, one gradient evaluation's working set
-      and the saved scalars per member, see `conservation._dynamics.batching`), at most the
-      whole ensemble.
+      gradients have little per-operation overhead to share): lanes share the per-operation
+      overhead of small models' gradients and of the solver's inner loops
+      (docs/benchmarks/ensembles.md, "Lanes on the CPU"). On GPU/TPU the default is as
+      many members as fit in 3/4 of the device's free memory (solver state, one gradient
+      evaluation's working set and the saved scalars per member, see
+      `conservation._dynamics.batching`), at most the whole ensemble.
     - `field`: the right-hand side: `GradientField(weight_decay=λ)` (default λ = 0) or
       `ModifiedGradientField(lr, momentum, weight_decay)` to follow a discrete optimizer
       (with momentum it starts from the effective initial condition θ₀ + δ, see there);
