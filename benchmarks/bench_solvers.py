@@ -152,9 +152,10 @@ def _attention_problem(d, tokens, r, n):
     return make, cn.teacher_dataset(make(k[0]), cn.gaussian_inputs(k[1], n, (tokens, d))), k[2]
 
 
-def stiff_attention(args):
+def stiff_attention(args, save=lambda out: None):
     """Issue 14: every member reaches t1 with the stabilised solver, ≥ 10× fewer gradient
-    evaluations than Tsit5, ≤ 0.5× Kvaerno5's wall time, drift no larger."""
+    evaluations than Tsit5, ≤ 0.5× Kvaerno5's wall time, drift no larger. `save(out)` is
+    called with the rows so far after each one (a run stopped at its time limit keeps them)."""
     d, tokens, r, n, t1, rtol = (4, 6, 2, 16, 50.0, 1e-8) if args.quick else (
         8, 16, 2, 64, 50.0, 1e-8)
     sizes = args.batch or ((2,) if args.quick else (16, 256))
@@ -169,6 +170,8 @@ def stiff_attention(args):
         choice = timing.pop("output")
         rows = {"auto_choice": {"name": choice.name, "reason": choice.reason,
                                 "rho_max": choice.rho_max} | timing}
+        out[f"B{size}"] = rows
+        print("stiff_attention", size, "auto_choice", rows["auto_choice"], flush=True)
         # Tsit5 stops at max_steps on every member: its count per member does not depend on B,
         # so a few members show it (and its wall time is no target).
         tsit5_ensemble = _first_members(ensemble, min(args.tsit5_members, size))
@@ -180,11 +183,12 @@ def stiff_attention(args):
         # The stabilised solver also at rtol/`--tight`: its law drift sits near rtol,
         # Kvaerno5's 20–50× below, so "equal or smaller drift" is judged at the loosest rtol
         # that achieves it.
-        runs = [("stabilized", rtol, ensemble), ("kvaerno5", rtol, kvaerno5_ensemble),
-                ("tsit5", rtol, tsit5_ensemble)] + (
-                    [("rock4", rtol, rock4_ensemble)] if args.rock4_members else []) + [
-                    ("stabilized", rtol / factor, kvaerno5_ensemble)
-                    for factor in sorted(args.tight)]
+        # The targets' runs first (the drift-matched ones included), Tsit5 and ROCK4 alone
+        # last: a run stopped at its time limit keeps what is judged.
+        runs = [("stabilized", rtol, ensemble), ("kvaerno5", rtol, kvaerno5_ensemble)] + [
+            ("stabilized", rtol / factor, kvaerno5_ensemble) for factor in sorted(args.tight)
+        ] + [("tsit5", rtol, tsit5_ensemble)] + (
+            [("rock4", rtol, rock4_ensemble)] if args.rock4_members else [])
         for solver, tol, members in runs:
             label = solver if tol == rtol else f"{solver}_rtol{tol:.0e}"
             timing = _timed_flow(objective, members, t1, tol, solver, max_steps, args.repeats,
@@ -198,6 +202,7 @@ def stiff_attention(args):
                     objective, members, t1, tol, max_steps,
                     min(args.count_members or size, members.size), solver)
             print("stiff_attention", size, label, rows[label], flush=True)
+            save(out)
         s, kv, ts = rows["stabilized"], rows["kvaerno5"], rows["tsit5"]
 
         def per_member(row):
@@ -224,7 +229,7 @@ def stiff_attention(args):
             rows["targets"]["wall_per_member_rock4_alone_over_stabilized"] = (
                 per_member(rows["rock4"]) / per_member(s))
         print("stiff_attention", size, "targets", rows["targets"], flush=True)
-        out[f"B{size}"] = rows
+        save(out)
     return out
 
 
@@ -401,9 +406,19 @@ def main():
     args = parser.parse_args()
     if args.sections is None:
         args.sections = SECTIONS[:2] if (args.issue14 or args.quick) else SECTIONS
+    # solvers[_quick][_<sections>]: a partial run never overwrites a complete one.
+    name = "solvers_quick" if args.quick else "solvers"
+    if set(args.sections) != set(SECTIONS[:2] if args.quick else SECTIONS):
+        name += "_" + "_".join(sorted(args.sections))
+    if args.batch and "stiff_attention" in args.sections:  # B = 256 alone keeps B = 16's JSON
+        name += "_B" + "_".join(map(str, args.batch))
     report = {}
+
+    def save_partial(out):  # beside the complete JSON, never over it; removed at the end
+        _harness.write(name + "_partial", {"complete": False, **report, "stiff_attention": out})
+
     if "stiff_attention" in args.sections:
-        report["stiff_attention"] = stiff_attention(args)
+        report["stiff_attention"] = stiff_attention(args, save_partial)
     if "large_model" in args.sections:
         report["large_model"] = large_model(args)
     if "solvers" in args.sections:
@@ -412,13 +427,8 @@ def main():
         report["ensemble_throughput"] = ensemble_throughput(args)
     if "auto_probe" in args.sections:
         report["auto_probe"] = auto_probe(args)
-    # solvers[_quick][_<sections>]: a partial run never overwrites a complete one.
-    name = "solvers_quick" if args.quick else "solvers"
-    if set(args.sections) != set(SECTIONS[:2] if args.quick else SECTIONS):
-        name += "_" + "_".join(sorted(args.sections))
-    if args.batch and "stiff_attention" in args.sections:  # B = 256 alone keeps B = 16's JSON
-        name += "_B" + "_".join(map(str, args.batch))
-    print("wrote", _harness.write(name, report))
+    print("wrote", _harness.write(name, {"complete": True, **report}))
+    (_harness.RESULTS / f"{name}_partial_{jax.default_backend()}.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@
 # Each part has its own time limit (ENSEMBLES_S 230, MEMORY_S 70, SUITE_S 200, SOLVERS_S 280
 # seconds) so that one slow part cannot eat the others'; ENSEMBLES_ARGS / SOLVERS_ARGS replace
 # the benchmarks' arguments (e.g. ENSEMBLES_ARGS="--quick --repeats 1" for a smoke run on the
-# CPU, MEMORY_ARGS=--quick). PYTHON names the interpreter (default python3).
+# CPU, MEMORY_ARGS=--quick). PYTHON names the interpreter (default python3). Dependencies the
+# device lacks come from benchmarks/.wheels when carried (`bash benchmarks/gpu_wheels.sh`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check}
@@ -34,6 +35,23 @@ for part in "${parts[@]}"; do
     [[ $part =~ ^(suite|ensembles|memory|solvers)$ ]] || {
         echo "unknown part '$part': choose ensembles, memory, suite or solvers" >&2; exit 2; }
 done
+# The dependencies the device image lacks (pydantic, ...), from wheels carried along
+# (`bash benchmarks/gpu_wheels.sh`, carry benchmarks/.wheels): each wheel whose distribution is
+# not installed goes, without its dependencies, to a temporary folder on PYTHONPATH.
+if [[ -d benchmarks/.wheels ]]; then
+    missing=()
+    for wheel in benchmarks/.wheels/*.whl; do
+        dist=$(basename "$wheel" | cut -d- -f1)
+        $py -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" \
+            2>/dev/null || missing+=("$wheel")
+    done
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        site=$(mktemp -d)
+        $py -m pip install -q --no-deps --no-index --target "$site" "${missing[@]}" \
+            && export PYTHONPATH=$PYTHONPATH:$site \
+            && echo "installed from benchmarks/.wheels: ${missing[*]##*/}" >&2
+    fi
+fi
 backend=$($py -c "import jax; print(jax.default_backend())")
 { echo "backend $backend"; $py -c "import jax; d = jax.devices()[0]; \
 print(d.device_kind, '|', getattr(d.client, 'platform_version', ''), '| jax', jax.__version__)"

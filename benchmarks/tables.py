@@ -165,9 +165,11 @@ def _attention_rows(attention) -> list[str]:
     for batch, entry in attention.items():
         if not batch.startswith("B"):
             continue
+        auto = entry.get("auto_choice")
         rows += [f"Attention d = {problem['d']}, {problem['tokens']} tokens, n = {problem['n']}, "
                  f"t1 = {problem['t1']:g}, {batch[1:]} members, Tsit5 capped at "
-                 f"{problem['max_steps']} steps; `auto` chose `{entry['auto_choice']['name']}`:",
+                 f"{problem['max_steps']} steps; "
+                 + (f"`auto` chose `{auto['name']}`:" if auto else "`auto`'s choice not recorded:"),
                  "",
                  "| solver | rtol | members | status | steps | gradient evaluations / member "
                  "(mean, max) | rejected | run [s] | max law drift |",
@@ -189,7 +191,9 @@ def _attention_rows(attention) -> list[str]:
                         f"{run['steps_mean']:.0f} | "
                         f"{evals} | {'-' if rejected is None else f'{rejected:.0%}'} | "
                         f"{run['run_s']:.3g}{compile_note} | {drift} |")
-        t = entry["targets"]
+        t = entry.get("targets")
+        if t is None:  # a run stopped at its time limit: the rows that finished
+            continue
         rows += ["", "Targets: " + "; ".join(
             f"{k.replace('_', ' ')} = {v:.3g}" if isinstance(v, float) else
             f"{k.replace('_', ' ')} = {v}" for k, v in t.items()) + "."]
@@ -198,13 +202,48 @@ def _attention_rows(attention) -> list[str]:
 
 def solvers_attention() -> str:
     rows = []
-    for name in ("solvers_stiff_attention_cpu.json", "solvers_stiff_attention_B256_cpu.json"):
+    for name in ("solvers_stiff_attention_cpu.json", "solvers_stiff_attention_B256_cpu.json",
+                 "solvers_stiff_attention_B16_gpu.json", "solvers_stiff_attention_B256_gpu.json",
+                 "solvers_stiff_attention_B16_partial_gpu.json",
+                 "solvers_stiff_attention_B256_partial_gpu.json"):
         report = _load(name)
+        if report is None:  # the GPU's: only where a session was lent one
+            continue
         env = report["environment"]
-        rows += [f"`{name}`:", ""] + _attention_rows(report["stiff_attention"]) + [
+        partial = ([f"Partial: {report['recovered_from_log']}", ""]
+                   if "recovered_from_log" in report else
+                   ["Partial: the rows finished before the time limit.", ""]
+                   if report.get("complete") is False else [])
+        rows += [f"`{name}`:", ""] + partial + _attention_rows(report["stiff_attention"]) + [
             "", f"Machine: {env['device']}, {env['cpu_count']} cores, jax "
-            f"{env['versions']['jax']}.", ""]
+            f"{env['versions']['jax']}" + (f", {env['platform_version']}"
+                                           if env.get("platform_version") else "")
+            + (f", commit {env['commit'][:7]}" if env.get("commit") else "") + ".", ""]
     return "\n".join(rows).strip()
+
+
+def memory() -> str:
+    report = _load("memory_gpu.json")
+    if report is None:
+        return "No accelerator run yet (`bash benchmarks/gpu_check.sh memory`)."
+    env = report["environment"]
+    rows = ["| flow | members | solver | parameters / member | default `batch_size` | status | "
+            "peak − before [GB] | estimate [GB] | peak ÷ estimate | largest part of the "
+            "estimate |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for case in report["cases"].values():
+        used = (case["peak_bytes_in_use"] - case["bytes_in_use_before"]) / 1e9
+        status = ", ".join(f"{n} {k}" for k, n in case["status"].items() if n)
+        part = max(case["estimate_parts"], key=case["estimate_parts"].get)
+        rows.append(
+            f"| {'-'.join(map(str, case['widths']))}, n = {case['n']} | {case['members']} | "
+            f"{case['solver']} | {case['parameters']} | {case['batch_size_default']} | {status} | "
+            f"{used:.2f} | {case['estimate_bytes'] / 1e9:.2f} | "
+            f"{case['peak_minus_before_over_estimate']:.2f} | {part} "
+            f"({case['estimate_parts'][part] / 1e9:.2f}) |")
+    return "\n".join(rows + ["", f"Machine: {env['device']} "
+                             f"({case['bytes_limit'] / 2**30:.0f} GiB for JAX), jax "
+                             f"{env['versions']['jax']}, {env.get('platform_version', '')}, "
+                             f"commit {env['commit'][:7]}."])
 
 
 def solvers_auto_probe() -> str:
@@ -283,4 +322,4 @@ if __name__ == "__main__":
     print({"core": core, "ensembles": ensembles, "augmentation": augmentation, "counting": counting,
            "solvers_quick": solvers_quick, "solvers_large": solvers_large,
            "solvers_attention": solvers_attention, "solvers_auto_probe": solvers_auto_probe,
-           "solvers": solvers, "lanes": lanes}[sys.argv[1]]())
+           "solvers": solvers, "lanes": lanes, "memory": memory}[sys.argv[1]]())

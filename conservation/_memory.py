@@ -33,6 +33,11 @@ BYTES = 8  # float64
 # A lane of an adaptive explicit Runge–Kutta solve: y, y₁, error, ~7 stages / dense-output
 # coefficients, PID history. Implicit solvers add a dense Jacobian and its factors (2·P²).
 FLOW_STATE_COPIES = 12
+# A lane of the stabilised (Chebyshev) solver: y, the power iteration's vector, f(y₀), the
+# stage recurrence's y_{j−1}, y_{j−2}, f and y_j, the five finishing evaluations, y₁, f₁, the
+# error and the dense output (y₀, y₁, h·f₀, h·f₁). Measured on an H200 (`bench_memory.py`,
+# 128-256-256-32 at B = 256): 16.5 parameter vectors per lane beyond the other parts.
+FLOW_STATE_COPIES_CHEBYSHEV = 17
 # Copies of every member's parameters a flow allocates beside the caller's ensemble: the flat
 # initial vectors, the final flat vectors and the final ensemble.
 FLOW_RESIDENT_COPIES = 3

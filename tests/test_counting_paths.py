@@ -14,6 +14,8 @@ test executes, each checked against an independent reference so that a wrong num
 - the argument errors of these paths (each names its argument).
 """
 
+import functools as ft
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -239,13 +241,29 @@ def test_a_padded_momentum_count_is_the_unpadded_one():
     assert np.all(padded.singular_values[r:] < 1e-12)
 
 
-def test_a_count_away_from_the_cpu_is_redone_on_the_cpu(monkeypatch):
+@pytest.mark.parametrize("kind", ["deep_linear", "equinox_relu_mlp"])
+def test_a_count_away_from_the_cpu_is_redone_on_the_cpu(monkeypatch, kind):
     """When the default device is not the CPU, `count_laws` calls itself again under the CPU
-    device with every argument (model and `Dataset` moved there). Simulated by reporting
-    "not on the CPU" once: the result must equal a direct count's, number for number."""
-    model = cn.DeepLinear.random((2, 2, 1), key=KEY)
+    device with every argument (the arrays of the model and the `Dataset` moved there).
+    Simulated by reporting "not on the CPU" once: the result must equal a direct count's,
+    number for number. An `eqx.nn.MLP` holds `jax.nn.relu` (a custom_jvp, not an array) as a
+    leaf: moving the whole model with `device_put` failed on a GPU (found on an H200)."""
     rng = np.random.default_rng(2)
     data = cn.Dataset(rng.standard_normal((16, 2)), rng.standard_normal((16, 1)))
+    if kind == "equinox_relu_mlp":
+        model = eqx.nn.MLP(2, 1, 3, 1, activation=jax.nn.relu, key=KEY)
+        model = eqx.tree_at(lambda m: m.layers[0].bias, model, jnp.array([0.3, -0.2, 0.1]))
+        count = ft.partial(cn.count_laws, model, cn.MSE(), data=data, input_shape=(2,),
+                           max_depth=2, set_size=5)
+        direct = count()
+        monkeypatch.setattr(counting, "_on_cpu", iter([False, True]).__next__)
+        moved = count()
+        assert (moved.laws, moved.rank, moved.verdict) == (direct.laws, direct.rank,
+                                                           direct.verdict)
+        assert direct.laws >= 3  # at least the three neurons' rescale laws
+        np.testing.assert_array_equal(moved.singular_values, direct.singular_values)
+        return
+    model = cn.DeepLinear.random((2, 2, 1), key=KEY)
     direct = cn.count_laws(model, cn.MSE(), data=data, max_depth=2, set_size=5)
     answers = iter([False])
     calls = []

@@ -20,6 +20,7 @@ import jax.tree_util as jtu
 from .._memory import (
     FLOW_RESIDENT_COPIES,
     FLOW_STATE_COPIES,
+    FLOW_STATE_COPIES_CHEBYSHEV,
     TRAIN_STEP_COPIES,
     MemoryEstimate,
     check,
@@ -30,10 +31,9 @@ from .._memory import (
     tree_size,
 )
 
-__all__ = ["free_device_memory", "peak_live_bytes", "member_bytes", "cpu_lanes",
+__all__ = ["free_device_memory", "peak_live_bytes", "member_bytes", "cpu_lanes", "state_copies",
            "member_parameters", "default_batch_size", "check_flow_memory", "check_train_memory"]
 
-_STATE_COPIES = FLOW_STATE_COPIES  # y, y₁, error, ~7 RK stages / dense-output coefficients
 _FILL = 0.75  # of the free device memory: XLA's temporaries beyond the estimate, fragmentation
 # Lanes on the CPU (`benchmarks/bench_lanes.py`, 2-core CPU, members/s against one member at a
 # time, `lanes_cpu.json`). Lanes share a gradient's per-operation overhead and the loop's
@@ -51,17 +51,30 @@ _CPU_LANES_FEW = 2
 _LARGE_MODEL = 4096  # parameters
 
 
+def _chebyshev(solver, auto: bool) -> bool:
+    """Whether `solver` (a solver object or a name) is a Chebyshev solver (`"stabilized"`,
+    `StabilizedRK`, `ROCK4`, `RKC`); `auto`: what `"auto"` counts as."""
+    from .solvers import AbstractChebyshevSolver
+
+    if isinstance(solver, str):
+        return solver == "stabilized" or (solver == "auto" and auto)
+    return isinstance(solver, AbstractChebyshevSolver)
+
+
 def cpu_lanes(solver, size: int, parameters: int) -> int:
     """The CPU's default lanes for `solver` (a solver object or a name; "auto" counts as the
     largest default), `size` members of `parameters` parameters each: 4; 2 for a Chebyshev
     solver (`"stabilized"`, `StabilizedRK`, `ROCK4`, `RKC`) or above `_LARGE_MODEL`
     parameters; never more than the members."""
-    from .solvers import AbstractChebyshevSolver
-
-    chebyshev = (solver == "stabilized" if isinstance(solver, str)
-                 else isinstance(solver, AbstractChebyshevSolver))
-    few = chebyshev or parameters > _LARGE_MODEL
+    few = _chebyshev(solver, auto=False) or parameters > _LARGE_MODEL
     return max(1, min(size, _CPU_LANES_FEW if few else _CPU_LANES))
+
+
+def state_copies(solver) -> int:
+    """Parameter vectors one lane of `solver` (a solver object or a name; "auto" counts as
+    the larger) holds: `FLOW_STATE_COPIES`, `FLOW_STATE_COPIES_CHEBYSHEV` for a Chebyshev
+    solver. (An implicit solver's dense Jacobian comes on top.)"""
+    return FLOW_STATE_COPIES_CHEBYSHEV if _chebyshev(solver, auto=True) else FLOW_STATE_COPIES
 
 
 def member_bytes(grad, y0, solver, n_save: int, n_laws: int) -> int:
@@ -69,7 +82,7 @@ def member_bytes(grad, y0, solver, n_save: int, n_laws: int) -> int:
     working set, saved scalars (`grad`: flat parameters → gradient; `y0`: one member's flat
     parameters)."""
     size, item = y0.size, y0.dtype.itemsize
-    state = _STATE_COPIES * size * item
+    state = state_copies(solver) * size * item
     if isinstance(solver, dfx.AbstractImplicitSolver):
         state += 2 * size * size * item
     working = peak_live_bytes(jax.make_jaxpr(grad)(y0).jaxpr)
@@ -171,7 +184,7 @@ def check_flow_memory(objective, params, static, laws, keep, final_values: bool,
     lanes = min(lanes, size)
     sizes = _law_sizes(laws, params, static)
     estimate = run_estimate(
-        members=size, parameters=parameters, lanes=lanes, state_copies=FLOW_STATE_COPIES,
+        members=size, parameters=parameters, lanes=lanes, state_copies=state_copies(solver),
         resident_copies=FLOW_RESIDENT_COPIES, implicit=implicit,
         working=_working(objective, params, static), n_save=n_save, n_laws=len(laws),
         law_entries=sum(sizes.values()) if final_values else 0,

@@ -19,7 +19,6 @@ import jax
 from .._memory import (
     BYTES,
     FLOW_RESIDENT_COPIES,
-    FLOW_STATE_COPIES,
     TRAIN_STEP_COPIES,
     InsufficientMemory,
     MemoryEstimate,
@@ -163,7 +162,7 @@ def _optimizer_slots(run, parameters: int) -> float:
 def _run(config, run, members: int, parameters: int) -> MemoryEstimate:
     """One `[[dynamics]]` entry by `run_estimate`, as `gradient_flow` / `train` size it
     (without the gradient's working set, measured when they start)."""
-    from .._dynamics.batching import _implicit, cpu_lanes
+    from .._dynamics.batching import _implicit, cpu_lanes, state_copies
     from .config import default_n_save
 
     entries, count = law_entries(config.model)
@@ -176,13 +175,15 @@ def _run(config, run, members: int, parameters: int) -> MemoryEstimate:
             extra, more = phase_law_entries(config.model)
             entries, count = entries + extra, count + more
             implicit = run.solver == "kvaerno5"
+            solver = "tsit5" if run.solver == "auto" else run.solver
         else:
             implicit = _implicit(run.solver, parameters)
+            solver = run.solver
         lanes = cpu_lanes(run.solver, members, parameters) if free_device_memory() is None \
             else 1
         return run_estimate(
             members=members, parameters=state_size(run, parameters), lanes=min(lanes, members),
-            state_copies=FLOW_STATE_COPIES, resident_copies=FLOW_RESIDENT_COPIES,
+            state_copies=state_copies(solver), resident_copies=FLOW_RESIDENT_COPIES,
             implicit=implicit, n_save=n_save, n_laws=count, law_entries=entries)
     slots = _optimizer_slots(run, parameters)
     chunk = -(-run.steps // (n_save - 1))

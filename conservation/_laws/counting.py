@@ -639,10 +639,14 @@ def count_laws(
     if not _on_cpu():
         args = {k: v for k, v in locals().items() if k not in ("model", "s_", "name_", "flag_")}
         cpu = jax.devices("cpu")[0]
+        # Only the arrays move: a model's other leaves (an activation such as `jax.nn.relu`, a
+        # custom_jvp) are not something `device_put` can take.
+        def to_cpu(tree):
+            return jax.tree.map(
+                lambda x: jax.device_put(x, cpu) if isinstance(x, jax.Array) else x, tree)
+
         with jax.default_device(cpu):
-            return count_laws(jax.device_put(model, cpu), **{
-                k: jax.device_put(v, cpu) if isinstance(v, Dataset | jax.Array) else v
-                for k, v in args.items()})
+            return count_laws(to_cpu(model), **{k: to_cpu(v) for k, v in args.items()})
     if max_depth is not None:
         max_depth = _check_count("max_depth", max_depth, 0)
     set_size = _check_count("set_size", set_size, 1)
