@@ -17,6 +17,11 @@
 #
 # The device tool's budget is 15 min with the machine's start, one command at most 10 min: run
 # `ensembles memory suite` in one call and `solvers` in a second while the machine is warm.
+# Measured on an H200 (6736fbd, benchmarks/results/gpu_check_6736fbd/): the machine's start
+# ~30 s, ensembles 183 s, memory 69 s, the suite ~half its tests in 180 s (14 workers: the whole
+# needs ~400 s), each solvers process (B = 16, 256) more than 135 s. With the ensembles and
+# memory JSON in hand, spend a session's budget on `suite` (SUITE_S=420, wheels carried) and
+# `solvers` (SOLVERS_S=300).
 # Logs and JSON are copied to $OUT (the folder the device tool brings back) or ./gpu_check/.
 # Each part has its own time limit (ENSEMBLES_S 230, MEMORY_S 70, SUITE_S 200, SOLVERS_S 280
 # seconds) so that one slow part cannot eat the others'; ENSEMBLES_ARGS / SOLVERS_ARGS replace
