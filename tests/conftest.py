@@ -2,10 +2,13 @@ import os
 
 # The suite's programs are tiny and each compiles once: LLVM's optimisation passes cost more
 # than they save (test_mechanics 78 s -> 47 s on 2 cores). Numerics stay IEEE (no fast-math);
-# benchmarks never import this file. Set before jax initialises its backend.
+# benchmarks never import this file. Set before jax initialises its backend. On a GPU the
+# suite ran ~5× slower per test than on the CPU (an H200, 14 workers: compilation), and GEMM
+# autotuning compiles and times candidate kernels for every dot shape: off (it picks among
+# implementations; no test depends on which).
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true"]).strip()
+    "--xla_llvm_disable_expensive_passes=true", "--xla_gpu_autotune_level=0"]).strip()
 
 # One persistent compilation cache for the whole run: the xdist workers and the CLI's
 # subprocesses (which inherit the variable) load each other's compiled programs instead of
