@@ -440,8 +440,8 @@ def gradient_flow(
     `final_values`; only `values="all"` (or named laws) stores B·T·(law size), e.g. 27 GB for
     256 members × 101 saves × the two 256×256 balance laws of a 128-256-256-32 deep linear
     net (P = 106 k). The solver state is ~12 copies of the parameters per lane
-    (`batch_size`), ~17 for the stabilised solver. Refuses a run whose estimate exceeds the available memory
-    (`conservation.InsufficientMemory`, an `ArgumentError`).
+    (`batch_size`), ~17 for the stabilised solver. Refuses a run whose estimate exceeds the
+    available memory (`conservation.InsufficientMemory`, an `ArgumentError`).
 
     **Returns:** a `conservation.Result`. Status per member: `success`; `max_steps`;
     `diverged` (above); `failed` (a solver failure); `loss_increased`: the flow reached t1
