@@ -169,7 +169,8 @@ def _attention_rows(attention) -> list[str]:
         rows += [f"Attention d = {problem['d']}, {problem['tokens']} tokens, n = {problem['n']}, "
                  f"t1 = {problem['t1']:g}, {batch[1:]} members, Tsit5 capped at "
                  f"{problem['max_steps']} steps; "
-                 + (f"`auto` chose `{auto['name']}`:" if auto else "`auto`'s choice not recorded:"),
+                 + (f"`auto` chose `{auto['name']}`:" if auto
+                    else "`auto`'s choice not recorded:"),
                  "",
                  "| solver | rtol | members | status | steps | gradient evaluations / member "
                  "(mean, max) | rejected | run [s] | max law drift |",
