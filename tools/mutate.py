@@ -56,6 +56,8 @@ COVERING = {
                                            "tests/test_long_runs.py"],
     "conservation/_dynamics/unrolled.py": ["tests/test_solvers.py", "tests/test_flow.py"],
     "conservation/_dynamics/mechanics.py": ["tests/test_mechanics.py"],
+    "conservation/_dynamics/batching.py": ["tests/test_memory.py", "tests/test_solvers.py"],
+    "conservation/_memory.py": ["tests/test_memory.py", "tests/test_momentum_runs.py"],
     "conservation/_data/objective.py": ["tests/test_objective.py", "tests/test_augmentation.py"],
     "conservation/_data/groups.py": ["tests/test_groups.py"],
     # The frontier modules (momentum, mirror and central flows, observables, transformers).
