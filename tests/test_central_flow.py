@@ -486,6 +486,47 @@ def test_rmsprop_central_flow_at_the_edge(rmsprop):
     assert np.all(np.asarray(rmsprop.central_status) == 0)
 
 
+def test_rmsprop_discrete_run_against_numpy(problem, rmsprop):
+    """The discrete half of the comparison against scalar RMSProp written in numpy
+    (ν_{k+1} = β₂ν_k + (1 − β₂)‖g_k‖², θ_{k+1} = θ_k − ηg_k/√ν_{k+1}, ν₀ = ‖∇L(θ₀)‖²): its
+    loss, ν and the moving average of its loss at the saves, up to the save where the run
+    reaches the edge of stability (the central flow's σ² > 0; there the two agree to 2e-14).
+    Past it the oscillation amplifies round-off: the two runs part (58 % one save later), as
+    any two summation orders would. Every distance starts at 0: the three runs share θ₀, and
+    the midpoint at the start is θ₀ itself."""
+    objective, ensemble, loss, _ = problem
+    grad = jax.jit(jax.grad(loss))
+    every = RMS_STEPS // (RMS_SAVE - 1)
+    half = RMS_WINDOW // 2
+    for b in range(ensemble.size):
+        theta = np.asarray(_theta(ensemble[b]))
+        g = np.asarray(grad(jnp.asarray(theta)))
+        nu = g @ g
+        losses, nus = [], []
+        for _ in range(RMS_STEPS + 1):
+            losses.append(float(loss(jnp.asarray(theta))))
+            nus.append(nu)
+            g = np.asarray(grad(jnp.asarray(theta)))
+            nu = RMS_BETA2 * nu + (1 - RMS_BETA2) * (g @ g)
+            theta = theta - RMS_LR * g / np.sqrt(nu)
+        losses = np.array(losses)
+        edge = int(np.argmax(np.asarray(rmsprop.variance[b]) > 0))
+        assert 3 <= edge < RMS_SAVE - 1  # below the edge for a while, then at it
+        below = slice(0, edge + 1)
+        np.testing.assert_allclose(rmsprop.loss[b, below], losses[::every][below], rtol=1e-11)
+        np.testing.assert_allclose(rmsprop.nu[b, below], np.array(nus)[::every][below],
+                                   rtol=1e-11)
+        for s in range(1, edge + 1):  # centred windows that end before the edge's save
+            k = s * every
+            if k + RMS_WINDOW - half <= edge * every:
+                np.testing.assert_allclose(rmsprop.loss_average[b, s],
+                                           losses[k - half:k - half + RMS_WINDOW].mean(),
+                                           rtol=1e-11)
+    for name in ("distance_central", "distance_stable", "midpoint_central", "midpoint_stable"):
+        np.testing.assert_array_equal(np.asarray(getattr(rmsprop, name))[:, 0], 0.0)
+    assert np.all(np.asarray(rmsprop.distance_central)[:, 1:] > 0)
+
+
 def test_rmsprop_pointwise_against_finite_differences(problem):
     """At a state past the edge (ηS/√ν = 2.02, near a minimum: ‖∇L‖² < ν) σ² is what holds
     the effective sharpness E = ηS/√ν on its relaxation, dE/dt = κ(2 − E): checked with E,

@@ -450,7 +450,9 @@ def test_polynomial_laws_of_a_net_with_a_width_one_end_are_conserved(widths):
 def test_a_count_stops_at_the_round_that_reaches_its_target():
     """DeepLinear 2-2-1 (6 parameters, the 3 balance entries known): the first round's
     brackets reach rank 6 − 3 = 3, the most any data can give, so no further round of data
-    sets is drawn (one entry in `rank_by_round`)."""
+    sets is drawn (one entry in `rank_by_round`), and no deeper bracket is taken once the
+    depth-1 brackets reach it (`rank_by_depth` ends there: the fields, rank 2, then 3)."""
     count = cn.count_laws(cn.DeepLinear.random((2, 2, 1), key=KEY), cn.MSE())
     assert (count.laws, count.verdict, count.known) == (3, "proved", 3)
     assert count.rank_by_round == (3,)
+    assert count.rank_by_depth == (2, 3)
