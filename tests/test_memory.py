@@ -303,6 +303,12 @@ def test_train_estimate_covers_what_the_run_returns(small_problem):
     returned = sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(
         (result.loss, result.values, result.drift, result.condition, result.final_values)))
     assert est.parts["saved values"] >= returned
+    # The final law values (`values="final"`, or "all") are one more copy of the laws' values
+    # than the references every run keeps: the bytes of `final_values` as returned.
+    without, with_final = (check_train_memory(objective, params, static, laws, (), flag, optim,
+                                              8, 5, None, 4) for flag in (False, True))
+    assert with_final.parts["saved values"] - without.parts["saved values"] == sum(
+        np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(result.final_values)) > 0
     final = sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(
         eqx.filter(result.final.models, eqx.is_inexact_array)))
     assert est.parts["parameters"] >= 2 * final  # parameters and a momentum buffer
