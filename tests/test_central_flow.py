@@ -247,7 +247,8 @@ def test_arguments():
         cn.central_flow_comparison(objective, model, 0.0, 8, n_save=3)
 
 
-@pytest.mark.slow
+# In the default suite (8.6 s): the only default test past the edge, where the central flow's
+# eigenvalues differ from the stable flow's (a mutant reporting the latter's survived).
 def test_central_flow_tracks_gradient_descent_at_the_edge():
     """GD at η = 0.104 (2/η = 19.23) on a 4-5-5-2 deep linear net (init 0.55): member 0's
     gradient flow sharpens to 19.92, past 2/η, so GD runs at the edge of stability for its

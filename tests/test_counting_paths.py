@@ -323,6 +323,19 @@ def test_polynomial_laws_with_one_point_per_batch():
 # ---------------------------------------------------------------- find_symmetries
 
 
+def test_find_symmetries_stops_probing_once_every_candidate_is_tested_twice():
+    """A linear-activation MLP's gradients vanish on no parameter set, so one round of
+    `points` = 2 points tests each candidate at both: its three neurons' rescale laws are
+    accepted on 2 informative points each, and no second round is drawn (2 points probed,
+    not 4)."""
+    model = eqx.nn.MLP(2, 1, 3, 1, activation=lambda x: x, key=jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    data = cn.Dataset(rng.standard_normal((32, 2)), rng.standard_normal((32, 1)))
+    found = cn.find_symmetries(model, cn.MSE(), data, points=2, count=False)
+    assert found.points == 2
+    assert [(c.family, c.informative) for c in found.accepted] == [("rescale", 2)] * 3
+
+
 @pytest.fixture(scope="module")
 def softmax_head():
     """`_Affine` (2 inputs → 2 logits) under cross-entropy, searched with the count."""

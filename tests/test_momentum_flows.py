@@ -432,7 +432,8 @@ def test_config_kinds_build_their_fields():
 def test_angular_momentum_of_each_hidden_layer_of_a_deeper_net():
     """A 3-layer net has two hidden layers; the law of layer l pairs layers l and l + 1 only:
     J_l = w·antisym(W_l V_lᵀ − V_{l+1}ᵀ W_{l+1}) with antisym(M) = (M − Mᵀ)/2, against numpy
-    at a random point (a law that paired other layers has other shapes or values)."""
+    at a random point (a law that paired other layers has other shapes or values); its scale
+    with those velocities and at rest."""
     rng = np.random.default_rng(5)
     shapes = [(4, 3), (3, 4), (2, 3)]
     ws = [rng.normal(size=s) for s in shapes]
@@ -440,10 +441,19 @@ def test_angular_momentum_of_each_hidden_layer_of_a_deeper_net():
     point = cn.PhaseState(jnp.asarray(0.3), jnp.asarray(1.5),
                           cn.DeepLinear([jnp.asarray(w) for w in ws]),
                           cn.DeepLinear([jnp.asarray(v) for v in vs]))
+    rest = cn.PhaseState(point.t, point.weight, point.position,
+                         cn.DeepLinear([jnp.zeros(s) for s in shapes]))
     for layer in (0, 1):
         m = ws[layer] @ vs[layer].T - vs[layer + 1].T @ ws[layer + 1]
-        np.testing.assert_allclose(cn.AngularMomentumLaw(layer)(point), 1.5 * (m - m.T) / 2,
-                                   rtol=1e-13, atol=1e-14)
+        law = cn.AngularMomentumLaw(layer)
+        np.testing.assert_allclose(law(point), 1.5 * (m - m.T) / 2, rtol=1e-13, atol=1e-14)
+        # Its scale: w·(‖W_l‖‖V_l‖ + ‖W_{l+1}‖‖V_{l+1}‖); at rest (V = 0) w·(‖W_l‖² + ‖W_{l+1}‖²).
+        norm = np.linalg.norm
+        np.testing.assert_allclose(law.scale(point), 1.5 * (
+            norm(ws[layer]) * norm(vs[layer]) + norm(ws[layer + 1]) * norm(vs[layer + 1])),
+            rtol=1e-13)
+        np.testing.assert_allclose(law.scale(rest), 1.5 * (
+            np.sum(ws[layer] ** 2) + np.sum(ws[layer + 1] ** 2)), rtol=1e-13)
 
 
 def test_sign_field_against_its_formula():
