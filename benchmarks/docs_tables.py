@@ -218,7 +218,8 @@ FRESH_SAMPLES = ("mutation_sample_seed3.json", "mutation_sample_seed4.json",
                  "mutation_sample_seed5.json", "mutation_sample_seed6.json",
                  "mutation_sample_seed7.json", "mutation_sample_seed8.json",
                  "mutation_sample_seed9.json", "mutation_sample_seed10.json",
-                 "mutation_sample_seed11.json", "mutation_sample_seed12.json")
+                 "mutation_sample_seed11.json", "mutation_sample_seed12.json",
+                 "mutation_sample_seed13.json")
 
 
 def mutation_fresh(t) -> str:
