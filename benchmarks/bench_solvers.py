@@ -412,10 +412,11 @@ def main():
         name += "_" + "_".join(sorted(args.sections))
     if args.batch and "stiff_attention" in args.sections:  # B = 256 alone keeps B = 16's JSON
         name += "_B" + "_".join(map(str, args.batch))
-    report = {}
+    report, partial = {}, []
 
     def save_partial(out):  # beside the complete JSON, never over it; removed at the end
-        _harness.write(name + "_partial", {"complete": False, **report, "stiff_attention": out})
+        partial[:] = [_harness.write(name + "_partial",
+                                     {"complete": False, **report, "stiff_attention": out})]
 
     if "stiff_attention" in args.sections:
         report["stiff_attention"] = stiff_attention(args, save_partial)
@@ -428,7 +429,8 @@ def main():
     if "auto_probe" in args.sections:
         report["auto_probe"] = auto_probe(args)
     print("wrote", _harness.write(name, {"complete": True, **report}))
-    (_harness.RESULTS / f"{name}_partial_{jax.default_backend()}.json").unlink(missing_ok=True)
+    for path in partial:
+        path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ print(d.device_kind, '|', getattr(d.client, 'platform_version', ''), '| jax', ja
 # Copy to $out the JSON this run wrote (newer than the marker made before any part ran), never
 # an older one beside it.
 started=$(mktemp)
-trap 'rm -f "$started"' EXIT
+trap 'rm -rf "$started" ${site:+"$site"}' EXIT  # the marker, and the wheels' folder if any
 fresh() {
     find benchmarks/results -maxdepth 1 -name "$1*_$backend.json" -newer "$started" \
         -exec cp {} "$out/" \;

@@ -231,7 +231,13 @@ def memory() -> str:
     rows = ["| flow | members | solver | parameters / member | default `batch_size` | status | "
             "peak − before [GB] | estimate [GB] | peak ÷ estimate | largest part of the "
             "estimate |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for case in report["cases"].values():
+    limits = []
+    for label, case in report["cases"].items():
+        if "failed" in case:  # out of memory or another failure (bench_memory keeps the rest)
+            rows.append(f"| {label} | failed: {' '.join(case['failed'])[:200]} |"
+                        + " |" * 8)
+            continue
+        limits.append(case["bytes_limit"])
         used = (case["peak_bytes_in_use"] - case["bytes_in_use_before"]) / 1e9
         status = ", ".join(f"{n} {k}" for k, n in case["status"].items() if n)
         part = max(case["estimate_parts"], key=case["estimate_parts"].get)
@@ -241,8 +247,8 @@ def memory() -> str:
             f"{used:.2f} | {case['estimate_bytes'] / 1e9:.2f} | "
             f"{case['peak_minus_before_over_estimate']:.2f} | {part} "
             f"({case['estimate_parts'][part] / 1e9:.2f}) |")
-    return "\n".join(rows + ["", f"Machine: {env['device']} "
-                             f"({case['bytes_limit'] / 2**30:.0f} GiB for JAX), jax "
+    limit = f" ({limits[0] / 2**30:.0f} GiB for JAX)" if limits else ""
+    return "\n".join(rows + ["", f"Machine: {env['device']}{limit}, jax "
                              f"{env['versions']['jax']}, {env.get('platform_version', '')}, "
                              f"commit {env['commit'][:7]}."])
 
