@@ -270,12 +270,13 @@ def check_members(factory, key, size: int) -> MemoryEstimate:
 
 def moments_bytes(p: int, m: int, rows: int, n: int, *, symmetrized: bool = False) -> int:
     """Bytes the moment path of p features (`rows` rows of them per sample, `m` outputs per
-    row, `n` samples) holds while it is built: M, R and the Gram matrix ((p+m)² each), and a
-    TSQR step's stacked [R; chunk] of (p+m) + min(1024, n)·rows rows and its QR; twice with
-    an exact symmetrisation (`symmetrized`: the plain and the symmetrised moments)."""
+    row, `n` samples) holds while it is built: M, R and the Gram matrix ((p+m)² each), a TSQR
+    step's chunk of min(1024, n)·rows rows of features and outputs, the stacked [R; chunk]
+    and its QR; twice with an exact symmetrisation (`symmetrized`: the plain and the
+    symmetrised moments)."""
     k = p + m
     chunk = min(1024, max(n, 1)) * rows
-    return (3 * k * k + 2 * (k + chunk) * k) * BYTES * (2 if symmetrized else 1)
+    return (3 * k * k + (chunk + 2 * (k + chunk)) * k) * BYTES * (2 if symmetrized else 1)
 
 
 def check_moments(model, data, *, symmetrized: bool = False) -> MemoryEstimate:

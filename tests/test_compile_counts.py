@@ -131,18 +131,25 @@ class _Programs:
         jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
+def _teacher_problem(seed, widths, *, samples, members):
+    """(objective, ensemble): a deep linear teacher's data and a student ensemble, built and
+    ready before a count starts."""
+    key_teacher, key_x, key_init = jax.random.split(jax.random.PRNGKey(seed), 3)
+    teacher = cn.DeepLinear.random(widths, key=key_teacher)
+    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(key_x, samples, (widths[0],)))
+    ensemble = cn.Ensemble.init(lambda k: cn.DeepLinear.random(widths, key=k), key_init,
+                                members)
+    jax.block_until_ready(ensemble[0])
+    return cn.make_objective(cn.MSE(), data, ensemble), ensemble
+
+
 def test_a_run_compiles_its_programs_not_one_per_operation():
     # Shapes no other test uses (7 members of a 3-5-2 net, 11 samples), so every program is
     # new to this process: a first call as in a fresh one. Before, a finished run assembled
     # its Result one eager operation at a time, each operation its own program (on a warm
     # persistent cache each still costs a trace, a lowering and a cache look-up): the flow
     # compiled 13 programs, train 27.
-    key_teacher, key_x, key_init = jax.random.split(jax.random.PRNGKey(5), 3)
-    teacher = cn.DeepLinear.random([3, 5, 2], key=key_teacher)
-    data = cn.teacher_dataset(teacher, cn.gaussian_inputs(key_x, 11, (3,)))
-    ensemble = cn.Ensemble.init(lambda k: cn.DeepLinear.random([3, 5, 2], key=k), key_init, 7)
-    objective = cn.make_objective(cn.MSE(), data, ensemble)
-    jax.block_until_ready(ensemble[0])
+    objective, ensemble = _teacher_problem(5, [3, 5, 2], samples=11, members=7)
     with _Programs() as flow:
         result = cn.gradient_flow(objective, ensemble, t1=0.5, rtol=1e-6, n_save=3,
                                   solver="tsit5")
@@ -162,6 +169,23 @@ def test_a_run_compiles_its_programs_not_one_per_operation():
     # The save times, as numpy computes them: chunks of ⌈10/3⌉ = 4 steps, the last one short.
     np.testing.assert_array_equal(np.asarray(result.t), np.array([0, 4, 8, 10]) * 0.05)
     assert np.asarray(result.t).dtype == np.float64
+
+
+def test_the_accelerator_default_batch_compiles_no_member_slice(monkeypatch):
+    """On an accelerator the default batch is sized from one member's flat parameters. They
+    came from slicing member 0 out and ravelling it eagerly: seven programs of their own on a
+    GPU (two slices, two squeezes, two reshapes, a concatenation), where the flow compiled 9
+    programs for the CPU's 2. Simulated here with free device memory on the CPU; the shapes
+    (6 members of a 3-4-2 net, 13 samples) are new to this process."""
+    from conservation._dynamics import flow as flow_module
+
+    monkeypatch.setattr(flow_module, "free_device_memory", lambda: 64e9)
+    objective, ensemble = _teacher_problem(6, [3, 4, 2], samples=13, members=6)
+    with _Programs() as flow:
+        result = cn.gradient_flow(objective, ensemble, t1=0.5, rtol=1e-6, n_save=3,
+                                  solver="tsit5")
+    assert result.batch_size == 6  # every member fits: the accelerator's default was taken
+    assert flow.count <= 6, flow.count
 
 
 def test_host_conversion_gives_the_array_of_jnp_asarray():

@@ -347,11 +347,13 @@ def test_ensemble_estimate_is_what_init_builds():
 
 @pytest.mark.parametrize("widths, n, features", [((4, 5, 5, 2), 64, 4 ** 4),
                                                  ((4, 5, 5, 2), 3000, 4 ** 4),
-                                                 ((6, 4, 3), 200, 6 ** 2)])
+                                                 ((6, 4, 3), 200, 6 ** 2),
+                                                 ((6, 4, 3), 3000, 6 ** 2)])
 def test_moment_estimate_bounds_what_xla_allocates(widths, n, features):
     """The moment path's estimate against XLA's own memory analysis of the compiled TSQR
-    build (its temporaries and outputs): at least that, and within 2.5× of it (measured
-    1.07–1.9×; n < 1024 samples make chunks of n rows, not 1024)."""
+    build (its temporaries and outputs): at least that, and within 3× of it (measured
+    1.1–2.5× on the CPU; n < 1024 samples make chunks of n rows, not 1024). Without the
+    chunk's feature block the estimate was 0.77× of XLA's at p = 36, n = 3000."""
     from conservation._data.objective import _accumulate_moments
 
     net = cn.PolynomialNet.random(list(widths), key=jax.random.PRNGKey(0))
@@ -364,8 +366,11 @@ def test_moment_estimate_bounds_what_xla_allocates(widths, n, features):
                        ).lower(params, data).compile()
     analysis = compiled.memory_analysis()
     held = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+    # On a GPU, XLA adds the QR's cuSOLVER workspace, a fixed cost beside the matrices
+    # (on an H200: 1.0 MB over the matrices at p = 256, whatever n ≤ 256).
+    workspace = 0 if jax.default_backend() == "cpu" else 2 * 2 ** 20
     est = memory.moments_bytes(p, widths[-1], rows, n)
-    assert held <= est <= 2.5 * held, (est, held)
+    assert held <= est + workspace and est <= 3 * held, (est, held)
 
 
 def test_cli_and_api_share_one_estimate():
@@ -425,7 +430,18 @@ def test_sweep_never_builds_the_ensemble_it_ignores(tmp_path, monkeypatch):
 
 
 def test_ulimit_v_gives_a_named_refusal_in_the_api_and_the_cli(tmp_path):
-    limit = 4 * 2 ** 30  # 4 GiB of address space: JAX starts; 256 × 8 MB × 2 do not fit
+    # The address space JAX's start takes grows with the cores (a thread stack each, malloc
+    # arenas): 1.5 GB on 2 cores, 6.7 GB on 16, where a fixed 4 GiB limit killed the child in
+    # XLA's thread creation. So the limit is what a started JAX holds plus 2 GiB, in which
+    # 256 members of 16 MB (6.1 GB with the factory's temporaries) do not fit.
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "MALLOC_ARENA_MAX": "2"}
+    probe = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import jax, conservation
+        jax.numpy.ones(3).block_until_ready()
+        print(next(line.split()[1] for line in open("/proc/self/status")
+                   if line.startswith("VmSize:")))
+        """)], capture_output=True, text=True, timeout=120, env=env)
+    limit = (int(probe.stdout.split()[-1]) * 1024 // 2 ** 28 + 9) * 2 ** 28  # ≥ 2 GiB more
     (tmp_path / "big.toml").write_text(textwrap.dedent("""
         [model]
         kind = "deep_linear"
@@ -454,10 +470,9 @@ def test_ulimit_v_gives_a_named_refusal_in_the_api_and_the_cli(tmp_path):
         """)
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.toml"),
                            str(tmp_path / "out")], capture_output=True, text=True,
-                          timeout=300,
-                          env=os.environ | {"JAX_PLATFORMS": "cpu"})
+                          timeout=300, env=env)
     out = done.stdout
     assert "API: an ensemble of 256 members needs" in out, done.stdout + done.stderr
-    assert "`ulimit -v` (4.29 GB" in out
+    assert f"`ulimit -v` ({limit / 1e9:.3g} GB" in out, out
     assert "CLI: 2" in out, done.stdout + done.stderr
     assert "`ulimit -v`" in done.stderr and "Traceback" not in done.stderr

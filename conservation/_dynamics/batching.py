@@ -14,6 +14,7 @@ monitor scalars.
 import diffrax as dfx
 import equinox as eqx
 import jax
+import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
@@ -31,8 +32,9 @@ from .._memory import (
     tree_size,
 )
 
-__all__ = ["free_device_memory", "peak_live_bytes", "member_bytes", "cpu_lanes", "state_copies",
-           "member_parameters", "default_batch_size", "check_flow_memory", "check_train_memory"]
+__all__ = ["free_device_memory", "flat_member", "peak_live_bytes", "member_bytes", "cpu_lanes",
+           "state_copies", "member_parameters", "default_batch_size", "check_flow_memory",
+           "check_train_memory"]
 
 _FILL = 0.75  # of the free device memory: XLA's temporaries beyond the estimate, fragmentation
 # Lanes on the CPU (`benchmarks/bench_lanes.py`, 2-core CPU, members/s against one member at a
@@ -112,6 +114,21 @@ def member_parameters(params) -> int:
 def _member_shapes(params):
     """One member's parameter shapes (`params` carries the ensemble axis first)."""
     return jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+
+
+def flat_member(params):
+    """(shape, unravel): one member's flat parameters as a `jax.ShapeDtypeStruct`, and the
+    function from a flat vector back to its pytree (`params` carries the ensemble axis
+    first). From shapes alone: slicing a member out and ravelling it would compile an eager
+    program per operation (seven for a two-layer net on a GPU)."""
+    unravel = []
+
+    def flat(p):
+        y, back = jfu.ravel_pytree(p)
+        unravel.append(back)  # static: it holds the leaves' shapes and dtypes, no tracer
+        return y
+
+    return jax.eval_shape(flat, _member_shapes(params)), unravel[0]
 
 
 def _law_sizes(laws, params, static) -> dict[str, int]:

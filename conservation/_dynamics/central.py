@@ -31,6 +31,7 @@ from .._laws.base import FunctionLaw
 from .._models.base import AbstractModel, Ensemble, as_ensemble, default_laws
 from .._validation import ArgumentError, choice, fail, integer, is_traced, number
 from .arguments import check_objective
+from .batching import flat_member
 from .flow import AbstractVectorField, GradientField, ModifiedGradientField, gradient_flow
 from .monitor import (
     DIVERGED,
@@ -748,7 +749,7 @@ def rmsprop_central_flow_comparison(
     flow = RMSPropCentralFlow(lr, beta2, eps, relaxation, eigensolver)
     params, static = eqx.partition(ensemble.models, eqx.is_inexact_array)
     y0 = jax.vmap(lambda p: jfu.ravel_pytree(p)[0])(params)
-    unravel = jfu.ravel_pytree(jtu.tree_map(lambda x: x[0], params))[1]
+    _, unravel = flat_member(params)
     if nu0 is None:
         start = jax.vmap(jax.grad(lambda y: objective(eqx.combine(unravel(y), static))))(y0)
         nus = jnp.sum(start**2, axis=1)

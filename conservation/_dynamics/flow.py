@@ -38,6 +38,7 @@ from .arguments import check_divergence, check_objective, same_parameters
 from .batching import (
     check_flow_memory,
     default_batch_size,
+    flat_member,
     free_device_memory,
     member_parameters,
 )
@@ -499,9 +500,8 @@ def gradient_flow(
         # `_flow`'s arguments with `solver` (resolved), and the lanes they run on.
         lanes = batch_size
         if lanes is None:
-            free = free_device_memory()  # None on the CPU: no member to slice out (latency)
-            y0, unravel = ((None, None) if free is None else
-                           jfu.ravel_pytree(jtu.tree_map(lambda x: x[0], params)))
+            free = free_device_memory()  # None on the CPU: no member's shape needed
+            y0, unravel = (None, None) if free is None else flat_member(params)
             lanes = default_batch_size(
                 lambda y: jax.grad(lambda z: objective(eqx.combine(unravel(z), static)))(y),
                 y0, ensemble.size, solver, n_save, len(laws), free, member_parameters(params))
