@@ -531,14 +531,14 @@ def test_unrolled_explicit_solvers_equal_diffrax_steps_and_match_the_closed_form
     steps = [solver.step(term, 0.0, 0.02, y0, None, solver.init(term, 0.0, 0.02, y0, None),
                          False) for solver in (unrolled, reference)]
     (y1, error, dense, f1, _), (y1_, error_, dense_, (_, f1_), _) = steps
-    # Round-off is absolute, a few ulps of the magnitude of what is summed: |y| for y₁ and the
-    # error estimate h·Σ eᵢkᵢ (a difference of O(|y|) numbers), |A||y| for the stages
-    # kᵢ = −Ayᵢ − 0.3 sin yᵢ and f₁. A GPU's fused multiply-adds moved one element of the
-    # error estimate by 1.2e-16.
+    # Round-off is absolute, a few ulps of the magnitude of what is summed: |y| for y₁ and
+    # the error estimate Σ eᵢkᵢ (a difference of O(|y|) numbers), h|A||y| for the stages
+    # kᵢ = h·(−Ayᵢ − 0.3 sin yᵢ), |A||y| for f₁. A GPU's fused multiply-adds moved one
+    # element of the error estimate by 1.2e-16.
     y_scale = np.max(np.abs(y0))
     f_scale = np.max(np.abs(a) @ np.abs(y0)) + 0.3
     for x, y, scale in ((y1, y1_, y_scale), (error, error_, y_scale),
-                        (dense["k"], dense_["k"], f_scale), (f1, f1_, f_scale)):
+                        (dense["k"], dense_["k"], 0.02 * f_scale), (f1, f1_, f_scale)):
         np.testing.assert_allclose(x, y, rtol=1e-14, atol=1e-15 * scale)
 
     ts = np.linspace(0.0, 3.0, 13)
@@ -553,13 +553,16 @@ def test_unrolled_explicit_solvers_equal_diffrax_steps_and_match_the_closed_form
 
 @pytest.mark.parametrize("name", ["tsit5", "dopri8"])
 def test_the_lanes_take_an_unrolled_step_without_stacking_its_stages(name):
-    """In the lanes a step's stage vectors stay apart (`step_stages`: a tuple), so that no
-    step copies them into one (stages, P) array: stacked, they are `step`'s dense output,
-    bit for bit; the lanes' step attempt has no concatenation of stage-many vectors (it had
-    one before, at every step). The saves stack them (`test_lanes_take_each_members_own_
-    steps` compares the saved values with one diffrax solve per member)."""
+    """In the lanes a step's field values stay apart (`step_stages`: a tuple of f(yᵢ) and
+    the step h), so that no step copies them into one (stages, P) array nor keeps each
+    h·f(yᵢ) beside f(yᵢ): stacked and scaled, they are `step`'s dense output, bit for bit; the
+    first is the solver state (first same as last); the lanes' step attempt has no
+    concatenation of stage-many vectors (it had one before, at every step). The saves stack
+    them (`test_lanes_take_each_members_own_steps` compares the saved values with one diffrax
+    solve per member)."""
     from conservation._dynamics.flow import SOLVERS
     from conservation._dynamics.lockstep import attempt_step
+    from conservation._dynamics.unrolled import dense_output
 
     solver = SOLVERS[name]()
     stages = len(solver.method.tableau.c) + 1
@@ -568,8 +571,11 @@ def test_the_lanes_take_an_unrolled_step_without_stacking_its_stages(name):
     state = solver.init(term, 0.0, 0.02, y0, None)
     _, _, dense, _, _ = solver.step_stages(term, 0.0, 0.02, y0, None, state, False)
     _, _, stacked, _, _ = solver.step(term, 0.0, 0.02, y0, None, state, False)
-    assert isinstance(dense["k"], tuple) and len(dense["k"]) == stages
-    np.testing.assert_array_equal(np.stack(dense["k"]), stacked["k"])
+    assert isinstance(dense["f"], tuple) and len(dense["f"]) == stages
+    np.testing.assert_array_equal(dense["f"][0], state)
+    np.testing.assert_array_equal(dense["f"][-1], term.vf(0.02, dense["y1"], None))
+    for key, value in dense_output(dense).items():
+        np.testing.assert_array_equal(value, stacked[key])
 
     controller = dfx.PIDController(rtol=1e-8, atol=1e-8)
 
@@ -607,3 +613,58 @@ def test_the_clip_floor_is_100_ulps_below_t1_as_numpy_counts_them():
     # One traced loop, not 100 unrolled steps (~500 equations, 40 % of the probe's program,
     # traced and lowered at every first call).
     assert len(jax.make_jaxpr(_clip_floor)(1.0).eqns) < 5
+
+
+@pytest.mark.parametrize("name", ["tsit5", "dopri5", "dopri8"])
+def test_the_lanes_interpolation_is_diffraxs_dense_output(name):
+    """In the lanes an unrolled method's dense output is evaluated as w₀y₀ + w₁y₁ + Σᵢ bᵢkᵢ
+    with the weights of diffrax's interpolation (its transpose; Dopri5's weighs y₁ too),
+    without stacking the stages: at every t of a step, diffrax's own evaluation to
+    round-off, and the step's ends exactly where the weights are exact (Tsit5: w₀ = 1)."""
+    from conservation._dynamics.flow import SOLVERS
+
+    solver = SOLVERS[name]()
+    a, y0 = _linear_flow(np.logspace(-1, 2, 6), seed=4)
+    y0 = jnp.asarray(y0)
+    term = dfx.ODETerm(lambda t, y, args: -a @ y - 0.3 * jnp.sin(y))
+    t0, t1 = 0.3, 0.32
+    state = solver.init(term, t0, t1, y0, None)
+    _, _, dense, _, _ = solver.step_stages(term, t0, t1, y0, None, state, False)
+    _, _, stacked, _, _ = solver.step(term, t0, t1, y0, None, state, False)
+    reference = solver.interpolation_cls(t0=t0, t1=t1, **stacked)
+    for t in np.linspace(t0, t1, 7):
+        ours = solver.interpolate(dense, jnp.asarray(t0), jnp.asarray(t1), jnp.asarray(t))
+        np.testing.assert_allclose(ours, reference.evaluate(t), rtol=1e-14,
+                                   atol=1e-15 * np.max(np.abs(y0)))
+    if name == "tsit5":
+        start = solver.interpolate(dense, jnp.asarray(t0), jnp.asarray(t1), jnp.asarray(t0))
+        np.testing.assert_array_equal(start, y0)
+
+
+class _Negated(cn.AbstractVectorField):
+    """−∇L, negated after the gradient (what `GradientField` did before it took the
+    gradient of −L)."""
+
+    def __call__(self, grad, y):
+        return -grad(y)
+
+
+def test_the_flow_field_is_minus_the_gradient_bit_for_bit():
+    """`GradientField` takes the gradient of −L (the sign on the cotangent, so that the
+    joined parameter vector is the field itself, with no negation pass): every backward
+    operation is linear in the cotangent and IEEE negation exact, so the flow is the one of
+    −∇L negated afterwards to the bit: the same steps, saved losses, laws and final
+    parameters, for a deep linear net (moments) and a ReLU MLP (per sample)."""
+    key = jax.random.PRNGKey(7)
+    x = jax.random.normal(key, (9, 3))
+    for widths, make in (([3, 4, 2], cn.DeepLinear.random),
+                         ([3, 5, 2], lambda w, key: cn.MLP.random(w, key=key,
+                                                                  activation="relu"))):
+        ensemble = cn.Ensemble.init(lambda k, w=widths, f=make: f(w, key=k), key, 3)
+        objective = cn.make_objective(cn.MSE(), cn.Dataset(x, jnp.tanh(x[:, :2])), ensemble)
+        runs = [cn.gradient_flow(objective, ensemble, 2.0, n_save=5, solver="tsit5",
+                                 field=field, progress=False)
+                for field in (cn.GradientField(), _Negated())]
+        for ours, plain in zip(*(jax.tree_util.tree_leaves((r.num_steps, r.loss, r.drift,
+                                                              r.final)) for r in runs)):
+            np.testing.assert_array_equal(ours, plain)

@@ -275,3 +275,25 @@ def test_summary_of_observables_when_no_member_ran_to_the_end():
     assert summary["observables_final_median"] == {"sharpness": [None, None],
                                                    "gradient_norm": None}
     assert summary["status"]["diverged"] == 2
+
+
+def test_a_candidate_is_non_finite_when_any_entry_is_inf_or_nan():
+    """`StopOnNonFinite` rejects a step whose candidate has any non-finite entry, NaN, +inf
+    or −inf, alone in a vector of finite numbers (and accepts it once the step is below the
+    floor: the member then stops as diverged); a candidate of huge finite entries, whose sum
+    overflows, is finite and controlled as diffrax's controller controls it."""
+    controller = cn.step_size_controller(dfx.Tsit5(), 1e-8, 1e-8)
+    pid = dfx.PIDController(rtol=1e-8, atol=1e-8)
+    y0 = jnp.asarray([1e308, 1e308, 1.0])
+    error = jnp.full(3, 1e-20)
+    term = dfx.ODETerm(lambda t, y, args: -y)
+    _, state = pid.init(term, 0.0, 1.0, y0, 0.1, None, dfx.Tsit5().func, 5)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        y1 = y0.at[2].set(bad)
+        for h, kept in ((0.1, False), (1e-13, True)):
+            keep, *_ = controller.adapt_step_size(0.0, h, y0, y1, None, error, 5, state)
+            assert bool(keep) is kept, (bad, h)
+    ours = controller.adapt_step_size(0.0, 0.1, y0, y0, None, error, 5, state)
+    theirs = pid.adapt_step_size(0.0, 0.1, y0, y0, None, error, 5, state)
+    assert bool(ours[0]) and bool(theirs[0])
+    np.testing.assert_array_equal(ours[2], theirs[2])  # the same next step

@@ -135,18 +135,32 @@ class _WeightDecay(eqx.Module):
         sum taken parameter array by parameter array where `grad` has a `decayed(θ, λ)`
         (`gradient_flow`'s does)."""
         if not self.decays:
-            # A λ put in after the field was made (`gradient_flow` makes it again; a direct
-            # call cannot): refused, not left out. (Traced, λ is the one it was made with.)
-            if not isinstance(self.weight_decay, jax.core.Tracer) and _may_be_nonzero(
-                    self.weight_decay):
-                raise ArgumentError(
-                    f"`weight_decay` of this {type(self).__name__} was set after it was made "
-                    "(eqx.tree_at?), so its program leaves it out; make the field with it, "
-                    f"e.g. {type(self).__name__}(..., weight_decay=λ).")
+            self._refuse_late_decay()
             return grad(theta)
         if hasattr(grad, "decayed"):
             return grad.decayed(theta, self.weight_decay)
         return grad(theta) + self.weight_decay * theta
+
+    def descent(self, grad, theta):
+        """−(∇L(θ) + λθ): `-decayed_grad`, with the sign taken inside the gradient where λ is
+        a concrete zero and `grad` has a `descent(θ)` (`gradient_flow`'s, the gradient of
+        −L). There the joined parameter vector is the field itself: negated afterwards, each
+        Runge–Kutta stage wrote one more state-sized array. The numbers are the same to the
+        bit: every backward operation is linear in the cotangent and IEEE negation exact."""
+        if not self.decays and hasattr(grad, "descent"):
+            self._refuse_late_decay()
+            return grad.descent(theta)
+        return -self.decayed_grad(grad, theta)
+
+    def _refuse_late_decay(self):
+        # A λ put in after the field was made (`gradient_flow` makes it again; a direct call
+        # cannot): refused, not left out. (Traced, λ is the one it was made with.)
+        if not isinstance(self.weight_decay, jax.core.Tracer) and _may_be_nonzero(
+                self.weight_decay):
+            raise ArgumentError(
+                f"`weight_decay` of this {type(self).__name__} was set after it was made "
+                "(eqx.tree_at?), so its program leaves it out; make the field with it, "
+                f"e.g. {type(self).__name__}(..., weight_decay=λ).")
 
 
 def _remade(field):
@@ -167,7 +181,7 @@ class GradientField(AbstractVectorField, _WeightDecay):
         number("weight_decay", _shown(self.weight_decay), ">=0", array=True)
 
     def __call__(self, grad, y):
-        return -self.decayed_grad(grad, y)
+        return self.descent(grad, y)
 
 
 class ModifiedGradientField(AbstractVectorField):
@@ -836,10 +850,15 @@ def _flow(params, static, objective, field, monitor, solver, t0, t1, rtol, atol,
         return jfu.ravel_pytree(jtu.tree_map(lambda a, b: a + weight_decay * b, g,
                                              params))[0]
 
+    @jax.jit
+    def descent(y):
+        return jax.grad(lambda z: -objective(as_model(z)))(y)
+
     def grad(y):
         return gradient(y)
 
     grad.decayed = decayed
+    grad.descent = descent
 
     def initial(row):
         # A phase-space flow's start state: the row (θ₀, v₀) when the velocities are given,

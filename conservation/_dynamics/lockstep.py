@@ -64,14 +64,16 @@ def _clip_floor(t1):
 
 
 def attempt_step(solver, controller, term, error_order, t1, t1_clip_floor, y, tprev, tnext,
-                 solver_state, controller_state):
+                 solver_state, controller_state, select=True):
     """One step attempt of one member from `tprev` to `tnext`, as diffrax's loop makes it:
     the solver's step, a NaN error made infinite, the controller's verdict and next step
     (clipped to t1), the state kept where the step was accepted. Returns (y, tprev, tnext,
-    solver state, controller state, accepted, the step's dense output, failed)."""
-    # An unrolled Runge–Kutta method's dense output keeps its stage vectors apart
-    # (`step_stages`): `interpolate` stacks them for the steps that save, instead of every
-    # step copying all seven into one array.
+    solver state, controller state, accepted, the step's dense output, failed); with
+    `select=False` y and the solver state are the step's candidates, whether accepted or
+    not (for a caller that selects them itself)."""
+    # An unrolled Runge–Kutta method's dense output keeps its field values apart
+    # (`step_stages`): `interpolate` stacks and scales them for the steps that save, instead
+    # of every step copying all seven into one array.
     step = solver.step_stages if isinstance(solver, AbstractUnrolledERK) else solver.step
     y1, y_error, dense_info, new_solver_state, solver_result = step(
         term, tprev, tnext, y, None, solver_state, False)
@@ -83,9 +85,11 @@ def attempt_step(solver, controller, term, error_order, t1, t1_clip_floor, y, tp
     new_tprev = jnp.minimum(new_tprev, t1)
     new_tnext = _clip_to_end(new_tprev, new_tnext, t1, t1_clip_floor, keep)
     failed = (keep & _unsuccessful(solver_result)) | _unsuccessful(controller_result)
-    return (jnp.where(keep, y1, y), new_tprev, new_tnext,
-            _where(keep, new_solver_state, solver_state), new_controller_state, keep,
-            dense_info, failed)
+    if select:
+        y1, new_solver_state = jnp.where(keep, y1, y), _where(keep, new_solver_state,
+                                                              solver_state)
+    return y1, new_tprev, new_tnext, new_solver_state, new_controller_state, keep, dense_info, \
+        failed
 
 
 def _unsuccessful(result) -> Array:
@@ -116,6 +120,7 @@ class _Lanes(eqx.Module):
     aux: object  # per-member data for `observe` (the laws' reference values)
     steps: Array
     save_index: Array
+    status: Array  # the member's status once it stopped (`_RUNNING` before)
 
 
 def solve_lanes(
@@ -190,6 +195,7 @@ def solve_lanes(
     error_order = solver.error_order(term)
     t0 = jnp.zeros((), t1.dtype) if t0 is None else jnp.asarray(t0, t1.dtype)
     t1_clip_floor = _clip_floor(t1)
+    unrolled = isinstance(solver, AbstractUnrolledERK)
 
     def load(row, extra_row):
         # What diffeqsolve does before its loop: the first step and the solver's and the
@@ -202,11 +208,11 @@ def solve_lanes(
 
     def step(y, tprev, tnext, solver_state, controller_state):
         return attempt_step(solver, controller, term, error_order, t1, t1_clip_floor, y,
-                            tprev, tnext, solver_state, controller_state)
+                            tprev, tnext, solver_state, controller_state, select=False)
 
     def interpolate(tprev, tnext, dense_info, t):
-        dense_info = {name: jnp.stack(value) if isinstance(value, tuple) else value
-                      for name, value in dense_info.items()}
+        if unrolled:
+            return solver.interpolate(dense_info, tprev, tnext, t)
         return solver.interpolation_cls(t0=tprev, t1=tnext, **dense_info).evaluate(t)
 
     def locate(tprev, tnext, dense_info, hit):
@@ -235,7 +241,7 @@ def solve_lanes(
         member=jnp.full(lanes, -1, jnp.int32), running=jnp.zeros(lanes, bool), y=y_l,
         tprev=jnp.zeros(lanes, t1.dtype), tnext=tnext_l, solver_state=solver_l,
         controller_state=controller_l, aux=aux_l, steps=jnp.zeros(lanes, jnp.int32),
-        save_index=jnp.zeros(lanes, jnp.int32))
+        save_index=jnp.zeros(lanes, jnp.int32), status=jnp.full(lanes, _RUNNING, jnp.int32))
     outputs = dict(
         saved=jtu.tree_map(lambda s: jnp.full((size, n_save, *s.shape), jnp.inf, s.dtype),
                            saved_shape),
@@ -247,20 +253,20 @@ def solve_lanes(
         t_final=jnp.full(size, t0, t1.dtype),
     )
 
-    def finish(outputs, state, done, status):
-        # The status and step count of the members of the lanes in `done` (others dropped).
-        index = jnp.where(done, state.member, size)
-        return outputs | dict(
-            status=outputs["status"].at[index].set(status, mode="drop"),
-            steps=outputs["steps"].at[index].set(state.steps, mode="drop"))
+    def stop(state, done, status):
+        # The lanes in `done` stop with `status`. Their members' status, step count and
+        # final state stay in the lanes until a lane is refilled or the loop ends
+        # (`store_final`): written into the (B,) outputs then, not in every iteration.
+        return eqx.tree_at(lambda s: (s.running, s.status), state,
+                           (state.running & ~done, jnp.where(done, status, state.status)))
 
     def store_final(outputs, state, lanes_to_store):
-        # A finished member's state stays in its lane (frozen) until the lane is refilled or
-        # the loop ends: it is written then, not in every iteration (a full state's traffic).
         index = jnp.where(lanes_to_store & (state.member >= 0), state.member, size)
-        return outputs | dict(final=outputs["final"].at[index].set(state.y, mode="drop"),
-                              t_final=outputs["t_final"].at[index].set(state.tprev,
-                                                                       mode="drop"))
+        return outputs | dict(
+            final=outputs["final"].at[index].set(state.y, mode="drop"),
+            t_final=outputs["t_final"].at[index].set(state.tprev, mode="drop"),
+            status=outputs["status"].at[index].set(state.status, mode="drop"),
+            steps=outputs["steps"].at[index].set(state.steps, mode="drop"))
 
     def refill(carry):
         state, outputs, queue = carry
@@ -274,16 +280,14 @@ def solve_lanes(
             member=member, running=jnp.ones(lanes, bool), y=y, tprev=jnp.full_like(tnext, t0),
             tnext=tnext, solver_state=solver_state, controller_state=controller_state,
             aux=aux, steps=jnp.zeros(lanes, jnp.int32),
-            save_index=jnp.zeros(lanes, jnp.int32))
+            save_index=jnp.zeros(lanes, jnp.int32), status=jnp.full(lanes, _RUNNING, jnp.int32))
         state = _where(take, fresh, state)
         # A member that starts diverged stops before its first step (as diffrax's event).
         bad = take & jax.vmap(diverged)(state.y)
-        outputs = finish(outputs, state, bad, jnp.full(lanes, DIVERGED, jnp.int32))
+        state = stop(state, bad, DIVERGED)
         if goal is not None:  # a member that starts at its goal takes no step
             there = take & ~bad & (jax.vmap(goal)(state.y) <= 0)
-            outputs = finish(outputs, state, there, jnp.full(lanes, REACHED_LOSS, jnp.int32))
-            bad = bad | there
-        state = eqx.tree_at(lambda s: s.running, state, take & ~bad | state.running & ~take)
+            state = stop(state, there, REACHED_LOSS)
         return state, outputs, queue + jnp.sum(take, dtype=jnp.int32)
 
     width = max(1, -(-lanes // _SAVE_SHARE))
@@ -297,46 +301,54 @@ def solve_lanes(
             return (keep & (index < n_save)
                     & (ts[jnp.minimum(index, n_save - 1)] <= until))
 
-        def body(carry):
-            index, saved = carry
+        def select(index):
+            # The next pass's lanes, their save slots and their states there. The states are
+            # interpolated here and carried into the pass, so XLA holds them as one array:
+            # interpolated inside it, the interpolation was fused into each operation of
+            # `observe` that reads the state, and computed again in each.
             need = pending(index)
-            (lane,) = jnp.nonzero(need, size=width, fill_value=0)
-            valid = jnp.arange(width) < jnp.sum(need)
+            if width == 1:  # one reduction (`nonzero` is a prefix sum and a scatter)
+                lane, valid = jnp.argmax(need)[None], jnp.any(need)[None]
+            else:
+                (lane,) = jnp.nonzero(need, size=width, fill_value=0)
+                valid = jnp.arange(width) < jnp.sum(need)
             at = jnp.minimum(index[lane], n_save - 1)
-
-            def pick(x):
-                return x[lane]
-
             y = jax.vmap(interpolate)(tprev[lane], tnext[lane],
-                                      jtu.tree_map(pick, dense_info), ts[at])
-            values = jax.vmap(observe)(ts[at], y, jtu.tree_map(pick, state.aux))
+                                      jtu.tree_map(lambda x: x[lane], dense_info), ts[at])
+            return lane, valid, at, y
+
+        def body(carry):
+            index, saved, (lane, valid, at, y) = carry
+            values = jax.vmap(observe)(ts[at], y, jtu.tree_map(lambda x: x[lane], state.aux))
             row = jnp.where(valid, state.member[lane], size)
             saved = jtu.tree_map(lambda s, v: s.at[row, at].set(v, mode="drop"), saved,
                                  values)
-            return index.at[lane].add(valid.astype(index.dtype)), saved
+            index = index.at[lane].add(valid.astype(index.dtype))
+            return index, saved, select(index)
 
-        index, saved = jax.lax.while_loop(lambda c: jnp.any(pending(c[0])), body,
-                                          (state.save_index, outputs["saved"]))
+        index, saved, _ = jax.lax.while_loop(
+            lambda c: c[2][1][0], body,
+            (state.save_index, outputs["saved"], select(state.save_index)))
         return eqx.tree_at(lambda s: s.save_index, state, index), outputs | dict(saved=saved)
 
-    def body(carry):
+    def step_lanes(carry):
+        # One step attempt on every running lane (the loop's iteration).
         state, outputs, queue, iteration = carry
-        state, outputs, queue = jax.lax.cond(
-            (queue < size) & ~jnp.all(state.running), refill, lambda c: c,
-            (state, outputs, queue))
         running = state.running
         y, tprev, tnext, solver_state, controller_state, keep, dense_info, failed = jax.vmap(
             step)(state.y, state.tprev, state.tnext, state.solver_state,
                   state.controller_state)
         keep = keep & running
         step_start, step_end = state.tprev, state.tnext
+        # `y` and `solver_state` are the step's candidates: kept where the step was accepted
+        # (one selection here, not one for the acceptance and one for the running lanes).
+        y, solver_state = _where(keep, (y, solver_state), (state.y, state.solver_state))
+        tprev, tnext, controller_state, steps = _where(
+            running, (tprev, tnext, controller_state, state.steps + 1),
+            (state.tprev, state.tnext, state.controller_state, state.steps))
         state = eqx.tree_at(
             lambda s: (s.y, s.tprev, s.tnext, s.solver_state, s.controller_state, s.steps),
-            state,
-            _where(running, (y, tprev, tnext, solver_state, controller_state,
-                             state.steps + 1),
-                   (state.y, state.tprev, state.tnext, state.solver_state,
-                    state.controller_state, state.steps)))
+            state, (y, tprev, tnext, solver_state, controller_state, steps))
         blew_up = running & jax.vmap(diverged)(state.y)
         failed = running & failed
         until, at_goal = step_end, jnp.zeros_like(running)
@@ -359,24 +371,42 @@ def solve_lanes(
         out_of_steps = running & (state.steps >= max_steps)
         status = jnp.where(blew_up, DIVERGED, jnp.where(failed, FAILED, jnp.where(
             at_goal, REACHED_LOSS, jnp.where(reached, SUCCESS, MAX_STEPS))))
-        done = blew_up | failed | at_goal | reached | out_of_steps
-        outputs = finish(outputs, state, done, status)
-        state = eqx.tree_at(lambda s: s.running, state, running & ~done)
+        state = stop(state, blew_up | failed | at_goal | reached | out_of_steps, status)
         if report is not None:
             fraction = outputs["fraction"].at[jnp.where(running, state.member, size)].set(
                 state.tprev / t1, mode="drop")
             outputs = outputs | dict(fraction=fraction)
             jax.lax.cond(iteration % 20 == 0,
-                         lambda f, s: jax.debug.callback(report, members, f, s != _RUNNING),
-                         lambda f, s: None, fraction, outputs["status"])
+                         lambda f, o, s: jax.debug.callback(report, members, f, stopped(o, s)),
+                         lambda f, o, s: None, fraction, outputs["status"], state)
         return state, outputs, queue, iteration + 1
+
+    def stopped(status, state):
+        # (B,): whether each member has stopped, those whose status is still in a lane too.
+        index = jnp.where(state.member >= 0, state.member, size)
+        return status.at[index].set(state.status, mode="drop") != _RUNNING
+
+    def run_lanes(carry):
+        # Refill the free lanes, then step until a lane stops while members wait in the
+        # queue (or, once it is empty, until every lane has stopped). The refill sits
+        # outside the stepping loop: inside it, its `cond` made XLA copy the lanes' state
+        # at every iteration.
+        state, outputs, queue, iteration = carry
+        state, outputs, queue = refill((state, outputs, queue))
+
+        def stepping(c):
+            running = c[0].running
+            return jnp.any(running) & (jnp.all(running) | (c[2] >= size))
+
+        return jax.lax.while_loop(stepping, step_lanes, (state, outputs, queue, iteration))
 
     def cond(carry):
         state, _, queue, _ = carry
         return jnp.any(state.running) | (queue < size)
 
     state, outputs, _, iterations = jax.lax.while_loop(
-        cond, body, (state, outputs, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)))
+        cond, run_lanes,
+        (state, outputs, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)))
     outputs = store_final(outputs, state, jnp.ones(lanes, bool))
     if report is not None:
         jax.debug.callback(report, members, outputs["fraction"],

@@ -473,8 +473,10 @@ class StopOnNonFinite(dfx.AbstractAdaptiveStepSizeController):
 
     def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order,
                         controller_state):
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                                    for x in jtu.tree_leaves(y1_candidate)]))
+        # x·0 is 0 where x is finite and NaN where it is not: one sum tells whether every
+        # entry is finite (exactly: the terms are zeros, nothing can overflow), in one
+        # reduction where `all(isfinite)` of booleans took three.
+        finite = jnp.isfinite(sum(jnp.sum(x * 0) for x in jtu.tree_leaves(y1_candidate)))
         # The wrapped controller sees a non-finite candidate as NaN with an infinite error:
         # a rejection by its largest factor. (diffrax scales the error by max(|y0|, |y1|)
         # after replacing a NaN y1 by y0, but not an inf one: inf/inf would make the next

@@ -19,6 +19,7 @@ steps unless a step's error estimate sits at the acceptance threshold to round-o
 from typing import ClassVar
 
 import diffrax as dfx
+import jax
 import jax.numpy as jnp
 
 
@@ -51,24 +52,57 @@ class AbstractUnrolledERK(dfx.AbstractAdaptiveSolver):
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         y1, y_error, dense_info, f, result = self.step_stages(terms, t0, t1, y0, args,
                                                               solver_state, made_jump)
-        return y1, y_error, dict(dense_info, k=jnp.stack(dense_info["k"])), f, result
+        return y1, y_error, dense_output(dense_info), f, result
 
     def step_stages(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        """`step`, with the dense output's stage vectors `k` a tuple instead of one stacked
-        array (the ensemble's lanes stack them only for the steps that save)."""
+        """`step`, with the dense output's stage vectors a tuple of the field's values f(yᵢ)
+        and the step h beside them (`dense_output` makes diffrax's k = (h·f(yᵢ))ᵢ of it),
+        for the ensemble's lanes to stack only in the steps that save."""
         tableau = self.method.tableau
         f = solver_state
         if made_jump is not False:  # after a jump the stored f(y0) is stale
             f = jnp.where(made_jump, terms.vf(t0, y0, args), f)
         h = terms.contr(t0, t1)
-        ks = [terms.prod(f, h)]
+        # Each kⱼ = h·f(yⱼ) is formed where it is used, not kept: kept, each stage wrote one
+        # more state-sized array (h·f beside f). The operations are diffrax's, a·(h·f), so
+        # the numbers are the same to the bit.
+        fs = [f]
+
+        def k(fj):
+            return terms.prod(fj, h)
+
         for row, c in zip(tableau.a_lower, tableau.c):
-            y = y0 + sum(float(a) * k for a, k in zip(row, ks) if a != 0)
-            f = terms.vf(t0 + float(c) * h, y, args)
-            ks.append(terms.prod(f, h))
-        y_error = sum(float(b) * k for b, k in zip(tableau.b_error, ks) if b != 0)
+            y = y0 + sum(float(a) * k(fj) for a, fj in zip(row, fs) if a != 0)
+            fs.append(terms.vf(t0 + float(c) * h, y, args))
+        y_error = sum(float(b) * k(fj) for b, fj in zip(tableau.b_error, fs) if b != 0)
         # First same as last: y (the last stage's input) is y₁ and f = f(t1, y₁).
-        return y, y_error, dict(y0=y0, y1=y, k=tuple(ks)), f, dfx.RESULTS.successful
+        return y, y_error, dict(y0=y0, y1=y, f=tuple(fs), h=h), fs[-1], dfx.RESULTS.successful
+
+
+    def interpolate(self, dense_info, t0, t1, t):
+        """y(t) on the step [t0, t1] from `step_stages`' dense output: diffrax's
+        interpolation of this method, evaluated as w₀y₀ + w₁y₁ + Σᵢ bᵢ·(h·f(yᵢ)) with its
+        weights at t. The weights are the transpose of the interpolation, which is linear in
+        y₀, y₁ and the kᵢ: one elementwise expression over the stage vectors, where diffrax
+        stacks them into one (stages, P) array and contracts it (at every save, most of what
+        a save cost). Equal to diffrax's to round-off (the order of the sum differs)."""
+        f, h = dense_info["f"], dense_info["h"]
+        zero = jnp.zeros((), jnp.result_type(h))
+
+        def evaluate(y0, y1, k):
+            return self.interpolation_cls(t0=t0, t1=t1, y0=y0, y1=y1, k=k).evaluate(t)
+
+        w0, w1, b = jax.linear_transpose(evaluate, zero, zero, jnp.zeros(len(f), zero.dtype))(
+            jnp.ones_like(zero))
+        y = w0 * dense_info["y0"] + w1 * dense_info["y1"]
+        return y + sum(b[i] * (fi * h) for i, fi in enumerate(f))
+
+
+def dense_output(dense_info):
+    """diffrax's dense output (`y0`, `y1`, `k` = the stacked h·f(yᵢ)) of an unrolled step's
+    `step_stages` (its field values f and step h)."""
+    k = jnp.stack(dense_info["f"]) * dense_info["h"]
+    return dict(y0=dense_info["y0"], y1=dense_info["y1"], k=k)
 
 
 class Tsit5(AbstractUnrolledERK):
