@@ -557,9 +557,10 @@ def test_the_lanes_take_an_unrolled_step_without_stacking_its_stages(name):
     the step h), so that no step copies them into one (stages, P) array nor keeps each
     h·f(yᵢ) beside f(yᵢ): stacked and scaled, they are `step`'s dense output, bit for bit; the
     first is the solver state (first same as last); the lanes' step attempt has no
-    concatenation of stage-many vectors (it had one before, at every step). The saves stack
-    them (`test_lanes_take_each_members_own_steps` compares the saved values with one diffrax
-    solve per member)."""
+    concatenation of stage-many vectors (it had one before, at every step). The saves
+    evaluate them with the interpolation's weights (`test_the_lanes_interpolation_is_diffraxs_
+    dense_output`; `test_lanes_take_each_members_own_steps` compares the saved values with
+    one diffrax solve per member)."""
     from conservation._dynamics.flow import SOLVERS
     from conservation._dynamics.lockstep import attempt_step
     from conservation._dynamics.unrolled import dense_output
@@ -620,7 +621,7 @@ def test_the_lanes_interpolation_is_diffraxs_dense_output(name):
     """In the lanes an unrolled method's dense output is evaluated as w₀y₀ + w₁y₁ + Σᵢ bᵢkᵢ
     with the weights of diffrax's interpolation (its transpose; Dopri5's weighs y₁ too),
     without stacking the stages: at every t of a step, diffrax's own evaluation to
-    round-off, and the step's ends exactly where the weights are exact (Tsit5: w₀ = 1)."""
+    round-off, and Tsit5's at the step's start exactly (w₀ = 1, every other weight 0)."""
     from conservation._dynamics.flow import SOLVERS
 
     solver = SOLVERS[name]()

@@ -72,8 +72,8 @@ def attempt_step(solver, controller, term, error_order, t1, t1_clip_floor, y, tp
     `select=False` y and the solver state are the step's candidates, whether accepted or
     not (for a caller that selects them itself)."""
     # An unrolled Runge–Kutta method's dense output keeps its field values apart
-    # (`step_stages`): `interpolate` stacks and scales them for the steps that save, instead
-    # of every step copying all seven into one array.
+    # (`step_stages`): the saves evaluate it with the interpolation's weights
+    # (`AbstractUnrolledERK.interpolate`), and no step copies all seven into one array.
     step = solver.step_stages if isinstance(solver, AbstractUnrolledERK) else solver.step
     y1, y_error, dense_info, new_solver_state, solver_result = step(
         term, tprev, tnext, y, None, solver_state, False)
@@ -88,8 +88,8 @@ def attempt_step(solver, controller, term, error_order, t1, t1_clip_floor, y, tp
     if select:
         y1, new_solver_state = jnp.where(keep, y1, y), _where(keep, new_solver_state,
                                                               solver_state)
-    return y1, new_tprev, new_tnext, new_solver_state, new_controller_state, keep, dense_info, \
-        failed
+    return (y1, new_tprev, new_tnext, new_solver_state, new_controller_state, keep, dense_info,
+            failed)
 
 
 def _unsuccessful(result) -> Array:

@@ -56,8 +56,8 @@ class AbstractUnrolledERK(dfx.AbstractAdaptiveSolver):
 
     def step_stages(self, terms, t0, t1, y0, args, solver_state, made_jump):
         """`step`, with the dense output's stage vectors a tuple of the field's values f(yᵢ)
-        and the step h beside them (`dense_output` makes diffrax's k = (h·f(yᵢ))ᵢ of it),
-        for the ensemble's lanes to stack only in the steps that save."""
+        and the step h beside them (`dense_output` makes diffrax's k = (h·f(yᵢ))ᵢ of it;
+        the ensemble's lanes evaluate it with `interpolate`, never stacking it)."""
         tableau = self.method.tableau
         f = solver_state
         if made_jump is not False:  # after a jump the stored f(y0) is stale
@@ -77,7 +77,6 @@ class AbstractUnrolledERK(dfx.AbstractAdaptiveSolver):
         y_error = sum(float(b) * k(fj) for b, fj in zip(tableau.b_error, fs) if b != 0)
         # First same as last: y (the last stage's input) is y₁ and f = f(t1, y₁).
         return y, y_error, dict(y0=y0, y1=y, f=tuple(fs), h=h), fs[-1], dfx.RESULTS.successful
-
 
     def interpolate(self, dense_info, t0, t1, t):
         """y(t) on the step [t0, t1] from `step_stages`' dense output: diffrax's
