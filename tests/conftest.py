@@ -10,6 +10,10 @@ os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true", "--xla_gpu_autotune_level=0"]).strip()
 
+# A worker that aborts in glibc (a heap check) says why in the run's log, not on a terminal
+# that CI has not got.
+os.environ.setdefault("LIBC_FATAL_STDERR_", "1")
+
 # One persistent compilation cache for the whole run: the xdist workers and the CLI's
 # subprocesses (which inherit the variable) load each other's compiled programs instead of
 # compiling them again. A fresh folder per run (the controller makes it before the workers
@@ -35,6 +39,10 @@ cn.enable_compilation_cache()
 def pytest_configure(config):
     # float64 is the package default; make any silent rank promotion an error in tests.
     jax.config.update("jax_numpy_rank_promotion", "raise")
+    if config.pluginmanager.hasplugin("xdist"):  # `--dist loadfile` survives a crashed worker
+        import _xdist
+
+        config.pluginmanager.register(_xdist, "crash-safe-loadfile")
 
 
 def pytest_unconfigure(config):

@@ -71,3 +71,30 @@ def test_readme_library_example_runs_and_its_comments_hold(example):
     flow_drift, gd_drift, pointwise = map(float, out[1:4])
     assert flow_drift < 1e-8 < 1e-4 < gd_drift
     assert pointwise < 1e-12
+
+
+def test_the_readme_test_command_survives_a_crashed_worker(tmp_path):
+    """A worker that dies inside a compiled library (an abort) costs one failed test: the
+    replacement worker and the other one run every other test, and the run ends. With
+    xdist's own `loadfile` scheduler, this project's run waits for ever (tests/_xdist.py)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "conftest.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n\n\n"
+        "def pytest_configure(config):\n"
+        "    import _xdist\n\n"
+        "    config.pluginmanager.register(_xdist, 'crash-safe-loadfile')\n")
+    # Each file's first test finishes; test_b's second aborts its worker, which has finished
+    # test_a: the crash hands the finished file back with the unfinished one.
+    (tmp_path / "test_a.py").write_text("def test_1():\n    pass\n\n\ndef test_2():\n    pass\n")
+    (tmp_path / "test_b.py").write_text(
+        "import os\n\n\ndef test_1():\n    pass\n\n\ndef test_crash():\n    os.abort()\n\n\n"
+        "def test_after():\n    pass\n")
+    (tmp_path / "test_c.py").write_text("def test_1():\n    pass\n")
+    _, command = _setup_commands()
+    done = subprocess.run([sys.executable, *command.split()[1:], "-p", "no:cacheprovider",
+                           "-n", "1", "-p", "no:faulthandler"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    assert "1 failed, 5 passed" in done.stdout, done.stdout + done.stderr
+    assert "crashed while running 'test_b.py::test_crash'" in done.stdout
