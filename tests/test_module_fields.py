@@ -1,5 +1,5 @@
-"""Every equinox Module of the package (public or private) keeps its structure out of its leaves: a field
-holding a Python int, str, bool or function (or a tuple of such) is `static`, so the
+"""Every equinox Module of the package (public or private) keeps its structure out of its
+leaves: a field holding a Python int, str, bool or function (or a tuple of such) is `static`, so the
 Module's leaves are its arrays. `jax.jit`/`jax.vmap` over a model, law, field or solver
 then see only numbers that are meant to be traced, and `jax.tree.map` over a model (a NaN
 member, a rescaled copy) touches only its weights. A sizing int left as a leaf works under
