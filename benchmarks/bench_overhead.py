@@ -15,6 +15,10 @@ bare program is a `fori_loop` of the same vmapped gradient at the same width (2 
 - `bare_gradients`: the fori_loop above;
 - `flow_2_lanes`, `bare_gradients_2_lanes`: the flow and its bare gradients at 2 lanes (the
   CPU default before 4).
+- `step_floor`: the lanes alone, with a field that costs nothing (dy/dt = −c⊙y, P = the
+  member's parameters, the same lanes, solver, controller and rtol, 2 saves): what a step
+  costs beyond its gradients, per step of all lanes, and times the flow's steps. It runs
+  apart, after the rounds (it has its own step count).
 
 Every variant is compiled first, then `--rounds` rounds call each once in turn (a slow spell
 of the shared machine falls on all alike); the ratios are of the medians (and of the best
@@ -86,6 +90,7 @@ def main() -> None:
             jax.block_until_ready(fn())
             rounds[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
+    floor = step_floor(width, y0.shape[1], args.rounds)
     median = {name: statistics.median(r) for name, r in rounds.items()}
     best = {name: min(r) for name, r in rounds.items()}
     median_cpu = {name: statistics.median(r) for name, r in cpu.items()}
@@ -111,13 +116,50 @@ def main() -> None:
         "flow_2_lanes_over_bare_2_lanes_median": (median["flow_2_lanes"]
                                                   / median["bare_gradients_2_lanes"]),
         "flow_over_flow_2_lanes_median": median["flow"] / median["flow_2_lanes"],
+        "step_floor": floor | {
+            # the floor's cost at the flow's steps (steps of all lanes: lane-steps / lanes)
+            "at_flow_steps_s": floor["us_per_step"] * 1e-6 * int(steps.sum()) / width,
+            "flow_minus_bare_s": median["flow"] - median["bare_gradients"]},
     }
     for key in ("problem", "median_s", "flow_over_bare_median", "flow_over_bare_best",
                 "no_saves_over_bare_median", "flow_over_bare_median_cpu",
                 "no_saves_over_bare_median_cpu", "flow_2_lanes_over_bare_2_lanes_median",
-                "flow_over_flow_2_lanes_median", "load_average"):
+                "flow_over_flow_2_lanes_median", "step_floor", "load_average"):
         print(key, out[key])
     print(f"wrote {_harness.write('overhead', out)}")
+
+
+def step_floor(lanes: int, parameters: int, rounds: int) -> dict:
+    """The lanes' own cost per step (all lanes together): Tsit5 with the flow's controller on
+    dy/dt = −c⊙y, whose evaluation is one multiply, for 64 members of `parameters` numbers."""
+    import jax.numpy as jnp
+
+    from conservation._dynamics.lockstep import solve_lanes
+    from conservation._dynamics.solvers import step_size_controller
+    from conservation._dynamics.unrolled import Tsit5
+
+    solver = Tsit5()
+    controller = step_size_controller(solver, jnp.asarray(RTOL), jnp.asarray(RTOL))
+    rates = jnp.linspace(0.5, 1.5, parameters)
+    ts = jnp.linspace(0.0, T1, 2)
+
+    @jax.jit
+    def run(y0):
+        return solve_lanes(lambda y: -rates * y, solver, controller, lambda row: (row, ()),
+                           lambda t, y, aux: jnp.sum(y), y0, jnp.asarray(T1), ts, 0.01,
+                           lanes=lanes, max_steps=100_000,
+                           diverged=lambda y: ~jnp.isfinite(jnp.sum(y * 0)))
+
+    y0 = jnp.ones((64, parameters))
+    lane_steps = int(jnp.sum(jax.block_until_ready(run(y0))[3]))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        jax.block_until_ready(run(y0))
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"parameters": parameters, "lanes": lanes, "lane_steps": lane_steps,
+            "median_s": median, "us_per_step": median / (lane_steps / lanes) * 1e6}
 
 
 if __name__ == "__main__":
