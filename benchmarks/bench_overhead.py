@@ -17,8 +17,8 @@ bare program is a `fori_loop` of the same vmapped gradient at the same width (2 
   CPU default before 4).
 - `step_floor`: the lanes alone, with a field that costs nothing (dy/dt = −c⊙y, P = the
   member's parameters, the same lanes, solver, controller and rtol, 2 saves): what a step
-  costs beyond its gradients, per step of all lanes, and times the flow's steps. It runs
-  apart, after the rounds (it has its own step count).
+  costs beyond its gradients, per step of all lanes, and times the flow's steps (it takes
+  its own number of steps).
 
 Every variant is compiled first, then `--rounds` rounds call each once in turn (a slow spell
 of the shared machine falls on all alike); the ratios are of the medians (and of the best
@@ -74,9 +74,10 @@ def main() -> None:
         rows, evaluations = y0[:lanes], -(-member_gradients // lanes)
         return lambda: gradients(rows, evaluations)
 
+    floor, floor_steps = step_floor(width, y0.shape[1])
     variants = {"flow": flow, "flow_no_saves": flow_no_saves,
                 "bare_gradients": bare(width), "flow_2_lanes": flow_2_lanes,
-                "bare_gradients_2_lanes": bare(2)}
+                "bare_gradients_2_lanes": bare(2), "step_floor": floor}
     first = {}
     for name, fn in variants.items():  # compile (and a first run) apart
         start = time.perf_counter()
@@ -90,8 +91,8 @@ def main() -> None:
             jax.block_until_ready(fn())
             rounds[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
-    floor = step_floor(width, y0.shape[1], args.rounds)
     median = {name: statistics.median(r) for name, r in rounds.items()}
+    per_step = median["step_floor"] / (floor_steps / width)  # a step of all lanes
     best = {name: min(r) for name, r in rounds.items()}
     median_cpu = {name: statistics.median(r) for name, r in cpu.items()}
     out = {
@@ -116,9 +117,11 @@ def main() -> None:
         "flow_2_lanes_over_bare_2_lanes_median": (median["flow_2_lanes"]
                                                   / median["bare_gradients_2_lanes"]),
         "flow_over_flow_2_lanes_median": median["flow"] / median["flow_2_lanes"],
-        "step_floor": floor | {
-            # the floor's cost at the flow's steps (steps of all lanes: lane-steps / lanes)
-            "at_flow_steps_s": floor["us_per_step"] * 1e-6 * int(steps.sum()) / width,
+        "step_floor": {
+            "parameters": int(y0.shape[1]), "lanes": width, "lane_steps": floor_steps,
+            "us_per_step": per_step * 1e6,
+            # at the flow's steps (steps of all lanes: lane-steps / lanes)
+            "at_flow_steps_s": per_step * int(steps.sum()) / width,
             "flow_minus_bare_s": median["flow"] - median["bare_gradients"]},
     }
     for key in ("problem", "median_s", "flow_over_bare_median", "flow_over_bare_best",
@@ -129,9 +132,10 @@ def main() -> None:
     print(f"wrote {_harness.write('overhead', out)}")
 
 
-def step_floor(lanes: int, parameters: int, rounds: int) -> dict:
-    """The lanes' own cost per step (all lanes together): Tsit5 with the flow's controller on
-    dy/dt = −c⊙y, whose evaluation is one multiply, for 64 members of `parameters` numbers."""
+def step_floor(lanes: int, parameters: int):
+    """The lanes alone: Tsit5 with the flow's controller on dy/dt = −c⊙y, whose evaluation is
+    one multiply, for 64 members of `parameters` numbers on `lanes` lanes. Returns the run
+    (a callable) and its lane-steps (step attempts of all members)."""
     import jax.numpy as jnp
 
     from conservation._dynamics.lockstep import solve_lanes
@@ -142,6 +146,7 @@ def step_floor(lanes: int, parameters: int, rounds: int) -> dict:
     controller = step_size_controller(solver, jnp.asarray(RTOL), jnp.asarray(RTOL))
     rates = jnp.linspace(0.5, 1.5, parameters)
     ts = jnp.linspace(0.0, T1, 2)
+    y0 = jnp.ones((64, parameters))
 
     @jax.jit
     def run(y0):
@@ -150,16 +155,7 @@ def step_floor(lanes: int, parameters: int, rounds: int) -> dict:
                            lanes=lanes, max_steps=100_000,
                            diverged=lambda y: ~jnp.isfinite(jnp.sum(y * 0)))
 
-    y0 = jnp.ones((64, parameters))
-    lane_steps = int(jnp.sum(jax.block_until_ready(run(y0))[3]))
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        jax.block_until_ready(run(y0))
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"parameters": parameters, "lanes": lanes, "lane_steps": lane_steps,
-            "median_s": median, "us_per_step": median / (lane_steps / lanes) * 1e6}
+    return (lambda: run(y0)), int(jnp.sum(run(y0)[3]))
 
 
 if __name__ == "__main__":
