@@ -18,7 +18,8 @@ bare program is a `fori_loop` of the same vmapped gradient at the same width (2 
 - `step_floor`: the lanes alone, with a field that costs nothing (dy/dt = −c⊙y, P = the
   member's parameters, the same lanes, solver, controller and rtol, 2 saves): what a step
   costs beyond its gradients, per step of all lanes, and times the flow's steps (it takes
-  its own number of steps).
+  its own number of steps); `step_floor_16_parameters`: the same at 16 parameters (the
+  loop's fixed cost per step, its kernels' launches and its scalars).
 
 Every variant is compiled first, then `--rounds` rounds call each once in turn (a slow spell
 of the shared machine falls on all alike); the ratios are of the medians (and of the best
@@ -75,9 +76,11 @@ def main() -> None:
         return lambda: gradients(rows, evaluations)
 
     floor, floor_steps = step_floor(width, y0.shape[1])
+    floor_16, floor_16_steps = step_floor(width, 16)  # the loop's own cost, nearly no vectors
     variants = {"flow": flow, "flow_no_saves": flow_no_saves,
                 "bare_gradients": bare(width), "flow_2_lanes": flow_2_lanes,
-                "bare_gradients_2_lanes": bare(2), "step_floor": floor}
+                "bare_gradients_2_lanes": bare(2), "step_floor": floor,
+                "step_floor_16_parameters": floor_16}
     first = {}
     for name, fn in variants.items():  # compile (and a first run) apart
         start = time.perf_counter()
@@ -122,7 +125,9 @@ def main() -> None:
             "us_per_step": per_step * 1e6,
             # at the flow's steps (steps of all lanes: lane-steps / lanes)
             "at_flow_steps_s": per_step * int(steps.sum()) / width,
-            "flow_minus_bare_s": median["flow"] - median["bare_gradients"]},
+            "flow_minus_bare_s": median["flow"] - median["bare_gradients"],
+            "us_per_step_16_parameters": (median["step_floor_16_parameters"]
+                                          / (floor_16_steps / width) * 1e6)},
     }
     for key in ("problem", "median_s", "flow_over_bare_median", "flow_over_bare_best",
                 "no_saves_over_bare_median", "flow_over_bare_median_cpu",
