@@ -201,6 +201,13 @@ def overhead(t) -> str:
             f"| the bare gradients at 2 lanes | {bare2:.3f} | 1× | — |",
             "", f"The default ({problem['batch_size']} lanes) takes "
             f"{report['flow_over_flow_2_lanes_median']:.2f}× the wall time of 2 lanes."]
+    if "step_floor" in report:  # the lanes alone, on a field that costs nothing
+        floor = report["step_floor"]
+        rows += ["", f"The lanes alone (Tsit5 on dy/dt = −c⊙y, {floor['parameters']} "
+                 f"parameters, {floor['lanes']} lanes): {floor['us_per_step']:.1f} µs a step "
+                 f"of all lanes ({floor['us_per_step_16_parameters']:.1f} µs at 16 "
+                 f"parameters), {floor['at_flow_steps_s']:.3f} s at the flow's steps, against "
+                 f"{floor['flow_minus_bare_s']:.3f} s of the flow over its bare gradients."]
     rows += ["",
             f"Goal ≤ {report['goal_flow_over_bare']:g}×. Deep linear {problem['widths']}, "
             f"{problem['members']} members, t1 = {problem['t1']:g}, rtol {problem['rtol']:g}, "
