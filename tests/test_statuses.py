@@ -12,12 +12,15 @@ w∞ = 2y/(2 + λ).
 import warnings
 
 import diffrax as dfx
+import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import conservation as cn
 from conservation._dynamics.monitor import below_accuracy, mark_loss_increased
+from conservation._dynamics.solvers import StopOnNonFinite
 
 
 class BandLoss(cn.AbstractLoss):
@@ -297,3 +300,73 @@ def test_a_candidate_is_non_finite_when_any_entry_is_inf_or_nan():
     theirs = pid.adapt_step_size(0.0, 0.1, y0, y0, None, error, 5, state)
     assert bool(ours[0]) and bool(theirs[0])
     np.testing.assert_array_equal(ours[2], theirs[2])  # the same next step
+
+
+@pytest.mark.parametrize("coefficients", [{}, dict(pcoeff=0.2, icoeff=0.6),
+                                          dict(pcoeff=0.1, icoeff=0.3, dcoeff=0.05)],
+                         ids=["integral", "chebyshev_pi", "pid"])
+def test_controller_is_diffraxs_pid_to_the_bit(coefficients):
+    """`step_size_controller` computes diffrax's `PIDController.adapt_step_size` itself (its
+    candidate's finiteness folded into the error norm): on finite candidates, accepted and
+    rejected, with errors from 1e-3 to 1e3 times the tolerance, after steps of both kinds,
+    every one of diffrax's results is equal to the bit."""
+    ours = StopOnNonFinite(dfx.PIDController(rtol=1e-6, atol=1e-8, **coefficients))
+    pid = dfx.PIDController(rtol=1e-6, atol=1e-8, **coefficients)
+    rng = np.random.default_rng(0)
+    for scale in (1e-14, 1e-11, 1e-8, 1e-5):
+        y0 = jnp.asarray(rng.normal(size=(5,)) * 3)
+        y1 = y0 + jnp.asarray(rng.normal(size=(5,)) * 1e-2)
+        error = jnp.asarray(rng.normal(size=(5,)) * scale)
+        # the errors of the last two steps (1/scaled error), as after accepted steps and
+        # after a rejection
+        for state in ((jnp.asarray(0.7), jnp.asarray(1.3), jnp.asarray(False)),
+                      (jnp.asarray(2.0), jnp.asarray(0.4), jnp.asarray(False))):
+            a = ours.adapt_step_size(0.25, 0.5, y0, y1, None, error, 5, state)
+            b = pid.adapt_step_size(0.25, 0.5, y0, y1, None, error, 5, state)
+            assert bool(a[0]) == bool(b[0]) and a[3] is b[3] is False and a[5] == b[5]
+            for x, y in zip(jax.tree.leaves(a[1:3] + a[4:5]), jax.tree.leaves(b[1:3] + b[4:5])):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_controller_reads_the_candidate_once():
+    """The controller's step reads the candidate y₁ in one reduction over the state (its
+    error norm, which also tells whether y₁ is finite), not in three (a finiteness check, the
+    wrapped controller's `isnan(y1).any()` and the norm): counted in its jaxpr, where a
+    controller that wraps diffrax's counts three."""
+    y0, y1, error = jnp.ones(64), jnp.full(64, 1.5), jnp.full(64, 1e-9)
+    state = (jnp.asarray(1.0), jnp.asarray(1.0), jnp.asarray(False))
+
+    def reductions(controller):
+        jaxpr = jax.make_jaxpr(lambda *a: controller.adapt_step_size(0.0, 0.1, *a, 5, state))(
+            y0, y1, None, error)
+        return sum(e.primitive.name.startswith(("reduce_", "dot_general", "argmax"))
+                   and any(getattr(v.aval, "size", 0) >= 64 for v in e.invars)
+                   for e in _equations(jaxpr.jaxpr))
+
+    assert reductions(cn.step_size_controller(dfx.Tsit5(), 1e-8, 1e-8)) == 1
+    # diffrax's own controller behind the finiteness check (a ClipStepSizeController: not
+    # computed here) reads it three times
+    clipped = StopOnNonFinite(dfx.PIDController(rtol=1e-8, atol=1e-8, step_ts=[0.0, 1.0]))
+    assert reductions(clipped.controller.controller) == 2  # diffrax alone: isnan, norm
+    assert reductions(StopOnNonFinite(dfx.PIDController(rtol=1e-8, atol=1e-8,
+                                                           dtmax=1.0))) == 3
+
+
+def _equations(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            yield from _equations(sub)
+
+
+def test_non_finite_error_of_a_finite_candidate_is_a_rejection():
+    """A NaN error estimate of a finite candidate (a solver's failed error estimate) is an
+    infinite error: the step is rejected by the controller's smallest factor, as diffrax's
+    loop treats it (`diffeqsolve` makes a NaN error infinite), not a NaN next step."""
+    controller = cn.step_size_controller(dfx.Tsit5(), 1e-8, 1e-8)
+    state = (jnp.asarray(1.0), jnp.asarray(1.0), jnp.asarray(False))
+    y0 = jnp.ones(3)
+    keep, t0, t1, *_ = controller.adapt_step_size(0.0, 0.1, y0, y0, None,
+                                                  jnp.asarray([0.0, jnp.nan, 0.0]), 5, state)
+    assert not bool(keep) and float(t0) == 0.0
+    assert float(t1) == pytest.approx(0.1 * 0.2)  # factormin

@@ -28,6 +28,8 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optimistix as optx
+from equinox import internal as eqxi
 
 from .._validation import as_float64
 from . import rock4_coefficients as _tables
@@ -443,7 +445,9 @@ class StopOnNonFinite(dfx.AbstractAdaptiveStepSizeController):
     stopping there loses no run that could have finished; and no step is accepted that is
     *finite* and wrong: only non-finite candidates are accepted, which stops the member.
     Steps with finite results are controlled exactly as by `controller` (same sizes, same
-    accept/reject decisions).
+    accept/reject decisions). Around a plain `diffrax.PIDController` (no `dtmin`, `dtmax`,
+    `step_ts` or own norm: what `step_size_controller` makes) this controller computes
+    diffrax's step itself, reading the candidate once (`_pid_adapt`), to the bit the same.
 
     - `controller`: the wrapped adaptive controller (its `rtol`, `atol` and `norm` are this
       controller's, e.g. for an implicit solver's root finder).
@@ -473,6 +477,22 @@ class StopOnNonFinite(dfx.AbstractAdaptiveStepSizeController):
 
     def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order,
                         controller_state):
+        if _plain_pid(self.controller) and y_error is not None:
+            keep, next_t0, next_t1, made_jump, controller_state, result, finite = (
+                _pid_adapt(self.controller, t0, t1, y0, y1_candidate, y_error, error_order,
+                           controller_state))
+        else:
+            keep, next_t0, next_t1, made_jump, controller_state, result, finite = (
+                self._wrapped_adapt(t0, t1, y0, y1_candidate, args, y_error, error_order,
+                                    controller_state))
+        h = t1 - t0
+        stop = ~keep & ~finite & (h <= self.floor * jnp.maximum(1.0, jnp.abs(t0)))
+        return (keep | stop, jnp.where(stop, t1, next_t0), jnp.where(stop, t1 + h, next_t1),
+                made_jump, controller_state, result)
+
+    def _wrapped_adapt(self, t0, t1, y0, y1_candidate, args, y_error, error_order,
+                       controller_state):
+        # Any other controller: told of a non-finite candidate by what it is given.
         # x·0 is 0 where x is finite and NaN where it is not: one sum tells whether every
         # entry is finite (exactly: the terms are zeros, nothing can overflow), in one
         # reduction where `all(isfinite)` of booleans took three.
@@ -483,13 +503,76 @@ class StopOnNonFinite(dfx.AbstractAdaptiveStepSizeController):
         # step size NaN.)
         y1_seen = jtu.tree_map(lambda x: jnp.where(finite, x, jnp.nan), y1_candidate)
         error_seen = jtu.tree_map(lambda e: jnp.where(finite, e, jnp.inf), y_error)
-        keep, next_t0, next_t1, made_jump, controller_state, result = (
-            self.controller.adapt_step_size(t0, t1, y0, y1_seen, args, error_seen,
-                                            error_order, controller_state))
-        h = t1 - t0
-        stop = ~keep & ~finite & (h <= self.floor * jnp.maximum(1.0, jnp.abs(t0)))
-        return (keep | stop, jnp.where(stop, t1, next_t0), jnp.where(stop, t1 + h, next_t1),
-                made_jump, controller_state, result)
+        return (*self.controller.adapt_step_size(t0, t1, y0, y1_seen, args, error_seen,
+                                                 error_order, controller_state), finite)
+
+
+def _plain_pid(controller) -> bool:
+    """Whether `controller` is a `diffrax.PIDController` that `_pid_adapt` reproduces: no
+    `dtmin`, `dtmax`, and diffrax's default norm (`step_ts` makes a ClipStepSizeController
+    around it, which is not plain)."""
+    return (type(controller) is dfx.PIDController and controller.dtmin is None
+            and controller.dtmax is None and controller.norm is optx.rms_norm)
+
+
+def _pid_adapt(pid, t0, t1, y0, y1_candidate, y_error, error_order, controller_state):
+    """`diffrax.PIDController.adapt_step_size` without `dtmin` and `dtmax`: the same
+    operations on a finite candidate, with the finiteness of the candidate folded into the
+    error norm. Returns diffrax's six results and whether every entry of the candidate (and
+    of its scaled error) is finite.
+
+    Wrapped (`_wrapped_adapt`), the candidate is read in three reductions each step: one to
+    tell whether it is finite, diffrax's own `isnan(y1).any()`, and the norm. Here each
+    scaled error entry is NaN where the candidate's entry is not finite, in the pass that
+    computes it, so the norm's reduction alone is NaN exactly when some entry is; a NaN norm
+    is then an infinite error, as the wrapped path gives a non-finite candidate. A NaN error
+    of a finite candidate is an infinite error too (diffrax's loop makes it so before its
+    controller sees it; given one, diffrax's controller returns a NaN step). The norm is
+    the same `rms_norm` of the same entries, so the steps are diffrax's to the bit
+    (`tests/test_statuses.py`); what this saves a step is in `docs/guides/first_call.md`."""
+    prev_inv_scaled_error, prev_prev_inv_scaled_error, at_dtmin = controller_state
+    error_order = pid._get_error_order(error_order)
+    prev_dt = t1 - t0
+
+    def scale(y0, y1, error):
+        with jax.numpy_dtype_promotion("standard"):
+            scaled = error / (pid.atol + jnp.maximum(jnp.abs(y0), jnp.abs(y1)) * pid.rtol)
+        # + y₁·0: + 0 where y₁ is finite, NaN where it is not (an `isfinite` select is
+        # not an operation the CPU's fused reduction kernels take: a slower kernel).
+        return scaled + y1 * 0
+
+    scaled_error = pid.norm(jtu.tree_map(scale, y0, y1_candidate, y_error))
+    finite = ~jnp.isnan(scaled_error)
+    scaled_error = jnp.where(finite, scaled_error, jnp.inf)
+    keep_step = scaled_error < 1
+    inv_scaled_error = jax.lax.stop_gradient(1 / jnp.asarray(scaled_error))
+
+    def zero(c):
+        return isinstance(c, (int, float)) and c == 0
+
+    coeff1 = (pid.icoeff + pid.pcoeff + pid.dcoeff) / error_order
+    coeff2 = -(pid.pcoeff + 2 * pid.dcoeff) / error_order
+    coeff3 = pid.dcoeff / error_order
+    factor1 = 1 if zero(coeff1) else inv_scaled_error**coeff1
+    factor2 = 1 if zero(coeff2) else prev_inv_scaled_error**coeff2
+    factor3 = 1 if zero(coeff3) else prev_prev_inv_scaled_error**coeff3
+    factormin = jnp.where(keep_step, 1, pid.factormin)
+    factormax = jnp.where(keep_step, pid.factormax, pid.safety)
+    factor = jnp.clip(pid.safety * factor1 * factor2 * factor3, min=factormin, max=factormax)
+    factor = eqxi.nondifferentiable(jax.lax.stop_gradient(factor))
+    dt = prev_dt * factor.astype(jnp.result_type(prev_dt))
+    # After an infinite error (a rejected non-finite step) the next steps are not shrunk
+    # again by the integral and derivative terms (as diffrax).
+    pred = (inv_scaled_error == 0) | jnp.isinf(inv_scaled_error)
+    inv_scaled_error = jnp.where(pred, 1, inv_scaled_error)
+    next_t0 = jnp.where(keep_step, t1, t0)
+    next_t1 = next_t0 + dt
+    inv_scaled_error = jnp.where(keep_step, inv_scaled_error, prev_inv_scaled_error)
+    prev_inv_scaled_error = jnp.where(keep_step, prev_inv_scaled_error,
+                                      prev_prev_inv_scaled_error)
+    controller_state = inv_scaled_error, prev_inv_scaled_error, at_dtmin
+    return (keep_step, next_t0, next_t1, False, controller_state, dfx.RESULTS.successful,
+            finite)
 
 
 # Real-axis stability boundary of Tsit5 (|R(z)| ≤ 1 for z ∈ [−3.5, 0]).
