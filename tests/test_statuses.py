@@ -372,3 +372,20 @@ def test_non_finite_error_of_a_finite_candidate_is_a_rejection():
                                                   jnp.asarray([0.0, jnp.nan, 0.0]), 5, state)
     assert not bool(keep) and float(t0) == 0.0
     assert float(t1) == pytest.approx(0.1 * 0.2)  # factormin
+
+
+def test_controller_of_a_float32_state_under_strict_promotion():
+    """A float32 state with float64 tolerances, with JAX's strict dtype promotion on (a
+    user's setting): the controller promotes as diffrax's does, and its step is diffrax's."""
+    tolerance = jnp.asarray(1e-6, jnp.float64)  # not weakly typed, as a flow's are
+    pid = dfx.PIDController(rtol=tolerance, atol=tolerance)
+    controller = StopOnNonFinite(pid)
+    y0 = jnp.ones(4, jnp.float32)
+    state = (jnp.asarray(1.0), jnp.asarray(1.0), jnp.asarray(False))
+    with jax.numpy_dtype_promotion("strict"):
+        ours = controller.adapt_step_size(0.0, 0.1, y0, y0 * 1.001, None,
+                                          jnp.full(4, 1e-7, jnp.float32), 5, state)
+        theirs = pid.adapt_step_size(0.0, 0.1, y0, y0 * 1.001, None,
+                                     jnp.full(4, 1e-7, jnp.float32), 5, state)
+    assert bool(ours[0]) and bool(theirs[0])
+    np.testing.assert_array_equal(np.asarray(ours[2]), np.asarray(theirs[2]))
