@@ -13,6 +13,12 @@ bare program is a `fori_loop` of the same vmapped gradient at the same width (2 
 - `flow`: `gradient_flow(...)` as a user calls it (validation, the lanes' loop, the saves);
 - `flow_no_saves`: `n_save=2`, no laws (what the loop costs without the monitors);
 - `bare_gradients`: the fori_loop above;
+- `solver_loop`: the solver alone on the flow's own field: a `fori_loop` of the flow's step
+  attempt (`lockstep.attempt_step`: the unrolled Tsit5 step, the flow's controller, the
+  accept/reject selection) on the same lanes, as many iterations as the flow's steps fill
+  (Σ steps / lanes), a lane that reaches t1 starting again at t = 0 from where it is. No
+  saves, laws, divergence check, refill or statuses: what the Runge–Kutta method and its
+  controller cost over the gradients they evaluate;
 - `flow_2_lanes`, `bare_gradients_2_lanes`: the flow and its bare gradients at 2 lanes (the
   CPU default before 4).
 - `step_floor`: the lanes alone, with a field that costs nothing (dy/dt = −c⊙y, P = the
@@ -36,6 +42,7 @@ import statistics
 import time
 
 import _harness  # noqa: F401  (pins threads before numpy/jax load)
+import equinox as eqx
 import jax
 import numpy as np
 from bench_core import RTOL, T1, WIDTHS, N, build
@@ -75,10 +82,11 @@ def main() -> None:
         rows, evaluations = y0[:lanes], -(-member_gradients // lanes)
         return lambda: gradients(rows, evaluations)
 
+    loop = solver_loop(objective, ensemble, width, -(-int(steps.sum()) // width))
     floor = step_floor(width, y0.shape[1])
     floor_16 = step_floor(width, 16)  # the loop's own cost, nearly no vectors
     variants = {"flow": flow, "flow_no_saves": flow_no_saves,
-                "bare_gradients": bare(width), "flow_2_lanes": flow_2_lanes,
+                "bare_gradients": bare(width), "solver_loop": loop, "flow_2_lanes": flow_2_lanes,
                 "bare_gradients_2_lanes": bare(2), "step_floor": floor,
                 "step_floor_16_parameters": floor_16}
     first = {}
@@ -113,6 +121,7 @@ def main() -> None:
         "flow_over_bare_median": median["flow"] / median["bare_gradients"],
         "flow_over_bare_best": best["flow"] / best["bare_gradients"],
         "no_saves_over_bare_median": median["flow_no_saves"] / median["bare_gradients"],
+        "solver_loop_over_bare_median": median["solver_loop"] / median["bare_gradients"],
         "median_cpu_s": median_cpu, "rounds_cpu_s": cpu,
         "flow_over_bare_median_cpu": median_cpu["flow"] / median_cpu["bare_gradients"],
         "no_saves_over_bare_median_cpu": (median_cpu["flow_no_saves"]
@@ -131,12 +140,115 @@ def main() -> None:
             "us_per_step_16_parameters": (median["step_floor_16_parameters"]
                                           / (floor_16_steps / width) * 1e6)},
     }
+    count = arithmetic(objective, ensemble)
+    saves = int(np.sum(np.isfinite(np.asarray(result.loss))))
+    bare_flops = member_gradients * (count["gradient"] + count["bare_update"])
+    extra = {"solver": int(steps.sum()) * count["step_beyond_gradients"],
+             "laws": saves * count["save_laws"], "losses": saves * count["save_loss"]}
+    out["arithmetic"] = {
+        "flops": count, "member_saves": saves, "bare_flops": bare_flops,
+        "extra_over_bare": {k: v / bare_flops for k, v in extra.items()},
+        # The rate of the bare loop's own arithmetic, and the time each extra would take at it.
+        "bare_gflops_per_s": bare_flops / median["bare_gradients"] / 1e9,
+        "solver_loop_extra_gflops_per_s": (
+            extra["solver"] / (median["solver_loop"] - median["bare_gradients"]) / 1e9)}
     for key in ("problem", "median_s", "flow_over_bare_median", "flow_over_bare_best",
-                "no_saves_over_bare_median", "flow_over_bare_median_cpu",
+                "no_saves_over_bare_median", "solver_loop_over_bare_median",
+                "flow_over_bare_median_cpu",
                 "no_saves_over_bare_median_cpu", "flow_2_lanes_over_bare_2_lanes_median",
-                "flow_over_flow_2_lanes_median", "step_floor", "load_average"):
+                "flow_over_flow_2_lanes_median", "step_floor", "arithmetic", "load_average"):
         print(key, out[key])
     print(f"wrote {_harness.write('overhead', out)}")
+
+
+def solver_loop(objective, ensemble, lanes: int, iterations: int):
+    """The flow's step attempts alone on its own field (`solver_loop` in the module's
+    docstring), on the first `lanes` members. Returns the run, a callable."""
+    import diffrax as dfx
+    import jax.numpy as jnp
+    from bench_ensembles import _flat
+
+    from conservation._dynamics.lockstep import _clip_floor, attempt_step
+    from conservation._dynamics.solvers import step_size_controller
+    from conservation._dynamics.unrolled import Tsit5
+
+    y0, unravel, static = _flat(ensemble)
+    # The field as the flow makes it: the gradient of −L (the sign on the cotangent).
+    term = dfx.ODETerm(lambda t, y, args: jax.grad(
+        lambda z: -objective(eqx.combine(unravel(z), static)))(y))
+    solver = Tsit5()
+    controller = step_size_controller(solver, jnp.asarray(RTOL), jnp.asarray(RTOL))
+    error_order = solver.error_order(term)
+    t0, t1 = jnp.zeros(()), jnp.asarray(T1)
+
+    def start(y):
+        tnext, controller_state = controller.init(term, t0, t1, y, 0.01, None, solver.func,
+                                                  error_order)
+        return y, t0, tnext, solver.init(term, t0, tnext, y, None), controller_state
+
+    def attempt(floor, y, tprev, tnext, solver_state, controller_state):
+        y, tprev, tnext, solver_state, controller_state = attempt_step(
+            solver, controller, term, error_order, t1, floor, y, tprev, tnext, solver_state,
+            controller_state)[:5]
+        again = tprev >= t1  # start again at t = 0 (the work per step is the same)
+        return (y, jnp.where(again, t0, tprev), jnp.where(again, 0.01, tnext), solver_state,
+                controller_state)
+
+    @jax.jit
+    def run(rows):
+        lanes, floor = jax.vmap(start)(rows), _clip_floor(t1)
+        return jax.lax.fori_loop(
+            0, iterations, lambda i, c: jax.vmap(attempt, (None, 0, 0, 0, 0, 0))(floor, *c),
+            lanes)[0]
+
+    rows = y0[:lanes]
+    return lambda: run(rows)
+
+
+def arithmetic(objective, ensemble) -> dict:
+    """XLA's flop count (`cost_analysis` of the compiled programs, one member) of what the
+    flow computes: a gradient; a step attempt beyond its 6 gradients (the Runge–Kutta
+    stages, the error estimate and norm, the controller, the selection); a save's law drifts
+    and its loss; and the bare loop's update beyond its gradient."""
+    import diffrax as dfx
+    import jax.numpy as jnp
+    from bench_ensembles import _flat
+
+    from conservation._dynamics.lockstep import attempt_step
+    from conservation._dynamics.monitor import LawMonitor
+    from conservation._dynamics.solvers import step_size_controller
+    from conservation._dynamics.unrolled import Tsit5
+
+    y0, unravel, static = _flat(ensemble)
+    y = y0[0]
+
+    def model(z):
+        return eqx.combine(unravel(z), static)
+
+    def grad(z):
+        return jax.grad(lambda w: -objective(model(w)))(z)
+
+    term = dfx.ODETerm(lambda t, z, args: grad(z))
+    solver = Tsit5()
+    controller = step_size_controller(solver, jnp.asarray(RTOL), jnp.asarray(RTOL))
+    t0, t1, h = jnp.zeros(()), jnp.asarray(T1), jnp.asarray(0.01)
+    _, controller_state = controller.init(term, t0, t1, y, 0.01, None, solver.func,
+                                          solver.error_order(term))
+    monitor = LawMonitor(tuple(cn.default_laws(ensemble[0])))
+    reference = monitor.reference(model(y))
+
+    def flops(fn, *args):
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+    gradient = flops(grad, y)
+    step = flops(lambda z, f, cs: attempt_step(solver, controller, term, 5, t1, t1, z, t0, h, f,
+                                               cs)[:5], y, grad(y), controller_state)
+    return {"parameters": int(y.size), "gradient": gradient,
+            "step_beyond_gradients": step - 6 * gradient,
+            "save_laws": flops(lambda z: monitor.drifts(monitor.values(model(z)), reference), y),
+            "save_loss": flops(lambda z: objective(model(z)), y),
+            "bare_update": flops(lambda z: z - 1e-12 * grad(z), y) - gradient}
 
 
 def step_floor(lanes: int, parameters: int):

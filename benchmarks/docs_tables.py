@@ -189,8 +189,14 @@ def overhead(t) -> str:
             f"{median['flow']:.3f} | {report['flow_over_bare_median']:.2f}× | "
             f"{per_round('flow')} |",
             f"| without saves or laws (`n_save=2, laws=()`) | {median['flow_no_saves']:.3f} | "
-            f"{report['no_saves_over_bare_median']:.2f}× | {per_round('flow_no_saves')} |",
-            f"| the bare gradients (`fori_loop`, same width and count) | {bare:.3f} | 1× | — |"]
+            f"{report['no_saves_over_bare_median']:.2f}× | {per_round('flow_no_saves')} |"]
+    if "solver_loop" in median:  # the Runge–Kutta step and its controller alone
+        rows.append(f"| the solver alone (`fori_loop` of the flow's step attempts, same lanes "
+                    f"and steps) | {median['solver_loop']:.3f} | "
+                    f"{report['solver_loop_over_bare_median']:.2f}× | "
+                    f"{per_round('solver_loop')} |")
+    rows.append(f"| the bare gradients (`fori_loop`, same width and count) | {bare:.3f} | 1× "
+                "| — |")
     if "flow_2_lanes" in median:  # the previous CPU default, against its own bare gradients
         bare2 = median["bare_gradients_2_lanes"]
         rows += [
@@ -208,6 +214,21 @@ def overhead(t) -> str:
                  f"of all lanes ({floor['us_per_step_16_parameters']:.1f} µs at 16 "
                  f"parameters), {floor['at_flow_steps_s']:.3f} s at the flow's steps, against "
                  f"{floor['flow_minus_bare_s']:.3f} s of the flow over its bare gradients."]
+    if "arithmetic" in report:  # XLA's flop count of each part, against the bare loop's
+        work = report["arithmetic"]
+        extra = work["extra_over_bare"]
+        rows += ["", f"XLA's flop count (`cost_analysis`), against the bare loop's "
+                 f"{work['bare_flops'] / 1e9:.1f} GFLOP: the solver's steps beyond their "
+                 f"gradients add {100 * extra['solver']:.1f} % "
+                 f"({work['flops']['step_beyond_gradients'] / work['flops']['parameters']:.0f}"
+                 f" flops per parameter and step; a gradient is "
+                 f"{work['flops']['gradient'] / work['flops']['parameters']:.0f}), the laws at "
+                 f"the {work['member_saves']} member-saves {100 * extra['laws']:.1f} % "
+                 f"({work['flops']['save_laws'] / work['flops']['gradient']:.2f} of a gradient "
+                 f"each), the saved losses {100 * extra['losses']:.1f} %: "
+                 f"{100 * sum(extra.values()):.0f} % more arithmetic in all. The bare loop "
+                 f"computes {work['bare_gflops_per_s']:.1f} GFLOP/s, the solver loop its extra "
+                 f"at {work['solver_loop_extra_gflops_per_s']:.1f} GFLOP/s."]
     rows += ["",
             f"Goal ≤ {report['goal_flow_over_bare']:g}×. Deep linear {problem['widths']}, "
             f"{problem['members']} members, t1 = {problem['t1']:g}, rtol {problem['rtol']:g}, "
