@@ -9,11 +9,10 @@ its slot back. For an explicit method the tableau is a constant, so here every s
 written out: stage i's input is y₀ + Σ_j a_ij k_j with the non-zero a_ij as literals, one
 elementwise expression that XLA fuses into one kernel, and no loop carries the buffer.
 
-Measured on the 2-core CPU (`benchmarks/bench_ensembles.py`, deep linear 16-32-32-8, 101
-saves, rtol 1e-8): in lanes 17.2 → 24.3 members/s at B = 16 and 19.4 → 25.5 at B = 64; one
-member at a time no difference beyond the machine's noise (there diffrax's stage loop costs
-little). One step equals diffrax's to round-off (tested); an adaptive solve takes the same
-steps unless a step's error estimate sits at the acceptance threshold to round-off.
+One step equals diffrax's to round-off (tested); an adaptive solve takes the same steps unless
+a step's error estimate sits at the acceptance threshold to round-off. What the unrolled
+stages gain over diffrax's loop in the lanes is measured in `docs/benchmarks/ensembles.md`
+(`benchmarks/bench_ensembles.py`).
 """
 
 from typing import ClassVar
