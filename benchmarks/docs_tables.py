@@ -227,8 +227,10 @@ def overhead(t) -> str:
                  f"({work['flops']['save_laws'] / work['flops']['gradient']:.2f} of a gradient "
                  f"each), the saved losses {100 * extra['losses']:.1f} %: "
                  f"{100 * sum(extra.values()):.0f} % more arithmetic in all. The bare loop "
-                 f"computes {work['bare_gflops_per_s']:.1f} GFLOP/s, the solver loop its extra "
-                 f"at {work['solver_loop_extra_gflops_per_s']:.1f} GFLOP/s."]
+                 f"computes {work['bare_gflops_per_s']:.1f} GFLOP/s, " + (
+                     f"the solver loop its extra at {rate:.1f} GFLOP/s."
+                     if (rate := work["solver_loop_extra_gflops_per_s"]) is not None else
+                     "and the solver loop measured no slower than it (noise).")]
     rows += ["",
             f"Goal ≤ {report['goal_flow_over_bare']:g}×. Deep linear {problem['widths']}, "
             f"{problem['members']} members, t1 = {problem['t1']:g}, rtol {problem['rtol']:g}, "
